@@ -1,0 +1,1 @@
+from graphopt.errors import GraphoptError  # noqa

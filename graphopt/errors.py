@@ -1,0 +1,71 @@
+"""graphopt's exceptions. Every user-facing failure is one of these, with what to do next."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class ConfigError(GraphoptError, ValueError):
+    """An option, spec or argument is invalid."""
+
+
+class UnknownTargetError(ConfigError, KeyError):
+    """A target name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
+
+
+class InputError(GraphoptError, ValueError):
+    """Example inputs that do not fit the model (count, shape, dtype)."""
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """One unsupported op or construct, where it comes from, and what to try."""
+
+    what: str
+    where: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        s = f"  - {self.what}  [{self.where}]"
+        return s + (f"\n      try: {self.hint}" if self.hint else "")
+
+
+class UnsupportedModelError(GraphoptError):
+    """The model cannot be captured or lowered; ``items`` lists every offending op."""
+
+    def __init__(self, summary: str, items: list[Unsupported], advice: str = ""):
+        self.summary = summary
+        self.items = list(items)
+        self.advice = advice
+        body = "\n".join(str(i) for i in self.items)
+        super().__init__(f"{summary}\n{body}" + (f"\n{advice}" if advice else ""))
+
+
+class CaptureError(UnsupportedModelError):
+    """Neither torch.export nor fx.symbolic_trace could capture the model."""
+
+
+class LoweringError(UnsupportedModelError):
+    """TVM could not import or build the captured graph."""
+
+
+class ToolchainError(GraphoptError):
+    """A cross compiler, emulator or runtime library is missing or failed."""
+
+
+class ArtifactError(GraphoptError):
+    """An artifact could not be written or loaded."""
+
+
+class NumericsError(GraphoptError):
+    """A pass or a build changed the model's outputs beyond tolerance."""
+
+
+class PassError(GraphoptError):
+    """A pass's requirements are not met, or a pass failed."""

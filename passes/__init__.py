@@ -1,0 +1,1 @@
+"""fx rewrite passes: one pass per file."""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent setup: apt toolchains (aarch64 cross compiler, qemu-user), the project venv with pinned
+# Python deps, and the aarch64 TVM runtime harvested from PyPI's aarch64 wheels.
+# Re-running it is cheap: each step checks whether its result is already present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+VENV=${GRAPHOPT_VENV:-.venv}
+
+APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "[setup] apt: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "[setup] apt: toolchains present"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating venv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.graphopt-deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] pip: installing graphopt and pinned deps"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # torch first, pinned, so nothing later pulls a CUDA build.
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q -e ".[test]"
+  touch "$stamp"
+else
+  echo "[setup] pip: deps up to date"
+fi
+
+echo "[setup] aarch64 TVM runtime"
+"$VENV/bin/graphopt" setup-runtime
+echo "[setup] done"

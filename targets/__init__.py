@@ -1,0 +1,7 @@
+"""Targets: specs, the registry, and the built-in x86 host and Cortex-A targets."""
+from graphopt.targets.registry import aliases_of, get_target, list_targets, register_target
+from graphopt.targets.spec import Feature, Runtime, TargetSpec
+from graphopt.targets import cortex_a as _cortex_a  # noqa: F401  (registers arm-*)
+from graphopt.targets import host as _host  # noqa: F401  (registers host)
+
+__all__ = ["Feature", "Runtime", "TargetSpec", "aliases_of", "get_target", "list_targets", "register_target"]

@@ -1,0 +1,53 @@
+"""The x86-64 host target: LLVM with the detected CPU (never the generic, AVX-less default).
+
+Detection uses TVM's own probe (`Target.from_device`); feature flags come from /proc/cpuinfo.
+"""
+from __future__ import annotations
+
+import os
+
+from graphopt.targets.registry import register_target
+from graphopt.targets.spec import Feature, Runtime, TargetSpec
+
+_FLAG_FEATURES = {
+    "avx2": Feature.AVX2,
+    "fma": Feature.FMA,
+    "avx512f": Feature.AVX512,
+    "avx512_vnni": Feature.AVX512_VNNI,
+    "avx512_vpopcntdq": Feature.AVX512_VPOPCNTDQ,
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def detect_host() -> TargetSpec:
+    import tvm
+
+    mcpu = str(tvm.target.Target.from_device(tvm.cpu()).attrs.get("mcpu", "x86-64"))
+    flags = _cpu_flags()
+    features = {feat for flag, feat in _FLAG_FEATURES.items() if flag in flags}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    vector_bits = 512 if Feature.AVX512 in features else 256 if Feature.AVX2 in features else 128
+    return TargetSpec(
+        name="host",
+        description=f"this x86-64 machine ({mcpu}, {cores} cores), run natively",
+        tvm_target={"kind": "llvm", "mcpu": mcpu, "num-cores": cores},
+        runtime=Runtime.TVM_VM_NATIVE,
+        features=features,
+        vector_bits=vector_bits,
+        num_cores=cores,
+        channel_multiple=vector_bits // 32,
+        aliases=("x86",),
+    )
+
+
+register_target(detect_host, name="host", aliases=("x86",))

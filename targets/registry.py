@@ -1,0 +1,61 @@
+"""Target registry: `register_target`, `get_target`, `list_targets`.
+
+Names and aliases share one namespace; registering a clashing name is refused. Unknown names
+raise `UnknownTargetError` listing every known target. Built-in targets register on import of
+`graphopt.targets`; embedded or user targets register the same way, with no change here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from graphopt.errors import ConfigError, UnknownTargetError
+from graphopt.targets.spec import TargetSpec
+
+_SPECS: dict[str, TargetSpec | Callable[[], TargetSpec]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_target(spec: TargetSpec | Callable[[], TargetSpec], *, name: str | None = None,
+                    aliases: tuple = (), replace: bool = False) -> None:
+    """Register a spec, or a zero-argument factory (for specs that probe the machine, like ``host``).
+
+    A factory needs ``name=``; it is called once, on first `get_target`.
+    """
+    if isinstance(spec, TargetSpec):
+        name, aliases = spec.name, tuple(spec.aliases) + tuple(aliases)
+    elif name is None:
+        raise ConfigError("register_target(factory) needs name=")
+    for key in (name, *aliases):
+        owner = _ALIASES.get(key, key if key in _SPECS else None)
+        if owner is not None and owner != name and not replace:
+            raise ConfigError(f"target name {key!r} is already taken by {owner!r}; pass replace=True to override")
+    if name in _SPECS and not replace:
+        raise ConfigError(f"target {name!r} is already registered; pass replace=True to override")
+    _SPECS[name] = spec
+    for a in aliases:
+        _ALIASES[a] = name
+
+
+def get_target(name: str | TargetSpec) -> TargetSpec:
+    """Resolve a name or alias (a `TargetSpec` passes through unchanged)."""
+    if isinstance(name, TargetSpec):
+        return name
+    key = _ALIASES.get(name, name)
+    if key not in _SPECS:
+        known = ", ".join(sorted(list(_SPECS) + [f"{a} (= {t})" for a, t in _ALIASES.items()]))
+        raise UnknownTargetError(f"unknown target {name!r}. Known targets: {known}. "
+                                 "Run `graphopt targets` for details, or register your own with "
+                                 "graphopt.targets.register_target(TargetSpec(...)).")
+    spec = _SPECS[key]
+    if not isinstance(spec, TargetSpec):
+        spec = spec()
+        _SPECS[key] = spec
+    return spec
+
+
+def list_targets() -> list[TargetSpec]:
+    return [get_target(n) for n in sorted(_SPECS)]
+
+
+def aliases_of(name: str) -> list[str]:
+    return sorted(a for a, t in _ALIASES.items() if t == name)

@@ -1,0 +1,127 @@
+"""Target specifications: frozen, validated descriptions of a device graphopt compiles for.
+
+A `TargetSpec` is pure data. Lowering, scheduling and emulation read its fields and feature
+flags; nothing in graphopt branches on a target's *name*. Refuses: unknown features, runtimes
+without the fields they need (e.g. a QEMU runtime without a QEMU CPU).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from graphopt.errors import ConfigError
+
+
+class Feature(str, enum.Enum):
+    """ISA features that schedules and passes may key on."""
+
+    # x86
+    AVX2 = "avx2"
+    FMA = "fma"
+    AVX512 = "avx512"
+    AVX512_VNNI = "avx512vnni"
+    AVX512_VPOPCNTDQ = "avx512vpopcntdq"
+    # ARM A-profile
+    NEON = "neon"
+    DOTPROD = "dotprod"
+    I8MM = "i8mm"
+    FP16 = "fp16"
+    # ARM M-profile
+    DSP = "dsp"
+    FPU_SP = "fpu-sp"
+    FPU_DP = "fpu-dp"
+    MVE = "mve"
+
+
+class Runtime(str, enum.Enum):
+    """How a compiled artifact is executed."""
+
+    TVM_VM_NATIVE = "tvm-vm-native"  # .so loaded in-process with tvm.runtime
+    TVM_VM_QEMU_USER = "tvm-vm-qemu-user"  # cross-compiled .so + C++ runner under qemu-user
+    C_LIBRARY_QEMU_USER = "c-library-qemu-user"  # runtime-free C library, Linux user mode
+    C_LIBRARY_QEMU_SYSTEM = "c-library-qemu-system"  # runtime-free C library, bare metal
+
+
+_QEMU_RUNTIMES = {Runtime.TVM_VM_QEMU_USER, Runtime.C_LIBRARY_QEMU_USER, Runtime.C_LIBRARY_QEMU_SYSTEM}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One compilation target.
+
+    name:            registry key, e.g. ``"arm-a55"``.
+    description:     one line for ``graphopt targets``.
+    tvm_target:      the JSON dict handed to ``tvm.target.Target``.
+    runtime:         how artifacts run (see `Runtime`).
+    features:        ISA feature flags; schedules choose rules from these.
+    vector_bits:     SIMD register width the schedules vectorize for (0 = scalar).
+    num_cores:       threads the default schedules parallelize over.
+    cross_compiler:  C/C++ compiler driver for the artifact (None = host compiler).
+    sysroot:         ``-L`` prefix for qemu-user (the cross libc).
+    qemu_binary:     emulator executable, ``qemu_cpu`` / ``qemu_machine`` its CPU and board.
+    channel_multiple: channel counts this target prefers (SIMD lanes), used by pruning.
+    aliases:         other names that resolve to this spec.
+    """
+
+    name: str
+    description: str
+    tvm_target: dict
+    runtime: Runtime
+    features: frozenset = field(default_factory=frozenset)
+    vector_bits: int = 128
+    num_cores: int = 1
+    cross_compiler: str | None = None
+    sysroot: str | None = None
+    qemu_binary: str | None = None
+    qemu_cpu: str | None = None
+    qemu_machine: str | None = None
+    channel_multiple: int = 4
+    aliases: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"target name {self.name!r} must be a non-empty identifier like 'arm-a55'")
+        if not isinstance(self.runtime, Runtime):
+            raise ConfigError(f"target {self.name}: runtime must be a graphopt.targets.Runtime, got {self.runtime!r}")
+        bad = [f for f in self.features if not isinstance(f, Feature)]
+        if bad:
+            raise ConfigError(f"target {self.name}: unknown features {bad}; use graphopt.targets.Feature members")
+        object.__setattr__(self, "features", frozenset(self.features))
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        if "kind" not in self.tvm_target:
+            raise ConfigError(f"target {self.name}: tvm_target needs a 'kind' key, e.g. {{'kind': 'llvm'}}")
+        if self.runtime in _QEMU_RUNTIMES and not (self.qemu_binary and (self.qemu_cpu or self.qemu_machine)):
+            raise ConfigError(
+                f"target {self.name}: runtime {self.runtime.value} needs qemu_binary and qemu_cpu/qemu_machine; "
+                "an emulated run without a pinned CPU would execute instructions the device lacks"
+            )
+        if self.vector_bits < 0 or self.num_cores < 1 or self.channel_multiple < 1:
+            raise ConfigError(f"target {self.name}: vector_bits >= 0, num_cores >= 1, channel_multiple >= 1 required")
+
+    def has(self, feature: Feature) -> bool:
+        return feature in self.features
+
+    @property
+    def is_emulated(self) -> bool:
+        return self.runtime in _QEMU_RUNTIMES
+
+    def tvm(self):
+        """The `tvm.target.Target` for this spec (imports TVM lazily)."""
+        import tvm
+
+        return tvm.target.Target(dict(self.tvm_target))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tvm_target": dict(self.tvm_target),
+            "runtime": self.runtime.value,
+            "features": sorted(f.value for f in self.features),
+            "vector_bits": self.vector_bits,
+            "num_cores": self.num_cores,
+            "cross_compiler": self.cross_compiler,
+            "qemu": {"binary": self.qemu_binary, "cpu": self.qemu_cpu, "machine": self.qemu_machine},
+            "channel_multiple": self.channel_multiple,
+            "aliases": list(self.aliases),
+        }
