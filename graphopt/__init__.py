@@ -1,1 +1,22 @@
-from graphopt.errors import GraphoptError  # noqa
+"""graphopt: a compiler-style graph optimizer that makes PyTorch models small and fast on ARM.
+
+    cm = graphopt.compile(model, example_inputs=(x,), target="arm")
+    y = cm(x); cm.save("build/"); print(cm.report)
+"""
+from graphopt.api import GraphoptWarning, compile
+from graphopt.capture import CaptureMethod, capture
+from graphopt.compiled import CompiledModel
+from graphopt.errors import (ArtifactError, CaptureError, ConfigError, GraphoptError, InputError, LoweringError,
+                             NumericsError, PassError, ToolchainError, UnknownTargetError, UnsupportedModelError)
+from graphopt.pipeline import PassManager, default_passes
+from graphopt.report import Report
+from graphopt.targets import Feature, Runtime, TargetSpec, get_target, list_targets, register_target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError", "CaptureError", "CaptureMethod", "CompiledModel", "ConfigError", "Feature", "GraphoptError",
+    "GraphoptWarning", "InputError", "LoweringError", "NumericsError", "PassError", "PassManager", "Report",
+    "Runtime", "TargetSpec", "ToolchainError", "UnknownTargetError", "UnsupportedModelError", "capture", "compile",
+    "default_passes", "get_target", "list_targets", "register_target",
+]

@@ -1,0 +1,163 @@
+"""`graphopt.compile`: capture → passes → support check → TVM lowering → artifact → report.
+
+Refuses, each with one `graphopt` error and nothing written: unknown targets, example inputs the
+model rejects, models that cannot be captured, ops TVM cannot lower (all listed, with source
+lines), and (with ``verify=True``) artifacts whose outputs differ from PyTorch beyond ``rtol``.
+A model in training mode is compiled in eval mode with a warning; the model object is left in
+the mode it came in.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from graphopt.analysis import analyze
+from graphopt.artifact import TensorSpec, write_manifest
+from graphopt.capture import CaptureMethod, capture, check_example_inputs, to_exported_program
+from graphopt.compiled import CompiledModel, new_build_dir
+from graphopt.errors import GraphoptError, LoweringError, NumericsError, Unsupported
+from graphopt.passes.base import GraphPass, PassContext, Property
+from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
+from graphopt.progress import Steps
+from graphopt.report import Report
+from graphopt.support import unsupported_ops
+from graphopt.targets import Runtime, TargetSpec, get_target
+
+
+class GraphoptWarning(UserWarning):
+    pass
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module, report_warnings: list[str]):
+    modes = {m: m.training for m in model.modules()}
+    if model.training:
+        msg = ("model was in training mode; graphopt compiles its eval-mode behaviour (dropout off, BatchNorm "
+               "running statistics). Call model.eval() before compile to silence this.")
+        warnings.warn(msg, GraphoptWarning, stacklevel=4)
+        report_warnings.append(msg)
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
+            passes: list[GraphPass] | None = None, verify: bool = False, rtol: float = 1e-4,
+            capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
+            progress: bool = True) -> CompiledModel:
+    """Compile ``model`` for ``target``; see the module docstring.
+
+    passes:             fx passes to run (default: identity removal, BN folding, dead code).
+    verify:             run the artifact on the example inputs (emulated for ARM) and check it
+                        against PyTorch; also checks numerics after every pass.
+    count_instructions: on emulated targets, measure instructions per inference under QEMU
+                        (default: on for emulated targets).
+    """
+    spec = get_target(target)
+    args = check_example_inputs(example_inputs)
+    if not isinstance(model, torch.nn.Module):
+        raise GraphoptError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    steps = Steps(progress)
+    report = Report(model=type(model).__name__, target=spec.to_dict())
+
+    with _eval_mode(model, report.warnings):
+        with steps.phase("capture"):
+            captured = capture(model, args, capture_method)
+            with torch.no_grad():
+                reference = model(*args)
+    report.capture_method = captured.method.value
+    report.capture_fallback_reason = captured.fallback_reason
+    gm = captured.graph_module
+    cost = analyze(gm, args)
+    report.params_before, report.macs_before = cost.params, cost.macs
+
+    with steps.phase("passes"):
+        ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
+        gm, report.passes = PassManager(default_passes() if passes is None else passes,
+                                        verify=verify, rtol=rtol).run(gm, ctx)
+    cost = analyze(gm, args)
+    report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
+    report.macs_by_module = cost.macs_by_module
+
+    with steps.phase("export"):
+        ep = to_exported_program(gm, args).run_decompositions()
+        missing = unsupported_ops(ep)
+        if missing:
+            raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for {spec.name}:",
+                                missing, "Nothing was built.")
+
+    from graphopt.targets.lowering import lower
+
+    build_dir = new_build_dir()
+    try:
+        with steps.phase("lower", f"for {spec.name}"):
+            lowered = lower(ep, spec, progress=steps.say)
+        report.lowering = lowered.stats
+        with steps.phase("build artifact"):
+            manifest = _write_artifact(build_dir, lowered, spec, args, reference, report)
+        cm = CompiledModel(spec, build_dir, manifest, report)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+
+    if verify:
+        with steps.phase("verify", "(emulated)" if spec.is_emulated else ""):
+            got = cm(*args)
+            err = max_rel_error(got, reference)
+            report.verification = {"max_rel_error": err, "rtol": rtol,
+                                   "ran_on": f"qemu {spec.qemu_cpu or spec.qemu_machine}" if spec.is_emulated else "host"}
+            if err > rtol:
+                raise NumericsError(f"the compiled artifact differs from PyTorch by {err:.3g} relative to output "
+                                    f"scale (tolerance {rtol:g}) on {spec.name}. Please report this model.")
+    if spec.is_emulated and (count_instructions if count_instructions is not None else True):
+        with steps.phase("count instructions", f"(qemu -cpu {spec.qemu_cpu})"):
+            _count_instructions(cm, args, report)
+    report.timings = dict(steps.timings)
+    report.artifact_files = {p.name: p.stat().st_size for p in sorted(build_dir.rglob("*")) if p.is_file()}
+    (build_dir / "report.json").write_text(report.to_json())
+    (build_dir / "report.md").write_text(report.to_markdown())
+    return cm
+
+
+def _write_artifact(build_dir: Path, lowered, spec: TargetSpec, args, reference, report: Report) -> dict:
+    from graphopt.targets.lowering import export_library
+
+    outs = flat_outputs(reference)
+    inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
+    outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(outs)]
+    manifest = {"format": "graphopt-artifact/1", "target": spec.to_dict(), "library": "model.so",
+                "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
+                "single_output": isinstance(reference, torch.Tensor), "runtime": spec.runtime.value}
+    if spec.runtime is Runtime.TVM_VM_NATIVE:
+        export_library(lowered, spec, build_dir / "model.so")
+    elif spec.runtime is Runtime.TVM_VM_QEMU_USER:
+        from graphopt.targets.emulation import package_arm_artifact
+
+        so = export_library(lowered, spec, build_dir / "model.so")
+        package_arm_artifact(so, spec, inputs, outputs, build_dir)
+    else:
+        raise LoweringError(f"target {spec.name} uses runtime {spec.runtime.value}, which this build of graphopt "
+                            "cannot produce yet", [Unsupported(spec.runtime.value, spec.name)])
+    write_manifest(build_dir, manifest)
+    return manifest
+
+
+def _count_instructions(cm: CompiledModel, args, report: Report) -> None:
+    from graphopt.errors import ToolchainError
+    from graphopt.targets.emulation import run_emulated
+
+    try:
+        run = run_emulated(cm.build_dir, cm.target, cm._check_inputs(args), count_instructions=True)
+    except ToolchainError as exc:
+        report.instructions_note = str(exc).splitlines()[0]
+        return
+    report.instructions_per_inference = run.instructions_per_inference
+    if run.instructions_per_inference is None:
+        report.instructions_note = getattr(run, "note", None) or "instruction counting unavailable"

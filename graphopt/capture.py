@@ -1,0 +1,122 @@
+"""Capture an `nn.Module` as an ATen-level fx `GraphModule` that graphopt's passes rewrite.
+
+`torch.export` (non-strict) is tried first. If it fails, `fx.symbolic_trace` is tried and its
+straight-line module is exported to ATen, so every pass sees one form: `call_function`
+nodes on `torch.ops.aten` ops and `get_attr` nodes for parameters and buffers.
+Refuses: models that neither method captures (one `CaptureError` with both reasons and the
+user's source lines), inputs that are not tensors, and example inputs that the model rejects.
+`to_exported_program` turns a (rewritten) GraphModule back into an `ExportedProgram` for lowering.
+"""
+from __future__ import annotations
+
+import enum
+import traceback
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from graphopt.errors import CaptureError, InputError, Unsupported
+
+
+class CaptureMethod(str, enum.Enum):
+    AUTO = "auto"  # torch.export, then fx.symbolic_trace
+    EXPORT = "export"
+    SYMBOLIC_TRACE = "symbolic_trace"
+
+
+@dataclass
+class Captured:
+    graph_module: fx.GraphModule
+    method: CaptureMethod
+    fallback_reason: str | None = None  # why torch.export was not used, if it was not
+
+
+def check_example_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise InputError("example_inputs must be a non-empty tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),)")
+    bad = [i for i, t in enumerate(example_inputs) if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise InputError(f"example_inputs[{bad}] are not tensors; graphopt compiles tensor-in, tensor-out models. "
+                         "Wrap non-tensor arguments in the model (e.g. a small nn.Module that fixes them).")
+    return tuple(example_inputs)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch/graphopt: where the user's code broke capture."""
+    import os
+
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the `_guards_fn` shape-guard call that `ep.module()` inserts; graphopt checks inputs itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _via_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
+    ep = torch.export.export(model, args, strict=False)
+    return _strip_guards(ep.module())
+
+
+def _via_symbolic_trace(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
+    # The traced module is straight-line Python, which torch.export takes even when the original
+    # forward (decorators, Python-level indirection) defeated it; exporting it gives the ATen form.
+    return _via_export(fx.symbolic_trace(model), args)
+
+
+def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = CaptureMethod.AUTO) -> Captured:
+    """Capture ``model`` on ``example_inputs``; see the module docstring."""
+    args = check_example_inputs(example_inputs)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:  # the model itself rejects the inputs: say so, not "capture failed"
+        raise InputError(f"the model raised on the example inputs ({_first_line(exc)}) at {_user_frame(exc)}. "
+                         f"Check the number, shapes and dtypes of example_inputs: got "
+                         f"{[(tuple(t.shape), str(t.dtype)) for t in args]}.") from exc
+
+    failures: list[Unsupported] = []
+    if method in (CaptureMethod.AUTO, CaptureMethod.EXPORT):
+        try:
+            return Captured(_via_export(model, args), CaptureMethod.EXPORT)
+        except Exception as exc:
+            failures.append(Unsupported(f"torch.export: {_first_line(exc)}", _user_frame(exc),
+                                        "remove data-dependent Python control flow (use torch.where / torch.cond)"))
+    if method in (CaptureMethod.AUTO, CaptureMethod.SYMBOLIC_TRACE):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = _via_symbolic_trace(model, args)
+            reason = failures[0].what if failures else None
+            return Captured(gm, CaptureMethod.SYMBOLIC_TRACE, reason)
+        except Exception as exc:
+            failures.append(Unsupported(f"fx.symbolic_trace: {_first_line(exc)}", _user_frame(exc),
+                                        "avoid Python control flow on tensor values and calls like int(tensor)"))
+    raise CaptureError(f"could not capture {type(model).__name__} as a graph ({len(failures)} attempt(s) failed):",
+                       failures, "graphopt needs a model that torch.export or torch.fx can trace.")
+
+
+def to_exported_program(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """Re-export a captured (and rewritten) GraphModule for lowering."""
+    return torch.export.export(gm, tuple(example_inputs), strict=False)

@@ -1,0 +1,105 @@
+"""`PassManager`: runs fx passes in order, checks their declared requirements, optionally checks
+numerics after each pass, and records per-pass time, stats and declines.
+
+Refuses: a pass whose requirements no earlier pass (or capture) established — `PassError` names
+the missing property — and, with ``verify=True``, a pass that moves the outputs beyond tolerance
+(`NumericsError` names the pass and the error).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from graphopt.errors import NumericsError, PassError
+from graphopt.passes.base import Decline, GraphPass, PassContext
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    stats: dict = field(default_factory=dict)
+    declined: tuple[Decline, ...] = ()
+    max_rel_error: float | None = None  # vs. the captured graph, when verified
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "modified": self.modified, "seconds": round(self.seconds, 4),
+                "stats": self.stats, "declined": [d.to_dict() for d in self.declined],
+                "max_rel_error": self.max_rel_error}
+
+
+def flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_outputs(v)]
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return flat_outputs(out.to_tuple())
+    return []
+
+
+def max_rel_error(got, want) -> float:
+    """max |got − want| / max(|want|, tiny), over all outputs: error relative to output scale."""
+    err = 0.0
+    for g, w in zip(flat_outputs(got), flat_outputs(want), strict=True):
+        g, w = g.detach().double(), w.detach().double()
+        scale = max(w.abs().max().item(), 1e-12) if w.numel() else 1.0
+        err = max(err, (g - w).abs().max().item() / scale if w.numel() else 0.0)
+    return err
+
+
+class PassManager:
+    def __init__(self, passes: list[GraphPass], *, verify: bool = False, rtol: float = 1e-4):
+        self.passes = list(passes)
+        self.verify = verify
+        self.rtol = rtol
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
+        self._check_requirements(ctx.properties)
+        reference = self._evaluate(gm, ctx) if self.verify else None
+        records = []
+        for p in self.passes:
+            t0 = time.perf_counter()
+            result = p.run(gm, ctx)
+            seconds = time.perf_counter() - t0
+            gm = result.graph_module
+            ctx.properties |= p.establishes
+            err = None
+            if reference is not None:
+                err = max_rel_error(self._evaluate(gm, ctx), reference)
+                if p.exact and err > self.rtol:
+                    raise NumericsError(f"pass {p.name} changed the outputs by {err:.3g} (relative to output "
+                                        f"scale; tolerance {self.rtol:g}). This is a graphopt bug: please report it "
+                                        f"with the model; meanwhile disable the pass.")
+            records.append(PassRecord(p.name, result.modified, seconds, dict(result.stats), result.declined, err))
+        return gm, records
+
+    def _check_requirements(self, have: set[str]) -> None:
+        established = set(have)
+        for p in self.passes:
+            missing = p.requires - established
+            if missing:
+                providers = {m: [q.name for q in self.passes if m in q.establishes] for m in missing}
+                raise PassError(f"pass {p.name} requires {sorted(missing)}, which nothing before it establishes "
+                                f"(passes that do: {providers}). Reorder the pipeline or capture with graphopt.capture.")
+            established |= p.establishes
+
+    @staticmethod
+    def _evaluate(gm: fx.GraphModule, ctx: PassContext):
+        with torch.no_grad():
+            return gm(*ctx.example_inputs)
+
+
+def default_passes() -> list[GraphPass]:
+    """The inference clean-up pipeline every compile runs."""
+    from graphopt.passes.dead_code import DeadCodeElimination
+    from graphopt.passes.fold_batchnorm import FoldBatchNorm
+    from graphopt.passes.remove_identity import RemoveIdentity
+
+    return [RemoveIdentity(), FoldBatchNorm(), DeadCodeElimination()]

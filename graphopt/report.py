@@ -1,0 +1,119 @@
+"""The compile report: what happened to the model, with numbers.
+
+`to_dict()` is stable JSON (sorted keys, plain types, a schema version); `to_markdown()` is for
+people. Declined rewrites and fallbacks are listed, never hidden.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from graphopt.pipeline import PassRecord
+
+SCHEMA_VERSION = 1
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class Report:
+    model: str
+    target: dict
+    capture_method: str = ""
+    capture_fallback_reason: str | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    param_bytes_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    macs_by_module: dict = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)
+    lowering: dict = field(default_factory=dict)
+    artifact_files: dict = field(default_factory=dict)  # name -> bytes
+    timings: dict = field(default_factory=dict)  # phase -> seconds
+    instructions_per_inference: int | None = None
+    instructions_note: str | None = None
+    verification: dict = field(default_factory=dict)  # e.g. {"max_rel_error": ..., "runs_on": ...}
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def declined(self) -> list:
+        return [d for p in self.passes for d in p.declined]
+
+    @property
+    def artifact_bytes(self) -> int:
+        return sum(self.artifact_files.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "target": self.target,
+            "capture": {"method": self.capture_method, "fallback_reason": self.capture_fallback_reason},
+            "params": {"before": self.params_before, "after": self.params_after, "bytes_after": self.param_bytes_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after, "by_module": self.macs_by_module},
+            "passes": [p.to_dict() for p in self.passes],
+            "declined": [d.to_dict() for d in self.declined],
+            "lowering": self.lowering,
+            "artifact": {"files": self.artifact_files, "bytes": self.artifact_bytes},
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "instructions_per_inference": self.instructions_per_inference,
+            "instructions_note": self.instructions_note,
+            "verification": self.verification,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    def to_markdown(self) -> str:
+        t = self.target
+        lines = [f"# graphopt report: {self.model} → {t.get('name')}", "",
+                 f"- target: {t.get('description', '')} (`{json.dumps(t.get('tvm_target'))}`)",
+                 f"- capture: {self.capture_method}"
+                 + (f" (torch.export failed: {self.capture_fallback_reason})" if self.capture_fallback_reason else ""),
+                 f"- params: {_fmt_int(self.params_before)} → {_fmt_int(self.params_after)}"
+                 f" ({_fmt_bytes(self.param_bytes_after)})",
+                 f"- MACs: {_fmt_int(self.macs_before)} → {_fmt_int(self.macs_after)}",
+                 f"- artifact: {_fmt_bytes(self.artifact_bytes)} in {len(self.artifact_files)} files"]
+        if self.instructions_per_inference is not None:
+            lines.append(f"- instructions per inference (QEMU, {t.get('qemu', {}).get('cpu')}): "
+                         f"{_fmt_int(self.instructions_per_inference)}")
+        elif self.instructions_note:
+            lines.append(f"- instructions per inference: not measured ({self.instructions_note})")
+        if self.verification:
+            lines.append("- verification: " + ", ".join(f"{k}={v}" for k, v in self.verification.items()))
+        lines += ["", "## Passes", "", "| pass | modified | time | stats |", "|---|---|---|---|"]
+        for p in self.passes:
+            stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if not isinstance(v, dict))
+            lines.append(f"| {p.name} | {'yes' if p.modified else 'no'} | {p.seconds * 1e3:.1f} ms | {stats} |")
+        declined = self.declined
+        lines += ["", f"## Declined rewrites ({len(declined)})", ""]
+        lines += [f"- **{d.pass_name}** `{d.node}` at {d.where}: {d.reason}" for d in declined] or ["- none"]
+        if self.lowering:
+            lines += ["", "## Lowering", ""]
+            for k, v in self.lowering.items():
+                lines.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+        lines += ["", "## Timings", ""] + [f"- {k}: {v:.2f} s" for k, v in self.timings.items()]
+        if self.warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_markdown()

@@ -1,0 +1,78 @@
+"""Small helpers shared by passes: attribute access on GraphModules, op matching."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+
+def get_attr_value(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def constant_of(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, or None if ``node`` is not a constant."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = get_attr_value(gm, node.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a new parameter under a fresh flat name and return a get_attr node for it."""
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def is_op(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Positional-or-keyword argument of an ATen call."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def first_get_attr_position(gm: fx.GraphModule) -> fx.Node:
+    """A node before which new get_attr nodes can be inserted (the first node of the graph)."""
+    return next(iter(gm.graph.nodes))
+
+
+def delete_unused_attributes(gm: fx.GraphModule) -> int:
+    """Remove parameters/buffers no get_attr node reads, then empty submodules. Returns the count removed."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used_prefixes = {u.rsplit(".", 1)[0] for u in used if "." in u}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    removed = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+            removed += 1
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+            removed += 1
+    for name, mod in sorted(gm.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if name and name not in called and name not in used_prefixes and not any(
+                u.startswith(name + ".") for u in used | called):
+            if not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers()):
+                owner_path, _, attr = name.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                if attr in owner._modules:
+                    del owner._modules[attr]
+    return removed
