@@ -30,6 +30,12 @@ def _same_shape_dtype(node: fx.Node) -> bool:
     return src is not None and out is not None and src.shape == out.shape and src.dtype == out.dtype
 
 
+def _scalar(node: fx.Node, value) -> bool:
+    """Second operand is the Python number ``value`` and the op keeps shape and dtype."""
+    other = node.args[1] if len(node.args) > 1 else None
+    return isinstance(other, (int, float)) and not isinstance(other, bool) and other == value and _same_shape_dtype(node)
+
+
 def _full_slice(node: fx.Node) -> bool:
     start, end, step = arg(node, 2, "start", 0), arg(node, 3, "end", _INT64_MAX), arg(node, 4, "step", 1)
     src = _val(node.args[0])
@@ -61,13 +67,21 @@ RULES: tuple[IdentityRule, ...] = (
     IdentityRule(aten.flatten.using_ints, _same_shape_dtype, "flatten(x) = x when it merges only size-1/no dims"),
     IdentityRule(aten.permute.default, lambda n: list(n.args[1]) == sorted(n.args[1]), "permute(x, 0..n-1) = x"),
     IdentityRule(aten.slice.Tensor, _full_slice, "x[..., 0:len:1] = x"),
-    IdentityRule(aten.mul.Scalar, lambda n: n.args[1] == 1 and _same_shape_dtype(n), "x * 1 = x"),
-    IdentityRule(aten.div.Scalar, lambda n: n.args[1] == 1 and _same_shape_dtype(n), "x / 1 = x"),
-    IdentityRule(aten.add.Scalar, lambda n: n.args[1] == 0 and _same_shape_dtype(n), "x + α·0 = x"),
-    IdentityRule(aten.sub.Scalar, lambda n: n.args[1] == 0 and _same_shape_dtype(n), "x - 0 = x"),
+    IdentityRule(aten.mul.Scalar, lambda n: _scalar(n, 1), "x * 1 = x"),
+    IdentityRule(aten.mul.Tensor, lambda n: _scalar(n, 1), "x * 1 = x"),
+    IdentityRule(aten.div.Scalar, lambda n: _scalar(n, 1), "x / 1 = x"),
+    IdentityRule(aten.div.Tensor, lambda n: _scalar(n, 1) and not n.kwargs.get("rounding_mode"), "x / 1 = x"),
+    IdentityRule(aten.add.Scalar, lambda n: _scalar(n, 0), "x + α·0 = x"),
+    IdentityRule(aten.add.Tensor, lambda n: _scalar(n, 0), "x + α·0 = x"),
+    IdentityRule(aten.sub.Scalar, lambda n: _scalar(n, 0), "x − α·0 = x"),
+    IdentityRule(aten.sub.Tensor, lambda n: _scalar(n, 0), "x − α·0 = x"),
     IdentityRule(aten.pad.default, lambda n: all(p == 0 for p in n.args[1]), "pad(x, 0...) = x"),
     IdentityRule(aten.constant_pad_nd.default, lambda n: all(p == 0 for p in n.args[1]), "pad(x, 0...) = x"),
 )
+# Export-time dtype/device assertions: value-free (no users). graphopt validates inputs itself
+# and shapes are static, so they only cost time. Erased, counted under this name.
+_ASSERTIONS = {aten._assert_tensor_metadata.default}
+_ASSERTION_ALGEBRA = "assert_tensor_metadata(x) = ()  (checked statically)"
 _BY_OP = {}
 for _r in RULES:
     _BY_OP.setdefault(_r.op, []).append(_r)
@@ -83,6 +97,10 @@ class RemoveIdentity(GraphPass):
         output = next(n for n in gm.graph.nodes if n.op == "output")
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            if node.target in _ASSERTIONS and not node.users:
+                gm.graph.erase_node(node)
+                removed[_ASSERTION_ALGEBRA] = removed.get(_ASSERTION_ALGEBRA, 0) + 1
                 continue
             rule = next((r for r in _BY_OP.get(node.target, ()) if r.applies(node)), None)
             if rule is None:

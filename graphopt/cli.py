@@ -1,0 +1,120 @@
+"""The `graphopt` command line.
+
+    graphopt compile pkg.module:factory --target arm --out build/ [--verify]
+    graphopt targets [--json]
+    graphopt setup-runtime            # fetch the aarch64 TVM runtime and build the QEMU plugin
+
+A factory is a callable returning ``(model, example_inputs)``; ``path/to/file.py:factory`` works
+too. graphopt errors print one message (exit code 2); nothing is written on failure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from graphopt.errors import ConfigError, GraphoptError
+
+
+def load_factory(spec: str):
+    """Resolve ``module:attr`` or ``file.py:attr`` to the factory callable."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise ConfigError(f"model spec {spec!r} must look like pkg.module:factory or path/to/file.py:factory")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name).resolve()
+            s = importlib.util.spec_from_file_location(path.stem, path)
+            if s is None or not path.exists():
+                raise ConfigError(f"no such file: {path}")
+            module = importlib.util.module_from_spec(s)
+            s.loader.exec_module(module)
+        else:
+            sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {mod_name!r}: {exc}. Is it on PYTHONPATH?") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{mod_name} has no callable {attr!r}")
+    return factory
+
+
+def _cmd_compile(a) -> int:
+    import graphopt
+    from graphopt.artifact import check_writable
+
+    spec = graphopt.get_target(a.target)
+    out = check_writable(Path(a.out))
+    built = load_factory(a.model)()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise ConfigError(f"{a.model} must return (model, example_inputs), got {type(built).__name__}")
+    model, inputs = built
+    cm = graphopt.compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
+                          count_instructions=not a.no_count_instructions)
+    path = cm.save(out)
+    print(cm.report.to_json() if a.json else cm.report.to_markdown())
+    print(f"artifact written to {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_targets(a) -> int:
+    from graphopt.targets import aliases_of, list_targets
+
+    specs = list_targets()
+    if a.json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        return 0
+    for s in specs:
+        alias = f" (alias: {', '.join(aliases_of(s.name))})" if aliases_of(s.name) else ""
+        print(f"{s.name}{alias}\n    {s.description}\n    features: {', '.join(sorted(f.value for f in s.features)) or '-'}"
+              f"; vector {s.vector_bits} bit; runtime {s.runtime.value}"
+              + (f"; qemu {s.qemu_binary} -cpu {s.qemu_cpu}" if s.qemu_binary else ""))
+    return 0
+
+
+def _cmd_setup_runtime(a) -> int:
+    from graphopt.toolchain import ensure_qemu_plugin, ensure_runtime
+
+    print(f"aarch64 TVM runtime: {ensure_runtime(progress=print)}")
+    print(f"QEMU instruction-count plugin: {ensure_qemu_plugin(progress=print)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphopt", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model for a target and write the artifact")
+    c.add_argument("model", help="pkg.module:factory or file.py:factory returning (model, example_inputs)")
+    c.add_argument("--target", default="arm", help="target name (see `graphopt targets`)")
+    c.add_argument("--out", required=True, help="artifact folder (written atomically)")
+    c.add_argument("--verify", action="store_true", help="run the artifact (emulated for ARM) and compare to PyTorch")
+    c.add_argument("--no-count-instructions", action="store_true", help="skip the QEMU instruction count")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.set_defaults(func=_cmd_compile)
+    t = sub.add_parser("targets", help="list targets and their features")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_cmd_targets)
+    s = sub.add_parser("setup-runtime", help="fetch the aarch64 TVM runtime and build the QEMU plugin (idempotent)")
+    s.set_defaults(func=_cmd_setup_runtime)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GraphoptError as exc:
+        print(f"graphopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphopt: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

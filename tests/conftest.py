@@ -1,0 +1,21 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tools(*tools: str) -> None:
+    """Skip outside CI when an external tool is missing; in CI the setup step must have installed it."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        if IN_CI:
+            pytest.fail(f"CI is missing {missing}; scripts/setup.sh must install them")
+        pytest.skip(f"needs {missing} (run scripts/setup.sh)")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
