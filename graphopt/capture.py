@@ -49,7 +49,7 @@ def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch/graphopt: where the user's code broke capture."""
     import os
 
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), "<")
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
     if not frames:
         return "unknown location"
