@@ -3,6 +3,11 @@
     cm = graphopt.compile(model, example_inputs=(x,), target="arm")
     y = cm(x); cm.save("build/"); print(cm.report)
 """
+import warnings as _warnings
+
+# torch 2.13's own pytree code trips its LeafSpec deprecation on every export; it is not actionable here.
+_warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
 from graphopt.api import GraphoptWarning, compile
 from graphopt.capture import CaptureMethod, capture
 from graphopt.compiled import CompiledModel

@@ -98,7 +98,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     build_dir = new_build_dir()
     try:
         with steps.phase("lower", f"for {spec.name}"):
-            lowered = lower(ep, spec, progress=steps.say)
+            lowered = lower(ep, spec, progress=lambda phase: steps.say(f"  lower: {phase}"))
         report.lowering = lowered.stats
         with steps.phase("build artifact"):
             manifest = _write_artifact(build_dir, lowered, spec, args, reference, report)
