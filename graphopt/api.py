@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from graphopt.analysis import analyze
-from graphopt.artifact import TensorSpec, write_manifest
+from graphopt.artifact import TensorSpec, read_manifest, write_manifest
 from graphopt.capture import CaptureMethod, capture, check_example_inputs, to_exported_program
 from graphopt.compiled import CompiledModel, new_build_dir
 from graphopt.errors import GraphoptError, LoweringError, NumericsError, Unsupported
@@ -132,16 +132,18 @@ def _write_artifact(build_dir: Path, lowered, spec: TargetSpec, args, reference,
     outs = flat_outputs(reference)
     inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
     outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(outs)]
-    manifest = {"format": "graphopt-artifact/1", "target": spec.to_dict(), "library": "model.so",
+    manifest = {"target": spec.to_dict(), "library": "model.so", "runtime": spec.runtime.value,
                 "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
-                "single_output": isinstance(reference, torch.Tensor), "runtime": spec.runtime.value}
+                "single_output": isinstance(reference, torch.Tensor)}
     if spec.runtime is Runtime.TVM_VM_NATIVE:
         export_library(lowered, spec, build_dir / "model.so")
+        manifest = {"format": "graphopt-tvm-vm-artifact", "format_version": 1, **manifest}
     elif spec.runtime is Runtime.TVM_VM_QEMU_USER:
         from graphopt.targets.emulation import package_arm_artifact
 
         so = export_library(lowered, spec, build_dir / "model.so")
         package_arm_artifact(so, spec, inputs, outputs, build_dir)
+        manifest = {**read_manifest(build_dir), **manifest}  # the deployment fields plus graphopt's own
     else:
         raise LoweringError(f"target {spec.name} uses runtime {spec.runtime.value}, which this build of graphopt "
                             "cannot produce yet", [Unsupported(spec.runtime.value, spec.name)])
@@ -159,5 +161,4 @@ def _count_instructions(cm: CompiledModel, args, report: Report) -> None:
         report.instructions_note = str(exc).splitlines()[0]
         return
     report.instructions_per_inference = run.instructions_per_inference
-    if run.instructions_per_inference is None:
-        report.instructions_note = getattr(run, "note", None) or "instruction counting unavailable"
+    report.instructions_note = run.instructions_unavailable

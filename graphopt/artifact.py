@@ -42,16 +42,24 @@ class TensorSpec:
 
 
 def check_writable(path: Path) -> Path:
-    """Fail early (before any compile work) if ``path`` cannot be created or replaced."""
-    path = Path(path).expanduser().resolve()
-    parent = path
+    """Fail early (before any compile work) if ``path`` cannot be created or replaced.
+
+    Probes by creating and removing a temporary folder next to ``path`` — permission bits alone
+    say nothing for root or for read-only and pseudo file systems.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"output path {path} exists and is not a folder; choose a folder path. Nothing was written.")
+    parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if path.exists() and not path.is_dir():
-        raise ArtifactError(f"output path {path} exists and is not a folder; choose a folder path")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path.parent, os.W_OK)):
-        raise ArtifactError(f"output path {path} is not writable (no write permission on {parent}); "
-                            "choose another --out folder or fix its permissions. Nothing was written.")
+    if not parent.is_dir():
+        raise ArtifactError(f"output path {path} is inside {parent}, which is a file, not a folder. Nothing was written.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".graphopt-probe-", dir=parent))
+    except OSError as exc:
+        raise ArtifactError(f"output path {path} is not writable ({exc.strerror} in {parent}); choose another "
+                            "folder or fix its permissions. Nothing was written.") from exc
     return path
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent setup: apt toolchains (aarch64 cross compiler, qemu-user), the project venv with pinned
-# Python deps, and the aarch64 TVM runtime harvested from PyPI's aarch64 wheels.
+# Idempotent setup: apt toolchains (aarch64 cross compiler, qemu-user, host gcc for the QEMU plugin),
+# the project venv with pinned Python deps, the aarch64 TVM runtime harvested from PyPI's aarch64
+# wheels, and the QEMU instruction-counting plugin (header from Debian's qemu source package).
 # Re-running it is cheap: each step checks whether its result is already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=${GRAPHOPT_VENV:-.venv}
 
-APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user)
+APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user gcc libc6-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -39,6 +40,6 @@ else
   echo "[setup] pip: deps up to date"
 fi
 
-echo "[setup] aarch64 TVM runtime"
+echo "[setup] aarch64 TVM runtime and QEMU instruction-count plugin"
 "$VENV/bin/graphopt" setup-runtime
 echo "[setup] done"
