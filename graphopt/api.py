@@ -16,16 +16,17 @@ from pathlib import Path
 import torch
 
 from graphopt.analysis import analyze
-from graphopt.artifact import TensorSpec, read_manifest, write_manifest
+from graphopt.artifact import TensorSpec, write_manifest
 from graphopt.capture import CaptureMethod, capture, check_example_inputs, to_exported_program
 from graphopt.compiled import CompiledModel, new_build_dir
-from graphopt.errors import GraphoptError, LoweringError, NumericsError, Unsupported
+from graphopt.errors import GraphoptError, LoweringError, NumericsError
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
 from graphopt.progress import Steps
 from graphopt.report import Report
 from graphopt.support import unsupported_ops
-from graphopt.targets import Runtime, TargetSpec, get_target
+from graphopt.targets import TargetSpec, get_target
+from graphopt.targets.backend import backend_for
 
 
 class GraphoptWarning(UserWarning):
@@ -93,15 +94,19 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
             raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for {spec.name}:",
                                 missing, "Nothing was built.")
 
-    from graphopt.targets.lowering import lower
-
+    backend = backend_for(spec)
+    inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
+    outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(flat_outputs(reference))]
     build_dir = new_build_dir()
     try:
-        with steps.phase("lower", f"for {spec.name}"):
-            lowered = lower(ep, spec, progress=lambda phase: steps.say(f"  lower: {phase}"))
-        report.lowering = lowered.stats
-        with steps.phase("build artifact"):
-            manifest = _write_artifact(build_dir, lowered, spec, args, reference, report)
+        with steps.phase("lower and build", f"for {spec.name}"):
+            built = backend.build(ep, spec, build_dir, inputs, outputs,
+                                  progress=lambda phase: steps.say(f"  {phase}"))
+        report.lowering = built.lowering
+        manifest = {**built.manifest, "target": spec.to_dict(), "runtime": spec.runtime.value,
+                    "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
+                    "single_output": isinstance(reference, torch.Tensor)}
+        write_manifest(build_dir, manifest)
         cm = CompiledModel(spec, build_dir, manifest, report)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -117,48 +122,12 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                 raise NumericsError(f"the compiled artifact differs from PyTorch by {err:.3g} relative to output "
                                     f"scale (tolerance {rtol:g}) on {spec.name}. Please report this model.")
     if spec.is_emulated and (count_instructions if count_instructions is not None else True):
-        with steps.phase("count instructions", f"(qemu -cpu {spec.qemu_cpu})"):
-            _count_instructions(cm, args, report)
+        with steps.phase("count instructions", f"(qemu {spec.qemu_cpu or spec.qemu_machine})"):
+            m = backend.measure(build_dir, spec, cm._check_inputs(args))
+            report.instructions_per_inference, report.instructions_note = m.instructions_per_inference, m.note
     report.timings = dict(steps.timings)
-    report.artifact_files = {p.name: p.stat().st_size for p in sorted(build_dir.rglob("*")) if p.is_file()}
+    report.artifact_files = {p.relative_to(build_dir).as_posix(): p.stat().st_size
+                             for p in sorted(build_dir.rglob("*")) if p.is_file()}
     (build_dir / "report.json").write_text(report.to_json())
     (build_dir / "report.md").write_text(report.to_markdown())
     return cm
-
-
-def _write_artifact(build_dir: Path, lowered, spec: TargetSpec, args, reference, report: Report) -> dict:
-    from graphopt.targets.lowering import export_library
-
-    outs = flat_outputs(reference)
-    inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
-    outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(outs)]
-    manifest = {"target": spec.to_dict(), "library": "model.so", "runtime": spec.runtime.value,
-                "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
-                "single_output": isinstance(reference, torch.Tensor)}
-    if spec.runtime is Runtime.TVM_VM_NATIVE:
-        export_library(lowered, spec, build_dir / "model.so")
-        manifest = {"format": "graphopt-tvm-vm-artifact", "format_version": 1, **manifest}
-    elif spec.runtime is Runtime.TVM_VM_QEMU_USER:
-        from graphopt.targets.emulation import package_arm_artifact
-
-        so = export_library(lowered, spec, build_dir / "model.so")
-        package_arm_artifact(so, spec, inputs, outputs, build_dir)
-        manifest = {**read_manifest(build_dir), **manifest}  # the deployment fields plus graphopt's own
-    else:
-        raise LoweringError(f"target {spec.name} uses runtime {spec.runtime.value}, which this build of graphopt "
-                            "cannot produce yet", [Unsupported(spec.runtime.value, spec.name)])
-    write_manifest(build_dir, manifest)
-    return manifest
-
-
-def _count_instructions(cm: CompiledModel, args, report: Report) -> None:
-    from graphopt.errors import ToolchainError
-    from graphopt.targets.emulation import run_emulated
-
-    try:
-        run = run_emulated(cm.build_dir, cm.target, cm._check_inputs(args), count_instructions=True)
-    except ToolchainError as exc:
-        report.instructions_note = str(exc).splitlines()[0]
-        return
-    report.instructions_per_inference = run.instructions_per_inference
-    report.instructions_note = run.instructions_unavailable

@@ -18,7 +18,8 @@ import torch
 from graphopt.artifact import TensorSpec, atomic_copy_tree, read_manifest
 from graphopt.errors import InputError
 from graphopt.report import Report
-from graphopt.targets import Runtime, TargetSpec, get_target
+from graphopt.targets import TargetSpec, get_target
+from graphopt.targets.backend import backend_for
 
 
 class CompiledModel:
@@ -30,7 +31,7 @@ class CompiledModel:
         self.report = report
         self.inputs = [TensorSpec.from_dict(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(d) for d in manifest["outputs"]]
-        self._vm = None
+        self._cache: dict = {}  # the backend's per-model state (e.g. the loaded library)
         if owns_build_dir:
             weakref.finalize(self, shutil.rmtree, str(self.build_dir), True)
 
@@ -43,12 +44,7 @@ class CompiledModel:
 
     def __call__(self, *inputs: torch.Tensor):
         arrays = self._check_inputs(inputs)
-        if self.target.runtime is Runtime.TVM_VM_NATIVE:
-            outs = self._run_native(arrays)
-        else:
-            from graphopt.targets.emulation import run_emulated
-
-            outs = run_emulated(self.build_dir, self.target, arrays).outputs
+        outs = backend_for(self.target).run(self.build_dir, self.target, arrays, self.manifest, self._cache)
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
         return tensors[0] if self.manifest.get("single_output", False) else tensors
 
@@ -71,25 +67,9 @@ class CompiledModel:
             arrays.append(np.ascontiguousarray(t.detach().cpu().numpy()))
         return arrays
 
-    def _run_native(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        import tvm
-        from tvm import relax
-
-        if self._vm is None:
-            lib = tvm.runtime.load_module(str(self.build_dir / self.manifest["library"]))
-            self._vm = relax.VirtualMachine(lib, tvm.cpu())
-        result = self._vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
-        return [r.numpy() for r in _flatten_tvm(result)]
-
     def __repr__(self) -> str:
         return (f"CompiledModel(target={self.target.name!r}, inputs={[s.shape for s in self.inputs]}, "
                 f"outputs={[s.shape for s in self.outputs]}, folder={str(self.build_dir)!r})")
-
-
-def _flatten_tvm(value) -> list:
-    if hasattr(value, "numpy"):
-        return [value]
-    return [x for v in value for x in _flatten_tvm(v)]
 
 
 def new_build_dir() -> Path:

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=${GRAPHOPT_VENV:-.venv}
 
-APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user gcc libc6-dev)
+APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user gcc libc6-dev file)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

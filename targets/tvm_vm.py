@@ -1,0 +1,68 @@
+"""The TVM Relax VM backend: a ``model.so`` run in-process on the host, or cross-compiled with a
+C++ runner and the aarch64 TVM runtime and run under qemu-user with the target's pinned CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.targets.backend import Backend, BuildResult, Measurement, register_backend
+from graphopt.targets.spec import Runtime, TargetSpec
+
+
+def _flatten(value) -> list:
+    if hasattr(value, "numpy"):
+        return [value]
+    return [x for v in value for x in _flatten(v)]
+
+
+class NativeVM(Backend):
+    def build(self, ep, spec, build_dir, inputs, outputs, progress) -> BuildResult:
+        from graphopt.targets.lowering import export_library, lower
+
+        lowered = lower(ep, spec, progress=progress)
+        export_library(lowered, spec, build_dir / "model.so")
+        return BuildResult({"format": "graphopt-tvm-vm-artifact", "format_version": 1, "library": "model.so"},
+                           lowered.stats)
+
+    def run(self, build_dir, spec, arrays, manifest, cache) -> list[np.ndarray]:
+        import tvm
+        from tvm import relax
+
+        if "vm" not in cache:
+            lib = tvm.runtime.load_module(str(Path(build_dir) / manifest["library"]))
+            cache["vm"] = relax.VirtualMachine(lib, tvm.cpu())
+        result = cache["vm"]["main"](*[tvm.runtime.tensor(a) for a in arrays])
+        return [r.numpy() for r in _flatten(result)]
+
+
+class EmulatedVM(Backend):
+    def build(self, ep, spec, build_dir, inputs, outputs, progress) -> BuildResult:
+        from graphopt.artifact import read_manifest
+        from graphopt.targets.emulation import package_arm_artifact
+        from graphopt.targets.lowering import export_library, lower
+
+        lowered = lower(ep, spec, progress=progress)
+        so = export_library(lowered, spec, build_dir / "model.so")
+        package_arm_artifact(so, spec, inputs, outputs, build_dir)
+        return BuildResult({**read_manifest(build_dir), "library": "model.so"}, lowered.stats)
+
+    def run(self, build_dir, spec, arrays, manifest, cache) -> list[np.ndarray]:
+        from graphopt.targets.emulation import run_emulated
+
+        return run_emulated(build_dir, spec, arrays).outputs
+
+    def measure(self, build_dir, spec: TargetSpec, arrays) -> Measurement:
+        from graphopt.errors import ToolchainError
+        from graphopt.targets.emulation import run_emulated
+
+        try:
+            run = run_emulated(build_dir, spec, arrays, count_instructions=True)
+        except ToolchainError as exc:
+            return Measurement(None, str(exc).splitlines()[0])
+        return Measurement(run.instructions_per_inference, run.instructions_unavailable)
+
+
+register_backend(Runtime.TVM_VM_NATIVE, NativeVM)
+register_backend(Runtime.TVM_VM_QEMU_USER, EmulatedVM)
