@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,10 @@ from graphopt.report import Report
 from graphopt.support import unsupported_ops
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.backend import backend_for
+
+
+if TYPE_CHECKING:
+    from graphopt.prune import PruneConfig
 
 
 class GraphoptWarning(UserWarning):
@@ -52,7 +57,7 @@ def _eval_mode(model: torch.nn.Module, report_warnings: list[str]):
 def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
             passes: list[GraphPass] | None = None, verify: bool = False, rtol: float = 1e-4,
             capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
-            progress: bool = True) -> CompiledModel:
+            progress: bool = True, prune: PruneConfig | None = None) -> CompiledModel:
     """Compile ``model`` for ``target``; see the module docstring.
 
     passes:             fx passes to run (default: identity removal, BN folding, dead code).
@@ -60,6 +65,8 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         against PyTorch; also checks numerics after every pass.
     count_instructions: on emulated targets, measure instructions per inference under QEMU
                         (default: on for emulated targets).
+    prune:              a `graphopt.PruneConfig`: prune a copy of the model first (channels rounded to
+                        the target's ``channel_multiple``); ``report.pruning`` says what was removed.
     """
     spec = get_target(target)
     args = check_example_inputs(example_inputs)
@@ -67,6 +74,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
         raise GraphoptError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     steps = Steps(progress)
     report = Report(model=type(model).__name__, target=spec.to_dict())
+    if prune is not None:
+        from graphopt.prune import prune_for_compile
+
+        model, report.pruning = prune_for_compile(model, args, prune, spec)
 
     with _eval_mode(model, report.warnings):
         with steps.phase("capture"):
@@ -107,6 +118,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                     "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
                     "single_output": isinstance(reference, torch.Tensor)}
         write_manifest(build_dir, manifest)
+        if prune is not None and prune.sparse_storage:
+            from graphopt.sparsity import save_sparse
+
+            report.pruning["sparse_storage"] = save_sparse(model, build_dir / "weights.sparse.npz")
         cm = CompiledModel(spec, build_dir, manifest, report)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)

@@ -69,3 +69,7 @@ class NumericsError(GraphoptError):
 
 class PassError(GraphoptError):
     """A pass's requirements are not met, or a pass failed."""
+
+
+class QuantizationError(GraphoptError, ValueError):
+    """A quantization scheme, calibration set or model state that graphopt cannot quantize."""

@@ -31,6 +31,30 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _pruning_lines(p: dict) -> list[str]:
+    macs, params, target = p.get("macs", {}), p.get("params", {}), p.get("target") or {}
+    lines = [f"- MACs: {_fmt_int(macs.get('before'))} → {_fmt_int(macs.get('after'))}, "
+             f"params: {_fmt_int(params.get('before'))} → {_fmt_int(params.get('after'))}"]
+    if "metric" in target:
+        lines.append(f"- target: {target['metric']} × {target['fraction']}, achieved {target['achieved']}"
+                     + ("" if target["within_tolerance"] else " (outside tolerance)"))
+    if p.get("sparsity"):
+        lines.append(f"- magnitude sparsity: {p['sparsity'].get('sparsity')}")
+    if p.get("sparse_storage"):
+        s = p["sparse_storage"]
+        lines.append(f"- sparse weights file: {_fmt_bytes(s['sparse_bytes'])} vs {_fmt_bytes(s['dense_bytes'])} dense "
+                     f"(saves {_fmt_bytes(s['saved_bytes'])}; storage only, dense kernels are not faster)")
+    lines += [f"- {n}" for n in p.get("notes", [])]
+    groups = p.get("groups", [])
+    if groups:
+        lines += ["", "| group | producers | channels | MACs | params | kept because |", "|---|---|---|---|---|---|"]
+        for g in groups:
+            lines.append(f"| {g['id']} | {', '.join(g['producers'])} | {g['channels_before']} → {g['channels_after']} "
+                         f"| {_fmt_int(g['macs_before'])} → {_fmt_int(g['macs_after'])} "
+                         f"| {_fmt_int(g['params_before'])} → {_fmt_int(g['params_after'])} | {'; '.join(g['reasons'])} |")
+    return lines
+
+
 @dataclass
 class Report:
     model: str
@@ -51,6 +75,7 @@ class Report:
     instructions_note: str | None = None
     verification: dict = field(default_factory=dict)  # e.g. {"max_rel_error": ..., "runs_on": ...}
     warnings: list[str] = field(default_factory=list)
+    pruning: dict = field(default_factory=dict)  # graphopt.PruneReport.to_dict() when compile(prune=...)
 
     @property
     def declined(self) -> list:
@@ -77,6 +102,7 @@ class Report:
             "instructions_note": self.instructions_note,
             "verification": self.verification,
             "warnings": list(self.warnings),
+            "pruning": self.pruning,
         }
 
     def to_json(self) -> str:
@@ -110,6 +136,8 @@ class Report:
             lines += ["", "## Lowering", ""]
             for k, v in self.lowering.items():
                 lines.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+        if self.pruning:
+            lines += ["", "## Pruning", ""] + _pruning_lines(self.pruning)
         lines += ["", "## Timings", ""] + [f"- {k}: {v:.2f} s" for k, v in self.timings.items()]
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
