@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent setup: apt toolchains (aarch64 cross compiler, qemu-user, host gcc for the QEMU plugin),
+# Idempotent setup: apt toolchains (aarch64 cross compiler, qemu-user, host gcc for the QEMU plugin;
+# arm-none-eabi + newlib, qemu-system-arm and the armhf cross compiler for the embedded C-library targets),
 # the project venv with pinned Python deps, the aarch64 TVM runtime harvested from PyPI's aarch64
 # wheels, and the QEMU instruction-counting plugin (header from Debian's qemu source package).
 # Re-running it is cheap: each step checks whether its result is already present.
@@ -10,7 +11,9 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 VENV=${GRAPHOPT_VENV:-.venv}
 
-APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user gcc libc6-dev file)
+APT_PKGS=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user gcc libc6-dev file
+          gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
+          cmake make dataset-fashion-mnist)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

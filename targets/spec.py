@@ -61,6 +61,10 @@ class TargetSpec:
     qemu_binary:     emulator executable, ``qemu_cpu`` / ``qemu_machine`` its CPU and board.
     channel_multiple: channel counts this target prefers (SIMD lanes), used by pruning.
     aliases:         other names that resolve to this spec.
+    cflags:          C compiler flags selecting the target's CPU and float ABI, for runtime-free C
+                     libraries (the generated code must be compiled with them to link with the kernels).
+    flash_bytes / ram_bytes: the board's code+constant and data memory; a model that does not fit
+                     is refused at compile time (None = no limit, e.g. a Linux target).
     """
 
     name: str
@@ -77,6 +81,9 @@ class TargetSpec:
     qemu_machine: str | None = None
     channel_multiple: int = 4
     aliases: tuple = ()
+    cflags: tuple = ()
+    flash_bytes: int | None = None
+    ram_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -88,6 +95,9 @@ class TargetSpec:
             raise ConfigError(f"target {self.name}: unknown features {bad}; use graphopt.targets.Feature members")
         object.__setattr__(self, "features", frozenset(self.features))
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "cflags", tuple(self.cflags))
+        if any(v is not None and (not isinstance(v, int) or v <= 0) for v in (self.flash_bytes, self.ram_bytes)):
+            raise ConfigError(f"target {self.name}: flash_bytes and ram_bytes must be positive ints or None")
         if "kind" not in self.tvm_target:
             raise ConfigError(f"target {self.name}: tvm_target needs a 'kind' key, e.g. {{'kind': 'llvm'}}")
         if self.runtime in _QEMU_RUNTIMES and not (self.qemu_binary and (self.qemu_cpu or self.qemu_machine)):
@@ -124,4 +134,6 @@ class TargetSpec:
             "qemu": {"binary": self.qemu_binary, "cpu": self.qemu_cpu, "machine": self.qemu_machine},
             "channel_multiple": self.channel_multiple,
             "aliases": list(self.aliases),
+            "cflags": list(self.cflags),
+            "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes},
         }

@@ -1,0 +1,645 @@
+"""Runtime-free C emitter: a captured model as a self-contained C library (no TVM runtime, no malloc).
+
+`emit_library(ep, spec, out_dir, progress)` runs graphopt's Relax phases up to scheduling
+(import → decompose → layout → legalize → fuse → schedule, reused from `targets/lowering.py`),
+then Relax's static memory planner (`StaticPlanBlockMemory`), builds every PrimFunc into one
+LLVM object for the target (argument asserts skipped: the generated caller always passes the
+right tensors) and writes, into `out_dir`:
+
+- ``kernels.o``: the kernels, packed calling convention, symbols prefixed ``graphopt_model_``;
+  the runtime hooks they call through (``__TVMBackend*``) are renamed to ``graphopt_model_``
+  symbols with objcopy and defined in model.c: no TVM runtime symbol is left to resolve.
+- ``model.c`` / ``model.h``: ``graphopt_model_run(inputs, outputs)`` walks const tables (one
+  entry per kernel call) over one statically planned activation arena reused across layers, an
+  exactly sized workspace arena (the kernels' LIFO ``TVMBackendAllocWorkspace`` peak) and the
+  weights; the header ``#define``s I/O shapes, dtypes, byte sizes and arena sizes.
+- ``model_weights.bin`` + ``model_weights.S``: the weights as one blob, ``.incbin``-ed into
+  ``.rodata`` (flash on a microcontroller), every tensor 64-byte aligned.
+- ``CMakeLists.txt`` (``add_library(graphopt_model ...)`` for ``add_subdirectory``) and
+  ``model.mk`` (a Makefile fragment).
+
+Refuses (`LoweringError`, listing every offender): dynamic shapes, Relax bindings other than
+kernel calls over planned tensors (e.g. external library calls, runtime builtins), workspace
+requests of unknown size, and kernels calling runtime functions this library does not provide.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphopt import toolchain
+from graphopt.errors import GraphoptError, LoweringError, Unsupported
+from graphopt.targets.spec import TargetSpec
+
+NAME = "model"  # C prefix: graphopt_model_run, GRAPHOPT_MODEL_*; the files are model.c/.h
+PREFIX = f"graphopt_{NAME}"
+ALIGN = 64  # arena, workspace and weight alignment (TVM's kernels assume 64-byte aligned buffers)
+RELAX_PHASES = ("import", "decompose", "layout", "legalize", "fuse", "schedule")  # from lowering.PHASES
+# runtime hooks the LLVM kernels call through weak function pointers -> the model.c function
+_HOOKS = {
+    "__TVMBackendAllocWorkspace": "gm_ws_alloc",
+    "__TVMBackendFreeWorkspace": "gm_ws_free",
+    "__TVMBackendParallelLaunch": "gm_parallel_launch",
+    "__TVMBackendParallelBarrier": "gm_parallel_barrier",
+}
+_REGIONS = {"arena": 0, "weights": 1, "input": 2, "output": 3}
+_CTYPES = {("float", 32): "float", ("float", 64): "double", ("int", 8): "int8_t", ("int", 16): "int16_t",
+           ("int", 32): "int32_t", ("int", 64): "int64_t", ("uint", 8): "uint8_t", ("uint", 16): "uint16_t",
+           ("uint", 32): "uint32_t", ("uint", 64): "uint64_t", ("float", 16): "uint16_t", ("uint", 1): "uint8_t"}
+_DL_CODES = {"int": 0, "uint": 1, "float": 2, "bfloat": 4}
+_FRAME_ALLOWANCE = 512  # per kernel frame: saved registers, spills, the parallel-lambda closure
+
+
+@dataclass(frozen=True)
+class IOTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class CLibrary:
+    """What `emit_library` wrote, with its memory figures (bytes)."""
+
+    folder: Path
+    inputs: list[IOTensor]
+    outputs: list[IOTensor]
+    kernels: int
+    calls: int
+    arena_bytes: int
+    workspace_bytes: int
+    weights_bytes: int
+    stack_estimate_bytes: int
+    libraries: list[str] = field(default_factory=list)  # -l libraries the kernels need (e.g. m)
+    stats: dict = field(default_factory=dict)
+
+    FILES = ("model.c", "model.h", "model_weights.S", "model_weights.bin", "kernels.o", "CMakeLists.txt",
+             "model.mk")
+
+
+def _dl(dtype: str) -> tuple[int, int]:
+    import tvm
+
+    dt = tvm.runtime.DataType(dtype)
+    code = {0: "int", 1: "uint", 2: "float", 4: "bfloat"}.get(dt.type_code)
+    if code is None or dt.lanes != 1:
+        raise LoweringError("a tensor has a dtype the C library cannot describe",
+                            [Unsupported(f"dtype {dtype}", "memory plan", "use float32/intN/uintN tensors")])
+    return _DL_CODES[code], dt.bits
+
+
+def _ctype(dtype: str) -> str:
+    import tvm
+
+    dt = tvm.runtime.DataType(dtype)
+    return _CTYPES.get(({0: "int", 1: "uint", 2: "float"}.get(dt.type_code), dt.bits), "uint8_t")
+
+
+def _round(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _error_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    msg = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "")
+    return f"{type(exc).__name__}: {msg}"[:400]
+
+
+def _phase(name: str, fn: Callable, phases: dict, progress: Callable[[str], None], spec: TargetSpec):
+    progress(name)
+    start = time.perf_counter()
+    try:
+        out = fn()
+    except GraphoptError:
+        raise
+    except Exception as exc:  # TVM raises many types; none may reach the user raw
+        raise LoweringError(f"TVM could not lower the model for target {spec.name!r} (phase {name!r})",
+                            [Unsupported(_error_line(exc), f"C library phase {name!r}")]) from exc
+    phases[name] = round(time.perf_counter() - start, 3)
+    return out
+
+
+# --------------------------------------------------------------------------- Relax: plan
+
+def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress):
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.lowering import PHASES
+
+    ir = ep
+    table = dict(PHASES)
+    for name in RELAX_PHASES:
+        if name == "layout" and not _calls_op(ir["main"], "relax.nn.conv2d"):
+            continue  # the layout phase only converts convolutions (and TVM's ConvertLayout crashes on some
+            # conv-free graphs: std::bad_alloc on the tiny transformer)
+        ir = _phase(name, lambda: table[name](ir, spec, state), phases, progress, spec)
+    plan = tvm.transform.Sequential([relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
+                                     relax.transform.CallTIRRewrite(), relax.transform.StaticPlanBlockMemory()])
+    return _phase("plan memory", lambda: plan(ir), phases, progress, spec)
+
+
+def _calls_op(func, op_name: str) -> bool:
+    import tvm
+    from tvm import relax
+
+    op, found = tvm.ir.Op.get(op_name), []
+    relax.analysis.post_order_visit(func, lambda e: found.append(isinstance(e, relax.Call) and e.op.same_as(op)))
+    return any(found)
+
+
+@dataclass
+class _Tensor:
+    region: str
+    offset: int  # byte offset in the arena / weights blob, or the input / output index
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class _Graph:
+    tensors: list[_Tensor] = field(default_factory=list)
+    calls: list[tuple[str, list[int]]] = field(default_factory=list)  # (kernel, tensor indices)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (output index, tensor index)
+    weights: bytearray = field(default_factory=bytearray)
+    arena_bytes: int = 0
+    inputs: list[IOTensor] = field(default_factory=list)
+    outputs: list[IOTensor] = field(default_factory=list)
+
+
+def _static_shape(shape, what: str) -> tuple[int, ...]:
+    import tvm
+
+    dims = list(shape.values) if hasattr(shape, "values") else list(shape)
+    if not all(isinstance(d, (int, tvm.tirx.IntImm)) for d in dims):
+        raise LoweringError("the C library needs static shapes",
+                            [Unsupported(f"{what} has shape {dims}", "memory plan",
+                                         "compile with fixed-size example inputs (no dynamic dimensions)")])
+    return tuple(int(d) for d in dims)
+
+
+def _walk_main(mod) -> _Graph:
+    """Turn the planned ``main`` into tensors, kernel calls and the weight blob."""
+    import tvm
+    from tvm import relax
+
+    op = tvm.ir.Op.get
+    alloc_storage, alloc_tensor = op("relax.memory.alloc_storage"), op("relax.memory.alloc_tensor")
+    builtin_alloc = op("relax.builtin.alloc_tensor")
+    g, env, storages, consts, fresh = _Graph(), {}, {}, [], {}
+    main = mod["main"]
+
+    def add(region, offset, shape, dtype) -> int:
+        g.tensors.append(_Tensor(region, offset, tuple(shape), str(dtype)))
+        return len(g.tensors) - 1
+
+    def const(c) -> int:
+        for known, idx in consts:
+            if known.same_as(c):
+                return idx
+        arr = np.ascontiguousarray(c.value.numpy())
+        g.weights.extend(b"\0" * (_round(len(g.weights)) - len(g.weights)))
+        idx = add("weights", len(g.weights), arr.shape, arr.dtype.name)
+        g.weights.extend(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        consts.append((c, idx))
+        return idx
+
+    for i, p in enumerate(main.params):
+        shape = _static_shape(p.ty.shape, f"input {p.name}")
+        g.inputs.append(IOTensor(f"input{i}", shape, str(p.ty.dtype)))
+        env[p] = add("input", i, shape, p.ty.dtype)
+
+    def value_of(a):
+        if isinstance(a, tvm.ir.expr.Constant):
+            return const(a)
+        if isinstance(a, relax.Var) and a in env:
+            return env[a]
+        raise LoweringError("the C library cannot pass this value to a kernel",
+                            [Unsupported(f"{type(a).__name__}: {str(a)[:120]}", "Relax main",
+                                         "only tensors (activations, weights, inputs) can be kernel arguments")])
+
+    bad = []
+    for block in main.body.blocks:
+        for b in block.bindings:
+            v, val = b.var, b.value
+            if isinstance(val, relax.Call) and val.op.same_as(alloc_storage):
+                size = _static_shape(val.args[0], "a planned buffer")[0]
+                storages[v] = g.arena_bytes
+                g.arena_bytes += _round(size)
+            elif isinstance(val, relax.Call) and val.op.same_as(alloc_tensor):
+                shape = _static_shape(val.args[2], f"tensor {v.name}")
+                env[v] = add("arena", storages[val.args[0]] + int(val.args[1].value), shape, val.args[3].value)
+            elif isinstance(val, relax.Call) and val.op.same_as(builtin_alloc):
+                # an unplanned tensor: a model output; it is written straight into the caller's buffer
+                shape = _static_shape(val.args[0], f"tensor {v.name}")
+                env[v] = fresh[v] = add("output", -1, shape, val.args[1].value)
+            elif isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.GlobalVar):
+                g.calls.append((val.op.name_hint, [value_of(a) for a in val.args]))
+            elif isinstance(val, relax.Var) and val in env:
+                env[v] = env[val]
+            elif isinstance(val, relax.Tuple):
+                env[v] = tuple(val.fields)
+            elif isinstance(val, relax.TupleGetItem) and isinstance(env.get(val.tuple_value), tuple):
+                env[v] = value_of(env[val.tuple_value][val.index])
+            else:
+                bad.append(Unsupported(f"{str(val)[:160]}", f"Relax binding {v.name}",
+                                       "the op may need a TIR legalization; runtime builtins and external "
+                                       "libraries are not available without the TVM runtime"))
+    if bad:
+        raise LoweringError("the model contains operations the runtime-free C library cannot run:", bad,
+                            "Nothing was built.")
+
+    def flatten(e) -> list:
+        if isinstance(e, relax.Tuple):
+            return [x for f in e.fields for x in flatten(f)]
+        if isinstance(e, relax.Var) and isinstance(env.get(e), tuple):
+            return [x for f in env[e] for x in flatten(f)]
+        return [e]
+
+    for i, e in enumerate(flatten(main.body.body)):
+        idx = value_of(e)
+        t = g.tensors[idx]
+        g.outputs.append(IOTensor(f"output{i}", t.shape, t.dtype))
+        if t.region == "output" and t.offset == -1:
+            t.offset = i  # the first output of an unplanned tensor is written in place
+        else:
+            g.copies.append((i, idx))
+    for idx in fresh.values():
+        if g.tensors[idx].offset == -1:  # never returned: give it arena space
+            t = g.tensors[idx]
+            t.region, t.offset = "arena", g.arena_bytes
+            g.arena_bytes += _round(IOTensor("", t.shape, t.dtype).nbytes)
+    return g
+
+
+# --------------------------------------------------------------------------- TIR: kernels
+
+_WS_ALLOC = re.compile(r"TVMBackendAllocWorkspace\([^,]+,[^,]+,\s*([^,]+),")
+_WS_FREE = re.compile(r"TVMBackendFreeWorkspace\(")
+_LOCAL = re.compile(r"alloc_buffer\(\(([\d, ]*)\),\s*\"(\w+?)(?:x(\d+))?\"")
+
+
+def _kernel_memory(host_mod) -> tuple[int, int, list[Unsupported]]:
+    """(workspace peak, largest kernel stack estimate, problems) from the lowered host TIR.
+
+    Allocations and frees are replayed in program order (TVM frees workspaces LIFO), each
+    rounded to `ALIGN` as the model.c allocator does.
+    """
+    import tvm
+
+    ws_peak, stack, bad = 0, 0, []
+    for gv, fn in host_mod.functions_items():
+        text = fn.script()
+        cur, peak, sizes = 0, 0, []
+        for m in re.finditer(f"{_WS_ALLOC.pattern}|{_WS_FREE.pattern}", text):
+            if m.group(1) is None:
+                cur -= sizes.pop() if sizes else 0
+                continue
+            size = re.fullmatch(r"T\.uint64\((\d+)\)", m.group(1).strip())
+            if size is None:
+                bad.append(Unsupported(f"workspace of non-constant size {m.group(1)}", f"kernel {gv.name_hint}"))
+                continue
+            sizes.append(_round(int(size.group(1))))
+            cur += sizes[-1]
+            peak = max(peak, cur)
+        local = 0
+        for dims, dtype, lanes in _LOCAL.findall(text):
+            n = int(np.prod([int(d) for d in dims.split(",") if d.strip()] or [1]))
+            local += n * int(lanes or 1) * max(1, tvm.runtime.DataType(dtype).bits // 8)
+        ws_peak, stack = max(ws_peak, peak), max(stack, local)
+    return ws_peak, stack + _FRAME_ALLOWANCE, bad
+
+
+def _build_kernels(mod, spec: TargetSpec, out: Path) -> tuple[list[str], int, int]:
+    """Build every PrimFunc into ``out``; returns (kernel names, workspace bytes, kernel stack estimate)."""
+    import tvm
+    from tvm import tirx
+    from tvm.tirx.build import codegen_build, split_host_device_mods
+
+    funcs = {gv.name_hint: f.with_attr("global_symbol", f"{PREFIX}_{gv.name_hint}")
+             for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    target = spec.tvm()
+    with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+        tmod = tirx.transform.BindTarget(target.with_host(target))(tvm.IRModule(funcs))
+        pipeline, finalize_host, _ = tirx.get_default_tir_pipeline(target)
+        host, device = split_host_device_mods(pipeline(tmod))
+        if any(len(m.functions) for m in device.values()):
+            raise LoweringError("some kernels target a device other than the CPU",
+                                [Unsupported(str(t), "TIR build")])
+        host = finalize_host()(host)
+        ws, stack, bad = _kernel_memory(host)
+        if bad:
+            raise LoweringError("kernels request workspace the C library cannot size statically:", bad)
+        codegen_build(host, target).write_to_file(str(out))
+    return sorted(funcs), ws, stack
+
+
+def _binutil(spec: TargetSpec, tool: str) -> str:
+    if not spec.cross_compiler or not spec.cross_compiler.endswith("gcc"):
+        raise LoweringError(f"target {spec.name} has no GCC cross compiler for its C library",
+                            [Unsupported(f"cross_compiler={spec.cross_compiler!r}", "target spec",
+                                         "set cross_compiler to e.g. 'arm-none-eabi-gcc'")])
+    return toolchain.require_tool(spec.cross_compiler[: -len("gcc")] + tool)
+
+
+def _finish_object(raw: Path, out: Path, spec: TargetSpec) -> list[str]:
+    """objcopy the LLVM object: drop debug info and unwind tables (C never unwinds; they would pull in
+    the EHABI personality routine), give the runtime hooks per-model names. Returns the hooks used."""
+    nm = toolchain.run_tool([_binutil(spec, "nm"), str(raw)], "listing the kernel symbols").stdout
+    symbols = [ln.split()[-2:] for ln in nm.splitlines() if ln.strip()]
+    hooks = sorted(name for kind, name in symbols if kind in ("V", "v", "B", "C") and name in _HOOKS)
+    unknown = sorted(name for kind, name in symbols if name.startswith("__TVM") and name not in _HOOKS)
+    if unknown:
+        raise LoweringError("kernels call TVM runtime functions a runtime-free library cannot provide:",
+                            [Unsupported(n, "kernels.o") for n in unknown])
+    renames = [a for h in hooks for a in ("--redefine-sym", f"{h}={PREFIX}{h}")]
+    toolchain.run_tool([_binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
+                        "--remove-section=.rel.ARM.exidx*", "--strip-symbol=__aeabi_unwind_cpp_pr0", *renames, str(raw), str(out)],
+                       "post-processing the kernel object")
+    return hooks
+
+
+# --------------------------------------------------------------------------- C sources
+
+def _c_array(ctype: str, name: str, values: list[int], per_line: int = 16) -> str:
+    rows = [", ".join(map(str, values[i:i + per_line])) for i in range(0, len(values), per_line)]
+    return f"static const {ctype} {name}[{max(1, len(values))}] = {{\n  " + ",\n  ".join(rows or ["0"]) + "\n};"
+
+
+def _model_c(g: _Graph, kernels: list[str], hooks: list[str], ws_bytes: int, spec: TargetSpec) -> str:
+    # compact tables (the glue must stay small): dims as the narrowest unsigned type, expanded to the
+    # int64 DLTensor shapes on the stack per call; region in the top two bits of the offset
+    shapes, shape_at, dtypes = [], {}, []
+    for t in g.tensors:
+        if t.shape not in shape_at:
+            shape_at[t.shape] = len(shapes)
+            shapes.extend(t.shape)
+        if _dl(t.dtype) not in dtypes:
+            dtypes.append(_dl(t.dtype))
+    big = max(shapes + [len(shapes)] or [0])
+    dim_t = "uint16_t" if big < 1 << 16 else "uint32_t"
+    if max(t.offset for t in g.tensors) >= 1 << 30 or big >= 1 << 32:
+        raise LoweringError("the model is too large for the C library's tables",
+                            [Unsupported("a tensor offset >= 1 GiB or a dimension >= 2**32", "memory plan")])
+    max_args = max([len(a) for _, a in g.calls] or [1])
+    max_ndim = max([len(t.shape) for t in g.tensors] or [1]) or 1
+    arg_t = "uint8_t" if len(g.tensors) < 256 else "uint16_t"
+    args = [x for _, a in g.calls for x in (len(a), *a)]
+    rows = [f"  {{{_REGIONS[t.region] << 30 | t.offset}u, {shape_at[t.shape]}, {len(t.shape)}, "
+            f"{dtypes.index(_dl(t.dtype))}}}," for t in g.tensors]
+    protos = "\n".join(f"int32_t __tvm_ffi_{PREFIX}_{k}(void*, gm_any*, int32_t, gm_any*);" for k in kernels)
+    calls = ",\n".join(f"  __tvm_ffi_{PREFIX}_{k}" for k, _ in g.calls)
+    hook_defs = []
+    if "__TVMBackendAllocWorkspace" in hooks or "__TVMBackendFreeWorkspace" in hooks:
+        hook_defs.append(f"""
+/* Workspace: kernels allocate and free LIFO; the arena is their exact peak demand. */
+static uint8_t gm_ws[{max(ws_bytes, ALIGN)}] __attribute__((aligned({ALIGN}))) GRAPHOPT_MODEL_ARENA_ATTR;
+static size_t gm_ws_top;
+
+static void* gm_ws_alloc(int device_type, int device_id, uint64_t nbytes, int code, int bits) {{
+  size_t need = ((size_t)nbytes + {ALIGN - 1}u) & ~(size_t){ALIGN - 1}u;
+  (void)device_type; (void)device_id; (void)code; (void)bits;
+  if (need > sizeof gm_ws - gm_ws_top) return NULL;
+  gm_ws_top += need;
+  return gm_ws + gm_ws_top - need;
+}}
+
+static int gm_ws_free(int device_type, int device_id, void* ptr) {{
+  uint8_t* p = (uint8_t*)ptr;
+  (void)device_type; (void)device_id;
+  if (p < gm_ws || p >= gm_ws + gm_ws_top) return -1;
+  gm_ws_top = (size_t)(p - gm_ws);
+  return 0;
+}}""")
+    if "__TVMBackendParallelLaunch" in hooks or "__TVMBackendParallelBarrier" in hooks:
+        hook_defs.append("""
+/* Parallel loops run as one task on the calling thread. */
+typedef int (*gm_lambda)(int task_id, void* env, void* cdata);
+typedef struct { void* sync_handle; int32_t num_task; } gm_parallel_env;""")
+    if "__TVMBackendParallelLaunch" in hooks:
+        hook_defs.append("""
+static int gm_parallel_launch(gm_lambda f, void* cdata, int num_task) {
+  gm_parallel_env env = {NULL, 1};
+  (void)num_task;
+  return f(0, &env, cdata);
+}""")
+    if "__TVMBackendParallelBarrier" in hooks:
+        hook_defs.append("""
+static int gm_parallel_barrier(int task_id, void* env) {
+  (void)task_id; (void)env;
+  return 0;
+}""")
+    types = {"__TVMBackendAllocWorkspace": "void* (*const {})(int, int, uint64_t, int, int)",
+             "__TVMBackendFreeWorkspace": "int (*const {})(int, int, void*)",
+             "__TVMBackendParallelLaunch": "int (*const {})(gm_lambda, void*, int)",
+             "__TVMBackendParallelBarrier": "int (*const {})(int, void*)"}
+    for h in hooks:
+        decl = types[h].format(f"{PREFIX}{h}")
+        hook_defs.append(f"extern {decl};\n{decl} = {_HOOKS[h]};")
+    copies = "".join(f"\n  memcpy(outputs[{o}], gm_base(&gm_tensors[{t}], inputs, outputs), "
+                     f"{IOTensor('', g.tensors[t].shape, g.tensors[t].dtype).nbytes}u);" for o, t in g.copies)
+    arena = (f"static uint8_t gm_arena[{g.arena_bytes}] __attribute__((aligned({ALIGN}))) GRAPHOPT_MODEL_ARENA_ATTR;"
+             if g.arena_bytes else "")
+    weights = f"extern const uint8_t {PREFIX}_weights[];" if g.weights else ""
+    return f"""/* model.c: runtime-free inference for target {spec.name} (generated by graphopt; do not edit).
+ * Kernels live in kernels.o (TVM packed calling convention); weights in model_weights.S/.bin. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "model.h"
+
+#ifndef GRAPHOPT_MODEL_ARENA_ATTR
+#define GRAPHOPT_MODEL_ARENA_ATTR /* e.g. __attribute__((section(".dtcm"))) to place the arenas */
+#endif
+
+/* DLPack's DLTensor and tvm-ffi's TVMFFIAny, the layouts the kernels read. */
+typedef struct {{ int32_t device_type, device_id; }} gm_device;
+typedef struct {{ uint8_t code, bits; uint16_t lanes; }} gm_dtype;
+typedef struct {{
+  void* data; gm_device device; int32_t ndim; gm_dtype dtype;
+  const int64_t* shape; const int64_t* strides; uint64_t byte_offset;
+}} gm_dltensor;
+typedef struct {{ int32_t type_index; uint32_t zero_padding; union {{ int64_t v_int64; void* v_ptr; }} v; }} gm_any;
+typedef int32_t (*gm_kernel)(void*, gm_any*, int32_t, gm_any*);
+typedef struct {{ uint32_t where; {dim_t} shape; uint8_t ndim, dtype; }} gm_tensor; /* where: region << 30 | offset */
+enum {{ GM_ARENA, GM_WEIGHTS, GM_INPUT, GM_OUTPUT, GM_DLTENSOR_PTR = 7, GM_CPU = 1 }};
+
+{protos}
+{weights}
+{arena}
+{chr(10).join(hook_defs)}
+
+{_c_array(dim_t, "gm_dims", shapes)}
+
+static const gm_dtype gm_dtypes[{len(dtypes)}] = {{{", ".join(f"{{{c}, {b}, 1}}" for c, b in dtypes)}}};
+
+static const gm_tensor gm_tensors[{len(g.tensors)}] = {{
+{chr(10).join(rows)}
+}};
+
+static const gm_kernel gm_calls[{max(1, len(g.calls))}] = {{
+{calls or "  NULL"}
+}};
+
+/* per call: argument count, then tensor indices */
+{_c_array(arg_t, "gm_args", args)}
+
+static uint8_t* gm_base(const gm_tensor* t, const void* const* inputs, void* const* outputs) {{
+  uint32_t offset = t->where & 0x3FFFFFFFu;
+  switch (t->where >> 30) {{
+    case GM_ARENA: return {"gm_arena + offset" if g.arena_bytes else "NULL"};
+    case GM_WEIGHTS: return {f"(uint8_t*){PREFIX}_weights + offset" if g.weights else "NULL"};
+    case GM_INPUT: return (uint8_t*)inputs[offset];
+    default: return (uint8_t*)outputs[offset];
+  }}
+}}
+
+int {PREFIX}_run(const void* const* inputs, void* const* outputs) {{
+  const {arg_t}* a = gm_args;
+  unsigned i, k;
+  for (i = 0; i < GRAPHOPT_MODEL_NUM_INPUTS; ++i)
+    if ((uintptr_t)inputs[i] % GRAPHOPT_MODEL_ALIGN) return GRAPHOPT_MODEL_ERR_ALIGN;
+  for (i = 0; i < GRAPHOPT_MODEL_NUM_OUTPUTS; ++i)
+    if ((uintptr_t)outputs[i] % GRAPHOPT_MODEL_ALIGN) return GRAPHOPT_MODEL_ERR_ALIGN;
+  for (k = 0; k < sizeof gm_calls / sizeof gm_calls[0]; ++k) {{
+    gm_dltensor t[{max_args}];
+    gm_any v[{max_args}], ret = {{0, 0, {{0}}}};
+    int64_t dims[{max_args}][{max_ndim}];
+    unsigned n = *a++, j;
+    for (i = 0; i < n; ++i) {{
+      const gm_tensor* d = &gm_tensors[*a++];
+      gm_dltensor x = {{gm_base(d, inputs, outputs), {{GM_CPU, 0}}, d->ndim, gm_dtypes[d->dtype], dims[i], NULL, 0}};
+      for (j = 0; j < d->ndim; ++j) dims[i][j] = gm_dims[d->shape + j];
+      t[i] = x;
+      v[i].type_index = GM_DLTENSOR_PTR;
+      v[i].zero_padding = 0;
+      v[i].v.v_ptr = &t[i];
+    }}
+    if (gm_calls[k](NULL, v, (int32_t)n, &ret) != 0) return (int)k + 1;
+  }}{copies}
+  return 0;
+}}
+"""
+
+
+def _model_h(g: _Graph, lib_stats: dict, spec: TargetSpec) -> str:
+    up = f"GRAPHOPT_{NAME.upper()}"
+    lines = [
+        f"/* model.h: interface of the runtime-free C library for target {spec.name} (generated by graphopt).",
+        f" * {spec.description}",
+        " * Build: compile model.c and model_weights.S (with this folder on the include path, for",
+        " * model_weights.bin) and link kernels.o" + (" and -lm" if lib_stats["libraries"] else "") + ", with",
+        f" *   {' '.join(spec.cflags)}",
+        " * or add_subdirectory() this folder in CMake (target graphopt_model), or include model.mk.",
+        f" * {PREFIX}_run() is not reentrant: its arenas are static. Buffers must be {ALIGN}-byte aligned.",
+        " */",
+        f"#ifndef {up}_H_", f"#define {up}_H_", "", "#include <stdint.h>", "",
+        "#ifdef __cplusplus", 'extern "C" {', "#endif", "",
+        f"#define {up}_TARGET \"{spec.name}\"",
+        f"#define {up}_NUM_INPUTS {len(g.inputs)}",
+        f"#define {up}_NUM_OUTPUTS {len(g.outputs)}",
+        f"#define {up}_ALIGN {ALIGN}",
+        f"#define {up}_ARENA_BYTES {g.arena_bytes}u      /* activations, reused across layers */",
+        f"#define {up}_WORKSPACE_BYTES {lib_stats['workspace_bytes']}u  /* kernel scratch (LIFO peak) */",
+        f"#define {up}_WEIGHTS_BYTES {len(g.weights)}u",
+        f"#define {up}_STACK_BYTES_ESTIMATE {lib_stats['stack_estimate_bytes']}u",
+        f"#define {up}_ERR_ALIGN (-1)  /* an input or output buffer is not {up}_ALIGN-aligned */",
+    ]
+    for kind, items in (("INPUT", g.inputs), ("OUTPUT", g.outputs)):
+        for i, t in enumerate(items):
+            p = f"{up}_{kind}_{i}"
+            lines += ["", f"/* {kind.lower()} {i}: {t.dtype}[{', '.join(map(str, t.shape))}] */",
+                      f"#define {p}_DTYPE \"{t.dtype}\"", f"#define {p}_CTYPE {_ctype(t.dtype)}",
+                      f"#define {p}_NDIM {len(t.shape)}",
+                      f"#define {p}_SHAPE {{{', '.join(map(str, t.shape))}}}",
+                      f"#define {p}_NUMEL {int(np.prod(t.shape, dtype=np.int64))}",
+                      f"#define {p}_BYTES {t.nbytes}u"]
+    lines += [
+        "",
+        "/* One inference. inputs[i] / outputs[i] point to the buffers described above.",
+        f" * Returns 0, {up}_ERR_ALIGN, or k > 0 when the k-th kernel call failed. */",
+        f"int {PREFIX}_run(const void* const* inputs, void* const* outputs);",
+        "", "#ifdef __cplusplus", "}", "#endif", f"#endif /* {up}_H_ */", "",
+    ]
+    return "\n".join(lines)
+
+
+def _weights_s(has_weights: bool) -> str:
+    body = (f'  .section .rodata.{PREFIX}_weights, "a"\n  .balign {ALIGN}\n  .global {PREFIX}_weights\n'
+            f'  .type {PREFIX}_weights, %object\n{PREFIX}_weights:\n  .incbin "model_weights.bin"\n'
+            f'  .size {PREFIX}_weights, . - {PREFIX}_weights\n') if has_weights else ""
+    return ("/* model_weights.S: the weights blob (model_weights.bin, found on the include path). */\n"
+            f"{body}  .section .note.GNU-stack, \"\", %progbits\n")
+
+
+def _cmake(spec: TargetSpec, libs: list[str]) -> str:
+    link = f"\ntarget_link_libraries(graphopt_model PUBLIC {' '.join(libs)})" if libs else ""
+    return f"""# graphopt runtime-free C library for target {spec.name} (generated). Use from a firmware project:
+#   add_subdirectory(path/to/this/folder)   then   target_link_libraries(app PRIVATE graphopt_model)
+# Compile the firmware with the target's flags, which kernels.o was built for:
+#   {' '.join(spec.cflags)}
+cmake_minimum_required(VERSION 3.13)
+project(graphopt_model LANGUAGES C ASM)
+
+set(GRAPHOPT_MODEL_TARGET_FLAGS {' '.join(spec.cflags)})
+add_library(graphopt_model STATIC model.c model_weights.S kernels.o)
+target_include_directories(graphopt_model PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
+set_source_files_properties(model_weights.S PROPERTIES OBJECT_DEPENDS ${{CMAKE_CURRENT_SOURCE_DIR}}/model_weights.bin)
+set_source_files_properties(kernels.o PROPERTIES EXTERNAL_OBJECT TRUE){link}
+"""
+
+
+def _makefile(spec: TargetSpec, libs: list[str]) -> str:
+    return f"""# graphopt runtime-free C library for target {spec.name} (generated). In your Makefile:
+#   include path/to/model.mk
+#   compile $(GRAPHOPT_MODEL_SRCS) with $(GRAPHOPT_MODEL_CFLAGS), link $(GRAPHOPT_MODEL_OBJS) $(GRAPHOPT_MODEL_LDLIBS)
+GRAPHOPT_MODEL_DIR := $(dir $(lastword $(MAKEFILE_LIST)))
+GRAPHOPT_MODEL_SRCS := $(GRAPHOPT_MODEL_DIR)model.c $(GRAPHOPT_MODEL_DIR)model_weights.S
+GRAPHOPT_MODEL_OBJS := $(GRAPHOPT_MODEL_DIR)kernels.o
+GRAPHOPT_MODEL_TARGET_FLAGS := {' '.join(spec.cflags)}
+GRAPHOPT_MODEL_CFLAGS := $(GRAPHOPT_MODEL_TARGET_FLAGS) -I$(GRAPHOPT_MODEL_DIR)
+GRAPHOPT_MODEL_LDLIBS := {' '.join(f'-l{lib}' for lib in libs)}
+"""
+
+
+# --------------------------------------------------------------------------- entry point
+
+def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], None] = lambda _: None) -> CLibrary:
+    """Lower `ep` for `spec` and write the C library into `out_dir` (see the module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    phases, state = {}, {}
+    planned = _relax_to_planned(ep, spec, phases, state, progress)
+    g = _phase("emit graph", lambda: _walk_main(planned), phases, progress, spec)
+    raw = out / ".kernels.llvm.o"
+    kernels, ws, kstack = _phase("build kernels", lambda: _build_kernels(planned, spec, raw), phases, progress, spec)
+    try:
+        hooks = _finish_object(raw, out / "kernels.o", spec)
+    finally:
+        raw.unlink(missing_ok=True)
+    max_args = max([len(a) for _, a in g.calls] or [1])
+    max_ndim = max([len(t.shape) for t in g.tensors] or [1])
+    glue_frame = 128 + max_args * (40 + 16 + 8 * max_ndim)  # run(): DLTensor, TVMFFIAny, dims per argument
+    libs = ["m"]  # kernels may call expf/tanhf/...; a static libm only contributes what they use
+    stats = {"workspace_bytes": ws, "stack_estimate_bytes": glue_frame + kstack, "libraries": libs}
+    (out / "model_weights.bin").write_bytes(bytes(g.weights))
+    (out / "model_weights.S").write_text(_weights_s(bool(g.weights)))
+    (out / "model.h").write_text(_model_h(g, stats, spec))
+    (out / "model.c").write_text(_model_c(g, kernels, hooks, ws, spec))
+    (out / "CMakeLists.txt").write_text(_cmake(spec, libs))
+    (out / "model.mk").write_text(_makefile(spec, libs))
+    return CLibrary(folder=out, inputs=g.inputs, outputs=g.outputs, kernels=len(kernels), calls=len(g.calls),
+                    arena_bytes=g.arena_bytes, workspace_bytes=ws, weights_bytes=len(g.weights),
+                    stack_estimate_bytes=stats["stack_estimate_bytes"], libraries=libs,
+                    stats={"phases": phases, "scheduled": state.get("scheduled", {}),
+                           "unscheduled": state.get("unscheduled", [])})
