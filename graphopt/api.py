@@ -9,6 +9,7 @@ the mode it came in.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from graphopt.analysis import analyze
 from graphopt.artifact import TensorSpec, write_manifest
 from graphopt.capture import CaptureMethod, capture, check_example_inputs, to_exported_program
 from graphopt.compiled import CompiledModel, new_build_dir
-from graphopt.errors import GraphoptError, LoweringError, NumericsError
+from graphopt.errors import ConfigError, GraphoptError, LoweringError, NumericsError
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
 from graphopt.progress import Steps
@@ -36,6 +37,17 @@ if TYPE_CHECKING:
 
 class GraphoptWarning(UserWarning):
     pass
+
+
+def c_identifier(name: str, *, explicit: bool) -> str:
+    """``ResidualCNN`` → ``residual_cnn``; an explicit name must already be a C identifier."""
+    if explicit:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+            raise ConfigError(f"name={name!r} must be a C identifier (letters, digits, _; not starting with a digit)")
+        return name
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+    snake = re.sub(r"[^a-z0-9_]+", "_", snake).strip("_") or "model"
+    return snake if not snake[0].isdigit() else f"m_{snake}"
 
 
 @contextlib.contextmanager
@@ -57,7 +69,7 @@ def _eval_mode(model: torch.nn.Module, report_warnings: list[str]):
 def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
             passes: list[GraphPass] | None = None, verify: bool = False, rtol: float = 1e-4,
             capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
-            progress: bool = True, prune: PruneConfig | None = None) -> CompiledModel:
+            progress: bool = True, prune: PruneConfig | None = None, name: str | None = None) -> CompiledModel:
     """Compile ``model`` for ``target``; see the module docstring.
 
     passes:             fx passes to run (default: identity removal, BN folding, dead code).
@@ -65,11 +77,14 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         against PyTorch; also checks numerics after every pass.
     count_instructions: on emulated targets, measure instructions per inference under QEMU
                         (default: on for emulated targets).
+    name:               C identifier for the artifact's symbols (``graphopt_<name>_run``); default:
+                        the model's class name in snake case.
     prune:              a `graphopt.PruneConfig`: prune a copy of the model first (channels rounded to
                         the target's ``channel_multiple``); ``report.pruning`` says what was removed.
     """
     spec = get_target(target)
     args = check_example_inputs(example_inputs)
+    c_name = c_identifier(name if name is not None else type(model).__name__, explicit=name is not None)
     if not isinstance(model, torch.nn.Module):
         raise GraphoptError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     steps = Steps(progress)
@@ -112,7 +127,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     try:
         with steps.phase("lower and build", f"for {spec.name}"):
             built = backend.build(ep, spec, build_dir, inputs, outputs,
-                                  progress=lambda phase: steps.say(f"  {phase}"))
+                                  progress=lambda phase: steps.say(f"  {phase}"), name=c_name)
         report.lowering = built.lowering
         manifest = {**built.manifest, "target": spec.to_dict(), "runtime": spec.runtime.value,
                     "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],

@@ -32,8 +32,9 @@ class Measurement:
 class Backend(abc.ABC):
     @abc.abstractmethod
     def build(self, ep, spec: TargetSpec, build_dir: Path, inputs: list, outputs: list,
-              progress: Callable[[str], None]) -> BuildResult:
-        """Lower ``ep`` and write a complete artifact into ``build_dir`` (inputs/outputs: TensorSpecs)."""
+              progress: Callable[[str], None], name: str) -> BuildResult:
+        """Lower ``ep`` and write a complete artifact into ``build_dir`` (inputs/outputs: TensorSpecs;
+        ``name``: the model's C identifier, for symbols such as ``graphopt_<name>_run``)."""
 
     @abc.abstractmethod
     def run(self, build_dir: Path, spec: TargetSpec, arrays: list[np.ndarray], manifest: dict,

@@ -214,7 +214,7 @@ def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str]
 
 
 class CLibraryBackend(Backend):
-    def build(self, ep, spec, build_dir, inputs, outputs, progress) -> BuildResult:
+    def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
         lib = emit_library(ep, spec, build_dir, progress)
         progress("footprint")
         with tempfile.TemporaryDirectory(prefix="graphopt-footprint-") as work:

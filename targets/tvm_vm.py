@@ -18,7 +18,7 @@ def _flatten(value) -> list:
 
 
 class NativeVM(Backend):
-    def build(self, ep, spec, build_dir, inputs, outputs, progress) -> BuildResult:
+    def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
         from graphopt.targets.lowering import export_library, lower
 
         lowered = lower(ep, spec, progress=progress)
@@ -38,7 +38,7 @@ class NativeVM(Backend):
 
 
 class EmulatedVM(Backend):
-    def build(self, ep, spec, build_dir, inputs, outputs, progress) -> BuildResult:
+    def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
         from graphopt.artifact import read_manifest
         from graphopt.targets.emulation import package_arm_artifact
         from graphopt.targets.lowering import export_library, lower
