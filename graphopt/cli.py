@@ -1,6 +1,7 @@
 """The `graphopt` command line.
 
     graphopt compile pkg.module:factory --target arm --out build/ [--verify]
+    graphopt optimize pkg.module:factory --data fashion-mnist --recipe recipe.toml --target arm --out build/
     graphopt targets [--json]
     graphopt setup-runtime            # fetch the aarch64 TVM runtime and build the QEMU plugin
 
@@ -61,6 +62,33 @@ def _cmd_compile(a) -> int:
     return 0
 
 
+def _cmd_optimize(a) -> int:
+    import tomllib
+
+    from graphopt.artifact import check_writable
+    from graphopt.datasets import fashion_mnist
+    from graphopt.distill import loader
+    from graphopt.recipe import Recipe, optimize
+
+    out = check_writable(Path(a.out))
+    try:
+        recipe = Recipe.from_dict(tomllib.loads(Path(a.recipe).read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read recipe {a.recipe}: {exc}") from None
+    datasets = {"fashion-mnist": fashion_mnist}
+    if a.data not in datasets:
+        raise ConfigError(f"--data {a.data!r}: known datasets are {sorted(datasets)}")
+    train = loader(datasets[a.data]("train", limit=a.limit), batch_size=a.batch_size)
+    val = loader(datasets[a.data]("test", limit=a.limit), batch_size=512, shuffle=False)
+    built = load_factory(a.model)()
+    model = built[0] if isinstance(built, tuple) else built
+    result = optimize(model, train, val, a.target, recipe=recipe, out_dir=out / "optimize", progress=not a.quiet)
+    result.compiled.save(out / "artifact")
+    print(result.report.to_markdown())
+    print(f"artifact and plots written to {out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_targets(a) -> int:
     from graphopt.targets import aliases_of, list_targets
 
@@ -96,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=_cmd_compile)
+    o = sub.add_parser("optimize", help="prune / quantize / distill with a recipe, then compile")
+    o.add_argument("model", help="pkg.module:factory or file.py:factory returning a model or (model, inputs)")
+    o.add_argument("--data", required=True, help="training/validation data (fashion-mnist)")
+    o.add_argument("--recipe", required=True, help="recipe.toml with [prune], [quantize], [stop], [train]")
+    o.add_argument("--target", default="arm")
+    o.add_argument("--out", required=True, help="folder for the artifact, table and plot")
+    o.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
+    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(func=_cmd_optimize)
     t = sub.add_parser("targets", help="list targets and their features")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_cmd_targets)

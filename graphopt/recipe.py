@@ -1,0 +1,309 @@
+"""Compression recipes: prune in steps → fine-tune (optionally distilled) → quantize → compile,
+with a stop criterion, one record per step, and the best model that meets the floor kept.
+
+    result = graphopt.optimize(model, train_data, val_data, target="arm",
+                               recipe=Recipe(prune=PruneStage(steps=3), quantize=QuantStage(),
+                                             distill=True, stop=Stop(min_accuracy=0.89, max_macs=0.3)))
+    result.model, result.compiled, result.report
+
+The budget (``Stop.max_macs`` / ``max_params``, fractions of the original) drives the pruning
+steps; ``Stop.min_accuracy`` is the floor: a pruning step that falls below it is discarded and
+pruning stops; a quantized model below it is not used (the float model is compiled instead, and
+the report says so). ``Stop.max_latency_ms`` (host) or ``max_instructions`` (emulated targets)
+ends pruning once the compiled model is fast enough. Refuses: a recipe with nothing to do,
+budgets outside (0, 1), empty data.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from graphopt.analysis import analyze
+from graphopt.capture import capture
+from graphopt.distill import DistillationLoss, distill
+from graphopt.errors import ConfigError
+from graphopt.training import TrainConfig, evaluate, fit
+
+
+@dataclass(frozen=True)
+class PruneStage:
+    steps: int = 3
+    criterion: str = "l1"
+    epochs_per_step: int = 1  # fine-tuning after every pruning step
+
+    def __post_init__(self):
+        if self.steps < 1 or self.epochs_per_step < 0:
+            raise ConfigError("PruneStage needs steps >= 1 and epochs_per_step >= 0")
+
+
+@dataclass(frozen=True)
+class QuantStage:
+    weights: int = 8
+    activations: int | None = 8
+    qat_epochs: int = 0  # 0: post-training quantization
+    calibration_batches: int = 8
+
+    def __post_init__(self):
+        if self.qat_epochs < 0 or self.calibration_batches < 1:
+            raise ConfigError("QuantStage needs qat_epochs >= 0 and calibration_batches >= 1")
+
+
+@dataclass(frozen=True)
+class Stop:
+    min_accuracy: float | None = None
+    max_macs: float | None = None  # fraction of the original MACs
+    max_params: float | None = None  # fraction of the original parameters
+    max_latency_ms: float | None = None  # host targets: median latency of the compiled model
+    max_instructions: int | None = None  # emulated targets: instructions per inference (a proxy)
+
+    def __post_init__(self):
+        for name in ("max_macs", "max_params"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < 1:
+                raise ConfigError(f"Stop.{name}={v} must be a fraction in (0, 1) of the original")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise ConfigError(f"Stop.min_accuracy={self.min_accuracy} must be in [0, 1]")
+        if self.max_macs is not None and self.max_params is not None:
+            raise ConfigError("give one pruning budget: Stop.max_macs or Stop.max_params")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    prune: PruneStage | None = None
+    quantize: QuantStage | None = None
+    distill: bool = False  # fine-tune / QAT distilled from the original model
+    distill_loss: DistillationLoss = DistillationLoss(alpha=0.5, beta=0.5, temperature=4.0)
+    stop: Stop = Stop()
+    train: TrainConfig = TrainConfig(epochs=1, lr=1e-3)
+
+    def __post_init__(self):
+        if self.prune is None and self.quantize is None:
+            raise ConfigError("the recipe does nothing: give prune=PruneStage(...) and/or quantize=QuantStage(...)")
+        if self.prune is not None and self.stop.max_macs is None and self.stop.max_params is None \
+                and self.stop.max_latency_ms is None and self.stop.max_instructions is None:
+            raise ConfigError("pruning needs a budget: Stop(max_macs=...), max_params, max_latency_ms or "
+                              "max_instructions")
+
+    @staticmethod
+    def from_dict(d: dict) -> "Recipe":
+        """Build from a plain dict (e.g. a parsed recipe.toml with [prune], [quantize], [stop], [train])."""
+        known = {"prune", "quantize", "stop", "train", "distill", "distill_loss"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown recipe sections {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            return Recipe(prune=PruneStage(**d["prune"]) if "prune" in d else None,
+                          quantize=QuantStage(**d["quantize"]) if "quantize" in d else None,
+                          distill=bool(d.get("distill", False)),
+                          distill_loss=DistillationLoss(**d.get("distill_loss", {})),
+                          stop=Stop(**d.get("stop", {})), train=TrainConfig(**d.get("train", {})))
+        except TypeError as exc:
+            raise ConfigError(f"bad recipe field: {exc}") from None
+
+
+@dataclass
+class StepRecord:
+    step: str
+    accuracy: float
+    macs: int
+    params: int
+    weight_bits: int = 32
+    latency: float | None = None  # ms (host) or instructions per inference (emulated)
+    kept: bool = True
+    note: str = ""
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.weight_bits // 8
+
+
+@dataclass
+class OptimizeReport:
+    target: str
+    steps: list[StepRecord] = field(default_factory=list)
+    latency_unit: str = ""
+    plot: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "latency_unit": self.latency_unit, "plot": self.plot,
+                "steps": [{**asdict(s), "weight_bytes": s.weight_bytes} for s in self.steps]}
+
+    def to_markdown(self) -> str:
+        base = self.steps[0]
+        lines = ["| step | accuracy | MACs | × fewer | params | weight bytes | "
+                 f"latency ({self.latency_unit or '–'}) | kept | note |", "|---|---|---|---|---|---|---|---|---|"]
+        for s in self.steps:
+            lat = "–" if s.latency is None else f"{s.latency:.4g}"
+            lines.append(f"| {s.step} | {s.accuracy:.4f} | {s.macs:,} | {base.macs / max(s.macs, 1):.2f} | "
+                         f"{s.params:,} | {s.weight_bytes:,} | {lat} | {'yes' if s.kept else 'no'} | {s.note} |")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class OptimizeResult:
+    model: nn.Module  # the best model meeting the floor (quantized QDQ module if quantization kept)
+    compiled: object  # graphopt.CompiledModel of `model`
+    report: OptimizeReport
+
+
+def _first_batch(data: Iterable) -> tuple:
+    for batch in data:
+        return batch
+    raise ConfigError("training data is empty")
+
+
+def _cost(model: nn.Module, x: tuple) -> tuple[int, int]:
+    c = analyze(capture(model.eval(), x).graph_module, x)
+    return c.macs, c.params
+
+
+def _latency(cm, x: tuple) -> float:
+    if cm.target.is_emulated:
+        return float(cm.report.instructions_per_inference or 0)
+    for _ in range(3):
+        cm(*x)
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        cm(*x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target: str = "arm", *,
+             recipe: Recipe, out_dir: str | Path | None = None, progress: bool = True) -> OptimizeResult:
+    """Run ``recipe`` on a copy of ``model``; see the module docstring. ``train_data``/``val_data``
+    yield ``(x, y)`` batches; the first training batch's inputs are the example inputs."""
+    import graphopt
+    from graphopt.prune import PruneConfig, prune_iteratively
+    from graphopt.quantize import QuantScheme, convert, prepare_qat, quantize
+
+    spec = graphopt.get_target(target)
+    x = (_first_batch(train_data)[0][:1],)
+    teacher = copy.deepcopy(model).eval()
+    stop, cfg = recipe.stop, recipe.train
+    report = OptimizeReport(spec.name, latency_unit="instructions" if spec.is_emulated else "ms")
+    say = (lambda m: print(f"[graphopt optimize] {m}", flush=True)) if progress else (lambda m: None)
+    measure_latency = stop.max_latency_ms is not None or stop.max_instructions is not None
+
+    def train(student: nn.Module, epochs: int) -> None:
+        if epochs < 1:
+            return
+        c = TrainConfig(**{**asdict(cfg), "epochs": epochs, "progress": progress and cfg.progress})
+        if recipe.distill:
+            distill(student, teacher, train_data, loss=recipe.distill_loss, config=c)
+        else:
+            fit(student, train_data, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), c)
+
+    def record(name: str, m: nn.Module, bits: int = 32, note: str = "", kept: bool = True) -> StepRecord:
+        macs, params = _cost(m, x)
+        rec = StepRecord(name, evaluate(m, val_data), macs, params, bits, None, kept, note)
+        if measure_latency and bits == 32:
+            rec.latency = _latency(graphopt.compile(m, x, spec, progress=False), x)
+        report.steps.append(rec)
+        say(f"{name}: accuracy {rec.accuracy:.4f}, MACs {macs:,}, params {params:,}"
+            + (f", latency {rec.latency:.4g} {report.latency_unit}" if rec.latency is not None else ""))
+        return rec
+
+    base = record("original", teacher)
+    best = copy.deepcopy(model).eval()
+    floor = stop.min_accuracy
+
+    if recipe.prune is not None:
+        budget = {"target_macs": stop.max_macs} if stop.max_macs is not None else \
+                 {"target_params": stop.max_params} if stop.max_params is not None else {"target_macs": 0.1}
+
+        def fine_tune(candidate: nn.Module, step: int) -> float:
+            train(candidate, recipe.prune.epochs_per_step)
+            rec = record(f"prune {step}", candidate)
+            if floor is not None and rec.accuracy < floor:
+                rec.kept, rec.note = False, f"below the floor {floor:g}: discarded"
+            elif _fast_enough(rec.latency, stop):
+                rec.note = "latency budget met"
+                raise _BudgetMet(candidate)
+            return rec.accuracy
+
+        try:
+            best = prune_iteratively(best, x, PruneConfig(criterion=recipe.prune.criterion, **budget),
+                                     steps=recipe.prune.steps, fine_tune=fine_tune, min_metric=floor,
+                                     target=spec).eval()
+        except _BudgetMet as met:
+            best = met.model.eval()
+
+    final, bits = best, 32
+    if recipe.quantize is not None:
+        q = recipe.quantize
+        scheme = QuantScheme(weights=q.weights, activations=q.activations)
+        calib = [(b[0],) for _, b in zip(range(q.calibration_batches), train_data)]
+        if q.qat_epochs:
+            qat = prepare_qat(best, x, scheme, calibration=calib)
+            train(qat, q.qat_epochs)
+            qm = convert(qat)
+        else:
+            qm = quantize(best, x, calibration=calib, scheme=scheme)
+        rec = record(f"int{q.weights} {'QAT' if q.qat_epochs else 'PTQ'}", qm, bits=q.weights)
+        if floor is None or rec.accuracy >= floor:
+            final, bits = qm, q.weights
+        else:
+            rec.kept, rec.note = False, f"below the floor {floor:g}: the float model is compiled instead"
+
+    say(f"compiling the kept model for {spec.name}")
+    compiled = graphopt.compile(final, x, spec, progress=progress)
+    if out_dir is not None:
+        report.plot = str(write_outputs(report, Path(out_dir), base))
+    return OptimizeResult(final, compiled, report)
+
+
+class _BudgetMet(Exception):
+    """Raised from the fine-tune callback to end pruning once the latency budget is met."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__("latency budget met")
+        self.model = model
+
+
+def _fast_enough(latency: float | None, stop: Stop) -> bool:
+    if latency is None:
+        return False
+    limit = stop.max_latency_ms if stop.max_latency_ms is not None else stop.max_instructions
+    return limit is not None and latency <= limit
+
+
+def write_outputs(report: OptimizeReport, out_dir: Path, base: StepRecord) -> Path:
+    """``optimize.md`` (table), ``optimize.json`` and ``optimize.png`` (accuracy vs MACs and weight size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "optimize.md").write_text(report.to_markdown())
+    (out_dir / "optimize.json").write_text(json.dumps(report.to_dict(), indent=2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "macs", "MACs (M)"), (axes[1], "weight_bytes", "weight size (KiB)")):
+        div = 1e6 if key == "macs" else 1024
+        pts = [(getattr(s, key) / div, s.accuracy, s) for s in report.steps]
+        ax.plot([p[0] for p in pts if p[2].kept], [p[1] for p in pts if p[2].kept], "o-", label="kept")
+        ax.scatter([p[0] for p in pts if not p[2].kept], [p[1] for p in pts if not p[2].kept], c="red",
+                   marker="x", label="discarded")
+        for px, py, s in pts:
+            ax.annotate(s.step, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(base.accuracy, color="gray", linestyle="--", linewidth=0.8, label="original")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"graphopt optimize → {report.target}")
+    fig.tight_layout()
+    path = out_dir / "optimize.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
