@@ -3,6 +3,7 @@ C++ runner and the aarch64 TVM runtime and run under qemu-user with the target's
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ class NativeVM(Backend):
         from tvm import relax
 
         if "vm" not in cache:
+            # TVM's pool defaults to half the hardware threads; the spec says how many to use.
+            os.environ.setdefault("TVM_NUM_THREADS", str(spec.num_cores))
             lib = tvm.runtime.load_module(str(Path(build_dir) / manifest["library"]))
             cache["vm"] = relax.VirtualMachine(lib, tvm.cpu())
         result = cache["vm"]["main"](*[tvm.runtime.tensor(a) for a in arrays])

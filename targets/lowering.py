@@ -1,0 +1,240 @@
+"""Lower a captured `torch.export.ExportedProgram` through TVM Relax to a VM executable.
+
+`lower` runs the named phases in `PHASES` (import → decompose → layout → legalize → fuse →
+schedule → build), times each into ``stats["phases"]``, and schedules every fused PrimFunc with
+graphopt's CPU rules (`graphopt.targets.schedules`). Weights become constants; convolutions are
+converted to channel-last (`schedules.CONV_LAYOUT`) with the weight transposes folded at compile
+time. The executable's ``main`` takes the model's inputs in order and returns a TVM tuple of its
+outputs, even for a single output; callers unpack it.
+
+Builds TVM VM executables only (the runtimes that load a .so with the TVM runtime). Refuses (as
+`LoweringError`, never a raw TVM traceback): graphs TVM cannot import, legalize or build.
+`export_library` refuses (as `ToolchainError`) a compiler that is missing or fails.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from graphopt.errors import GraphoptError, LoweringError, ToolchainError, Unsupported
+from graphopt.targets.spec import TargetSpec
+
+
+@dataclass(frozen=True)
+class LoweringResult:
+    executable: "tvm.relax.VMExecutable"  # noqa: F821  built for the spec
+    ir_module: "tvm.IRModule"  # noqa: F821  the final scheduled module, before VM lowering
+    stats: dict  # JSON-serializable: target, phases, layout, kernels, scheduled, unscheduled
+
+
+def _import(ep, spec, state):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    return from_exported_program(ep, keep_params_as_input=False)
+
+
+def _decompose(mod, spec, state):
+    from tvm import relax
+
+    # inference-mode BatchNorm (and other training-only ops) that earlier passes left behind
+    return relax.transform.DecomposeOpsForInference()(mod)
+
+
+def _rewrite_main(mod, rewrite):
+    """Replace each call in ``main`` (the only Relax function the importer emits) by
+    ``rewrite(call, args)`` unless that is None, post-order; `args` are the call's arguments with
+    variables bound to constants replaced by those constants."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            args = [self._constant_of(a) for a in call.args]
+            new = rewrite(call, args)
+            return call if new is None else new
+
+        def _constant_of(self, arg):
+            bound = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
+            return bound if isinstance(bound, tvm.ir.expr.Constant) else arg
+
+    mod = mod.clone()
+    mod["main"] = _Rewriter(mod).visit_expr(mod["main"])
+    return relax.transform.DeadCodeElimination()(mod)
+
+
+def _clip_to_min_max(call, args):
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): ConvertLayout keeps binary ops channel-last
+    but wraps clip (ReLU6) in transposes."""
+    from tvm import relax
+    from tvm.ir import Op
+
+    if not call.op.same_as(Op.get("relax.clip")):
+        return None
+    dtype = call.args[0].ty.dtype
+    lo, hi = (relax.const(float(v.value), dtype) for v in call.args[1:3])
+    return relax.op.minimum(relax.op.maximum(call.args[0], lo), hi)
+
+
+def _fold_constant_transforms(call, args):
+    """Transpose/reshape constants (weights) in numpy instead of building a TVM kernel per weight;
+    hand constant weights to conv2d/matmul directly so their legalization can pack them."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.ir import Op
+
+    consts = [isinstance(a, tvm.ir.expr.Constant) for a in args]
+    if call.op.same_as(Op.get("relax.permute_dims")) and consts[0]:
+        data = args[0].value.numpy()
+        axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+        return relax.const(np.ascontiguousarray(np.transpose(data, axes)))
+    if call.op.same_as(Op.get("relax.reshape")) and consts[0] and isinstance(args[1], relax.ShapeExpr) \
+            and all(isinstance(v, tvm.tirx.IntImm) for v in args[1].values):
+        return relax.const(args[0].value.numpy().reshape([int(v) for v in args[1].values]))
+    if (call.op.same_as(Op.get("relax.nn.conv2d")) or call.op.same_as(Op.get("relax.matmul"))) and consts[1]:
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+    return None
+
+
+def _layout(mod, spec, state):
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.schedules import CONV_LAYOUT
+
+    state["layout"] = "as imported"
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    if any(isinstance(b.value, relax.Call) and b.value.op.same_as(conv2d)
+           for block in mod["main"].body.blocks for b in block.bindings):
+        converted = _rewrite_main(mod, _clip_to_min_max)
+        try:
+            mod, state["layout"] = relax.transform.ConvertLayout(CONV_LAYOUT)(converted), "channel-last"
+        except Exception:  # noqa: BLE001  TVM's layout inference fails on some graphs; NCHW still lowers
+            pass
+    return _rewrite_main(mod, _fold_constant_transforms)
+
+
+def _legalize(mod, spec, state):
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from graphopt.targets.schedules import legalize_map
+
+    target = spec.tvm()
+    with target:
+        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [  # sort/scan/sampling
+            relax.transform.LegalizeOps(legalize_map(spec)),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),  # constant subgraphs the numpy folding left
+        ])(mod)
+
+
+def _fuse(mod, spec, state):
+    import tvm
+    from tvm import relax
+
+    with spec.tvm():
+        return tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                                         relax.transform.DeadCodeElimination()])(mod)
+
+
+def _schedule(mod, spec, state):
+    from graphopt.targets.schedules import schedule_module
+
+    mod, state["scheduled"], state["unscheduled"] = schedule_module(mod, spec)
+    state["kernels"] = sum(1 for _, f in mod.functions_items() if f.__class__.__name__ == "PrimFunc")
+    state["ir_module"] = mod
+    return mod
+
+
+def _build(mod, spec, state):
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = spec.tvm()
+    # legalization and fusion are done above; only VM lowering remains
+    vm_lowering = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+    return relax.build(mod, target=target, relax_pipeline=vm_lowering)
+
+
+# The lowering pipeline: (phase name, fn(ir, spec, state) -> ir), run in order.
+PHASES: tuple[tuple[str, Callable], ...] = (
+    ("import", _import),
+    ("decompose", _decompose),
+    ("layout", _layout),
+    ("legalize", _legalize),
+    ("fuse", _fuse),
+    ("schedule", _schedule),
+    ("build", _build),
+)
+
+_HINTS = {
+    "import": "the op may need a custom converter (from_exported_program custom_convert_map) or a "
+              "rewrite to supported ops before lowering",
+    "build": "this is likely a TVM code generation bug; try another target or report the model",
+}
+
+
+def _error_line(exc: BaseException) -> str:
+    """The message of a (possibly multi-line, traceback-carrying) TVM error in one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines()
+             if ln.strip() and not ln.startswith(("  File ", "Traceback"))]
+    msg = " | ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+    return f"{type(exc).__name__}: {msg}"[:400]
+
+
+def lower(ep, spec: TargetSpec, *, progress: Callable[[str], None] | None = None) -> LoweringResult:
+    """Lower `ep` for `spec`. `progress`, if given, is called with each phase name as it starts."""
+    state: dict = {}
+    phases: dict[str, float] = {}
+    ir = ep
+    for name, fn in PHASES:
+        if progress is not None:
+            progress(name)
+        start = time.perf_counter()
+        try:
+            ir = fn(ir, spec, state)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # TVM raises many types; none may reach the user raw
+            raise LoweringError(
+                f"TVM could not lower the model for target {spec.name!r} (phase {name!r})",
+                [Unsupported(_error_line(exc), f"lowering phase {name!r}", _HINTS.get(name, ""))],
+            ) from exc
+        phases[name] = round(time.perf_counter() - start, 3)
+    stats = {
+        "target": spec.name,
+        "phases": phases,
+        "layout": state["layout"],
+        "kernels": state["kernels"],
+        "scheduled": state["scheduled"],
+        "unscheduled": state["unscheduled"],
+    }
+    return LoweringResult(executable=ir, ir_module=state["ir_module"], stats=stats)
+
+
+def export_library(result: LoweringResult, spec: TargetSpec, path: pathlib.Path) -> pathlib.Path:
+    """Write `result` as a shared library for `spec`: loadable by ``tvm.runtime.load_module`` on the
+    host, or cross-compiled with ``spec.cross_compiler`` for other targets."""
+    from tvm.support import cc
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fcompile = None
+    if spec.cross_compiler:
+        if shutil.which(spec.cross_compiler) is None:
+            raise ToolchainError(f"cross compiler {spec.cross_compiler!r} for target {spec.name!r} is not on PATH; "
+                                 "install it (e.g. apt-get install g++-aarch64-linux-gnu) or fix the target spec")
+        fcompile = cc.cross_compiler(spec.cross_compiler)
+    try:
+        result.executable.export_library(str(path), fcompile=fcompile)
+    except Exception as exc:
+        raise ToolchainError(f"linking the {spec.name} library {path} failed: {_error_line(exc)}") from exc
+    return path

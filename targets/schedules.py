@@ -1,0 +1,376 @@
+"""graphopt's default (untuned) CPU schedules for fused TIR PrimFuncs.
+
+TVM's default pipeline leaves every PrimFunc as naive single-threaded loops. Here each fused
+PrimFunc (after LegalizeOps + FuseOps + FuseTIR, in the channel-last layout `CONV_LAYOUT` that
+lowering converts convolutions to) is matched against `default_rules(params)` in order; the first
+rule that schedules it wins. A PrimFunc no rule takes gets `Generic` (parallel outer loop,
+vectorized inner loop where TVM proves it legal) and is reported as ``"fallback"``; one even that
+fails is left as TVM emitted it and reported as unscheduled.
+
+Rules are chosen by `CpuParams` (vector lanes, vector register count, cores) derived from a
+`TargetSpec`'s vector width and feature flags, never from its name. Refuses nothing: every failure
+to schedule degrades to a slower but correct PrimFunc.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx, topi
+from tvm.s_tir import dlight
+
+from graphopt.targets.spec import Feature, TargetSpec
+
+# Relax layouts lowering converts conv2d to: channel-last data and HWIO weights, so the output
+# channel axis is innermost and contiguous in both output and weights (the axis rules vectorize).
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+# Independent accumulator vectors a register tile should have to hide FMA latency (4 cycles x 2 ports).
+_MIN_ACCUMULATORS = 8
+
+# Innermost reduction loops this short are unrolled rather than looped.
+_SHORT_REDUCTION = 4
+
+# Reductions at most this long are windows (depthwise conv, pooling), not channel sums.
+_WINDOW_REDUCTION = 64
+
+# Vector register files by ISA feature, first match wins (AVX2-class x86 is the default).
+_VECTOR_REGISTERS = ((Feature.AVX512, 32), (Feature.NEON, 32), (Feature.AVX2, 16))
+
+
+@dataclass(frozen=True)
+class CpuParams:
+    """What the schedules need to know about a CPU."""
+
+    lanes: int  # fp32 lanes of one vector register
+    vector_regs: int  # architectural vector registers (bounds the accumulator tile)
+    cores: int  # threads parallel loops are sized for
+
+    @classmethod
+    def from_spec(cls, spec: TargetSpec) -> "CpuParams":
+        regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
+        return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores)
+
+
+def _int(expr) -> int | None:
+    return int(expr) if isinstance(expr, (int, tirx.IntImm)) else None
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def _lane_tile(extent: int, lanes: int) -> int:
+    """Tile of the vectorized (innermost output) axis: two vectors, one, or the largest power-of-two
+    part of a vector that divides it; else the whole axis if short, else its largest short divisor."""
+    for tile in (2 * lanes, lanes, lanes // 2, lanes // 4):
+        if tile >= 4 and extent % tile == 0:
+            return tile
+    return extent if extent <= 2 * lanes else _largest_divisor(extent, 2 * lanes)
+
+
+def _conv2d_nhwc_packed(data, wpack, strides, padding, dilation, groups, out_dtype):
+    """NHWC conv2d over weights packed as [F/ft, KH, KW, C/groups, ft] (regular, grouped, depthwise)."""
+    _, height, width, _ = data.shape
+    f_outer, kh, kw, c_group, f_tile = (int(d) for d in wpack.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilation, padding
+    if any((pt, pl, pb, pr)):
+        data = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+    out_h = (height + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    per_group = f_outer * f_tile // groups
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c_group), "rc")
+
+    def body(n, y, x, f):
+        cin = rc if groups == 1 else f // per_group * c_group + rc
+        a = data[n, y * sh + ry * dh, x * sw + rx * dw, cin].astype(out_dtype)
+        return te.sum(a * wpack[f // f_tile, ry, rx, rc, f % f_tile].astype(out_dtype), axis=[ry, rx, rc])
+
+    return te.compute((data.shape[0], out_h, out_w, f_outer * f_tile), body, name="conv2d_nhwc")
+
+
+def conv2d_legalizer(params: "CpuParams"):
+    """LegalizeOps override for NHWC/HWIO conv2d: packs the weights once (folded at compile time when
+    they are constants) so each output-channel tile reads one contiguous weight slab; other layouts
+    and shapes use TVM's own legalization."""
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def legalize(bb, call):
+        attrs = call.attrs
+        wshape = call.args[1].ty.shape
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+                or wshape is None or any(_int(d) is None for d in wshape):
+            return default(bb, call)
+        kh, kw, c_group, f = (int(d) for d in wshape)
+        f_tile = _lane_tile(f, params.lanes)
+        if isinstance(call.args[1], tvm.ir.expr.Constant):  # a weight: pack it now, in numpy
+            w = call.args[1].value.numpy().reshape(kh, kw, c_group, f // f_tile, f_tile)
+            packed = relax.const(np.ascontiguousarray(w.transpose(3, 0, 1, 2, 4)))
+        else:
+            packed = bb.emit(bb.call_te(
+                lambda w: te.compute((f // f_tile, kh, kw, c_group, f_tile),
+                                     lambda a, y, x, c, b: w[y, x, c, a * f_tile + b], name="packed_weight"),
+                call.args[1], primfunc_name_hint="pack_conv2d_weight"))
+        out_dtype = attrs.out_dtype if attrs.out_dtype != "" else call.args[0].ty.dtype
+        return bb.call_te(_conv2d_nhwc_packed, call.args[0], packed,
+                          [int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
+                          [int(v) for v in attrs.dilation], int(attrs.groups), str(out_dtype),
+                          primfunc_name_hint="conv2d")
+
+    return legalize
+
+
+def matmul_legalizer(params: "CpuParams"):
+    """LegalizeOps override for ``x @ W`` with a constant 2-D W (Linear layers): W [K, N] is packed
+    to [N/ft, K, ft] in numpy so each output tile streams one contiguous slab."""
+    default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
+
+    def legalize(bb, call):
+        a, w = call.args
+        if not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 2 or a.ty.ndim < 2 \
+                or str(w.ty.dtype) != str(a.ty.dtype):
+            return default(bb, call)
+        k, n = (int(d) for d in w.ty.shape)
+        f_tile = _lane_tile(n, params.lanes)
+        packed = relax.const(np.ascontiguousarray(w.value.numpy().reshape(k, n // f_tile, f_tile).transpose(1, 0, 2)))
+        out_dtype = call.attrs.out_dtype if str(call.attrs.out_dtype) != "" else a.ty.dtype
+
+        def matmul(x, wp):
+            r = te.reduce_axis((0, k), "k")
+            return te.compute(
+                (*x.shape[:-1], n),
+                lambda *i: te.sum(x[(*i[:-1], r)].astype(out_dtype)
+                                  * wp[i[-1] // f_tile, r, i[-1] % f_tile].astype(out_dtype), axis=r),
+                name="matmul")
+
+        return bb.call_te(matmul, a, packed, primfunc_name_hint="matmul")
+
+    return legalize
+
+
+def legalize_map(spec: TargetSpec) -> dict:
+    """LegalizeOps overrides whose computes (packed weights) the rules below are written for."""
+    params = CpuParams.from_spec(spec)
+    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params)}
+
+
+def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """Vectorize the largest power-of-two part (at most two vectors) of `loop` that divides it; TVM's
+    code for odd-width vectors is many times slower than for power-of-two ones."""
+    extent = _loop_extent(sch, loop)
+    if extent is None:
+        return
+    tile = next((t for t in (2 * lanes, lanes, lanes // 2, lanes // 4, 2) if t >= 2 and extent % t == 0), 1)
+    if tile == 1:
+        return
+    if tile < extent:
+        _, loop = sch.split(loop, [None, tile])
+    sch.vectorize(loop)
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, params: CpuParams) -> None:
+    """Parallelize the outer loops of a spatial block and vectorize its innermost loop."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    _vectorize_innermost(sch, sch.get_loops(block)[-1], params.lanes)
+
+
+class ChannelLastReduction(dlight.ScheduleRule):
+    """One reduction whose innermost output axis is its last spatial axis: conv2d (regular,
+    depthwise, grouped) in NHWC, dense/matmul, pooling and mean in NHWC, with any injective
+    prologue (padding) and epilogue (bias, residual add, activation).
+
+    Register-blocks (second-last spatial axis x innermost axis) into an accumulator tile held in
+    vector registers, loops the reduction around it, parallelizes over the outer tiles, and
+    applies the fused epilogue to each tile while it is hot.
+    """
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        idx = reductions[0]
+        main, producers, consumers = infos[idx], infos[:idx], infos[idx + 1:]
+        kinds = main.dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        if n_s == 0 or kinds[n_s:] != "R" * (len(kinds) - n_s):
+            return None
+        write = sch.get(main.block_rv).writes[0].region
+        if not write[-1].min.same_as(main.iters[n_s - 1].var) or _int(main.iters[n_s - 1].dom) is None:
+            return None
+
+        vector_read = [b.block_rv for b in producers
+                       if _read_along(sch, main.block_rv, b.block_rv, main.iters[n_s - 1].var)]
+        p = self.params
+        f_ext = _int(main.iters[n_s - 1].dom)
+        f_tile = _lane_tile(f_ext, p.lanes)
+        vecs = -(-f_tile // p.lanes)
+        loops = sch.get_loops(main.block_rv)
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        fo, fi = sch.split(spatial[-1], [None, f_tile])
+        outer, wi = spatial[:-1], None
+        if n_s >= 2 and _int(main.iters[n_s - 2].dom) is not None:
+            w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom), max(1, (p.vector_regs - 4) // vecs))
+            wo, wi = sch.split(spatial[-2], [None, w_tile])
+            outer = spatial[:-2] + [wo]
+        # few accumulators (e.g. a batch-1 dense): add output-channel tiles to the register block
+        # so independent FMA chains hide the FMA latency
+        rows = _loop_extent(sch, wi) if wi is not None else 1
+        fo_ext, unroll = _loop_extent(sch, fo), 1
+        if fo_ext is not None and rows * vecs < _MIN_ACCUMULATORS:  # keeping a task per core
+            limit = min(_MIN_ACCUMULATORS // (rows * vecs), max(1, fo_ext // p.cores))
+            unroll = _largest_divisor(fo_ext, max(1, limit))
+        fo, fu = sch.split(fo, [None, unroll])
+        # channel tiles outermost when each re-reads a large weight slab (keeps it in cache), else
+        # innermost (depthwise, pooling: neighbouring channels share cache lines)
+        window = 1
+        for r in reduce:
+            window *= _loop_extent(sch, r) or _WINDOW_REDUCTION + 1
+        tiles = outer + [fo] if window <= _WINDOW_REDUCTION else [fo] + outer
+        if _parallel_extent(sch, tiles) < p.cores:  # e.g. a small matmul: parallelize its channels
+            tiles = [fo] + outer
+        sch.reorder(*tiles, *reduce, fu, *([wi] if wi is not None else []), fi)
+        sch.unroll(fu)
+        if _loop_extent(sch, reduce[-1]) is not None and _loop_extent(sch, reduce[-1]) <= _SHORT_REDUCTION:
+            sch.unroll(reduce[-1])  # e.g. the 3 input channels of a stem conv
+        tile_loop = tiles[-1]  # stays valid: only the loops before it are fused
+        sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
+
+        # epilogue: inlined into one block computed per accumulator tile; an epilogue that does
+        # not map onto the tile (e.g. a fused transpose) runs as its own loop nest instead
+        for c in consumers[:-1]:
+            sch.compute_inline(c.block_rv)
+        epilogue = None
+        if consumers:
+            try:
+                sch.reverse_compute_at(consumers[-1].block_rv, tile_loop, preserve_unit_loops=True)
+                epilogue = consumers[-1].block_rv
+            except Exception:  # noqa: BLE001  TVM refused: the epilogue does not map onto the tile
+                _schedule_spatial(sch, consumers[-1].block_rv, p)
+        if epilogue is None:  # the tile's accumulator is local and written back per tile
+            epilogue = sch.cache_write(main.block_rv, 0, "global")
+            sch.reverse_compute_at(epilogue, tile_loop, preserve_unit_loops=True)
+        _vectorize_innermost(sch, sch.get_loops(epilogue)[-1], p.lanes)
+
+        if wi is not None:
+            sch.unroll(wi)
+        sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
+        sch.decompose_reduction(main.block_rv, reduce[0])
+
+        for b in producers:
+            if b.block_rv in vector_read:
+                sch.compute_inline(b.block_rv)  # e.g. pooling/depthwise padding: a vector select
+            else:
+                _schedule_spatial(sch, b.block_rv, p)
+        return sch
+
+
+def _parallel_extent(sch: s_tir.Schedule, tiles: list) -> int:
+    """Iterations of the loop `ChannelLastReduction` parallelizes (all tile loops but the last)."""
+    extent = 1
+    for loop in tiles[:-1] or tiles:
+        extent *= _loop_extent(sch, loop) or 1 << 16
+    return extent
+
+
+def _read_along(sch: s_tir.Schedule, consumer, producer, var) -> bool:
+    """Whether `consumer` reads what `producer` writes with `var` indexing the innermost dimension."""
+    written = sch.get(producer).writes[0].source
+    return any(r.source.same_as(written) and r.region[-1].min.same_as(var) for r in sch.get(consumer).reads)
+
+
+class Injective(dlight.ScheduleRule):
+    """Only spatial blocks (elementwise, broadcast, transpose, pad, reshape): inline them into as
+    few loop nests as possible, then parallelize and vectorize each."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None or not all(b.is_injective() for b in infos):
+            return None
+        for b in dlight.base.try_inline(sch, infos):
+            _schedule_spatial(sch, b.block_rv, self.params)
+        return sch
+
+
+class Generic(dlight.ScheduleRule):
+    """Safe schedule for anything: per block, parallelize the leading spatial loops and vectorize
+    the innermost loop when it is spatial; each step is skipped if TVM rejects it."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            kinds = dlight.analysis.get_sblock_info(sch, block).dom_kind()
+            n_s = len(kinds) - len(kinds.lstrip("S"))
+            loops = sch.get_loops(block)
+            if len(loops) != len(kinds):
+                continue
+            if n_s == len(loops):
+                _try(lambda: _schedule_spatial(sch, block, self.params))
+            elif n_s > 0:
+                _try(lambda: sch.parallel(sch.fuse(*loops[:n_s])))
+        return sch
+
+
+def _try(step) -> None:
+    try:
+        step()
+    except Exception:  # noqa: BLE001  TVM rejected this step; the PrimFunc stays correct without it
+        pass
+
+
+def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
+    """The rules, in priority order, as (name reported in stats, rule)."""
+    return [
+        ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
+        ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
+        ("injective", Injective(params)),  # elementwise/transpose/pad chains
+    ]
+
+
+def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
+    """Schedule every PrimFunc of `mod` for `spec`.
+
+    Updates `mod` in place and returns it, ``{rule name: count}`` (``"fallback"`` for `Generic`),
+    and the names of PrimFuncs left as TVM emitted them.
+    """
+    params = CpuParams.from_spec(spec)
+    target = spec.tvm()
+    rules = default_rules(params) + [("fallback", Generic(params))]
+    counts: dict[str, int] = {}
+    unscheduled: list[str] = []
+    with target:
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            for name, rule in rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception:  # noqa: BLE001  a rule that cannot schedule this PrimFunc
+                    sch = None
+                if sch is not None:
+                    mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                    counts[name] = counts.get(name, 0) + 1
+                    break
+            else:
+                unscheduled.append(gv.name_hint)
+    return mod, counts, unscheduled

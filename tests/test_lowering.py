@@ -1,0 +1,213 @@
+"""lower() / export_library(): numerics of the scheduled host code against PyTorch, stats, errors,
+and an aarch64 cross-compiled export."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+torch.manual_seed(0)
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from graphopt.errors import LoweringError  # noqa: E402
+from graphopt.targets import get_target  # noqa: E402
+from graphopt.targets.lowering import LoweringResult, export_library, lower  # noqa: E402
+
+
+def _run(result: LoweringResult, *inputs: torch.Tensor) -> list[np.ndarray]:
+    vm = relax.VirtualMachine(result.executable, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
+    return [o.numpy() for o in out]  # main returns a tuple, even for one output
+
+
+def _check(model: nn.Module, *inputs: torch.Tensor) -> LoweringResult:
+    model = model.eval()
+    with torch.no_grad():
+        ref = model(*inputs)
+    result = lower(torch.export.export(model, inputs), get_target("host"))
+    (out,) = _run(result, *inputs)
+    assert out.shape == tuple(ref.shape)
+    scale = max(1.0, float(ref.abs().max()))
+    err = float(np.abs(out - ref.numpy()).max())
+    assert err <= 1e-4 * scale, f"max abs err {err:.2e} (output scale {scale:.2e})"
+    return result
+
+
+class Act(nn.Module):
+    def __init__(self, conv: nn.Module, act=torch.relu):
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad,groups,dilation,hw", [
+    (16, 32, 3, 1, 1, 1, 1, 14),  # regular 3x3
+    (8, 24, 3, 2, 1, 1, 1, 15),  # strided, odd size, channels not a lane multiple
+    (3, 16, 7, 2, 3, 1, 1, 32),  # stem-like
+    (32, 32, 3, 1, 1, 32, 1, 12),  # depthwise
+    (24, 24, 3, 2, 1, 24, 1, 13),  # depthwise strided
+    (16, 32, 3, 1, 1, 4, 1, 10),  # grouped
+    (16, 16, 3, 1, (2, 0), 1, 1, 9),  # asymmetric padding
+    (8, 16, 3, 1, 2, 1, 2, 11),  # dilated
+    (64, 40, 1, 1, 0, 1, 1, 7),  # pointwise
+])
+def test_conv2d(cin, cout, k, stride, pad, groups, dilation, hw):
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, groups=groups)
+    result = _check(Act(conv), torch.randn(1, cin, hw, hw))
+    assert result.stats["scheduled"].get("channel_last_reduction", 0) >= 1
+
+
+def test_conv2d_relu6_batch2_no_bias():
+    _check(Act(nn.Conv2d(8, 16, 3, 1, 1, bias=False), F.relu6), torch.randn(2, 8, 10, 10))
+
+
+@pytest.mark.parametrize("shape,out", [((1, 100), 37), ((4, 64), 128), ((2, 5, 48), 20)])
+def test_dense(shape, out):
+    _check(nn.Linear(shape[-1], out), torch.randn(*shape))
+
+
+class Pools(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(4, 16, 3, padding=1), pool
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1),
+                                  nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(3)],
+                         ids=["max3s2", "max2", "avg3", "adaptive1", "adaptive3"])
+def test_pooling(pool):
+    _check(Pools(pool), torch.randn(1, 4, 18, 18))
+
+
+class Residual(nn.Module):
+    """A ResNet basic block with an unfolded BatchNorm (lowering must decompose it for inference)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        for bn in (self.b1, self.b2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+def test_residual_block_with_batchnorm():
+    _check(Residual(), torch.randn(1, 16, 12, 12))
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(48)
+
+    def forward(self, x):
+        return torch.softmax(self.ln(x) * 3.0, dim=-1)
+
+
+def test_layernorm_softmax():
+    _check(Norms(), torch.randn(2, 7, 48))
+
+
+def test_stats_are_json_and_complete():
+    result = _check(Act(nn.Conv2d(4, 8, 3, padding=1)), torch.randn(1, 4, 8, 8))
+    stats = json.loads(json.dumps(result.stats))
+    assert list(stats["phases"]) == ["import", "decompose", "layout", "legalize", "fuse", "schedule", "build"]
+    assert stats["kernels"] == sum(stats["scheduled"].values()) + len(stats["unscheduled"])
+    assert stats["unscheduled"] == []
+    assert isinstance(result.ir_module, tvm.IRModule)
+
+
+def test_host_export_loads_and_runs(tmp_path):
+    model, x = Act(nn.Conv2d(4, 8, 3, padding=1)).eval(), torch.randn(1, 4, 8, 8)
+    spec = get_target("host")
+    path = export_library(lower(torch.export.export(model, (x,)), spec), spec, tmp_path / "m.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-4)
+
+
+class Unfold(nn.Module):
+    def forward(self, x):
+        return F.unfold(x, 2)
+
+
+def test_tvm_failure_becomes_lowering_error():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(LoweringError) as info:
+        lower(torch.export.export(Unfold(), (x,)), get_target("host"))
+    assert info.value.items and "import" in info.value.items[0].where
+    assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler")
+def test_aarch64_export(tmp_path):
+    spec = get_target("arm-a72")
+    model, x = Residual(8).eval(), torch.randn(1, 8, 10, 10)
+    result = lower(torch.export.export(model, (x,)), spec)
+    assert result.stats["unscheduled"] == []
+    path = export_library(result, spec, tmp_path / "m.so")
+    kind = subprocess.run(["file", "-b", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "ARM aarch64" in kind and "shared object" in kind
+
+
+def _te_matmul_flipped():
+    te = tvm.te
+    a, b = te.placeholder((16, 32), name="a"), te.placeholder((32, 48), name="b")
+    k = te.reduce_axis((0, 32), "k")
+    c = te.compute((16, 48), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+    t = te.compute((16, 48), lambda i, j: c[i, j] - c[15 - i, 47 - j], name="t")  # needs other tiles
+    return te.create_prim_func([a, b, t]), [(16, 32), (32, 48)], (16, 48), \
+        lambda x, y: x @ y - (x @ y)[::-1, ::-1]
+
+
+def _te_two_reductions():
+    te = tvm.te
+    a = te.placeholder((16, 32), name="a")
+    k, i = te.reduce_axis((0, 32), "k"), te.reduce_axis((0, 16), "i")
+    r = te.compute((16,), lambda x: te.sum(a[x, k], axis=k), name="r")
+    c = te.compute((32,), lambda y: te.sum(a[i, y] * r[i], axis=i), name="c")
+    return te.create_prim_func([a, c]), [(16, 32)], (32,), lambda x: (x * x.sum(1, keepdims=True)).sum(0)
+
+
+@pytest.mark.parametrize("make,rule", [(_te_matmul_flipped, "channel_last_reduction"),
+                                       (_te_two_reductions, "fallback")])
+def test_schedule_rules_on_primfuncs(make, rule):
+    from graphopt.targets.schedules import schedule_module
+
+    func, in_shapes, out_shape, ref = make()
+    spec = get_target("host")
+    mod, counts, unscheduled = schedule_module(tvm.IRModule({"main": func}), spec)
+    assert counts == {rule: 1} and unscheduled == []
+    rng = np.random.default_rng(0)
+    args = [rng.random(s, dtype=np.float32) for s in in_shapes]
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    tvm.compile(mod, target=spec.tvm()).mod["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_allclose(out.numpy(), ref(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_vector_spec_numerics():
+    """The same rules with 128-bit vectors and 16 registers (NEON/AVX2-like tiles), run on the host."""
+    import dataclasses
+
+    spec = dataclasses.replace(get_target("host"), name="host-128", vector_bits=128, features=frozenset(),
+                               aliases=())
+    model = nn.Sequential(Residual(8), nn.Conv2d(8, 24, 3, 2, 1, groups=8), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(24, 10)).eval()
+    x = torch.randn(1, 8, 12, 12)
+    (out,) = _run(lower(torch.export.export(model, (x,)), spec), x)
+    np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-4)
