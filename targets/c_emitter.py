@@ -1,26 +1,32 @@
 """Runtime-free C emitter: a captured model as a self-contained C library (no TVM runtime, no malloc).
 
-`emit_library(ep, spec, out_dir, progress)` runs graphopt's Relax phases up to scheduling
+`emit_library(ep, spec, out_dir, progress, name)` runs graphopt's Relax phases up to scheduling
 (import → decompose → layout → legalize → fuse → schedule, reused from `targets/lowering.py`),
 then Relax's static memory planner (`StaticPlanBlockMemory`), builds every PrimFunc into one
 LLVM object for the target (argument asserts skipped: the generated caller always passes the
-right tensors) and writes, into `out_dir`:
+right tensors) and writes, into `out_dir`, with ``P = graphopt_<name>`` (so several libraries
+can live in one firmware):
 
-- ``kernels.o``: the kernels, packed calling convention, symbols prefixed ``graphopt_model_``;
-  the runtime hooks they call through (``__TVMBackend*``) are renamed to ``graphopt_model_``
-  symbols with objcopy and defined in model.c: no TVM runtime symbol is left to resolve.
-- ``model.c`` / ``model.h``: ``graphopt_model_run(inputs, outputs)`` walks const tables (one
-  entry per kernel call) over one statically planned activation arena reused across layers, an
-  exactly sized workspace arena (the kernels' LIFO ``TVMBackendAllocWorkspace`` peak) and the
-  weights; the header ``#define``s I/O shapes, dtypes, byte sizes and arena sizes.
-- ``model_weights.bin`` + ``model_weights.S``: the weights as one blob, ``.incbin``-ed into
-  ``.rodata`` (flash on a microcontroller), every tensor 64-byte aligned.
-- ``CMakeLists.txt`` (``add_library(graphopt_model ...)`` for ``add_subdirectory``) and
-  ``model.mk`` (a Makefile fragment).
+- ``kernels.o``: the kernels, packed calling convention, symbols prefixed ``P_``; the runtime
+  hooks they call through (``__TVMBackend*``) are renamed to ``P__TVMBackend*`` with objcopy and
+  defined in P.c: no TVM runtime symbol is left to resolve.
+- ``P.c`` / ``P.h``: ``P_run(inputs, outputs)`` walks one byte stream (per call: kernel index,
+  then one location index per argument) over a table of 16-bit scaled offsets into one
+  statically planned activation arena reused across layers and the weights, and an exactly
+  sized workspace arena (the kernels' LIFO ``TVMBackendAllocWorkspace`` peak). Kernels get
+  DLTensors carrying only data pointer, device, NULL strides (compact) and zero byte offset:
+  the build checks that no kernel uses shape, ndim or dtype (all static, their asserts are
+  compiled out). The header ``#define``s ``GRAPHOPT_<NAME>_*`` I/O shapes, dtypes, byte sizes
+  and arena sizes.
+- ``P_weights.bin`` + ``P_weights.S``: the weights as one blob, ``.incbin``-ed into ``.rodata``
+  (flash on a microcontroller), every tensor 64-byte aligned.
+- ``CMakeLists.txt`` (``add_library(P ...)`` for ``add_subdirectory``) and ``P.mk`` (a Makefile
+  fragment, variables ``GRAPHOPT_<NAME>_*``).
 
 Refuses (`LoweringError`, listing every offender): dynamic shapes, Relax bindings other than
 kernel calls over planned tensors (e.g. external library calls, runtime builtins), workspace
-requests of unknown size, and kernels calling runtime functions this library does not provide.
+requests of unknown size, kernels reading tensor metadata the library does not pass, and
+kernels calling runtime functions this library does not provide.
 """
 from __future__ import annotations
 
@@ -33,25 +39,23 @@ from typing import Callable
 import numpy as np
 
 from graphopt import toolchain
-from graphopt.errors import GraphoptError, LoweringError, Unsupported
+from graphopt.errors import ConfigError, GraphoptError, LoweringError, Unsupported
 from graphopt.targets.spec import TargetSpec
 
-NAME = "model"  # C prefix: graphopt_model_run, GRAPHOPT_MODEL_*; the files are model.c/.h
-PREFIX = f"graphopt_{NAME}"
 ALIGN = 64  # arena, workspace and weight alignment (TVM's kernels assume 64-byte aligned buffers)
 RELAX_PHASES = ("import", "decompose", "layout", "legalize", "fuse", "schedule")  # from lowering.PHASES
-# runtime hooks the LLVM kernels call through weak function pointers -> the model.c function
+# runtime hooks the LLVM kernels call through weak function pointers -> the P.c function
 _HOOKS = {
     "__TVMBackendAllocWorkspace": "gm_ws_alloc",
     "__TVMBackendFreeWorkspace": "gm_ws_free",
     "__TVMBackendParallelLaunch": "gm_parallel_launch",
     "__TVMBackendParallelBarrier": "gm_parallel_barrier",
 }
-_REGIONS = {"arena": 0, "weights": 1, "input": 2, "output": 3}
 _CTYPES = {("float", 32): "float", ("float", 64): "double", ("int", 8): "int8_t", ("int", 16): "int16_t",
            ("int", 32): "int32_t", ("int", 64): "int64_t", ("uint", 8): "uint8_t", ("uint", 16): "uint16_t",
            ("uint", 32): "uint32_t", ("uint", 64): "uint64_t", ("float", 16): "uint16_t", ("uint", 1): "uint8_t"}
-_DL_CODES = {"int": 0, "uint": 1, "float": 2, "bfloat": 4}
+# DLTensor fields (tvm_struct_get kinds) the glue leaves zero: shape, ndim, dtype code/bits/lanes
+_UNPASSED_FIELDS = {2: "shape", 4: "ndim", 5: "dtype code", 6: "dtype bits", 7: "dtype lanes"}
 _FRAME_ALLOWANCE = 512  # per kernel frame: saved registers, spills, the parallel-lambda closure
 
 
@@ -71,6 +75,7 @@ class CLibrary:
     """What `emit_library` wrote, with its memory figures (bytes)."""
 
     folder: Path
+    prefix: str  # graphopt_<name>: C symbols, GRAPHOPT_<NAME>_* macros, file names
     inputs: list[IOTensor]
     outputs: list[IOTensor]
     kernels: int
@@ -82,19 +87,10 @@ class CLibrary:
     libraries: list[str] = field(default_factory=list)  # -l libraries the kernels need (e.g. m)
     stats: dict = field(default_factory=dict)
 
-    FILES = ("model.c", "model.h", "model_weights.S", "model_weights.bin", "kernels.o", "CMakeLists.txt",
-             "model.mk")
-
-
-def _dl(dtype: str) -> tuple[int, int]:
-    import tvm
-
-    dt = tvm.runtime.DataType(dtype)
-    code = {0: "int", 1: "uint", 2: "float", 4: "bfloat"}.get(dt.type_code)
-    if code is None or dt.lanes != 1:
-        raise LoweringError("a tensor has a dtype the C library cannot describe",
-                            [Unsupported(f"dtype {dtype}", "memory plan", "use float32/intN/uintN tensors")])
-    return _DL_CODES[code], dt.bits
+    @property
+    def files(self) -> list[str]:
+        p = self.prefix
+        return [f"{p}.c", f"{p}.h", f"{p}_weights.S", f"{p}_weights.bin", "kernels.o", "CMakeLists.txt", f"{p}.mk"]
 
 
 def _ctype(dtype: str) -> str:
@@ -286,19 +282,36 @@ def _walk_main(mod) -> _Graph:
 _WS_ALLOC = re.compile(r"TVMBackendAllocWorkspace\([^,]+,[^,]+,\s*([^,]+),")
 _WS_FREE = re.compile(r"TVMBackendFreeWorkspace\(")
 _LOCAL = re.compile(r"alloc_buffer\(\(([\d, ]*)\),\s*\"(\w+?)(?:x(\d+))?\"")
+_FIELD_GET = re.compile(r"T\.tvm_struct_get\(\w+, 0, (\d+),")
+_FIELD_LET = re.compile(r"(\w+): T\.let\[[^\n]*?\] = T\.tvm_struct_get\(\w+, 0, (\d+),")
 
 
-def _kernel_memory(host_mod) -> tuple[int, int, list[Unsupported]]:
-    """(workspace peak, largest kernel stack estimate, problems) from the lowered host TIR.
+def _unpassed_reads(text: str) -> list[str]:
+    """The DLTensor fields in `_UNPASSED_FIELDS` a (assert-free) host function really uses: a read
+    bound to a variable that is never referenced again is dead (LLVM drops it), any other counts."""
+    dead = [k for var, k in _FIELD_LET.findall(text) if len(re.findall(rf"\b{var}\b", text)) == 1]
+    reads = _FIELD_GET.findall(text)
+    for k in dead:
+        reads.remove(k)
+    return sorted({_UNPASSED_FIELDS[int(k)] for k in reads if int(k) in _UNPASSED_FIELDS})
+
+
+def _inspect_host(host_mod) -> tuple[int, int, list[Unsupported]]:
+    """(workspace peak, largest kernel stack estimate, problems) from the lowered, assert-free host TIR.
 
     Allocations and frees are replayed in program order (TVM frees workspaces LIFO), each
-    rounded to `ALIGN` as the model.c allocator does.
+    rounded to `ALIGN` as the P.c allocator does. Kernels using DLTensor fields the glue does
+    not fill in (`_UNPASSED_FIELDS`) are problems.
     """
     import tvm
 
     ws_peak, stack, bad = 0, 0, []
     for gv, fn in host_mod.functions_items():
         text = fn.script()
+        unpassed = _unpassed_reads(text)
+        if unpassed:
+            bad.append(Unsupported(f"reads tensor {', '.join(unpassed)} at run time", f"kernel {gv.name_hint}",
+                                   "the C library passes data pointers only; static shapes need no metadata"))
         cur, peak, sizes = 0, 0, []
         for m in re.finditer(f"{_WS_ALLOC.pattern}|{_WS_FREE.pattern}", text):
             if m.group(1) is None:
@@ -319,27 +332,36 @@ def _kernel_memory(host_mod) -> tuple[int, int, list[Unsupported]]:
     return ws_peak, stack + _FRAME_ALLOWANCE, bad
 
 
-def _build_kernels(mod, spec: TargetSpec, out: Path) -> tuple[list[str], int, int]:
-    """Build every PrimFunc into ``out``; returns (kernel names, workspace bytes, kernel stack estimate)."""
+def lower_host(funcs: dict, spec: TargetSpec):
+    """The PrimFuncs `funcs` ({name: func with its global_symbol}) lowered to assert-free host TIR."""
     import tvm
     from tvm import tirx
-    from tvm.tirx.build import codegen_build, split_host_device_mods
+    from tvm.tirx.build import split_host_device_mods
 
-    funcs = {gv.name_hint: f.with_attr("global_symbol", f"{PREFIX}_{gv.name_hint}")
-             for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     target = spec.tvm()
     with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
         tmod = tirx.transform.BindTarget(target.with_host(target))(tvm.IRModule(funcs))
         pipeline, finalize_host, _ = tirx.get_default_tir_pipeline(target)
         host, device = split_host_device_mods(pipeline(tmod))
-        if any(len(m.functions) for m in device.values()):
-            raise LoweringError("some kernels target a device other than the CPU",
-                                [Unsupported(str(t), "TIR build")])
-        host = finalize_host()(host)
-        ws, stack, bad = _kernel_memory(host)
-        if bad:
-            raise LoweringError("kernels request workspace the C library cannot size statically:", bad)
-        codegen_build(host, target).write_to_file(str(out))
+    if any(len(m.functions) for m in device.values()):
+        raise LoweringError("some kernels target a device other than the CPU", [Unsupported(str(t), "TIR build")])
+    return tirx.transform.SkipAssert()(finalize_host()(host))
+
+
+def _build_kernels(mod, spec: TargetSpec, out: Path, prefix: str) -> tuple[list[str], int, int]:
+    """Build every PrimFunc into ``out``; returns (kernel names, workspace bytes, kernel stack estimate)."""
+    import tvm
+    from tvm import tirx
+    from tvm.tirx.build import codegen_build
+
+    funcs = {gv.name_hint: f.with_attr("global_symbol", f"{prefix}_{gv.name_hint}")
+             for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    host = lower_host(funcs, spec)
+    ws, stack, bad = _inspect_host(host)
+    if bad:
+        raise LoweringError("kernels need what the runtime-free C library cannot provide:", bad)
+    with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+        codegen_build(host, spec.tvm()).write_to_file(str(out))
     return sorted(funcs), ws, stack
 
 
@@ -351,7 +373,7 @@ def _binutil(spec: TargetSpec, tool: str) -> str:
     return toolchain.require_tool(spec.cross_compiler[: -len("gcc")] + tool)
 
 
-def _finish_object(raw: Path, out: Path, spec: TargetSpec) -> list[str]:
+def _finish_object(raw: Path, out: Path, spec: TargetSpec, prefix: str) -> list[str]:
     """objcopy the LLVM object: drop debug info and unwind tables (C never unwinds; they would pull in
     the EHABI personality routine), give the runtime hooks per-model names. Returns the hooks used."""
     nm = toolchain.run_tool([_binutil(spec, "nm"), str(raw)], "listing the kernel symbols").stdout
@@ -361,7 +383,7 @@ def _finish_object(raw: Path, out: Path, spec: TargetSpec) -> list[str]:
     if unknown:
         raise LoweringError("kernels call TVM runtime functions a runtime-free library cannot provide:",
                             [Unsupported(n, "kernels.o") for n in unknown])
-    renames = [a for h in hooks for a in ("--redefine-sym", f"{h}={PREFIX}{h}")]
+    renames = [a for h in hooks for a in ("--redefine-sym", f"{h}={prefix}{h}")]
     toolchain.run_tool([_binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
                         "--remove-section=.rel.ARM.exidx*", "--strip-symbol=__aeabi_unwind_cpp_pr0", *renames, str(raw), str(out)],
                        "post-processing the kernel object")
@@ -375,34 +397,33 @@ def _c_array(ctype: str, name: str, values: list[int], per_line: int = 16) -> st
     return f"static const {ctype} {name}[{max(1, len(values))}] = {{\n  " + ",\n  ".join(rows or ["0"]) + "\n};"
 
 
-def _model_c(g: _Graph, kernels: list[str], hooks: list[str], ws_bytes: int, spec: TargetSpec) -> str:
-    # compact tables (the glue must stay small): dims as the narrowest unsigned type, expanded to the
-    # int64 DLTensor shapes on the stack per call; region in the top two bits of the offset
-    shapes, shape_at, dtypes = [], {}, []
-    for t in g.tensors:
-        if t.shape not in shape_at:
-            shape_at[t.shape] = len(shapes)
-            shapes.extend(t.shape)
-        if _dl(t.dtype) not in dtypes:
-            dtypes.append(_dl(t.dtype))
-    big = max(shapes + [len(shapes)] or [0])
-    dim_t = "uint16_t" if big < 1 << 16 else "uint32_t"
-    if max(t.offset for t in g.tensors) >= 1 << 30 or big >= 1 << 32:
-        raise LoweringError("the model is too large for the C library's tables",
-                            [Unsupported("a tensor offset >= 1 GiB or a dimension >= 2**32", "memory plan")])
+def _model_c(g: _Graph, kernels: list[str], hooks: list[str], ws_bytes: int, spec: TargetSpec, prefix: str) -> str:
+    # compact tables (the glue must stay small): a location is an input, an output, or a scaled offset into
+    # the arena / weights; a stream holds per call the kernel index, then the location of every argument
+    up = prefix.upper()
+    where = {("input", i): i for i in range(len(g.inputs))}
+    where.update({("output", i): len(g.inputs) + i for i in range(len(g.outputs))})
+    placed = sorted({(t.region, t.offset) for t in g.tensors if t.region in ("arena", "weights")})  # arena first
+    for key in placed:
+        where[key] = len(where)
+    offsets = [o for _, o in placed]
+    unit = ALIGN
+    while any(o % unit for o in offsets):
+        unit //= 2
+    n_arena = sum(r == "arena" for r, _ in placed)
+    used = list(dict.fromkeys(k for k, _ in g.calls))
+    stream = [x for k, a in g.calls for x in (used.index(k), *(where[(g.tensors[i].region, g.tensors[i].offset)]
+                                                              for i in a))]
+    stream_t = "uint8_t" if max(stream + [0]) < 1 << 8 else "uint16_t"
+    offset_t = "uint16_t" if max(offsets + [0]) // unit < 1 << 16 else "uint32_t"
     max_args = max([len(a) for _, a in g.calls] or [1])
-    max_ndim = max([len(t.shape) for t in g.tensors] or [1]) or 1
-    arg_t = "uint8_t" if len(g.tensors) < 256 else "uint16_t"
-    args = [x for _, a in g.calls for x in (len(a), *a)]
-    rows = [f"  {{{_REGIONS[t.region] << 30 | t.offset}u, {shape_at[t.shape]}, {len(t.shape)}, "
-            f"{dtypes.index(_dl(t.dtype))}}}," for t in g.tensors]
-    protos = "\n".join(f"int32_t __tvm_ffi_{PREFIX}_{k}(void*, gm_any*, int32_t, gm_any*);" for k in kernels)
-    calls = ",\n".join(f"  __tvm_ffi_{PREFIX}_{k}" for k, _ in g.calls)
+    arity = {k: len(a) for k, a in g.calls}
+    protos = "\n".join(f"int32_t __tvm_ffi_{prefix}_{k}(void*, gm_any*, int32_t, gm_any*);" for k in kernels)
     hook_defs = []
     if "__TVMBackendAllocWorkspace" in hooks or "__TVMBackendFreeWorkspace" in hooks:
         hook_defs.append(f"""
 /* Workspace: kernels allocate and free LIFO; the arena is their exact peak demand. */
-static uint8_t gm_ws[{max(ws_bytes, ALIGN)}] __attribute__((aligned({ALIGN}))) GRAPHOPT_MODEL_ARENA_ATTR;
+static uint8_t gm_ws[{max(ws_bytes, ALIGN)}] __attribute__((aligned({ALIGN}))) {up}_ARENA_ATTR;
 static size_t gm_ws_top;
 
 static void* gm_ws_alloc(int device_type, int device_id, uint64_t nbytes, int code, int bits) {{
@@ -443,26 +464,39 @@ static int gm_parallel_barrier(int task_id, void* env) {
              "__TVMBackendParallelLaunch": "int (*const {})(gm_lambda, void*, int)",
              "__TVMBackendParallelBarrier": "int (*const {})(int, void*)"}
     for h in hooks:
-        decl = types[h].format(f"{PREFIX}{h}")
+        decl = types[h].format(f"{prefix}{h}")
         hook_defs.append(f"extern {decl};\n{decl} = {_HOOKS[h]};")
-    copies = "".join(f"\n  memcpy(outputs[{o}], gm_base(&gm_tensors[{t}], inputs, outputs), "
-                     f"{IOTensor('', g.tensors[t].shape, g.tensors[t].dtype).nbytes}u);" for o, t in g.copies)
-    arena = (f"static uint8_t gm_arena[{g.arena_bytes}] __attribute__((aligned({ALIGN}))) GRAPHOPT_MODEL_ARENA_ATTR;"
+    copies = "".join(f"\n  memcpy(outputs[{o}], gm_ptr({where[(g.tensors[t].region, g.tensors[t].offset)]}u, inputs, "
+                     f"outputs), {IOTensor('', g.tensors[t].shape, g.tensors[t].dtype).nbytes}u);" for o, t in g.copies)
+    arena = (f"static uint8_t gm_arena[{g.arena_bytes}] __attribute__((aligned({ALIGN}))) {up}_ARENA_ATTR;"
              if g.arena_bytes else "")
-    weights = f"extern const uint8_t {PREFIX}_weights[];" if g.weights else ""
-    return f"""/* model.c: runtime-free inference for target {spec.name} (generated by graphopt; do not edit).
- * Kernels live in kernels.o (TVM packed calling convention); weights in model_weights.S/.bin. */
+    weights = f"extern const uint8_t {prefix}_weights[];" if g.weights else ""
+    ptr = ["  if (id < GM_OUTPUT) return (uint8_t*)inputs[id];",
+           "  if (id < GM_PLACED) return (uint8_t*)outputs[id - GM_OUTPUT];"]
+    if n_arena:
+        ptr.append(f"  if (id < GM_WEIGHTS) return gm_arena + gm_offsets[id - GM_PLACED] * {unit}u;"
+                   if n_arena < len(placed) else f"  return gm_arena + gm_offsets[id - GM_PLACED] * {unit}u;")
+    if n_arena < len(placed):
+        ptr.append(f"  return (uint8_t*){prefix}_weights + gm_offsets[id - GM_PLACED] * {unit}u;")
+    if not placed:
+        ptr.append("  return NULL;")
+    offsets_table = (f"/* arena, then weights offsets, in units of {unit} bytes */\n"
+                     f"{_c_array(offset_t, 'gm_offsets', [o // unit for o in offsets])}\n" if offsets else "")
+    return f"""/* {prefix}.c: runtime-free inference for target {spec.name} (generated by graphopt; do not edit).
+ * Kernels live in kernels.o (TVM packed calling convention); weights in {prefix}_weights.S/.bin. */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "model.h"
+#include "{prefix}.h"
 
-#ifndef GRAPHOPT_MODEL_ARENA_ATTR
-#define GRAPHOPT_MODEL_ARENA_ATTR /* e.g. __attribute__((section(".dtcm"))) to place the arenas */
+#ifndef {up}_ARENA_ATTR
+#define {up}_ARENA_ATTR /* e.g. __attribute__((section(".dtcm"))) to place the arenas */
 #endif
 
-/* DLPack's DLTensor and tvm-ffi's TVMFFIAny, the layouts the kernels read. */
+/* DLPack's DLTensor and tvm-ffi's TVMFFIAny, the layouts the kernels read. The kernels use only
+ * data, device, strides (NULL: compact) and byte_offset; graphopt checked they never read shape,
+ * ndim or dtype, which are static and compiled in. */
 typedef struct {{ int32_t device_type, device_id; }} gm_device;
 typedef struct {{ uint8_t code, bits; uint16_t lanes; }} gm_dtype;
 typedef struct {{
@@ -471,77 +505,64 @@ typedef struct {{
 }} gm_dltensor;
 typedef struct {{ int32_t type_index; uint32_t zero_padding; union {{ int64_t v_int64; void* v_ptr; }} v; }} gm_any;
 typedef int32_t (*gm_kernel)(void*, gm_any*, int32_t, gm_any*);
-typedef struct {{ uint32_t where; {dim_t} shape; uint8_t ndim, dtype; }} gm_tensor; /* where: region << 30 | offset */
-enum {{ GM_ARENA, GM_WEIGHTS, GM_INPUT, GM_OUTPUT, GM_DLTENSOR_PTR = 7, GM_CPU = 1 }};
+/* locations: inputs, outputs, then arena offsets and weight offsets (gm_offsets) */
+enum {{ GM_OUTPUT = {len(g.inputs)}, GM_PLACED = {len(g.inputs) + len(g.outputs)}, \
+GM_WEIGHTS = {len(g.inputs) + len(g.outputs) + n_arena}, GM_DLTENSOR_PTR = 7, GM_CPU = 1 }};
 
 {protos}
 {weights}
 {arena}
 {chr(10).join(hook_defs)}
 
-{_c_array(dim_t, "gm_dims", shapes)}
-
-static const gm_dtype gm_dtypes[{len(dtypes)}] = {{{", ".join(f"{{{c}, {b}, 1}}" for c, b in dtypes)}}};
-
-static const gm_tensor gm_tensors[{len(g.tensors)}] = {{
-{chr(10).join(rows)}
+static const gm_kernel gm_kernels[{len(used) or 1}] = {{
+{",".join(f"{chr(10)}  __tvm_ffi_{prefix}_{k}" for k in used)[1:] or "  NULL"}
 }};
 
-static const gm_kernel gm_calls[{max(1, len(g.calls))}] = {{
-{calls or "  NULL"}
-}};
+{_c_array("uint8_t", "gm_arity", [arity[k] for k in used])}
 
-/* per call: argument count, then tensor indices */
-{_c_array(arg_t, "gm_args", args)}
+{offsets_table}
+/* per call: kernel index, then the location of each argument */
+{_c_array(stream_t, "gm_stream", stream)}
 
-static uint8_t* gm_base(const gm_tensor* t, const void* const* inputs, void* const* outputs) {{
-  uint32_t offset = t->where & 0x3FFFFFFFu;
-  switch (t->where >> 30) {{
-    case GM_ARENA: return {"gm_arena + offset" if g.arena_bytes else "NULL"};
-    case GM_WEIGHTS: return {f"(uint8_t*){PREFIX}_weights + offset" if g.weights else "NULL"};
-    case GM_INPUT: return (uint8_t*)inputs[offset];
-    default: return (uint8_t*)outputs[offset];
-  }}
+static uint8_t* gm_ptr(unsigned id, const void* const* inputs, void* const* outputs) {{
+{chr(10).join(ptr)}
 }}
 
-int {PREFIX}_run(const void* const* inputs, void* const* outputs) {{
-  const {arg_t}* a = gm_args;
+int {prefix}_run(const void* const* inputs, void* const* outputs) {{
+  const {stream_t}* s = gm_stream;
   unsigned i, k;
-  for (i = 0; i < GRAPHOPT_MODEL_NUM_INPUTS; ++i)
-    if ((uintptr_t)inputs[i] % GRAPHOPT_MODEL_ALIGN) return GRAPHOPT_MODEL_ERR_ALIGN;
-  for (i = 0; i < GRAPHOPT_MODEL_NUM_OUTPUTS; ++i)
-    if ((uintptr_t)outputs[i] % GRAPHOPT_MODEL_ALIGN) return GRAPHOPT_MODEL_ERR_ALIGN;
-  for (k = 0; k < sizeof gm_calls / sizeof gm_calls[0]; ++k) {{
+  for (i = 0; i < {up}_NUM_INPUTS; ++i)
+    if ((uintptr_t)inputs[i] % {up}_ALIGN) return {up}_ERR_ALIGN;
+  for (i = 0; i < {up}_NUM_OUTPUTS; ++i)
+    if ((uintptr_t)outputs[i] % {up}_ALIGN) return {up}_ERR_ALIGN;
+  for (k = 1; k <= {len(g.calls)}u; ++k) {{
     gm_dltensor t[{max_args}];
     gm_any v[{max_args}], ret = {{0, 0, {{0}}}};
-    int64_t dims[{max_args}][{max_ndim}];
-    unsigned n = *a++, j;
+    unsigned f = *s++, n = gm_arity[f];
     for (i = 0; i < n; ++i) {{
-      const gm_tensor* d = &gm_tensors[*a++];
-      gm_dltensor x = {{gm_base(d, inputs, outputs), {{GM_CPU, 0}}, d->ndim, gm_dtypes[d->dtype], dims[i], NULL, 0}};
-      for (j = 0; j < d->ndim; ++j) dims[i][j] = gm_dims[d->shape + j];
+      gm_dltensor x = {{gm_ptr(*s++, inputs, outputs), {{GM_CPU, 0}}, 0, {{0, 0, 0}}, NULL, NULL, 0}};
       t[i] = x;
       v[i].type_index = GM_DLTENSOR_PTR;
       v[i].zero_padding = 0;
       v[i].v.v_ptr = &t[i];
     }}
-    if (gm_calls[k](NULL, v, (int32_t)n, &ret) != 0) return (int)k + 1;
+    if (gm_kernels[f](NULL, v, (int32_t)n, &ret) != 0) return (int)k;
   }}{copies}
   return 0;
 }}
 """
 
 
-def _model_h(g: _Graph, lib_stats: dict, spec: TargetSpec) -> str:
-    up = f"GRAPHOPT_{NAME.upper()}"
+def _model_h(g: _Graph, lib_stats: dict, spec: TargetSpec, prefix: str) -> str:
+    up = prefix.upper()
     lines = [
-        f"/* model.h: interface of the runtime-free C library for target {spec.name} (generated by graphopt).",
+        f"/* {prefix}.h: interface of the runtime-free C library for target {spec.name} (generated by graphopt).",
         f" * {spec.description}",
-        " * Build: compile model.c and model_weights.S (with this folder on the include path, for",
-        " * model_weights.bin) and link kernels.o" + (" and -lm" if lib_stats["libraries"] else "") + ", with",
+        f" * Build: compile {prefix}.c and {prefix}_weights.S (with this folder on the include path, for",
+        f" * {prefix}_weights.bin) and link kernels.o" + (" and -lm" if lib_stats["libraries"] else "") + ", with",
         f" *   {' '.join(spec.cflags)}",
-        " * or add_subdirectory() this folder in CMake (target graphopt_model), or include model.mk.",
-        f" * {PREFIX}_run() is not reentrant: its arenas are static. Buffers must be {ALIGN}-byte aligned.",
+        f" * or add_subdirectory() this folder in CMake (target {prefix}), or include {prefix}.mk.",
+        f" * {prefix}_run() is not reentrant: its arenas are static. Buffers must be {ALIGN}-byte aligned.",
         " */",
         f"#ifndef {up}_H_", f"#define {up}_H_", "", "#include <stdint.h>", "",
         "#ifdef __cplusplus", 'extern "C" {', "#endif", "",
@@ -568,78 +589,85 @@ def _model_h(g: _Graph, lib_stats: dict, spec: TargetSpec) -> str:
         "",
         "/* One inference. inputs[i] / outputs[i] point to the buffers described above.",
         f" * Returns 0, {up}_ERR_ALIGN, or k > 0 when the k-th kernel call failed. */",
-        f"int {PREFIX}_run(const void* const* inputs, void* const* outputs);",
+        f"int {prefix}_run(const void* const* inputs, void* const* outputs);",
         "", "#ifdef __cplusplus", "}", "#endif", f"#endif /* {up}_H_ */", "",
     ]
     return "\n".join(lines)
 
 
-def _weights_s(has_weights: bool) -> str:
-    body = (f'  .section .rodata.{PREFIX}_weights, "a"\n  .balign {ALIGN}\n  .global {PREFIX}_weights\n'
-            f'  .type {PREFIX}_weights, %object\n{PREFIX}_weights:\n  .incbin "model_weights.bin"\n'
-            f'  .size {PREFIX}_weights, . - {PREFIX}_weights\n') if has_weights else ""
-    return ("/* model_weights.S: the weights blob (model_weights.bin, found on the include path). */\n"
+def _weights_s(has_weights: bool, prefix: str) -> str:
+    w = f"{prefix}_weights"
+    body = (f'  .section .rodata.{w}, "a"\n  .balign {ALIGN}\n  .global {w}\n'
+            f'  .type {w}, %object\n{w}:\n  .incbin "{w}.bin"\n'
+            f'  .size {w}, . - {w}\n') if has_weights else ""
+    return (f"/* {w}.S: the weights blob ({w}.bin, found on the include path). */\n"
             f"{body}  .section .note.GNU-stack, \"\", %progbits\n")
 
 
-def _cmake(spec: TargetSpec, libs: list[str]) -> str:
-    link = f"\ntarget_link_libraries(graphopt_model PUBLIC {' '.join(libs)})" if libs else ""
+def _cmake(spec: TargetSpec, libs: list[str], prefix: str) -> str:
+    link = f"\ntarget_link_libraries({prefix} PUBLIC {' '.join(libs)})" if libs else ""
     return f"""# graphopt runtime-free C library for target {spec.name} (generated). Use from a firmware project:
-#   add_subdirectory(path/to/this/folder)   then   target_link_libraries(app PRIVATE graphopt_model)
+#   add_subdirectory(path/to/this/folder)   then   target_link_libraries(app PRIVATE {prefix})
 # Compile the firmware with the target's flags, which kernels.o was built for:
 #   {' '.join(spec.cflags)}
 cmake_minimum_required(VERSION 3.13)
-project(graphopt_model LANGUAGES C ASM)
+project({prefix} LANGUAGES C ASM)
 
-set(GRAPHOPT_MODEL_TARGET_FLAGS {' '.join(spec.cflags)})
-add_library(graphopt_model STATIC model.c model_weights.S kernels.o)
-target_include_directories(graphopt_model PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
-set_source_files_properties(model_weights.S PROPERTIES OBJECT_DEPENDS ${{CMAKE_CURRENT_SOURCE_DIR}}/model_weights.bin)
+set({prefix.upper()}_TARGET_FLAGS {' '.join(spec.cflags)})
+add_library({prefix} STATIC {prefix}.c {prefix}_weights.S kernels.o)
+target_include_directories({prefix} PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
+set_source_files_properties({prefix}_weights.S PROPERTIES OBJECT_DEPENDS ${{CMAKE_CURRENT_SOURCE_DIR}}/{prefix}_weights.bin)
 set_source_files_properties(kernels.o PROPERTIES EXTERNAL_OBJECT TRUE){link}
 """
 
 
-def _makefile(spec: TargetSpec, libs: list[str]) -> str:
+def _makefile(spec: TargetSpec, libs: list[str], prefix: str) -> str:
+    v = prefix.upper()
     return f"""# graphopt runtime-free C library for target {spec.name} (generated). In your Makefile:
-#   include path/to/model.mk
-#   compile $(GRAPHOPT_MODEL_SRCS) with $(GRAPHOPT_MODEL_CFLAGS), link $(GRAPHOPT_MODEL_OBJS) $(GRAPHOPT_MODEL_LDLIBS)
-GRAPHOPT_MODEL_DIR := $(dir $(lastword $(MAKEFILE_LIST)))
-GRAPHOPT_MODEL_SRCS := $(GRAPHOPT_MODEL_DIR)model.c $(GRAPHOPT_MODEL_DIR)model_weights.S
-GRAPHOPT_MODEL_OBJS := $(GRAPHOPT_MODEL_DIR)kernels.o
-GRAPHOPT_MODEL_TARGET_FLAGS := {' '.join(spec.cflags)}
-GRAPHOPT_MODEL_CFLAGS := $(GRAPHOPT_MODEL_TARGET_FLAGS) -I$(GRAPHOPT_MODEL_DIR)
-GRAPHOPT_MODEL_LDLIBS := {' '.join(f'-l{lib}' for lib in libs)}
+#   include path/to/{prefix}.mk
+#   compile $({v}_SRCS) with $({v}_CFLAGS), link $({v}_OBJS) $({v}_LDLIBS)
+{v}_DIR := $(dir $(lastword $(MAKEFILE_LIST)))
+{v}_SRCS := $({v}_DIR){prefix}.c $({v}_DIR){prefix}_weights.S
+{v}_OBJS := $({v}_DIR)kernels.o
+{v}_TARGET_FLAGS := {' '.join(spec.cflags)}
+{v}_CFLAGS := $({v}_TARGET_FLAGS) -I$({v}_DIR)
+{v}_LDLIBS := {' '.join(f'-l{lib}' for lib in libs)}
 """
 
 
 # --------------------------------------------------------------------------- entry point
 
-def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], None] = lambda _: None) -> CLibrary:
-    """Lower `ep` for `spec` and write the C library into `out_dir` (see the module docstring)."""
+def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], None] = lambda _: None,
+                 name: str = "model") -> CLibrary:
+    """Lower `ep` for `spec` and write the C library ``graphopt_<name>`` into `out_dir` (see the module
+    docstring); `name` is a C identifier."""
+    if not re.fullmatch(r"[A-Za-z_]\w*", name):
+        raise ConfigError(f"C library name {name!r} is not a C identifier")
+    prefix = f"graphopt_{name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     phases, state = {}, {}
     planned = _relax_to_planned(ep, spec, phases, state, progress)
     g = _phase("emit graph", lambda: _walk_main(planned), phases, progress, spec)
     raw = out / ".kernels.llvm.o"
-    kernels, ws, kstack = _phase("build kernels", lambda: _build_kernels(planned, spec, raw), phases, progress, spec)
+    kernels, ws, kstack = _phase("build kernels", lambda: _build_kernels(planned, spec, raw, prefix), phases,
+                                 progress, spec)
     try:
-        hooks = _finish_object(raw, out / "kernels.o", spec)
+        hooks = _finish_object(raw, out / "kernels.o", spec, prefix)
     finally:
         raw.unlink(missing_ok=True)
     max_args = max([len(a) for _, a in g.calls] or [1])
-    max_ndim = max([len(t.shape) for t in g.tensors] or [1])
-    glue_frame = 128 + max_args * (40 + 16 + 8 * max_ndim)  # run(): DLTensor, TVMFFIAny, dims per argument
+    glue_frame = 128 + max_args * (40 + 16)  # run(): a DLTensor and a TVMFFIAny per argument
     libs = ["m"]  # kernels may call expf/tanhf/...; a static libm only contributes what they use
     stats = {"workspace_bytes": ws, "stack_estimate_bytes": glue_frame + kstack, "libraries": libs}
-    (out / "model_weights.bin").write_bytes(bytes(g.weights))
-    (out / "model_weights.S").write_text(_weights_s(bool(g.weights)))
-    (out / "model.h").write_text(_model_h(g, stats, spec))
-    (out / "model.c").write_text(_model_c(g, kernels, hooks, ws, spec))
-    (out / "CMakeLists.txt").write_text(_cmake(spec, libs))
-    (out / "model.mk").write_text(_makefile(spec, libs))
-    return CLibrary(folder=out, inputs=g.inputs, outputs=g.outputs, kernels=len(kernels), calls=len(g.calls),
-                    arena_bytes=g.arena_bytes, workspace_bytes=ws, weights_bytes=len(g.weights),
+    (out / f"{prefix}_weights.bin").write_bytes(bytes(g.weights))
+    (out / f"{prefix}_weights.S").write_text(_weights_s(bool(g.weights), prefix))
+    (out / f"{prefix}.h").write_text(_model_h(g, stats, spec, prefix))
+    (out / f"{prefix}.c").write_text(_model_c(g, kernels, hooks, ws, spec, prefix))
+    (out / "CMakeLists.txt").write_text(_cmake(spec, libs, prefix))
+    (out / f"{prefix}.mk").write_text(_makefile(spec, libs, prefix))
+    return CLibrary(folder=out, prefix=prefix, inputs=g.inputs, outputs=g.outputs, kernels=len(kernels),
+                    calls=len(g.calls), arena_bytes=g.arena_bytes, workspace_bytes=ws, weights_bytes=len(g.weights),
                     stack_estimate_bytes=stats["stack_estimate_bytes"], libraries=libs,
                     stats={"phases": phases, "scheduled": state.get("scheduled", {}),
                            "unscheduled": state.get("unscheduled", [])})

@@ -1,11 +1,13 @@
 """The runtime-free C library backend: Cortex-M bare metal (qemu-system-arm) and armv7 Linux (qemu-arm).
 
-- `CLibraryBackend.build`: `c_emitter.emit_library` writes the library; then a footprint program
-  (a bare ``main`` calling ``graphopt_model_run``) is compiled warning-free (``-Wall -Wextra
-  -Werror``) and linked with a map file, which splits flash and RAM into kernels, weights, glue
-  (model.c: everything except kernels and weights; its fixed code and its call tables, which grow
-  with the number of kernel arguments) and the C library functions the kernels pull in. A model whose flash or RAM exceeds the target's board (`TargetSpec.flash_bytes` /
-  `ram_bytes`) is refused here with `LoweringError`, with the sizes needed and the limits.
+- `CLibraryBackend.build`: `c_emitter.emit_library` writes the library ``graphopt_<name>`` (name:
+  the model's C identifier); then a footprint program (a bare ``main`` calling
+  ``graphopt_<name>_run``) is compiled warning-free (``-Wall -Wextra -Werror``) and linked with a
+  map file, which splits flash and RAM into kernels, weights, glue (graphopt_<name>.c: everything
+  except kernels and weights; its fixed code and its call tables, which grow with the number of
+  kernel calls and arguments) and the C library functions the kernels pull in. A model whose flash
+  or RAM exceeds the target's board (`TargetSpec.flash_bytes` / `ram_bytes`) is refused here with
+  `LoweringError`, with the sizes needed and the limits.
 - `run`: builds a test harness once per `CompiledModel` (bare metal: ``runtime/cm_startup.c``, a
   linker script for the board, newlib semihosting for file I/O) and runs it under QEMU with the
   target's pinned machine/CPU; inputs and outputs travel as files.
@@ -39,7 +41,7 @@ RUN_TIMEOUT = 600.0  # seconds per emulator process
 # QEMU machine -> (code region origin, data region origin); lengths come from the TargetSpec
 BOARD_ORIGINS = {"mps2-an386": (0x0, 0x20000000), "mps2-an500": (0x0, 0x20000000), "mps3-an547": (0x0, 0x20000000)}
 _HARNESS_EXITS = {1: "the firmware faulted or aborted", 2: "usage error", 3: "could not read an input file",
-                  4: "could not write an output file", 5: "graphopt_model_run returned an error"}
+                  4: "could not write an output file", 5: "graphopt_<name>_run returned an error"}
 _WARNINGS = ("-Wall", "-Wextra", "-Werror")
 _FLASH = (".text", ".rodata", ".ARM.exidx", ".ARM.extab", ".data")
 _RAM = (".data", ".bss", "COMMON", ".tbss", ".tdata")
@@ -90,16 +92,17 @@ def _compiler(spec: TargetSpec) -> str:
     return toolchain.require_tool(spec.cross_compiler)
 
 
-def compile_program(spec: TargetSpec, lib_dir: Path, sources: list[Path], out: Path, *, defines=(),
+def compile_program(spec: TargetSpec, lib_dir: Path, prefix: str, sources: list[Path], out: Path, *, defines=(),
                     map_file: Path | None = None, footprint: bool = False) -> Path:
-    """Compile and link `sources` with the library in `lib_dir` for `spec`, warnings as errors.
+    """Compile and link `sources` with the library `prefix` (graphopt_<name>) in `lib_dir` for `spec`,
+    warnings as errors.
 
     footprint=True links without C start files (a bare ``main`` as entry point, boards sized far
     beyond any device) so the map holds only the library and what it pulls in.
     """
     cc = _compiler(spec)
     objects = []
-    for src in [*sources, lib_dir / "model.c", lib_dir / "model_weights.S"]:
+    for src in [*sources, lib_dir / f"{prefix}.c", lib_dir / f"{prefix}_weights.S"]:
         obj = out.parent / f"{out.stem}-{Path(src).stem}.o"  # named objects: the map attributes sizes by file
         toolchain.run_tool([cc, *spec.cflags, "-O2", "-std=gnu11", *_WARNINGS, "-ffunction-sections",
                             "-fdata-sections", f"-I{lib_dir}", *(f"-D{d}" for d in defines), "-c", str(src),
@@ -140,20 +143,21 @@ def _parse_map(text: str) -> dict[str, dict[str, int]]:
 
 def footprint(spec: TargetSpec, lib: CLibrary, work: Path) -> dict:
     """Flash and RAM of the library, by part, from a linked footprint program's map file."""
+    p, up = lib.prefix, lib.prefix.upper()
     main = work / "footprint_main.c"
     main.write_text(
-        '#include <stdint.h>\n#include "model.h"\n\n'
+        f'#include <stdint.h>\n#include "{p}.h"\n\n'
         f"int main(void);\n\nint main(void) {{\n"
-        f"  static const void* in[GRAPHOPT_MODEL_NUM_INPUTS];\n"
-        f"  static void* out[GRAPHOPT_MODEL_NUM_OUTPUTS];\n"
-        "  return graphopt_model_run(in, out);\n}\n")
+        f"  static const void* in[{up}_NUM_INPUTS];\n"
+        f"  static void* out[{up}_NUM_OUTPUTS];\n"
+        f"  return {p}_run(in, out);\n}}\n")
     map_file = work / "footprint.map"
-    compile_program(spec, lib.folder, [main], work / "footprint.elf", map_file=map_file, footprint=True)
+    compile_program(spec, lib.folder, p, [main], work / "footprint.elf", map_file=map_file, footprint=True)
     parts = {k: {"flash": 0, "code": 0, "ram": 0} for k in ("kernels", "weights", "glue", "libc")}
     for obj, size in _parse_map(map_file.read_text()).items():
         name = Path(obj.split("(")[0]).name
         key = ("libc" if ".a(" in obj or name.endswith(".a") else "kernels" if name == "kernels.o"
-               else "weights" if name.endswith("-model_weights.o") else "glue" if name.endswith("-model.o") else None)
+               else "weights" if name.endswith(f"-{p}_weights.o") else "glue" if name.endswith(f"-{p}.o") else None)
         if key:
             for field in size:
                 parts[key][field] += size[field]
@@ -215,13 +219,14 @@ def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str]
 
 class CLibraryBackend(Backend):
     def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
-        lib = emit_library(ep, spec, build_dir, progress)
+        lib = emit_library(ep, spec, build_dir, progress, name)
         progress("footprint")
         with tempfile.TemporaryDirectory(prefix="graphopt-footprint-") as work:
             mem = footprint(spec, lib, Path(work))
         check_fits(spec, mem)
-        manifest = {"format": "graphopt-c-library", "format_version": 1, "files": list(CLibrary.FILES),
-                    "api": "int graphopt_model_run(const void* const* inputs, void* const* outputs)",
+        manifest = {"format": "graphopt-c-library", "format_version": 1, "files": lib.files, "prefix": lib.prefix,
+                    "header": f"{lib.prefix}.h", "cmake_target": lib.prefix,
+                    "api": f"int {lib.prefix}_run(const void* const* inputs, void* const* outputs)",
                     "cflags": list(spec.cflags), "libraries": lib.libraries, "memory": mem}
         lowering = {"target": spec.name, **lib.stats, "kernels": lib.kernels, "kernel_calls": lib.calls,
                     "flash_bytes": mem["flash_bytes"], "ram_bytes": mem["ram_bytes"],
@@ -234,12 +239,14 @@ class CLibraryBackend(Backend):
             tmp = tempfile.TemporaryDirectory(prefix="graphopt-harness-")
             sizes = [[_nbytes(e) for e in manifest[k]] for k in ("inputs", "outputs")]
             total = sum(-(-n // ALIGN) * ALIGN for n in sizes[0] + sizes[1])
-            defines = [f"HARNESS_INPUT_BYTES={','.join(map(str, sizes[0]))}",
+            prefix = manifest["prefix"]
+            defines = [f'HARNESS_HEADER="{prefix}.h"', f"HARNESS_RUN={prefix}_run", f"HARNESS_ALIGN={ALIGN}",
+                       f"HARNESS_INPUT_BYTES={','.join(map(str, sizes[0]))}",
                        f"HARNESS_OUTPUT_BYTES={','.join(map(str, sizes[1]))}", f"HARNESS_TOTAL_BYTES={total}"]
             sources = [RUNTIME_SRC / "c_harness.c"] + ([RUNTIME_SRC / "cm_startup.c"] if _bare_metal(spec) else [])
             cache["harness_dir"] = tmp  # removed with the CompiledModel's cache
-            cache["harness"] = compile_program(spec, Path(build_dir), sources, Path(tmp.name) / "harness.elf",
-                                               defines=defines)
+            cache["harness"] = compile_program(spec, Path(build_dir), prefix, sources,
+                                               Path(tmp.name) / "harness.elf", defines=defines)
         return cache["harness"]
 
     def _execute(self, build_dir, spec, arrays, manifest, cache, repeat: int, count: bool):
