@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 from graphopt.errors import ConfigError
+from graphopt.targets.opset import EVERYTHING, OperatorSet
 
 
 class Feature(str, enum.Enum):
@@ -65,6 +66,8 @@ class TargetSpec:
                      libraries (the generated code must be compiled with them to link with the kernels).
     flash_bytes / ram_bytes: the board's code+constant and data memory; a model that does not fit
                      is refused at compile time (None = no limit, e.g. a Linux target).
+    ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
+                     legalizes the graph into it or refuses the model (`graphopt.legalize`).
     """
 
     name: str
@@ -84,6 +87,7 @@ class TargetSpec:
     cflags: tuple = ()
     flash_bytes: int | None = None
     ram_bytes: int | None = None
+    ops: OperatorSet = EVERYTHING
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -98,6 +102,8 @@ class TargetSpec:
         object.__setattr__(self, "cflags", tuple(self.cflags))
         if any(v is not None and (not isinstance(v, int) or v <= 0) for v in (self.flash_bytes, self.ram_bytes)):
             raise ConfigError(f"target {self.name}: flash_bytes and ram_bytes must be positive ints or None")
+        if not isinstance(self.ops, OperatorSet):
+            raise ConfigError(f"target {self.name}: ops must be a graphopt.OperatorSet, got {type(self.ops).__name__}")
         if "kind" not in self.tvm_target:
             raise ConfigError(f"target {self.name}: tvm_target needs a 'kind' key, e.g. {{'kind': 'llvm'}}")
         if self.runtime in _QEMU_RUNTIMES and not (self.qemu_binary and (self.qemu_cpu or self.qemu_machine)):
@@ -136,4 +142,5 @@ class TargetSpec:
             "aliases": list(self.aliases),
             "cflags": list(self.cflags),
             "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes},
+            "ops": self.ops.to_dict(),
         }
