@@ -2,7 +2,9 @@
 
 `lower` runs the named phases in `PHASES` (import → decompose → layout → legalize → fuse →
 schedule → build), times each into ``stats["phases"]``, and schedules every fused PrimFunc with
-graphopt's CPU rules (`graphopt.targets.schedules`). Weights become constants; convolutions are
+graphopt's CPU rules (`graphopt.targets.schedules`) — after applying a MetaSchedule tuning database
+when one is active (`graphopt.targets.tuning.applying`; the kernels taken from it are listed in
+``stats["from_database"]``). Weights become constants; convolutions are
 converted to channel-last (`schedules.CONV_LAYOUT`) with the weight transposes folded at compile
 time. The executable's ``main`` takes the model's inputs in order and returns a TVM tuple of its
 outputs, even for a single output; callers unpack it.
@@ -146,7 +148,11 @@ def _fuse(mod, spec, state):
 
 def _schedule(mod, spec, state):
     from graphopt.targets.schedules import schedule_module
+    from graphopt.targets.tuning import active_database, apply_database
 
+    database = active_database()  # set by compile(database=...): tuned kernels first, rules for the rest
+    if database is not None:
+        mod, state["from_database"] = apply_database(mod, spec, database)
     mod, state["scheduled"], state["unscheduled"] = schedule_module(mod, spec)
     state["kernels"] = sum(1 for _, f in mod.functions_items() if f.__class__.__name__ == "PrimFunc")
     state["ir_module"] = mod
@@ -217,6 +223,8 @@ def lower(ep, spec: TargetSpec, *, progress: Callable[[str], None] | None = None
         "scheduled": state["scheduled"],
         "unscheduled": state["unscheduled"],
     }
+    if "from_database" in state:
+        stats["from_database"] = state["from_database"]
     return LoweringResult(executable=ir, ir_module=state["ir_module"], stats=stats)
 
 

@@ -350,7 +350,8 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
     """Schedule every PrimFunc of `mod` for `spec`.
 
-    Updates `mod` in place and returns it, ``{rule name: count}`` (``"fallback"`` for `Generic`),
+    Updates `mod` in place and returns it, ``{rule name: count}`` (``"fallback"`` for `Generic`,
+    ``"tuned"`` for PrimFuncs already marked ``tirx.is_scheduled``, which are left as they are),
     and the names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
@@ -361,6 +362,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
     with target:
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
+                counts["tuned"] = counts.get("tuned", 0) + 1
                 continue
             for name, rule in rules:
                 try:

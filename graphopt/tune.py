@@ -1,0 +1,190 @@
+"""`graphopt.tune`: MetaSchedule autotuning into a persistent, crash-safe database folder.
+
+    summary = graphopt.tune(model, (x,), target="host", trials=500, database="tuning/host/")
+    cm = graphopt.compile(model, (x,), target="host", database="tuning/host/")
+
+capture → default passes → export → lowering phases through fuse → one MetaSchedule task per
+distinct fused kernel → tuning with a model budget (``trials``) and a per-kernel budget
+(``trials_per_task``, default ``ceil(trials / kernels)``) → records appended durably to the
+folder (see `graphopt.targets.tuning_db`). Records already in the folder count toward both
+budgets, so re-running after Ctrl-C or kill -9 resumes; kernels shared with another model are
+not tuned again. ``compile(database=...)`` applies the records and the default schedules
+cover every kernel the database lacks.
+
+Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
+TVM RPC tracker; the builder cross-compiles), ``"emulated-icount"`` (a PROXY: guest instructions
+under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses (`TuningError`): untunable
+targets, a runner that cannot run the target's code, non-positive budgets.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graphopt.errors import ConfigError
+from graphopt.progress import Steps
+from graphopt.targets import TargetSpec, get_target
+from graphopt.targets.tuning import TaskResult, TuningError
+
+__all__ = ["RPCRunner", "TuningError", "TuningSummary", "tune", "exported_for_tuning"]
+
+
+@dataclass(frozen=True)
+class RPCRunner:
+    """Measure on devices registered with a TVM RPC tracker under ``key`` (``tracker="host:port"``).
+
+    Start one with ``python -m tvm.exec.rpc_tracker --port 9190`` and, on each board,
+    ``python -m tvm.exec.rpc_server --tracker host:9190 --key rk3399``.
+    """
+
+    tracker: str
+    key: str
+    session_timeout: float = 120.0
+    number: int = 3
+    repeat: int = 1
+    min_repeat_ms: int = 0
+    max_workers: int = 1
+
+    def __post_init__(self) -> None:
+        host, _, port = self.tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"RPCRunner tracker must look like 'host:9190', got {self.tracker!r}")
+        if not self.key:
+            raise ConfigError("RPCRunner needs the device key the boards registered with")
+
+    @property
+    def host(self) -> str:
+        return self.tracker.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.tracker.rpartition(":")[2])
+
+
+@dataclass
+class TuningSummary:
+    """What a `tune` session did. ``unit`` says what ``best_seconds`` means for its runner."""
+
+    target: str
+    database: Path
+    runner: str
+    trials_budget: int
+    trials_per_task: int
+    tasks: list[TaskResult]
+    seconds: float
+    damaged_lines: list[str] = field(default_factory=list)
+    proxy: bool = False  # True: scores are instruction counts under emulation, not times
+
+    @property
+    def new_trials(self) -> int:
+        return sum(t.new_trials for t in self.tasks)
+
+    def to_markdown(self) -> str:
+        what = "instructions (PROXY, qemu)" if self.proxy else "best time"
+        lines = [f"## Tuning: {self.target} via {self.runner}", "",
+                 f"- database: {self.database}", f"- budget: {self.trials_budget} trials, at most "
+                 f"{self.trials_per_task} per kernel; {self.new_trials} measured in {self.seconds:.0f} s",
+                 "", f"| kernel | weight | records | new | {what} |", "|---|---|---|---|---|"]
+        for t in self.tasks:
+            lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {_unit(t.best_seconds, self.proxy)} |")
+        if self.damaged_lines:
+            lines += ["", "Damaged database lines skipped (moved to *.damaged):"] + [f"- {d}" for d in self.damaged_lines]
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _unit(seconds: float | None, proxy: bool) -> str:
+    if seconds is None or seconds >= 1e9:
+        return "-"
+    return f"{seconds * 1e9:,.0f} instr (proxy)" if proxy else f"{seconds * 1e3:.3f} ms"
+
+
+def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):
+    """The ExportedProgram `graphopt.compile` lowers for `model` with default passes."""
+    from graphopt.api import _eval_mode
+    from graphopt.capture import CaptureMethod, capture, to_exported_program
+    from graphopt.legalize import raise_if_unfit, run_legalization
+    from graphopt.passes.base import PassContext, Property
+    from graphopt.pipeline import PassManager, default_passes
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with _eval_mode(model, []):
+        gm = capture(model, args, CaptureMethod.AUTO).graph_module
+    ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
+    gm, _ = PassManager(default_passes()).run(gm, ctx)
+    if not spec.ops.unrestricted:
+        gm, _, _, unfit = run_legalization(gm, ctx)
+        raise_if_unfit(unfit, type(model).__name__, spec)
+    return to_exported_program(gm, args).run_decompositions()
+
+
+def _runner(runner, spec: TargetSpec):
+    """(MetaSchedule runner, label, proxy?) for the user's runner choice."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if isinstance(runner, RPCRunner):
+        cfg = ms.runner.RPCConfig(tracker_host=runner.host, tracker_port=runner.port, tracker_key=runner.key,
+                                  session_timeout_sec=int(runner.session_timeout))
+        ev = ms.runner.EvaluatorConfig(number=runner.number, repeat=runner.repeat, min_repeat_ms=runner.min_repeat_ms)
+        return (ms.runner.RPCRunner(rpc_config=cfg, evaluator_config=ev, max_workers=runner.max_workers),
+                f"rpc {runner.key}@{runner.tracker}", False)
+    if runner == "local":
+        if spec.cross_compiler or spec.is_emulated:
+            raise TuningError(f"runner='local' times code on this machine, but {spec.name} code runs elsewhere; "
+                              "use graphopt.RPCRunner(...) for boards or runner='emulated-icount' (a proxy)")
+        ev = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=10, enable_cpu_cache_flush=False)
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ev), "local", False
+    if runner == "emulated-icount":
+        from graphopt.targets.icount import IcountRunner
+
+        return IcountRunner.create(spec), f"emulated-icount (qemu -cpu {spec.qemu_cpu}, PROXY)", True
+    raise ConfigError(f"runner must be 'local', 'emulated-icount' or a graphopt.RPCRunner, got {runner!r}")
+
+
+def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "host", *, trials: int = 200,
+         database: str | Path | None = None, runner="local", trials_per_task: int | None = None,
+         progress: bool = True, seed: int = 0) -> TuningSummary:
+    """Tune `model`'s kernels for `target`; see the module docstring.
+
+    database: the folder (default ``tuning/<target>/``); created if missing, reused if present.
+    Ctrl-C stops the session; every record measured so far is kept and the next call resumes.
+    """
+    from graphopt.capture import check_example_inputs
+    from graphopt.targets.tuning import budget, check_tunable, extract, fused_module, tune_tasks
+    from graphopt.targets.tuning_db import open_database
+
+    spec = get_target(target)
+    check_tunable(spec)
+    budget(trials, 1, trials_per_task)  # refuse a bad budget before the slow steps
+    args = check_example_inputs(example_inputs)
+    folder = Path(database) if database is not None else Path("tuning") / spec.name
+    steps = Steps(progress)
+    start = time.perf_counter()
+    ms_runner, label, proxy = _runner(runner, spec)
+    with steps.phase("capture and export"):
+        ep = exported_for_tuning(model, args, spec)
+    with steps.phase("lower to fused kernels", f"for {spec.name}"):
+        tasks = extract(fused_module(ep, spec), spec)
+    if not tasks:
+        raise TuningError(f"{type(model).__name__} has no kernels to tune on {spec.name}")
+    bud = budget(trials, len(tasks), trials_per_task)
+    db = open_database(folder, writable=True)
+    try:
+        for d in db.damaged:
+            steps.say(f"database damage skipped: {d}")
+        with steps.phase("tune", f"via {label}"):
+            results = tune_tasks(tasks, spec, db, bud, ms_runner, say=steps.say,
+                                 unit=lambda s: _unit(s, proxy), seed=seed)
+    finally:
+        db.close()
+    summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,
+                            time.perf_counter() - start, [str(d) for d in db.damaged], proxy)
+    if progress:
+        print(summary.to_markdown(), flush=True)
+    return summary

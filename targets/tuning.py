@@ -1,0 +1,276 @@
+"""The TVM side of `graphopt.tune`: MetaSchedule tasks, builders, runners, and database application.
+
+- `fused_module(ep, spec)`: the lowering `PHASES` up to ``fuse`` — exactly the module `lower`
+  schedules, so tuning records match compile's kernels by structural hash.
+- `extract(mod, spec)`: MetaSchedule tasks (one per distinct fused PrimFunc).
+- `tune_tasks(...)`: tunes each task to its budget, counting records already in the database
+  (so an interrupted or killed session resumes where it stopped), with progress lines.
+- `applying(database)` / `apply_database(mod, spec)`: the ``schedule`` phase's database step —
+  `MetaScheduleApplyDatabase` on a COPY of the fused module; the default rules schedule the rest.
+
+Handled here, from the measured traps of apache-tvm 0.27: builder workers no longer import every
+GPU tensor intrinsic (~55 s each; they are stubbed and the build function skips them), and the
+x86 ``dot_16x4_vnni`` intrinsic that LLVM 22 rejects is re-registered with the operand types
+LLVM 22 wants. Refuses (`TuningError`): targets MetaSchedule cannot tune (no LLVM kind), a
+runner that does not fit the target.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+from graphopt.errors import GraphoptError
+from graphopt.targets.spec import Feature, TargetSpec
+
+
+class TuningError(GraphoptError):
+    """Tuning cannot start or continue (bad target, runner, or budget)."""
+
+
+# --------------------------------------------------------------------------- TVM start-up traps
+
+_PREPARED = False
+
+
+def prepare_tvm() -> None:
+    """Stub the GPU/DSP tensor-intrinsic modules (CPU tuning never uses them; importing them costs
+    ~1 min CPU per process) and re-register the VNNI intrinsic for LLVM 22. Idempotent."""
+    global _PREPARED
+    if _PREPARED:
+        return
+    for name in ("cuda", "rocm", "hexagon", "metal"):
+        full = f"tvm.s_tir.tensor_intrin.{name}"
+        sys.modules.setdefault(full, types.ModuleType(full))
+    import tvm.s_tir.tensor_intrin  # noqa: F401  registers the CPU intrinsics
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            A_i8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="int8x64")
+            B_i8x64 = B.vload([0, 0], dtype="int8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), A_i8x64, B_i8x64, dtype="int32x16")
+
+    # LLVM 22's vpdpbusd takes (<16 x i32>, <64 x i8>, <64 x i8>); TVM 0.27 passes i32 vectors
+    TensorIntrin.register("dot_16x4_vnni", dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+    _PREPARED = True
+
+
+def _fast_build(mod, target, _params):
+    """Builder-worker build: compiles the scheduled TIR without importing tensor intrinsics."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _cross_export(compiler, mod):
+    """Builder-worker export: a shared library linked by `compiler` (a device cannot link a .tar)."""
+    import os
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="graphopt-ms-"), "kernel.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(compiler))
+    return path
+
+
+def make_builder(spec: TargetSpec, timeout_sec: float = 180):
+    """LocalBuilder with the fast build (and the target's cross compiler when it has one)."""
+    import functools
+
+    import cloudpickle
+    from tvm.s_tir import meta_schedule as ms
+
+    # builder workers unpickle these functions by value: importing graphopt there would import torch
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    f_export = functools.partial(_cross_export, spec.cross_compiler) if spec.cross_compiler else None
+    return ms.builder.LocalBuilder(f_build=_fast_build, f_export=f_export, timeout_sec=timeout_sec,
+                                   max_workers=spec.num_cores if not spec.cross_compiler else None)
+
+
+# --------------------------------------------------------------------------- modules and tasks
+
+def fused_module(ep, spec: TargetSpec):
+    """Run `lowering.PHASES` from import through fuse on `ep` (the module compile schedules)."""
+    from graphopt.targets.lowering import PHASES, _error_line
+    from graphopt.errors import LoweringError, Unsupported
+
+    ir, state = ep, {}
+    for name, fn in PHASES:
+        try:
+            ir = fn(ir, spec, state)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # TVM raises many types; none may reach the user raw
+            raise LoweringError(f"TVM could not prepare the model for tuning on {spec.name!r} (phase {name!r})",
+                                [Unsupported(_error_line(exc), f"lowering phase {name!r}")]) from exc
+        if name == "fuse":
+            return ir
+    raise TuningError("lowering has no 'fuse' phase to tune after")
+
+
+def check_tunable(spec: TargetSpec) -> None:
+    if spec.tvm_target.get("kind") != "llvm":
+        raise TuningError(f"target {spec.name!r} compiles with TVM's {spec.tvm_target.get('kind')!r} kind; "
+                          "MetaSchedule tunes LLVM targets only")
+
+
+def extract(mod, spec: TargetSpec) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    prepare_tvm()
+    return list(ms.relax_integration.extract_tasks(mod, spec.tvm()))
+
+
+# --------------------------------------------------------------------------- tuning
+
+@dataclass
+class TaskResult:
+    name: str
+    weight: int
+    trials: int  # records in the database for this kernel after the session
+    new_trials: int  # measured in this session
+    best_seconds: float | None  # best measured run time (icount runner: instructions * 1e-9)
+
+
+@dataclass
+class Budget:
+    total: int
+    per_task: int
+
+
+def budget(trials: int, n_tasks: int, per_task: int | None) -> Budget:
+    if not isinstance(trials, int) or trials < 1:
+        raise TuningError(f"trials must be a positive int, got {trials!r}")
+    if per_task is not None and (not isinstance(per_task, int) or per_task < 1):
+        raise TuningError(f"trials_per_task must be a positive int or None, got {per_task!r}")
+    return Budget(trials, per_task if per_task is not None else max(1, math.ceil(trials / max(1, n_tasks))))
+
+
+def _progress_callback(say: Callable[[str], None], state: dict, unit: Callable[[float], str]):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            for r in runner_results:
+                state["done"] += 1
+                state["task_done"] += 1
+                if r.error_msg is None and r.run_secs:
+                    secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    state["best"] = secs if state["best"] is None else min(state["best"], secs)
+            elapsed = time.perf_counter() - state["start"]
+            left = state["total"] - state["done"]
+            eta = elapsed / max(1, state["done"]) * left
+            best = unit(state["best"]) if state["best"] is not None else "-"
+            say(f"  [{state['task_index']}/{state['n_tasks']}] {state['task_name']}: "
+                f"{state['task_done']}/{state['task_budget']} trials, best {best} | session "
+                f"{state['done']}/{state['total']} trials, ETA {eta / 60:.1f} min")
+
+    return _Progress()
+
+
+def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
+               say: Callable[[str], None], unit: Callable[[float], str], seed: int = 0) -> list[TaskResult]:
+    """Tune each task up to ``bud.per_task`` records (existing records count) within ``bud.total``
+    trials for the model (existing records of these tasks count too)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    prepare_tvm()
+    target = spec.tvm()
+    have = [database.records_for(t.dispatched[0]) for t in tasks]
+    want = [max(0, min(bud.per_task, bud.total) - h) for h in have]
+    left_total = max(0, bud.total - sum(min(h, bud.per_task) for h in have))
+    # spend what is left of the model budget on the heaviest tasks first
+    order = sorted(range(len(tasks)), key=lambda i: -int(tasks[i].weight))
+    plan = {}
+    for i in order:
+        plan[i] = min(want[i], left_total)
+        left_total -= plan[i]
+    total = sum(plan.values())
+    say(f"{len(tasks)} kernels to tune; {sum(have)} records already in {database.folder}; "
+        f"{total} trials to run now (budget {bud.total}, at most {bud.per_task} per kernel)")
+    state = {"done": 0, "total": total, "start": time.perf_counter(), "n_tasks": len(tasks)}
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, state, unit)]
+    builder = make_builder(spec)
+    results = []
+    for n, i in enumerate(order, 1):
+        task = tasks[i]
+        mod = task.dispatched[0]
+        if plan[i] > 0:
+            state.update(task_index=n, task_name=task.task_name, task_done=0, task_budget=plan[i], best=None)
+            # search effort scaled to the budget: a few trials need no 512-candidate population
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=min(256, max(16, 8 * plan[i])), init_min_unmeasured=min(32, max(4, 2 * plan[i])),
+                genetic_num_iters=1 if plan[i] < 16 else 3)
+            with target:
+                ctx = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                                     search_strategy=strategy, task_name=task.task_name,
+                                     num_threads=spec.num_cores if not spec.cross_compiler else "physical",
+                                     rand_state=seed + i, logger=None)
+            ms.task_scheduler.TaskScheduler.create("round-robin").tune(
+                tasks=[ctx], task_weights=[1.0], max_trials_global=plan[i], max_trials_per_task=plan[i],
+                num_trials_per_iter=min(plan[i], 32), builder=builder, runner=runner,
+                measure_callbacks=callbacks, database=database, cost_model=ms.CostModel.create("xgb"))
+        results.append(TaskResult(task.task_name, int(task.weight), database.records_for(mod),
+                                  database.records_for(mod) - have[i], database.best_seconds(mod)))
+    return results
+
+
+# --------------------------------------------------------------------------- applying a database
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("graphopt_tuning_database", default=None)
+
+
+@contextlib.contextmanager
+def applying(database):
+    """While active, lowering's ``schedule`` phase applies `database` before the default rules."""
+    token = _ACTIVE.set(database)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_database():
+    return _ACTIVE.get()
+
+
+def apply_database(mod, spec: TargetSpec, database) -> tuple:
+    """(module, names of PrimFuncs scheduled from `database`). Works on a copy of `mod`."""
+    import tvm
+    from tvm import relax
+
+    prepare_tvm()
+    before = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    with spec.tvm(), database:
+        out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod.clone())
+    applied = sorted(gv.name_hint for gv, f in out.functions_items()
+                     if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in before
+                     and not before[gv.name_hint].same_as(f) and _is_scheduled(f))
+    return out, applied
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and any(k in attrs and bool(attrs[k]) for k in ("tirx.is_scheduled", "tir.is_scheduled"))

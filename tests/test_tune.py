@@ -1,0 +1,137 @@
+"""graphopt.tune: MetaSchedule tuning into a crash-safe database, resume after kill -9, and compile.
+
+One tuning session is shared by the tests (tuning starts slowly: ~30 s of TVM worker start-up).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt.targets.tuning_db import RECORDS, WORKLOADS, open_database
+
+TRIALS = 4
+
+_CHILD = """
+import sys, torch, graphopt
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+graphopt.tune(m, (torch.randn(2, 64),), "host", trials={trials}, database=sys.argv[1])
+"""
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32)).eval(), (torch.randn(2, 64),)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Tune in a subprocess, kill -9 it once a record is committed, then resume in-process."""
+    db = tmp_path_factory.mktemp("tune") / "host"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(trials=TRIALS), str(db)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not _lines(db / RECORDS):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _lines(db / RECORDS)
+    assert before, "the killed session committed no record within 300 s"
+    model, args = _model()
+    summary = graphopt.tune(model, args, "host", trials=TRIALS, database=db, progress=False)
+    return db, before, summary
+
+
+def test_kill_resume_keeps_records_and_counts_them(killed_and_resumed):
+    db, before, summary = killed_and_resumed
+    after = _lines(db / RECORDS)
+    assert after[:len(before)] == before  # every committed record kept, byte for byte
+    assert all(json.loads(line) for line in after)  # nothing half-written
+    (task,) = summary.tasks
+    assert task.trials == TRIALS and task.new_trials == TRIALS - len(before)  # resumed, not restarted
+    assert not summary.damaged_lines
+
+
+def test_compile_with_database_same_outputs(killed_and_resumed):
+    db, _, _ = killed_and_resumed
+    model, args = _model()
+    cm = graphopt.compile(model, args, "host", database=db, progress=False)
+    assert cm.report.lowering["from_database"] == ["fused_matmul_add"]
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
+    # a finished budget is not spent again
+    again = graphopt.tune(model, args, "host", trials=TRIALS, database=db, progress=False)
+    assert again.new_trials == 0
+
+
+def test_damaged_trailing_line_is_reported_and_skipped(killed_and_resumed, tmp_path):
+    src, _, _ = killed_and_resumed
+    db = tmp_path / "db"
+    db.mkdir()
+    for name in (WORKLOADS, RECORDS):
+        (db / name).write_bytes((src / name).read_bytes())
+    good = _lines(db / RECORDS)
+    with open(db / RECORDS, "a") as f:
+        f.write(good[-1][: len(good[-1]) // 2])  # a write cut short: no newline
+    ro = open_database(db, writable=False)
+    assert len(ro) == len(good) and len(ro.damaged) == 1 and "truncated" in ro.damaged[0].reason
+    rw = open_database(db, writable=True)  # quarantines the fragment so appends start clean
+    rw.close()
+    assert _lines(db / RECORDS) == good and (db / (RECORDS + ".damaged")).exists()
+    with open(db / RECORDS, "a") as f:
+        f.write("not json\n")
+    assert len(open_database(db, writable=False).damaged) == 1
+    model, args = _model()
+    cm = graphopt.compile(model, args, "host", database=db, progress=False)
+    assert any("skipped" in w for w in cm.report.warnings)
+
+
+def test_second_session_on_same_folder_is_refused(tmp_path):
+    first = open_database(tmp_path / "db")
+    try:
+        with pytest.raises(graphopt.ConfigError, match="another tuning session"):
+            open_database(tmp_path / "db")
+    finally:
+        first.close()
+
+
+def test_local_runner_refused_for_arm_and_bad_budget():
+    model, args = _model()
+    with pytest.raises(graphopt.TuningError, match="emulated-icount"):
+        graphopt.tune(model, args, "arm-a53", trials=2, progress=False)
+    with pytest.raises(graphopt.TuningError, match="positive"):
+        graphopt.tune(model, args, "host", trials=0, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.emulation
+def test_emulated_icount_runner_tunes_arm_and_counts_per_kernel(tmp_path):
+    from conftest import require_tools
+    from graphopt.targets.icount import kernel_counts
+    from graphopt.targets.lowering import lower
+    from graphopt.tune import exported_for_tuning
+
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
+    model, args = _model()
+    summary = graphopt.tune(model, args, "arm-a53", trials=3, database=tmp_path / "db",
+                            runner="emulated-icount", progress=False)
+    assert summary.proxy and summary.tasks[0].best_seconds is not None
+    cm = graphopt.compile(model, args, "arm-a53", database=tmp_path / "db", progress=False)
+    assert cm.report.lowering["from_database"] == ["fused_matmul_add"]
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
+    spec = graphopt.get_target("arm-a53")
+    counts = kernel_counts(lower(exported_for_tuning(model, args, spec), spec).ir_module, spec)
+    assert counts["fused_matmul_add"]["instructions_per_call"] > 0
