@@ -14,20 +14,23 @@ from graphopt.compiled import CompiledModel
 from graphopt.errors import (ArtifactError, CaptureError, ConfigError, GraphoptError, InputError, LoweringError,
                              NumericsError, PassError, QuantizationError, ToolchainError, UnknownTargetError,
                              UnsupportedModelError)
+from graphopt.legalize import CheckResult, OperatorSetError, check
 from graphopt.pipeline import PassManager, default_passes
 from graphopt.prune import Criterion, PruneConfig, PruneReport, apply_plan, prunable_groups, prune, prune_iteratively
 from graphopt.regularize import Norm, filter_norm_penalty, weight_penalty
 from graphopt.report import Report
 from graphopt.sparsity import Scope, load_sparse, magnitude_prune, remove_masks, save_sparse
 from graphopt.targets import Feature, Runtime, TargetSpec, get_target, list_targets, register_target
+from graphopt.targets.opset import OperatorSet, OpRule
+from graphopt.tune import RPCRunner, TuningError, TuningSummary, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "CaptureError", "CaptureMethod", "CompiledModel", "ConfigError", "Criterion", "Feature",
-    "GraphoptError", "GraphoptWarning", "InputError", "LoweringError", "Norm", "NumericsError", "PassError",
-    "PassManager", "PruneConfig", "PruneReport", "Report", "Runtime", "Scope", "TargetSpec", "ToolchainError",
-    "UnknownTargetError", "UnsupportedModelError", "apply_plan", "capture", "compile", "default_passes",
+    "ArtifactError", "CaptureError", "CaptureMethod", "CheckResult", "CompiledModel", "ConfigError", "Criterion",
+    "Feature", "GraphoptError", "GraphoptWarning", "InputError", "LoweringError", "Norm", "NumericsError", "OpRule",
+    "OperatorSet", "OperatorSetError", "PassError", "RPCRunner", "PassManager", "PruneConfig", "PruneReport", "Report", "Runtime", "Scope", "TargetSpec", "ToolchainError",
+    "TuningError", "TuningSummary", "UnknownTargetError", "UnsupportedModelError", "apply_plan", "capture", "check", "compile", "default_passes",
     "filter_norm_penalty", "get_target", "list_targets", "load_sparse", "magnitude_prune", "prunable_groups",
-    "prune", "prune_iteratively", "register_target", "remove_masks", "save_sparse", "weight_penalty",
+    "prune", "prune_iteratively", "register_target", "remove_masks", "save_sparse", "tune", "weight_penalty",
 ]

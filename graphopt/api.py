@@ -1,8 +1,10 @@
 """`graphopt.compile`: capture → passes → support check → TVM lowering → artifact → report.
 
 Refuses, each with one `graphopt` error and nothing written: unknown targets, example inputs the
-model rejects, models that cannot be captured, ops TVM cannot lower (all listed, with source
-lines), and (with ``verify=True``) artifacts whose outputs differ from PyTorch beyond ``rtol``.
+model rejects, models that cannot be captured, nodes that no rewrite fits into the target's
+operator set (`OperatorSetError`, all listed with the rewrite needed), ops TVM cannot lower (all
+listed, with source lines), and (with ``verify=True``) artifacts whose outputs differ from PyTorch
+beyond ``rtol``.
 A model in training mode is compiled in eval mode with a warning; the model object is left in
 the mode it came in.
 """
@@ -22,6 +24,7 @@ from graphopt.artifact import TensorSpec, write_manifest
 from graphopt.capture import CaptureMethod, capture, check_example_inputs, to_exported_program
 from graphopt.compiled import CompiledModel, new_build_dir
 from graphopt.errors import ConfigError, GraphoptError, LoweringError, NumericsError
+from graphopt.legalize import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
 from graphopt.progress import Steps
@@ -69,7 +72,8 @@ def _eval_mode(model: torch.nn.Module, report_warnings: list[str]):
 def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
             passes: list[GraphPass] | None = None, verify: bool = False, rtol: float = 1e-4,
             capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
-            progress: bool = True, prune: PruneConfig | None = None, name: str | None = None) -> CompiledModel:
+            progress: bool = True, prune: PruneConfig | None = None, name: str | None = None,
+            approximate: bool = False, database: str | Path | None = None) -> CompiledModel:
     """Compile ``model`` for ``target``; see the module docstring.
 
     passes:             fx passes to run (default: identity removal, BN folding, dead code).
@@ -81,6 +85,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         the model's class name in snake case.
     prune:              a `graphopt.PruneConfig`: prune a copy of the model first (channels rounded to
                         the target's ``channel_multiple``); ``report.pruning`` says what was removed.
+    approximate:        allow declared approximations (e.g. GELU, SiLU, sigmoid, tanh) where the target's
+                        operator set lacks an op; ``report.legalized`` lists every rewrite and its error.
+    database:           a `graphopt.tune` database folder: its tuned kernels are used, the default schedules
+                        cover the rest; ``report.lowering["from_database"]`` names the tuned ones.
     """
     spec = get_target(target)
     args = check_example_inputs(example_inputs)
@@ -109,6 +117,12 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
         ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
         gm, report.passes = PassManager(default_passes() if passes is None else passes,
                                         verify=verify, rtol=rtol).run(gm, ctx)
+    if not spec.ops.unrestricted:
+        with steps.phase("legalize", f"for the {spec.ops.name} operator set"):
+            gm, records, report.legalized, unfit = run_legalization(gm, ctx, approximate=approximate,
+                                                                    verify=verify, rtol=rtol)
+            report.passes += records
+            raise_if_unfit(unfit, report.model, spec)
     cost = analyze(gm, args)
     report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
     report.macs_by_module = cost.macs_by_module
@@ -121,11 +135,19 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                                 missing, "Nothing was built.")
 
     backend = backend_for(spec)
+    tuning = contextlib.nullcontext()
+    if database is not None:
+        from graphopt.targets.tuning import applying
+        from graphopt.targets.tuning_db import open_database
+
+        db = open_database(database, writable=False)
+        report.warnings += [f"tuning database line skipped: {d}" for d in db.damaged]
+        tuning = applying(db)
     inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
     outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(flat_outputs(reference))]
     build_dir = new_build_dir()
     try:
-        with steps.phase("lower and build", f"for {spec.name}"):
+        with steps.phase("lower and build", f"for {spec.name}"), tuning:
             built = backend.build(ep, spec, build_dir, inputs, outputs,
                                   progress=lambda phase: steps.say(f"  {phase}"), name=c_name)
         report.lowering = built.lowering

@@ -2,8 +2,10 @@
 
     graphopt compile pkg.module:factory --target arm --out build/ [--verify]
     graphopt optimize pkg.module:factory --data fashion-mnist --recipe recipe.toml --target arm --out build/
-    graphopt targets [--json]
+    graphopt tune pkg.module:factory --target host --trials 500 --db tuning/host/   # Ctrl-C, rerun resumes
+    graphopt targets [--json] [--ops TARGET]
     graphopt setup-runtime            # fetch the aarch64 TVM runtime and build the QEMU plugin
+    graphopt rpc-device --target arm-a53 --tracker 127.0.0.1:9190 --key emulated-a53   # emulated board
 
 A factory is a callable returning ``(model, example_inputs)``; ``path/to/file.py:factory`` works
 too. graphopt errors print one message (exit code 2); nothing is written on failure.
@@ -89,9 +91,31 @@ def _cmd_optimize(a) -> int:
     return 0
 
 
-def _cmd_targets(a) -> int:
-    from graphopt.targets import aliases_of, list_targets
+def _cmd_tune(a) -> int:
+    import graphopt
 
+    built = load_factory(a.model)()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise ConfigError(f"{a.model} must return (model, example_inputs), got {type(built).__name__}")
+    model, inputs = built
+    runner = graphopt.RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
+    try:
+        graphopt.tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
+                      database=a.db, runner=runner, progress=True)
+    except KeyboardInterrupt:
+        print(f"graphopt: tuning interrupted; every record measured so far is kept in {a.db or 'tuning/' + a.target}; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_targets(a) -> int:
+    from graphopt.targets import aliases_of, get_target, list_targets
+
+    if a.ops:
+        ops = get_target(a.ops).ops
+        print(json.dumps(ops.to_dict(), indent=2) if a.json else ops.describe())
+        return 0
     specs = list_targets()
     if a.json:
         print(json.dumps([s.to_dict() for s in specs], indent=2))
@@ -100,7 +124,8 @@ def _cmd_targets(a) -> int:
         alias = f" (alias: {', '.join(aliases_of(s.name))})" if aliases_of(s.name) else ""
         print(f"{s.name}{alias}\n    {s.description}\n    features: {', '.join(sorted(f.value for f in s.features)) or '-'}"
               f"; vector {s.vector_bits} bit; runtime {s.runtime.value}"
-              + (f"; qemu {s.qemu_binary} -cpu {s.qemu_cpu}" if s.qemu_binary else ""))
+              + (f"; qemu {s.qemu_binary} -cpu {s.qemu_cpu}" if s.qemu_binary else "")
+              + f"; ops {s.ops.name}")
     return 0
 
 
@@ -109,6 +134,17 @@ def _cmd_setup_runtime(a) -> int:
 
     print(f"aarch64 TVM runtime: {ensure_runtime(progress=print)}")
     print(f"QEMU instruction-count plugin: {ensure_qemu_plugin(progress=print)}")
+    return 0
+
+
+def _cmd_rpc_device(a) -> int:
+    from graphopt.targets import get_target
+    from graphopt.targets.rpc import EMULATED_NOTE, serve
+
+    spec = get_target(a.target)
+    serve(spec, a.tracker, a.key, host=a.host, ready=lambda port: print(
+        f"emulated {spec.name} device (qemu -cpu {spec.qemu_cpu}) on port {port}, registered with {a.tracker} "
+        f"as {a.key!r}; {EMULATED_NOTE}", flush=True))
     return 0
 
 
@@ -134,11 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=128)
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=_cmd_optimize)
+    u = sub.add_parser("tune", help="MetaSchedule-tune a model's kernels into a database folder (resumable)")
+    u.add_argument("model", help="pkg.module:factory or file.py:factory returning (model, example_inputs)")
+    u.add_argument("--target", default="host")
+    u.add_argument("--trials", type=int, default=200, help="trial budget for the model (records already in --db count)")
+    u.add_argument("--trials-per-task", type=int, default=None, help="per-kernel cap (default: trials / kernels)")
+    u.add_argument("--db", default=None, help="database folder (default: tuning/<target>/)")
+    u.add_argument("--runner", default="local", choices=["local", "emulated-icount"],
+                   help="local timing, or instruction counts under QEMU (an ARM PROXY, not a speed)")
+    u.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on boards of a TVM RPC tracker")
+    u.add_argument("--rpc-key", default=None, help="device key the boards registered with")
+    u.set_defaults(func=_cmd_tune)
     t = sub.add_parser("targets", help="list targets and their features")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--ops", metavar="TARGET", help="print TARGET's operator set (what graphopt legalizes into)")
     t.set_defaults(func=_cmd_targets)
     s = sub.add_parser("setup-runtime", help="fetch the aarch64 TVM runtime and build the QEMU plugin (idempotent)")
     s.set_defaults(func=_cmd_setup_runtime)
+    r = sub.add_parser("rpc-device", help="serve an emulated ARM board to a TVM RPC tracker (timings are not real speeds)")
+    r.add_argument("--target", default="arm-a53", help="an aarch64 target; sessions run under its qemu -cpu")
+    r.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the TVM RPC tracker to register with")
+    r.add_argument("--key", required=True, help="device key (what graphopt.RPCRunner / --rpc-key asks for)")
+    r.add_argument("--host", default="127.0.0.1", help="address to serve sessions on (0.0.0.0 for a remote tracker)")
+    r.set_defaults(func=_cmd_rpc_device)
     return p
 
 

@@ -55,6 +55,10 @@ def _pruning_lines(p: dict) -> list[str]:
     return lines
 
 
+def _error_text(rewrite: dict) -> str:
+    return "exact" if rewrite["exact"] else f"{rewrite['max_error']:.1e}"
+
+
 @dataclass
 class Report:
     model: str
@@ -76,6 +80,15 @@ class Report:
     verification: dict = field(default_factory=dict)  # e.g. {"max_rel_error": ..., "runs_on": ...}
     warnings: list[str] = field(default_factory=list)
     pruning: dict = field(default_factory=dict)  # graphopt.PruneReport.to_dict() when compile(prune=...)
+    legalized: list = field(default_factory=list)  # operator-set rewrites: {node, where, rewrite, exact, max_error}
+
+    @property
+    def quantization(self) -> dict:
+        """What QDQ folding made integer, and weight storage (bytes, low-bit packed) vs. fp32; {} if nothing."""
+        stats = next((p.stats for p in self.passes if p.name == "fold-qdq" and p.modified), None)
+        if not stats or "weight_bytes" not in stats:
+            return {}
+        return {**stats, "weight_size_ratio": round(stats["weight_bytes_fp32"] / max(stats["weight_bytes"], 1), 2)}
 
     @property
     def declined(self) -> list:
@@ -103,6 +116,8 @@ class Report:
             "verification": self.verification,
             "warnings": list(self.warnings),
             "pruning": self.pruning,
+            "legalized": list(self.legalized),
+            "quantization": self.quantization,
         }
 
     def to_json(self) -> str:
@@ -129,9 +144,24 @@ class Report:
         for p in self.passes:
             stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if not isinstance(v, dict))
             lines.append(f"| {p.name} | {'yes' if p.modified else 'no'} | {p.seconds * 1e3:.1f} ms | {stats} |")
+        q = self.quantization
+        if q:
+            packed = ", ".join(f"{k.removeprefix('packed_')} packed: {v}" for k, v in q.items() if k.startswith("packed_"))
+            lines += ["", "## Quantization", "",
+                      f"- integer weights: {_fmt_bytes(q['weight_bytes'])} vs fp32 {_fmt_bytes(q['weight_bytes_fp32'])}"
+                      f" ({q['weight_size_ratio']}x smaller{'; ' + packed + ' layer(s)' if packed else ''})",
+                      f"- folded into integer ops: {q['folded']} quantize node(s)"]
         declined = self.declined
         lines += ["", f"## Declined rewrites ({len(declined)})", ""]
         lines += [f"- **{d.pass_name}** `{d.node}` at {d.where}: {d.reason}" for d in declined] or ["- none"]
+        ops = t.get("ops") or {}
+        if self.legalized or (ops and not ops.get("unrestricted")):
+            lines += ["", f"## Legalized for the {ops.get('name', '?')} operator set ({len(self.legalized)})", ""]
+            if self.legalized:
+                lines += ["| node | rewrite | max error | source |", "|---|---|---|---|"]
+                lines += [f"| {r['node']} | {r['rewrite']} | {_error_text(r)} | {r['where']} |" for r in self.legalized]
+            else:
+                lines.append("- nothing to rewrite: every node runs as captured")
         if self.lowering:
             lines += ["", "## Lowering", ""]
             for k, v in self.lowering.items():

@@ -12,8 +12,9 @@ not tuned again. ``compile(database=...)`` applies the records and the default s
 cover every kernel the database lacks.
 
 Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
-TVM RPC tracker; the builder cross-compiles), ``"emulated-icount"`` (a PROXY: guest instructions
-under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses (`TuningError`): untunable
+TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.rpc.EmulatedDevice` tells the
+tracker it is emulated, and its times are labelled as not real speeds), ``"emulated-icount"`` (a
+PROXY: guest instructions under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses (`TuningError`): untunable
 targets, a runner that cannot run the target's code, non-positive budgets.
 """
 from __future__ import annotations
@@ -77,19 +78,23 @@ class TuningSummary:
     seconds: float
     damaged_lines: list[str] = field(default_factory=list)
     proxy: bool = False  # True: scores are instruction counts under emulation, not times
+    emulated: bool = False  # True: times measured on an emulated RPC device, not real speeds
 
     @property
     def new_trials(self) -> int:
         return sum(t.new_trials for t in self.tasks)
 
     def to_markdown(self) -> str:
-        what = "instructions (PROXY, qemu)" if self.proxy else "best time"
+        from graphopt.targets.rpc import EMULATED_NOTE
+
+        what = "instructions (PROXY, qemu)" if self.proxy else "best time (EMULATED)" if self.emulated else "best time"
         lines = [f"## Tuning: {self.target} via {self.runner}", "",
+                 *([f"**{EMULATED_NOTE}.**", ""] if self.emulated else []),
                  f"- database: {self.database}", f"- budget: {self.trials_budget} trials, at most "
                  f"{self.trials_per_task} per kernel; {self.new_trials} measured in {self.seconds:.0f} s",
                  "", f"| kernel | weight | records | new | {what} |", "|---|---|---|---|---|"]
         for t in self.tasks:
-            lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {_unit(t.best_seconds, self.proxy)} |")
+            lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {_unit(t.best_seconds, self.proxy, self.emulated)} |")
         if self.damaged_lines:
             lines += ["", "Damaged database lines skipped (moved to *.damaged):"] + [f"- {d}" for d in self.damaged_lines]
         return "\n".join(lines) + "\n"
@@ -98,10 +103,12 @@ class TuningSummary:
         return self.to_markdown()
 
 
-def _unit(seconds: float | None, proxy: bool) -> str:
+def _unit(seconds: float | None, proxy: bool, emulated: bool = False) -> str:
     if seconds is None or seconds >= 1e9:
         return "-"
-    return f"{seconds * 1e9:,.0f} instr (proxy)" if proxy else f"{seconds * 1e3:.3f} ms"
+    if proxy:
+        return f"{seconds * 1e9:,.0f} instr (proxy)"
+    return f"{seconds * 1e3:.3f} ms" + (" (emulated)" if emulated else "")
 
 
 def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):
@@ -125,25 +132,33 @@ def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):
 
 
 def _runner(runner, spec: TargetSpec):
-    """(MetaSchedule runner, label, proxy?) for the user's runner choice."""
+    """(MetaSchedule runner, label, proxy?, emulated?) for the user's runner choice."""
     from tvm.s_tir import meta_schedule as ms
 
     if isinstance(runner, RPCRunner):
+        from graphopt.errors import ToolchainError
+        from graphopt.targets.rpc import emulated_devices
+
+        try:
+            emulated = emulated_devices(runner.tracker, runner.key)
+        except ToolchainError as e:
+            raise TuningError(str(e)) from e
         cfg = ms.runner.RPCConfig(tracker_host=runner.host, tracker_port=runner.port, tracker_key=runner.key,
                                   session_timeout_sec=int(runner.session_timeout))
         ev = ms.runner.EvaluatorConfig(number=runner.number, repeat=runner.repeat, min_repeat_ms=runner.min_repeat_ms)
+        label = f"rpc {runner.key}@{runner.tracker}" + (f" (EMULATED: {emulated[0]})" if emulated else "")
         return (ms.runner.RPCRunner(rpc_config=cfg, evaluator_config=ev, max_workers=runner.max_workers),
-                f"rpc {runner.key}@{runner.tracker}", False)
+                label, False, bool(emulated))
     if runner == "local":
         if spec.cross_compiler or spec.is_emulated:
             raise TuningError(f"runner='local' times code on this machine, but {spec.name} code runs elsewhere; "
                               "use graphopt.RPCRunner(...) for boards or runner='emulated-icount' (a proxy)")
         ev = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=10, enable_cpu_cache_flush=False)
-        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ev), "local", False
+        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ev), "local", False, False
     if runner == "emulated-icount":
         from graphopt.targets.icount import IcountRunner
 
-        return IcountRunner.create(spec), f"emulated-icount (qemu -cpu {spec.qemu_cpu}, PROXY)", True
+        return IcountRunner.create(spec), f"emulated-icount (qemu -cpu {spec.qemu_cpu}, PROXY)", True, False
     raise ConfigError(f"runner must be 'local', 'emulated-icount' or a graphopt.RPCRunner, got {runner!r}")
 
 
@@ -166,7 +181,7 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
     folder = Path(database) if database is not None else Path("tuning") / spec.name
     steps = Steps(progress)
     start = time.perf_counter()
-    ms_runner, label, proxy = _runner(runner, spec)
+    ms_runner, label, proxy, emulated = _runner(runner, spec)
     with steps.phase("capture and export"):
         ep = exported_for_tuning(model, args, spec)
     with steps.phase("lower to fused kernels", f"for {spec.name}"):
@@ -180,11 +195,11 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
             steps.say(f"database damage skipped: {d}")
         with steps.phase("tune", f"via {label}"):
             results = tune_tasks(tasks, spec, db, bud, ms_runner, say=steps.say,
-                                 unit=lambda s: _unit(s, proxy), seed=seed)
+                                 unit=lambda s: _unit(s, proxy, emulated), seed=seed)
     finally:
         db.close()
     summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,
-                            time.perf_counter() - start, [str(d) for d in db.damaged], proxy)
+                            time.perf_counter() - start, [str(d) for d in db.damaged], proxy, emulated)
     if progress:
         print(summary.to_markdown(), flush=True)
     return summary
