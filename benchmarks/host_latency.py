@@ -27,74 +27,7 @@ import torch
 import torch.nn as nn
 from torch.fx.experimental.optimization import fuse as fold_bn
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-class ResNet18(nn.Module):
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        blocks, c = [], 64
-        for cout, stride in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)]:
-            blocks.append(BasicBlock(c, cout, stride))
-            c = cout
-        self.layers = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
-
-
-def _conv_bn_relu6(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()]
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
-        super().__init__()
-        hidden = cin * expand
-        layers = _conv_bn_relu6(cin, hidden, 1) if expand != 1 else []
-        layers += _conv_bn_relu6(hidden, hidden, 3, stride, hidden)
-        layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-        self.body = nn.Sequential(*layers)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-        return x + self.body(x) if self.residual else self.body(x)
-
-
-class MobileNetV2(nn.Module):
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        layers, c = _conv_bn_relu6(3, 32, 3, 2), 32
-        for t, cout, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                              (6, 160, 3, 2), (6, 320, 1, 1)]:
-            for i in range(n):
-                layers.append(InvertedResidual(c, cout, s if i == 0 else 1, t))
-                c = cout
-        layers += _conv_bn_relu6(c, 1280, 1)
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(1280, classes)
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
-
+from graphopt.zoo import MobileNetV2, ResNet18
 
 MODELS = {"resnet18": ResNet18, "mobilenetv2": MobileNetV2}
 
@@ -127,10 +60,9 @@ def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
 
 def bench(name: str, runs: int, thread_counts: list[int], workdir: pathlib.Path) -> dict:
     import tvm
-    from tvm import relax
-
     from graphopt.targets import get_target
     from graphopt.targets.lowering import export_library, lower
+    from tvm import relax
 
     torch.manual_seed(0)
     model = _randomize_bn(MODELS[name]()).eval()

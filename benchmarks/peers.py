@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host_latency import MobileNetV2, ResNet18, _interleaved_ms, _randomize_bn  # noqa: E402
+from host_latency import _interleaved_ms, _randomize_bn  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt.zoo import MobileNetV2, ResNet18  # noqa: E402
 
 MODELS = {"resnet18": ResNet18, "mobilenetv2": MobileNetV2}
 
@@ -84,6 +85,7 @@ def arm(name: str, args) -> None:
     from graphopt.targets.lowering import lower
     from graphopt.targets.tuning import applying
     from graphopt.targets.tuning_db import open_database
+
     from graphopt.tune import exported_for_tuning
 
     model = _randomize_bn(MODELS[name]()).eval()

@@ -20,24 +20,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.zoo import BasicBlock, recalibrate_bn
-
-
-class ResNet18(nn.Module):
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        blocks, c = [], 64
-        for cout, stride in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)]:
-            blocks.append(BasicBlock(c, cout, stride))
-            c = cout
-        self.layers = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+from graphopt.zoo import ResNet18, recalibrate_bn
 
 
 def _median_ms(fns: dict, runs: int, warmup: int = 3) -> dict:

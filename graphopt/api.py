@@ -21,7 +21,12 @@ import torch
 
 from graphopt.analysis import analyze
 from graphopt.artifact import TensorSpec, write_manifest
-from graphopt.capture import CaptureMethod, capture, check_example_inputs, to_exported_program
+from graphopt.capture import (
+    CaptureMethod,
+    capture,
+    check_example_inputs,
+    to_exported_program,
+)
 from graphopt.compiled import CompiledModel, new_build_dir
 from graphopt.errors import ConfigError, GraphoptError, LoweringError, NumericsError
 from graphopt.legalize import raise_if_unfit, run_legalization
@@ -32,7 +37,6 @@ from graphopt.report import Report
 from graphopt.support import unsupported_ops
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.backend import backend_for
-
 
 if TYPE_CHECKING:
     from graphopt.prune import PruneConfig

@@ -41,7 +41,12 @@ from graphopt.api import GraphoptWarning
 from graphopt.capture import capture, check_example_inputs
 from graphopt.errors import ConfigError
 from graphopt.passes.base import Decline
-from graphopt.passes.dependency import DependencyGraph, Group, Role, analyze_dependencies
+from graphopt.passes.dependency import (
+    DependencyGraph,
+    Group,
+    Role,
+    analyze_dependencies,
+)
 from graphopt.pipeline import max_rel_error
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from graphopt.analysis import analyze
@@ -238,7 +237,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
         except _BudgetMet as met:
             best = met.model.eval()
 
-    final, bits = best, 32
+    final = best
     if recipe.quantize is not None:
         q = recipe.quantize
         scheme = QuantScheme(weights=q.weights, activations=q.activations)
@@ -251,7 +250,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
             qm = quantize(best, x, calibration=calib, scheme=scheme)
         rec = record(f"int{q.weights} {'QAT' if q.qat_epochs else 'PTQ'}", qm, bits=q.weights)
         if floor is None or rec.accuracy >= floor:
-            final, bits = qm, q.weights
+            final = qm
         else:
             rec.kept, rec.note = False, f"below the floor {floor:g}: the float model is compiled instead"
 

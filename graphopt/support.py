@@ -12,7 +12,9 @@ from graphopt.source import node_source
 
 
 def _importer_ops() -> set[str]:
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+    from tvm.relax.frontend.torch.exported_program_translator import (
+        ExportedProgramImporter,
+    )
 
     return {k for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
 

@@ -26,10 +26,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +131,39 @@ def run_tool(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise ToolchainError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return proc
+
+
+def run_bounded(cmd: list[str], cwd: Path, timeout: float, what: str,
+                exit_meanings: dict[int, str] | None = None) -> tuple[str, float]:
+    """Run an emulated program in its own process group, killing the whole group at ``timeout``.
+
+    Returns (stdout, seconds). A non-zero exit raises `ToolchainError` with what the exit code
+    means (``exit_meanings``), the signal (SIGILL hints at a wrong ``mattr``) and the output's tail.
+    """
+    start = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    except OSError as e:
+        raise ToolchainError(f"{what}: cannot start {cmd[0]}: {e}") from e
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ToolchainError(f"{what} did not finish within {timeout:g} s and was killed (a hung program, or raise "
+                             "the timeout for a big model: emulation is ~10x slower than the device)") from None
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join((stdout + stderr).strip().splitlines()[-20:])
+        if proc.returncode < 0:
+            sig = signal.Signals(-proc.returncode).name
+            hint = " (the code uses an instruction this CPU lacks: check the target's mattr)" if sig == "SIGILL" else ""
+            why = f"was killed by {sig}{hint}"
+        else:
+            why = f"failed with exit code {proc.returncode} ({(exit_meanings or {}).get(proc.returncode, 'error')})"
+        raise ToolchainError(f"{what} {why}:\n{tail}\ncommand: {' '.join(cmd)}")
+    return stdout, seconds
 
 
 # --------------------------------------------------------------------------- TVM target runtime

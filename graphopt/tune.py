@@ -171,7 +171,13 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
     Ctrl-C stops the session; every record measured so far is kept and the next call resumes.
     """
     from graphopt.capture import check_example_inputs
-    from graphopt.targets.tuning import budget, check_tunable, extract, fused_module, tune_tasks
+    from graphopt.targets.tuning import (
+        budget,
+        check_tunable,
+        extract,
+        fused_module,
+        tune_tasks,
+    )
     from graphopt.targets.tuning_db import open_database
 
     spec = get_target(target)

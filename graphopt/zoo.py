@@ -94,17 +94,21 @@ class ResidualCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
+def conv_bn_relu6(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()]
+
+
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1×1 expand, 3×3 depthwise, 1×1 project, residual when shapes allow."""
+    """MobileNetV2 block: 1×1 expand (skipped at expand=1), 3×3 depthwise, 1×1 project, residual when shapes allow."""
 
     def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
         super().__init__()
         hidden = cin * expand
+        layers = conv_bn_relu6(cin, hidden, 1) if expand != 1 else []
+        layers += conv_bn_relu6(hidden, hidden, 3, stride, hidden)
+        layers += [nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.block = nn.Sequential(*layers)
         self.use_res = stride == 1 and cin == cout
-        self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         y = self.block(x)
@@ -121,6 +125,44 @@ class MobileNetBlocks(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (ImageNet layout) for benchmarks at 224×224."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, c = [], 64
+        for cout, stride in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)]:
+            blocks.append(BasicBlock(c, cout, stride))
+            c = cout
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0, ImageNet layout) for benchmarks at 224×224."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        layers, c = conv_bn_relu6(3, 32, 3, 2), 32
+        for t, cout, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                              (6, 160, 3, 2), (6, 320, 1, 1)]:
+            for i in range(n):
+                layers.append(InvertedResidual(c, cout, s if i == 0 else 1, t))
+                c = cout
+        layers += conv_bn_relu6(c, 1280, 1)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280, classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
 class TinyTransformer(nn.Module):

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
-from torch import fx
-
 from graphopt.passes._graph import add_constant, constant_of
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
-from graphopt.source import node_source
 from graphopt.targets.opset import EVERYTHING, OperatorSet
+from torch import fx
+
+from graphopt.source import node_source
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node")
 

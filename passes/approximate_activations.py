@@ -24,7 +24,6 @@ import functools
 import math
 
 import torch
-
 from graphopt.passes._graph import arg
 from graphopt.passes._legalize import LegalizePass, Rewrite, TensorEmitter, unfit
 

@@ -5,10 +5,9 @@ Refuses to remove impure nodes (in-place ops, asserts, RNG with side effects) â€
 """
 from __future__ import annotations
 
-from torch import fx
-
 from graphopt.passes._graph import delete_unused_attributes
 from graphopt.passes.base import GraphPass, PassContext, PassResult
+from torch import fx
 
 
 class DeadCodeElimination(GraphPass):

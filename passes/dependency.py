@@ -28,10 +28,9 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
+from graphopt.passes.base import Decline
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-
-from graphopt.passes.base import Decline
 
 aten = torch.ops.aten
 PASS_NAME = "prune-channels"

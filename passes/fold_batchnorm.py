@@ -10,10 +10,9 @@ and BN with no conv/linear producer (it stays a per-channel scale and shift).
 from __future__ import annotations
 
 import torch
-from torch import fx
-
 from graphopt.passes._graph import add_constant, arg, constant_of, is_op
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from torch import fx
 
 aten = torch.ops.aten
 _CONV = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)

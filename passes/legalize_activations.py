@@ -8,7 +8,6 @@ the operator-set check, which names it.
 from __future__ import annotations
 
 import torch
-
 from graphopt.passes._graph import arg
 from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
 

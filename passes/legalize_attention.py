@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten

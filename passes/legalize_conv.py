@@ -13,7 +13,6 @@ here), convolutions whose weights are not constants.
 from __future__ import annotations
 
 import torch
-
 from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
 from graphopt.targets.opset import conv_params
 

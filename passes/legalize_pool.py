@@ -13,7 +13,6 @@ the operator-set check): adaptive pooling to sizes that do not divide the input,
 from __future__ import annotations
 
 import torch
-
 from graphopt.passes._graph import arg
 from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
 

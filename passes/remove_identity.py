@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import fx
-
 from graphopt.passes._graph import arg
 from graphopt.passes.base import GraphPass, PassContext, PassResult, Property
+from torch import fx
 
 aten = torch.ops.aten
 _INT64_MAX = 2**63 - 1

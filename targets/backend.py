@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from graphopt.targets.spec import Runtime, TargetSpec
 
 from graphopt.errors import ConfigError
-from graphopt.targets.spec import Runtime, TargetSpec
 
 
 @dataclass

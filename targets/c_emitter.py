@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from graphopt.targets.spec import TargetSpec
 
 from graphopt import toolchain
 from graphopt.errors import ConfigError, GraphoptError, LoweringError, Unsupported
-from graphopt.targets.spec import TargetSpec
 
 ALIGN = 64  # arena, workspace and weight alignment (TVM's kernels assume 64-byte aligned buffers)
 RELAX_PHASES = ("import", "decompose", "layout", "legalize", "fuse", "schedule")  # from lowering.PHASES
@@ -128,9 +128,8 @@ def _phase(name: str, fn: Callable, phases: dict, progress: Callable[[str], None
 
 def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress):
     import tvm
-    from tvm import relax
-
     from graphopt.targets.lowering import PHASES
+    from tvm import relax
 
     ir = ep
     table = dict(PHASES)

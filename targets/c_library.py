@@ -20,21 +20,18 @@ runs (`ToolchainError`, with the harness's exit reason).
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-from graphopt import toolchain
-from graphopt.errors import ConfigError, LoweringError, ToolchainError, Unsupported
 from graphopt.targets.backend import Backend, BuildResult, Measurement, register_backend
 from graphopt.targets.c_emitter import ALIGN, CLibrary, emit_library
 from graphopt.targets.spec import Runtime, TargetSpec
+
+from graphopt import toolchain
+from graphopt.errors import ConfigError, LoweringError, ToolchainError, Unsupported
 
 RUNTIME_SRC = Path(__file__).resolve().parent / "runtime"
 RUN_TIMEOUT = 600.0  # seconds per emulator process
@@ -199,22 +196,8 @@ def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str]
                "-serial", "none", "-semihosting-config", semi, *plugin, "-kernel", str(program)]
     else:
         cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, *plugin, str(program), *args]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise ToolchainError(f"{program.name} on {spec.qemu_binary} ({spec.qemu_machine or spec.qemu_cpu}) did not "
-                             f"finish within {timeout:g} s and was killed; a hung firmware, or raise the timeout "
-                             "for a big model (emulation is ~10x slower than the device)") from None
-    if proc.returncode != 0:
-        why = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else
-               f"exited with {proc.returncode} ({_HARNESS_EXITS.get(proc.returncode, 'error')})")
-        tail = "\n".join((stdout + stderr).strip().splitlines()[-15:])
-        raise ToolchainError(f"{program.name} {why} under {spec.qemu_binary}:\n{tail}\ncommand: {' '.join(cmd)}")
-    return stdout
+    where = f"{program.name} on {spec.qemu_binary} ({spec.qemu_machine or spec.qemu_cpu})"
+    return toolchain.run_bounded(cmd, workdir, timeout, where, _HARNESS_EXITS)[0]
 
 
 class CLibraryBackend(Backend):

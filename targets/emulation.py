@@ -24,19 +24,17 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from graphopt.targets.spec import Runtime, TargetSpec
 
 from graphopt import toolchain
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
-from graphopt.targets.spec import Runtime, TargetSpec
 
 _log = logging.getLogger(__name__)
 
@@ -262,31 +260,7 @@ def _check_inputs(inputs: Sequence[Any], manifest: dict | None) -> list[np.ndarr
 
 
 def _execute(cmd: list[str], cwd: Path, timeout: float, what: str) -> tuple[str, float]:
-    """Run `cmd` in its own process group; kill the group at `timeout`. Returns (stdout, seconds)."""
-    start = time.perf_counter()
-    try:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    except OSError as e:
-        raise ToolchainError(f"{what}: cannot start {cmd[0]}: {e}") from e
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise ToolchainError(f"{what} did not finish within {timeout:g} s and was killed; "
-                             "raise the timeout for big models (emulation is ~10x slower than native)") from None
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "\n".join(stderr.strip().splitlines()[-20:])
-        if proc.returncode < 0:
-            sig = signal.Signals(-proc.returncode).name
-            hint = " (the code uses an instruction this CPU lacks: check the target's mattr)" if sig == "SIGILL" else ""
-            why = f"was killed by {sig}{hint}"
-        else:
-            why = f"failed with exit code {proc.returncode} ({_RUNNER_EXITS.get(proc.returncode, 'error')})"
-        raise ToolchainError(f"{what} {why}:\n{tail}\ncommand: {' '.join(cmd)}")
-    return stdout, seconds
+    return toolchain.run_bounded(cmd, cwd, timeout, what, _RUNNER_EXITS)
 
 
 def _parse_outputs(stdout: str) -> tuple[list[np.ndarray], float | None]:

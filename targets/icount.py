@@ -23,10 +23,11 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from graphopt import toolchain
-from graphopt.errors import ConfigError, ToolchainError
 from graphopt.targets.emulation import RUNTIME_SRC, _check_spec, _execute, _read_count
 from graphopt.targets.spec import TargetSpec
+
+from graphopt import toolchain
+from graphopt.errors import ConfigError, ToolchainError
 
 _REPEAT = 2
 

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from graphopt.errors import GraphoptError, LoweringError, ToolchainError, Unsupported
 from graphopt.targets.spec import TargetSpec
+
+from graphopt.errors import GraphoptError, LoweringError, ToolchainError, Unsupported
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,8 @@ def _fold_constant_transforms(call, args):
 
 def _layout(mod, spec, state):
     import tvm
-    from tvm import relax
-
     from graphopt.targets.schedules import CONV_LAYOUT
+    from tvm import relax
 
     state["layout"] = "as imported"
     conv2d = tvm.ir.Op.get("relax.nn.conv2d")
@@ -123,10 +123,9 @@ def _layout(mod, spec, state):
 
 def _legalize(mod, spec, state):
     import tvm
+    from graphopt.targets.schedules import legalize_map
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    from graphopt.targets.schedules import legalize_map
 
     target = spec.tvm()
     with target:

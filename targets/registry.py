@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from graphopt.errors import ConfigError, UnknownTargetError
 from graphopt.targets.spec import TargetSpec
+
+from graphopt.errors import ConfigError, UnknownTargetError
 
 _SPECS: dict[str, TargetSpec | Callable[[], TargetSpec]] = {}
 _ALIASES: dict[str, str] = {}

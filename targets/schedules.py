@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
-
-from graphopt.targets.spec import Feature, TargetSpec
 
 # Relax layouts lowering converts conv2d to: channel-last data and HWIO weights, so the output
 # channel axis is innermost and contiguous in both output and weights (the axis rules vectorize).

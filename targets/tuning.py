@@ -22,11 +22,12 @@ import math
 import sys
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+from graphopt.targets.spec import TargetSpec
+
 from graphopt.errors import GraphoptError
-from graphopt.targets.spec import Feature, TargetSpec
 
 
 class TuningError(GraphoptError):
@@ -112,6 +113,7 @@ def make_builder(spec: TargetSpec, timeout_sec: float = 180):
 def fused_module(ep, spec: TargetSpec):
     """Run `lowering.PHASES` from import through fuse on `ep` (the module compile schedules)."""
     from graphopt.targets.lowering import PHASES, _error_line
+
     from graphopt.errors import LoweringError, Unsupported
 
     ir, state = ep, {}

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from graphopt.targets.backend import Backend, BuildResult, Measurement, register_backend
 from graphopt.targets.spec import Runtime, TargetSpec
 
@@ -42,9 +41,10 @@ class NativeVM(Backend):
 
 class EmulatedVM(Backend):
     def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
-        from graphopt.artifact import read_manifest
         from graphopt.targets.emulation import package_arm_artifact
         from graphopt.targets.lowering import export_library, lower
+
+        from graphopt.artifact import read_manifest
 
         lowered = lower(ep, spec, progress=progress)
         so = export_library(lowered, spec, build_dir / "model.so")
@@ -57,8 +57,9 @@ class EmulatedVM(Backend):
         return run_emulated(build_dir, spec, arrays).outputs
 
     def measure(self, build_dir, spec: TargetSpec, arrays) -> Measurement:
-        from graphopt.errors import ToolchainError
         from graphopt.targets.emulation import run_emulated
+
+        from graphopt.errors import ToolchainError
 
         try:
             run = run_emulated(build_dir, spec, arrays, count_instructions=True)

@@ -3,12 +3,18 @@ import json
 
 import pytest
 import torch
+from graphopt.targets import (
+    Feature,
+    Runtime,
+    TargetSpec,
+    get_target,
+    list_targets,
+    register_target,
+)
 from torch import nn
 
-import graphopt
 from graphopt.capture import CaptureMethod, capture
 from graphopt.errors import CaptureError, ConfigError, InputError, UnknownTargetError
-from graphopt.targets import Feature, Runtime, TargetSpec, get_target, list_targets, register_target
 
 
 class Small(nn.Module):

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from graphopt.distill import DistillationLoss, Ensemble, SoftLoss, distill, loader, pseudo_label
+from graphopt.distill import (
+    DistillationLoss,
+    Ensemble,
+    SoftLoss,
+    distill,
+    loader,
+    pseudo_label,
+)
 from graphopt.errors import ConfigError, InputError
 from graphopt.training import TrainConfig, evaluate, fit
 

@@ -18,14 +18,18 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import require_tools
+from graphopt.targets import Runtime, c_emitter, c_library, get_target
+from graphopt.targets.c_library import (
+    RUNTIME_SRC,
+    compile_program,
+    linker_script,
+    run_firmware,
+)
 
 import graphopt
-from conftest import require_tools
 from graphopt import zoo
 from graphopt.errors import ConfigError, LoweringError, ToolchainError
-from graphopt.targets import Runtime, get_target
-from graphopt.targets import c_emitter, c_library
-from graphopt.targets.c_library import RUNTIME_SRC, compile_program, linker_script, run_firmware
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")

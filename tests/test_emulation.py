@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import IN_CI, require_tools
+from graphopt.targets import emulation as emu
+from graphopt.targets import get_target
+
 from graphopt import toolchain
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
-from graphopt.targets import get_target
-from graphopt.targets import emulation as emu
 
 SPEC = get_target("arm-a53")
 TVM_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53", "mattr": ["+neon"]}

@@ -5,14 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from prune_oracle import assert_oracle
 from torch import nn
 
 import graphopt
 from graphopt.errors import ConfigError
 from graphopt.prune import apply_plan
 from graphopt.zoo import MobileNetBlocks, PlainCNN, ResidualCNN, recalibrate_bn
-
-from prune_oracle import assert_oracle
 
 
 class DenseNetish(nn.Module):

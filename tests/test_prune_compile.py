@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
+from conftest import require_tools
 
 import graphopt
 from graphopt.pipeline import max_rel_error
 from graphopt.zoo import ResidualCNN, mobilenet_blocks, recalibrate_bn
-
-from conftest import require_tools
 
 
 def test_compile_with_prune_on_host_matches_the_pruned_model():

@@ -4,12 +4,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prune_oracle import assert_oracle
 from torch import nn
 
 import graphopt
 from graphopt.zoo import recalibrate_bn
-
-from prune_oracle import assert_oracle
 
 BLOCKS = ("conv", "residual", "concat", "depthwise", "grouped", "chunk_mul", "pool")
 

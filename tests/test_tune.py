@@ -3,7 +3,6 @@
 One tuning session is shared by the tests (tuning starts slowly: ~30 s of TVM worker start-up).
 """
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from graphopt.targets.tuning_db import RECORDS, WORKLOADS, open_database
 
 import graphopt
-from graphopt.targets.tuning_db import RECORDS, WORKLOADS, open_database
 
 TRIALS = 4
 
@@ -121,6 +120,7 @@ def test_emulated_icount_runner_tunes_arm_and_counts_per_kernel(tmp_path):
     from conftest import require_tools
     from graphopt.targets.icount import kernel_counts
     from graphopt.targets.lowering import lower
+
     from graphopt.tune import exported_for_tuning
 
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
