@@ -65,7 +65,10 @@ def _eval_mode(model: torch.nn.Module, report_warnings: list[str]):
                "running statistics). Call model.eval() before compile to silence this.")
         warnings.warn(msg, GraphoptWarning, stacklevel=4)
         report_warnings.append(msg)
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export'ed modules (e.g. PT2E-converted) refuse eval(); export fixed their mode
+        pass
     try:
         yield
     finally:

@@ -97,9 +97,10 @@ class PassManager:
 
 
 def default_passes() -> list[GraphPass]:
-    """The inference clean-up pipeline every compile runs."""
+    """The inference clean-up pipeline every compile runs (QDQ folding is a no-op on float graphs)."""
     from graphopt.passes.dead_code import DeadCodeElimination
     from graphopt.passes.fold_batchnorm import FoldBatchNorm
+    from graphopt.passes.fold_qdq import FoldQDQ
     from graphopt.passes.remove_identity import RemoveIdentity
 
-    return [RemoveIdentity(), FoldBatchNorm(), DeadCodeElimination()]
+    return [RemoveIdentity(), FoldBatchNorm(), FoldQDQ(), DeadCodeElimination()]

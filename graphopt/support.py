@@ -16,7 +16,9 @@ def _importer_ops() -> set[str]:
         ExportedProgramImporter,
     )
 
-    return {k for k in ExportedProgramImporter().convert_map if isinstance(k, str)}
+    from graphopt.targets.converters import converters
+
+    return {k for k in ExportedProgramImporter().convert_map if isinstance(k, str)} | set(converters())
 
 
 def unsupported_ops(ep: torch.export.ExportedProgram) -> list[Unsupported]:

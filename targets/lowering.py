@@ -36,7 +36,9 @@ class LoweringResult:
 def _import(ep, spec, state):
     from tvm.relax.frontend.torch import from_exported_program
 
-    return from_exported_program(ep, keep_params_as_input=False)
+    from graphopt.targets.converters import converters
+
+    return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=converters())
 
 
 def _decompose(mod, spec, state):
