@@ -8,29 +8,39 @@ import warnings as _warnings
 # torch 2.13's own pytree code trips its LeafSpec deprecation on every export; it is not actionable here.
 _warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
-from graphopt.api import GraphoptWarning, compile
-from graphopt.capture import CaptureMethod, capture
-from graphopt.compiled import CompiledModel
-from graphopt.errors import (ArtifactError, CaptureError, ConfigError, GraphoptError, InputError, LoweringError,
-                             NumericsError, PassError, QuantizationError, ToolchainError, UnknownTargetError,
-                             UnsupportedModelError)
-from graphopt.legalize import CheckResult, OperatorSetError, check
-from graphopt.pipeline import PassManager, default_passes
-from graphopt.prune import Criterion, PruneConfig, PruneReport, apply_plan, prunable_groups, prune, prune_iteratively
-from graphopt.regularize import Norm, filter_norm_penalty, weight_penalty
-from graphopt.report import Report
-from graphopt.sparsity import Scope, load_sparse, magnitude_prune, remove_masks, save_sparse
-from graphopt.targets import Feature, Runtime, TargetSpec, get_target, list_targets, register_target
-from graphopt.targets.opset import OperatorSet, OpRule
-from graphopt.tune import RPCRunner, TuningError, TuningSummary, tune
+from graphopt.api import GraphoptWarning, compile  # noqa: E402
+from graphopt.capture import CaptureMethod, capture  # noqa: E402
+from graphopt.compiled import CompiledModel  # noqa: E402
+from graphopt.distill import DistillationLoss, Ensemble, SoftLoss, distill, pseudo_label  # noqa: E402
+from graphopt.errors import (  # noqa: E402
+    ArtifactError, CaptureError, ConfigError, GraphoptError, InputError, LoweringError, NumericsError, PassError,
+    QuantizationError, ToolchainError, UnknownTargetError, UnsupportedModelError)
+from graphopt.legalize import CheckResult, OperatorSetError, check  # noqa: E402
+from graphopt.pipeline import PassManager, default_passes  # noqa: E402
+from graphopt.prune import (  # noqa: E402
+    Criterion, PruneConfig, PruneReport, apply_plan, prunable_groups, prune, prune_iteratively)
+from graphopt.quantize import (  # noqa: E402
+    LayerQuant, Observer, QuantScheme, binarize, convert, prepare_qat, quantize, to_integer)
+from graphopt.recipe import OptimizeResult, PruneStage, QuantStage, Recipe, Stop, optimize  # noqa: E402
+from graphopt.regularize import Norm, filter_norm_penalty, weight_penalty  # noqa: E402
+from graphopt.report import Report  # noqa: E402
+from graphopt.sparsity import Scope, load_sparse, magnitude_prune, remove_masks, save_sparse  # noqa: E402
+from graphopt.targets import Feature, Runtime, TargetSpec, get_target, list_targets, register_target  # noqa: E402
+from graphopt.targets.opset import OperatorSet, OpRule  # noqa: E402
+from graphopt.training import TrainConfig, evaluate, fit  # noqa: E402
+from graphopt.tune import RPCRunner, TuningError, TuningSummary, tune  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError", "CaptureError", "CaptureMethod", "CheckResult", "CompiledModel", "ConfigError", "Criterion",
-    "Feature", "GraphoptError", "GraphoptWarning", "InputError", "LoweringError", "Norm", "NumericsError", "OpRule",
-    "OperatorSet", "OperatorSetError", "PassError", "RPCRunner", "PassManager", "PruneConfig", "PruneReport", "Report", "Runtime", "Scope", "TargetSpec", "ToolchainError",
-    "TuningError", "TuningSummary", "UnknownTargetError", "UnsupportedModelError", "apply_plan", "capture", "check", "compile", "default_passes",
-    "filter_norm_penalty", "get_target", "list_targets", "load_sparse", "magnitude_prune", "prunable_groups",
-    "prune", "prune_iteratively", "register_target", "remove_masks", "save_sparse", "tune", "weight_penalty",
+    "DistillationLoss", "Ensemble", "Feature", "GraphoptError", "GraphoptWarning", "InputError", "LayerQuant",
+    "LoweringError", "Norm", "NumericsError", "Observer", "OpRule", "OperatorSet", "OperatorSetError",
+    "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport", "PruneStage", "QuantScheme",
+    "QuantStage", "QuantizationError", "RPCRunner", "Recipe", "Report", "Runtime", "Scope", "SoftLoss", "Stop",
+    "TargetSpec", "ToolchainError", "TrainConfig", "TuningError", "TuningSummary", "UnknownTargetError",
+    "UnsupportedModelError", "apply_plan", "binarize", "capture", "check", "compile", "convert", "default_passes",
+    "distill", "evaluate", "filter_norm_penalty", "fit", "get_target", "list_targets", "load_sparse",
+    "magnitude_prune", "optimize", "prepare_qat", "prunable_groups", "prune", "prune_iteratively", "pseudo_label",
+    "quantize", "register_target", "remove_masks", "save_sparse", "to_integer", "tune", "weight_penalty",
 ]
