@@ -5,36 +5,23 @@ with the folded *integer* graph (graphopt.qops in PyTorch), and printed (run wit
 """
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import graphopt
 from conftest import IN_CI
-
-DATA = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _idx(name: str, offset: int) -> np.ndarray:
-    return np.frombuffer(gzip.open(DATA / name).read(), np.uint8, offset=offset)
+from graphopt.datasets import FASHION_MNIST_DIR, fashion_mnist
 
 
 @pytest.fixture(scope="session")
 def fmnist():
-    if not DATA.exists():
+    if not FASHION_MNIST_DIR.exists():
         if IN_CI:
             pytest.fail("Fashion-MNIST missing; scripts/setup.sh installs dataset-fashion-mnist")
         pytest.skip("needs apt package dataset-fashion-mnist (scripts/setup.sh)")
-
-    def images(name):
-        return (torch.from_numpy(_idx(name, 16).reshape(-1, 1, 28, 28).copy()).float() / 255.0 - 0.2860) / 0.3530
-
-    return (images("train-images-idx3-ubyte.gz"), torch.from_numpy(_idx("train-labels-idx1-ubyte.gz", 8).copy()).long(),
-            images("t10k-images-idx3-ubyte.gz"), torch.from_numpy(_idx("t10k-labels-idx1-ubyte.gz", 8).copy()).long())
+    train, test = fashion_mnist("train"), fashion_mnist("test")
+    return (*train.tensors, *test.tensors)
 
 
 class SmallCNN(nn.Module):
