@@ -5,12 +5,14 @@
 H is cross-entropy, σ the softmax, τ the temperature. The notes' loss has no τ² factor; Hinton et
 al. multiply the soft term by τ² so its gradients keep their size as τ grows — `t2_scaling=True`
 does that. `SoftLoss.KL` uses KL(p_t ‖ p_s) = H(p_t, p_s) − H(p_t): the same gradients, a loss that
-reaches 0 when the student matches. The teacher is frozen (eval mode, no gradients); an ensemble
+reaches 0 when the student matches. The teacher is frozen (eval mode, forward under no_grad, its
+modules' training flags restored afterwards); an ensemble
 teacher averages its members' logits. Refuses: τ ≤ 0, negative or all-zero weights, teacher and
 student outputs of different shapes, empty data.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -79,12 +81,18 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def _frozen_teacher(teacher: nn.Module | Sequence[nn.Module]) -> nn.Module:
+@contextlib.contextmanager
+def _frozen_teacher(teacher: nn.Module | Sequence[nn.Module]):
+    """The teacher in eval mode for the duration; its forward runs under no_grad, so it never trains.
+    The caller's modules get their training flags back afterwards (nothing else is changed)."""
     t = teacher if isinstance(teacher, nn.Module) else Ensemble(list(teacher))
+    modes = {m: m.training for m in t.modules()}
     t.eval()
-    for p in t.parameters():
-        p.requires_grad_(False)
-    return t
+    try:
+        yield t
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 @torch.no_grad()
@@ -99,14 +107,14 @@ def pseudo_label(teacher: nn.Module | Sequence[nn.Module], unlabeled: Iterable, 
         raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
-    t = _frozen_teacher(teacher)
     xs, ys = [], []
-    for batch in unlabeled:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        probs = F.softmax(t(x) / temperature, dim=-1)
-        keep = probs.max(-1).values >= threshold
-        xs.append(x[keep])
-        ys.append(probs.argmax(-1)[keep] if hard else probs[keep])
+    with _frozen_teacher(teacher) as t:
+        for batch in unlabeled:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            probs = F.softmax(t(x) / temperature, dim=-1)
+            keep = probs.max(-1).values >= threshold
+            xs.append(x[keep])
+            ys.append(probs.argmax(-1)[keep] if hard else probs[keep])
     if not xs:
         raise ConfigError("unlabeled data is empty")
     return TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -122,17 +130,16 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module], train_
     penalty:      optional ``penalty(student) -> tensor`` added to every batch's loss (e.g.
                   `graphopt.filter_norm_penalty`).
     """
-    t = _frozen_teacher(teacher)
     batches = _LabeledThenUnlabeled(train_data, extra_inputs or ())
+    with _frozen_teacher(teacher) as t:
+        def step(model: nn.Module, batch) -> torch.Tensor:
+            x, y = batch
+            with torch.no_grad():
+                z_t = t(x)
+            value = loss(model(x), z_t, y)
+            return value + penalty(model) if penalty is not None else value
 
-    def step(model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        with torch.no_grad():
-            z_t = t(x)
-        value = loss(model(x), z_t, y)
-        return value + penalty(model) if penalty is not None else value
-
-    return fit(student, batches, step, config)
+        return fit(student, batches, step, config)
 
 
 class _LabeledThenUnlabeled:

@@ -74,6 +74,7 @@ def test_distill_trains_only_the_student_and_leaves_teacher_untouched():
     fit(teacher, loader(_data()), lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
         TrainConfig(epochs=3, lr=1e-2, progress=False))
     teacher.zero_grad(set_to_none=True)
+    teacher.train()  # distill must use it in eval mode and hand it back in train mode
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = nn.Linear(8, 2)
     s_before = student.weight.detach().clone()
@@ -81,6 +82,7 @@ def test_distill_trains_only_the_student_and_leaves_teacher_untouched():
             extra_inputs=[x for x, _ in loader(_data(seed=1))])
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training  # the caller's model, as it was
     assert not torch.equal(student.weight, s_before)
     assert evaluate(student, loader(_data(seed=2), shuffle=False)) > 0.8
 
