@@ -112,8 +112,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     with _eval_mode(model, report.warnings):
         with steps.phase("capture"):
             captured = capture(model, args, capture_method)
-            with torch.no_grad():
-                reference = model(*args)
+            reference = captured.outputs
     report.capture_method = captured.method.value
     report.capture_fallback_reason = captured.fallback_reason
     gm = captured.graph_module

@@ -31,6 +31,7 @@ class Captured:
     graph_module: fx.GraphModule
     method: CaptureMethod
     fallback_reason: str | None = None  # why torch.export was not used, if it was not
+    outputs: object = None  # the model's own outputs on the example inputs (the eager reference)
 
 
 def check_example_inputs(example_inputs) -> tuple:
@@ -90,7 +91,7 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
     args = check_example_inputs(example_inputs)
     try:
         with torch.no_grad():
-            model(*args)
+            outputs = model(*args)
     except Exception as exc:  # the model itself rejects the inputs: say so, not "capture failed"
         raise InputError(f"the model raised on the example inputs ({_first_line(exc)}) at {_user_frame(exc)}. "
                          f"Check the number, shapes and dtypes of example_inputs: got "
@@ -99,7 +100,7 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
     failures: list[Unsupported] = []
     if method in (CaptureMethod.AUTO, CaptureMethod.EXPORT):
         try:
-            return Captured(_via_export(model, args), CaptureMethod.EXPORT)
+            return Captured(_via_export(model, args), CaptureMethod.EXPORT, None, outputs)
         except Exception as exc:
             failures.append(Unsupported(f"torch.export: {_first_line(exc)}", _user_frame(exc),
                                         "remove data-dependent Python control flow (use torch.where / torch.cond)"))
@@ -109,7 +110,7 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
                 warnings.simplefilter("ignore")
                 gm = _via_symbolic_trace(model, args)
             reason = failures[0].what if failures else None
-            return Captured(gm, CaptureMethod.SYMBOLIC_TRACE, reason)
+            return Captured(gm, CaptureMethod.SYMBOLIC_TRACE, reason, outputs)
         except Exception as exc:
             failures.append(Unsupported(f"fx.symbolic_trace: {_first_line(exc)}", _user_frame(exc),
                                         "avoid Python control flow on tensor values and calls like int(tensor)"))
