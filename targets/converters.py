@@ -10,6 +10,8 @@ arithmetic of `graphopt.qops` written as int64 elementwise ops. Every converter 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import torch
@@ -50,64 +52,107 @@ def _emit(imp, expr):
     return imp.block_builder.emit(expr)
 
 
-def _mbqm_expr(acc, m0, shift):
-    """MultiplyByQuantizedMultiplier as one int64 TIR expression, written so that no sub-term is used
-    more than twice (kernels inline it into consumers):
-
-        x = sat32(acc ≪ left);  high = truncdiv(x·M0 + (x ≥ 0 ? 2^30 : 1 − 2^30), 2^31)      (SRDHM, M0 > 0)
-        RDBPOT(high, right) = (high + ⌊2^right / 2⌋ − [high < 0 ∧ right > 0]) ≫ right      (ties away from 0)
-
-    `graphopt.qref` computes the textbook gemmlowp form; tests check the two agree bit for bit."""
-    from tvm import tirx
-
-    def c(v):
-        return tirx.const(v, "int64")
-
-    left, right = tirx.max(shift, c(0)), tirx.max(c(0) - shift, c(0))
-    x = tirx.min(tirx.max(acc << left, c(-(2 ** 31))), c(2 ** 31 - 1))
-    high = tirx.truncdiv(x * m0 + tirx.Select(x >= c(0), c(1 << 30), c(1 - (1 << 30))), c(1 << 31))
-    nudge = ((c(1) << right) >> c(1)) - tirx.Cast("int64", tirx.all(high < c(0), right > c(0)))
-    return (high + nudge) >> right
+_CONSTANTS: contextvars.ContextVar[dict] = contextvars.ContextVar("graphopt_constants", default={})
 
 
-def _emit_unfused(imp, compute, *args, name: str):
-    """emit_te, with the kernel marked opaque so FuseOps keeps it whole: fused schedules inline
-    producers into consumers, and chains of fixed-point expressions would grow multiplicatively."""
-    bb = imp.block_builder
-    out = bb.emit_te(compute, *args, primfunc_name_hint=name)
-    gv = bb.lookup_binding(out).args[0]
-    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))  # kOpaque
-    return out
+@contextlib.contextmanager
+def constants_of(ep):
+    """Make `ep`'s parameters, buffers and constants readable by converters (`_constant`) while it
+    is imported: converters fold per-channel parameters in numpy instead of emitting Relax ops."""
+    values = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
+    by_name = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
+    token = _CONSTANTS.set(by_name)
+    try:
+        yield
+    finally:
+        _CONSTANTS.reset(token)
 
 
-def _clamp_int8_expr(y, lo: int, hi: int):
-    from tvm import tirx
+def constant_value(arg):
+    """numpy value of an fx node argument that is a parameter, buffer or constant of the program being
+    imported (inside `constants_of`), else None."""
+    value = _CONSTANTS.get().get(arg.name) if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" else None
+    return None if value is None else value.detach().cpu().numpy()
 
-    return tirx.Cast("int8", tirx.min(tirx.max(y, tirx.const(lo, "int64")), tirx.const(hi, "int64")))
+
+def _constant(arg):
+    value = constant_value(arg)
+    if value is None:
+        raise TypeError(f"{arg} must be a model constant (a buffer the quantization folding made)")
+    return value
 
 
 def _ndim(node) -> int:
     return node.meta["val"].dim()
 
 
+def _fixed_point_multiply(imp, x, mults, shifts, const):
+    """MultiplyByQuantizedMultiplier of an int32 Relax tensor by compile-time (M0, shift) as Relax
+    ops — elementwise, so layout conversion keeps them channel-last and FuseOps fuses them into the
+    producing kernel's epilogue. Only the product is 64-bit:
+
+        x = sat32(x ≪ left)                                  (int64 only where some left > 0)
+        high = (x·M0 + 2^30) ≫ 31                             (= gemmlowp's SRDHM, nudge and truncation
+                                                                folded into one floor shift; M0 > 0)
+        y = (high ≫ right) + [(high & mask) > mask/2 + (high < 0)]    (RDBPOT, mask = 2^right − 1)
+
+    `const(values, dtype)` makes a constant broadcasting along the multiplier's axis."""
+    import numpy as np
+    from tvm import relax
+
+    op, e = relax.op, lambda v: _emit(imp, v)
+    left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
+    if left.any():
+        x = e(op.left_shift(op.astype(x, "int64"), const(left, "int64")))
+        x = e(op.astype(op.minimum(op.maximum(x, const(-(2 ** 31), "int64")), const(2 ** 31 - 1, "int64")), "int32"))
+    product = op.multiply(op.astype(x, "int64"), const(mults, "int64"))
+    high = e(op.astype(op.right_shift(op.add(product, const(1 << 30, "int64")), const(31, "int64")), "int32"))
+    mask = (np.int64(1) << right) - 1
+    threshold = op.add(op.astype(op.less(high, const(0, "int32")), "int32"), const(mask >> 1, "int32"))
+    return e(op.add(op.right_shift(high, const(right, "int32")),
+                    op.astype(op.greater(op.bitwise_and(high, const(mask, "int32")), threshold), "int32")))
+
+
+def _constants_along(nd: int, axis: int):
+    """const(values, dtype): a scalar constant, or one shaped to broadcast along `axis` of rank `nd`
+    (tensor operands go first in every binary op: a constant left operand makes layout conversion
+    fall back to NCHW)."""
+    import numpy as np
+    from tvm import relax
+
+    def const(values, dtype):
+        v = np.asarray(values).astype(dtype)
+        if v.size == 1:
+            return relax.const(v.reshape(()).item(), dtype)
+        shape = [1] * nd
+        shape[axis] = v.size
+        return relax.const(v.reshape(shape), dtype)
+
+    return const
+
+
+def _saturate_int8(imp, y, out_zp: int, qmin: int, qmax: int, const):
+    from tvm import relax
+
+    op = relax.op
+    y = op.add(y, const(out_zp, "int32"))
+    return _emit(imp, op.astype(op.minimum(op.maximum(y, const(qmin, "int32")), const(qmax, "int32")), "int8"))
+
+
 @register_converter("requantize.default")
 def _requantize(node, imp):
-    from tvm import te, tirx
+    """`qops.requantize`: int32 accumulators to int8 through `_fixed_point_multiply`."""
+    import numpy as np
+    from tvm import relax
 
-    acc, in_zp, mult, shift, axis, out_zp, qmin, qmax = _args(node, imp)
-    per_channel = node.args[2].meta["val"].numel() > 1
-    axis = axis % _ndim(node)
-
-    def compute(acc_t, m_t, s_t):
-        def body(*idx):
-            ch = idx[axis] if per_channel else 0
-            a = tirx.Cast("int64", acc_t[idx]) - tirx.const(in_zp, "int64")
-            y = _mbqm_expr(a, tirx.Cast("int64", m_t[ch]), tirx.Cast("int64", s_t[ch]))
-            return _clamp_int8_expr(y + tirx.const(out_zp, "int64"), qmin, qmax)
-
-        return te.compute(acc_t.shape, body, name="requantize")
-
-    return _emit_unfused(imp, compute, acc, mult, shift, name="requantize")
+    acc, in_zp, _, _, axis, out_zp, qmin, qmax = _args(node, imp)
+    mults, shifts = (_constant(a).astype(np.int64).reshape(-1) for a in node.args[2:4])
+    const = _constants_along(_ndim(node), axis % _ndim(node))
+    if in_zp:  # acc − in_zp may leave int32: saturate like the left shift does
+        wide = relax.op.subtract(relax.op.astype(acc, "int64"), const(in_zp, "int64"))
+        acc = _emit(imp, relax.op.astype(relax.op.minimum(relax.op.maximum(
+            wide, const(-(2 ** 31), "int64")), const(2 ** 31 - 1, "int64")), "int32"))
+    return _saturate_int8(imp, _fixed_point_multiply(imp, acc, mults, shifts, const), out_zp, qmin, qmax, const)
 
 
 def _zp_times_weight_sum(imp, w, x_zp: int, axes: list[int]):
@@ -122,6 +167,10 @@ def _zp_times_weight_sum(imp, w, x_zp: int, axes: list[int]):
 def _qconv2d(node, imp):
     from tvm import relax
 
+    from graphopt.targets import lowbit
+
+    if (packed := lowbit.qconv2d(node, imp)) is not None:  # weights from unpack_bits: packed kernels
+        return packed
     x, x_zp, w, bias, stride, padding, dilation, groups = _args(node, imp)
     ph, pw = padding
     if ph or pw:  # pad with the zero point (real 0), then the conv itself needs no padding
@@ -138,6 +187,10 @@ def _qconv2d(node, imp):
 def _qlinear(node, imp):
     from tvm import relax
 
+    from graphopt.targets import lowbit
+
+    if (packed := lowbit.qlinear(node, imp)) is not None:  # weights from unpack_bits: packed kernels
+        return packed
     x, x_zp, w, bias = _args(node, imp)
     acc = _emit(imp, relax.op.matmul(x, relax.op.permute_dims(w, [1, 0]), out_dtype="int32"))
     if x_zp:
@@ -174,31 +227,23 @@ def _qsum_pool2d(node, imp):
 
 @register_converter("qadd.default")
 def _qadd(node, imp):
-    from tvm import te, tirx, topi
+    """TFLite's quantized add: each side (x − zp) ≪ 20 rescaled, summed, rescaled to the output."""
+    import numpy as np
+    from tvm import relax
 
     from graphopt.qops import LEFT_SHIFT_ADD
 
-    a, a_zp, am, ash, b, b_zp, bm, bsh, om, osh, out_zp, qmin, qmax = _args(node, imp)
-    shape = [int(d) for d in node.meta["val"].shape]
+    a, a_zp, _, _, b, b_zp, _, _, _, _, out_zp, qmin, qmax = _args(node, imp)
+    params = [_constant(node.args[i]).astype(np.int64).reshape(-1) for i in (2, 3, 6, 7, 8, 9)]
+    const = _constants_along(_ndim(node), 0)  # per-tensor multipliers: scalars
 
-    def compute(a_t, b_t, am_t, ash_t, bm_t, bsh_t, om_t, osh_t):
-        a_t, b_t = topi.broadcast_to(a_t, shape), topi.broadcast_to(b_t, shape)
+    def side(x, zp, m, s):
+        x = _emit(imp, relax.op.subtract(relax.op.astype(x, "int32"), const(zp, "int32")))
+        return _fixed_point_multiply(imp, _emit(imp, relax.op.left_shift(x, const(LEFT_SHIFT_ADD, "int32"))), m, s,
+                                     const)
 
-        def i64(x):
-            return tirx.Cast("int64", x)
-
-        def side(x, zp, m, s):
-            return _mbqm_expr((i64(x) - tirx.const(zp, "int64")) << tirx.const(LEFT_SHIFT_ADD, "int64"), i64(m[0]),
-                              i64(s[0]))
-
-        def body(*idx):
-            total = side(a_t[idx], a_zp, am_t, ash_t) + side(b_t[idx], b_zp, bm_t, bsh_t)
-            y = _mbqm_expr(total, i64(om_t[0]), i64(osh_t[0]))
-            return _clamp_int8_expr(y + tirx.const(out_zp, "int64"), qmin, qmax)
-
-        return te.compute(shape, body, name="qadd")
-
-    return _emit_unfused(imp, compute, a, b, am, ash, bm, bsh, om, osh, name="qadd")
+    total = _emit(imp, relax.op.add(side(a, a_zp, *params[0:2]), side(b, b_zp, *params[2:4])))
+    return _saturate_int8(imp, _fixed_point_multiply(imp, total, *params[4:6], const), out_zp, qmin, qmax, const)
 
 
 @register_converter("qlut.default")
@@ -260,25 +305,33 @@ def _scalar_or_tensor(imp, v, dtype: str):
     return relax.const(v, dtype)
 
 
-def _round_half_even(imp, v):
-    """torch.round: nearest, ties to even (TVM's round goes away from zero)."""
-    from tvm import relax
-
-    op, e = relax.op, lambda x: _emit(imp, x)
-    f = e(op.floor(v))
-    d = e(op.subtract(v, f))
-    half, one = relax.const(0.5, "float32"), relax.const(1.0, "float32")
-    tie = e(op.add(f, op.floor_mod(f, relax.const(2.0, "float32"))))
-    return e(op.where(op.greater(d, half), op.add(f, one), op.where(op.less(d, half), f, tie)))
-
-
 def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
-    from tvm import relax
+    """round_half_even(x · inv_scale) + zp, clamped — one kernel, kept out of fusion (opaque): fused
+    with the layout transpose and padding that follow a graph input it would run on the padded
+    channel-last tensor, 3 scalar channels at a time, instead of vectorized along the width.
+    Ties to even (torch.round; TVM's round goes away from zero) use the parity f − 2·⌊f/2⌋ of
+    f = ⌊v⌋ (floor_mod on floats would be an fmod call per element)."""
+    from tvm import te, tirx, topi
 
-    v = _round_half_even(imp, _emit(imp, relax.op.multiply(x, inv_scale)))
-    y = relax.op.add(v, relax.op.astype(zp, "float32"))
-    lo, hi = relax.const(float(qmin), "float32"), relax.const(float(qmax), "float32")
-    return _emit(imp, relax.op.astype(relax.op.minimum(relax.op.maximum(y, lo), hi), _DTYPES[dtype]))
+    def compute(x_t, inv_t, zp_t):
+        v = topi.multiply(x_t, inv_t)
+        shape = topi.add(v, topi.cast(zp_t, "float32")).shape  # the broadcast result shape
+        v, z = topi.broadcast_to(v, shape), topi.broadcast_to(topi.cast(zp_t, "float32"), shape)
+
+        def body(*i):
+            f = tirx.floor(v(*i))
+            d = v(*i) - f
+            parity = f - tirx.floor(f * 0.5) * 2.0
+            r = tirx.Select(d > 0.5, f + 1.0, tirx.Select(d < 0.5, f, f + parity))
+            return tirx.Cast(_DTYPES[dtype], tirx.min(tirx.max(r + z(*i), float(qmin)), float(qmax)))
+
+        return te.compute(shape, body, name="quantize")
+
+    bb = imp.block_builder
+    out = bb.emit_te(compute, x, inv_scale, zp, primfunc_name_hint="quantize")
+    gv = bb.lookup_binding(out).args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))  # kOpaque: not fused, see above
+    return out
 
 
 def _dequantize(imp, x, scale, zp, out_dtype):

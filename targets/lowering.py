@@ -36,9 +36,10 @@ class LoweringResult:
 def _import(ep, spec, state):
     from tvm.relax.frontend.torch import from_exported_program
 
-    from graphopt.targets.converters import converters
+    from graphopt.targets.converters import constants_of, converters
 
-    return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=converters())
+    with constants_of(ep):
+        return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=converters())
 
 
 def _decompose(mod, spec, state):
@@ -97,10 +98,11 @@ def _fold_constant_transforms(call, args):
     if call.op.same_as(Op.get("relax.permute_dims")) and consts[0]:
         data = args[0].value.numpy()
         axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
-        return relax.const(np.ascontiguousarray(np.transpose(data, axes)))
+        return relax.const(np.ascontiguousarray(np.transpose(data, axes)), str(data.dtype))
     if call.op.same_as(Op.get("relax.reshape")) and consts[0] and isinstance(args[1], relax.ShapeExpr) \
             and all(isinstance(v, tvm.tirx.IntImm) for v in args[1].values):
-        return relax.const(args[0].value.numpy().reshape([int(v) for v in args[1].values]))
+        data = args[0].value.numpy()
+        return relax.const(data.reshape([int(v) for v in args[1].values]), str(data.dtype))
     if (call.op.same_as(Op.get("relax.nn.conv2d")) or call.op.same_as(Op.get("relax.matmul"))) and consts[1]:
         return relax.Call(call.op, args, call.attrs, call.ty_args)
     return None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from graphopt.targets.int8 import MAIN_BLOCKS, DotKernel, dot_kernel, legalize_conv2d, legalize_matmul
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
@@ -45,11 +46,13 @@ class CpuParams:
     lanes: int  # fp32 lanes of one vector register
     vector_regs: int  # architectural vector registers (bounds the accumulator tile)
     cores: int  # threads parallel loops are sized for
+    dot: DotKernel | None = None  # int8 dot-product instruction, if the target has one
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> "CpuParams":
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
-        return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores)
+        return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
+                   dot=dot_kernel(spec))
 
 
 def _int(expr) -> int | None:
@@ -96,6 +99,9 @@ def conv2d_legalizer(params: "CpuParams"):
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def legalize(bb, call):
+        packed = legalize_conv2d(bb, call, params.dot) if params.dot is not None else None
+        if packed is not None:
+            return packed
         attrs = call.attrs
         wshape = call.args[1].ty.shape
         if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
@@ -126,6 +132,9 @@ def matmul_legalizer(params: "CpuParams"):
     default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
 
     def legalize(bb, call):
+        packed = legalize_matmul(bb, call, params.dot) if params.dot is not None else None
+        if packed is not None:
+            return packed
         a, w = call.args
         if not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 2 or a.ty.ndim < 2 \
                 or str(w.ty.dtype) != str(a.ty.dtype):
@@ -178,6 +187,46 @@ def _schedule_spatial(sch: s_tir.Schedule, block, params: CpuParams) -> None:
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
     _vectorize_innermost(sch, sch.get_loops(block)[-1], params.lanes)
+
+
+# Stack bytes TVM allows a buffer; larger per-tile buffers go to the heap (and out of registers).
+_STACK_BYTES = 1024
+
+
+def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int) -> None:
+    """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
+    consumer is inlined into it; a block read by several (e.g. the fixed-point ``high`` term of a
+    requantize) is computed once per tile into a tile-sized buffer — inlining those duplicates their
+    expressions at every use, which grows chained requantizations multiplicatively (and once made
+    LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose)
+    runs as its own loop nest; with no epilogue, the accumulator is written back per tile."""
+    placed, deferred = [], []
+    on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
+    for block in consumers:
+        name = sch.get(block).name_hint
+        if {sch.get(p).name_hint for p in sch.get_producers(block)} & on_main:
+            on_main.add(name)
+        if block is not consumers[-1] and len(sch.get_consumers(block)) == 1:
+            sch.compute_inline(block)
+        elif name not in on_main:  # e.g. the other operand's rescale in a fused residual add
+            deferred.append(block)
+        else:
+            try:
+                sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
+                placed.append(block)
+            except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
+                _schedule_spatial(sch, block, CpuParams(lanes, 32, 1))
+    for block in reversed(deferred):  # computed for the tile its placed consumers need
+        try:
+            sch.compute_at(block, tile_loop, preserve_unit_loops=True)
+            placed.append(block)
+        except Exception:  # noqa: BLE001  a consumer runs outside the tile: inline it there instead
+            sch.compute_inline(block)
+    if not consumers:
+        placed.append(sch.cache_write(main, 0, "global"))
+        sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
+    for block in placed:
+        _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
 
 
 class ChannelLastReduction(dlight.ScheduleRule):
@@ -250,19 +299,7 @@ class ChannelLastReduction(dlight.ScheduleRule):
 
         # epilogue: inlined into one block computed per accumulator tile; an epilogue that does
         # not map onto the tile (e.g. a fused transpose) runs as its own loop nest instead
-        for c in consumers[:-1]:
-            sch.compute_inline(c.block_rv)
-        epilogue = None
-        if consumers:
-            try:
-                sch.reverse_compute_at(consumers[-1].block_rv, tile_loop, preserve_unit_loops=True)
-                epilogue = consumers[-1].block_rv
-            except Exception:  # noqa: BLE001  TVM refused: the epilogue does not map onto the tile
-                _schedule_spatial(sch, consumers[-1].block_rv, p)
-        if epilogue is None:  # the tile's accumulator is local and written back per tile
-            epilogue = sch.cache_write(main.block_rv, 0, "global")
-            sch.reverse_compute_at(epilogue, tile_loop, preserve_unit_loops=True)
-        _vectorize_innermost(sch, sch.get_loops(epilogue)[-1], p.lanes)
+        _tile_epilogue(sch, main.block_rv, [c.block_rv for c in consumers], tile_loop, p.lanes)
 
         if wi is not None:
             sch.unroll(wi)
@@ -275,6 +312,84 @@ class ChannelLastReduction(dlight.ScheduleRule):
             else:
                 _schedule_spatial(sch, b.block_rv, p)
         return sch
+
+
+class TensorizedDot(dlight.ScheduleRule):
+    """Schedules a PrimFunc built around one `MAIN_BLOCKS` compute (with fused prologue and epilogue):
+
+        parallel(outer pixels [, channel tiles]) · channel tiles · KH · KW · C/depth
+            · unrolled(pixels × channel vectors) · intrinsic(lanes × depth)
+
+    The accumulator tile (≤ `DotKernel.accumulators` vectors, ≤ 1 KiB so it stays on the stack and
+    in registers) is initialised, accumulated over the whole reduction, then the epilogue
+    (correction, bias, requantize, activation) is applied to it and written once."""
+
+    def __init__(self, kernel: DotKernel, cores: int, lanes: int):
+        self.kernel, self.cores, self.lanes = kernel, cores, lanes
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        idx = next((i for i, b in enumerate(infos) if sch.get(b.block_rv).name_hint.startswith(MAIN_BLOCKS)), None)
+        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
+            return None
+        k = self.kernel
+        main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
+        loops = sch.get_loops(main)
+        kinds = infos[idx].dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        f_o, f_i = sch.split(spatial[-1], [None, k.lanes])
+        r_o, r_i = sch.split(reduce[-1], [None, k.depth])
+        rows = spatial[:-1]  # e.g. (n, y, x): the tile spans `px` pixels of the innermost one
+        width = _loop_extent(sch, rows[-1]) if rows else 1
+        px, unroll = _register_tile(width, _loop_extent(sch, f_o), min(k.accumulators, _STACK_BYTES // (4 * k.lanes)))
+        f_oo, f_u = sch.split(f_o, [None, unroll])
+        if rows:
+            p_o, p_i = sch.split(rows[-1], [None, px])
+            outer, tile = rows[:-1] + [p_o], [p_i, f_u]
+        else:
+            outer, tile = [], [f_u]
+        pixels = int(np.prod([_loop_extent(sch, lp) for lp in outer])) * px if outer else 1
+        # loop order re-reading less: pixel tiles outermost re-stream the weights once per pixel tile,
+        # channel tiles outermost re-stream the input once per channel tile (e.g. 7×7×512 layers)
+        pixel_tiles = pixels // px
+        channels, channel_tiles = _loop_extent(sch, f_oo) * unroll * k.lanes, _loop_extent(sch, f_oo)
+        pixel_outer = pixel_tiles >= self.cores and pixel_tiles * channels <= channel_tiles * pixels
+        tiles = outer + [f_oo] if pixel_outer else [f_oo] + outer
+        sch.reorder(*tiles, *reduce[:-1], r_o, *tile, f_i, r_i)
+        tile_loop = tiles[-1]
+        if len(tiles) > 1:
+            sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
+
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes)
+
+        init = sch.decompose_reduction(main, (reduce[:-1] + [r_o])[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        for lp in tile:
+            sch.unroll(lp)
+        sch.tensorize(f_i, k.intrin)
+
+        # prologue: padding / channel padding / +128 inlined into one materialised input copy
+        for b in producers[:-1]:
+            sch.compute_inline(b.block_rv)
+        if producers:
+            last = producers[-1].block_rv
+            lp = sch.get_loops(last)
+            if len(lp) > 1:
+                sch.parallel(sch.fuse(*lp[:-1]))
+            _vectorize_innermost(sch, sch.get_loops(last)[-1], self.lanes * 4)
+        return sch
+
+
+def _register_tile(pixels: int, vectors: int, budget: int) -> tuple[int, int]:
+    """(pixels, channel vectors) per accumulator tile, each dividing its axis, at most `budget`
+    vectors: the most accumulators, then the fewest loads per dot (pixels + vectors)."""
+    options = [(p, v) for p in range(1, min(pixels, budget) + 1) if pixels % p == 0
+               for v in range(1, min(vectors, budget // p) + 1) if vectors % v == 0]
+    return max(options, key=lambda pv: (pv[0] * pv[1], -(pv[0] + pv[1])))
 
 
 def _parallel_extent(sch: s_tir.Schedule, tiles: list) -> int:
@@ -339,7 +454,8 @@ def _try(step) -> None:
 
 def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     """The rules, in priority order, as (name reported in stats, rule)."""
-    return [
+    tensorized = [("tensorized_dot", TensorizedDot(params.dot, params.cores, params.lanes))] if params.dot else []
+    return tensorized + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
         ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
         ("injective", Injective(params)),  # elementwise/transpose/pad chains

@@ -71,19 +71,28 @@ def test_pt2e_xnnpack_model_compiles_and_matches_pt2e_within_one_lsb():
     assert (cm(X) - want).abs().max().item() <= scale * (1 + 1e-4)
 
 
-def test_relax_fixed_point_formula_equals_reference_gemmlowp():
+def test_relax_fixed_point_multiply_equals_reference_gemmlowp():
+    """The converters' int32 form (one 64-bit product, floor shift) against qref's textbook gemmlowp,
+    per channel, over the whole int32 range and the ties, left and right shifts."""
     import tvm
-    from tvm import te
+    from tvm import relax
 
-    from graphopt.targets.converters import _mbqm_expr
+    from graphopt.targets.converters import _constants_along, _fixed_point_multiply
 
     rng = np.random.default_rng(0)
-    n = 100_000
-    acc = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, n // 2), rng.integers(-3000, 3000, n // 2)])
-    m0, shift = rng.integers(2 ** 30, 2 ** 31, n), rng.integers(-31, 8, n)
-    a, m, s = (te.placeholder((n,), "int64", name=k) for k in "ams")
-    out = te.compute((n,), lambda i: _mbqm_expr(a[i], m[i], s[i]))
-    f = tvm.compile(te.create_prim_func([a, m, s, out]), target="llvm")
-    got = tvm.runtime.tensor(np.zeros(n, np.int64))
-    f(*(tvm.runtime.tensor(v.astype(np.int64)) for v in (acc, m0, shift)), got)
-    assert np.array_equal(got.numpy(), qref._mbqm(acc, m0, shift))
+    channels, n = 64, 4000
+    acc = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, (channels, n // 2)),
+                          rng.integers(-3000, 3000, (channels, n // 2 - 4)),
+                          np.tile([-2 ** 31, 2 ** 31 - 1, -(2 ** 30), 2 ** 30], (channels, 1))], axis=1)
+    m0, shift = rng.integers(2 ** 30, 2 ** 31, channels), rng.integers(-31, 8, channels)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((channels, n), "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(_fixed_point_multiply(type("Importer", (), {"block_builder": bb}), x, m0, shift,
+                                                     _constants_along(2, 0)))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(acc.astype(np.int32))).numpy()
+    want = qref._mbqm(acc.astype(np.int64), m0[:, None], shift[:, None])
+    assert np.array_equal(got, want)

@@ -1,0 +1,203 @@
+"""Tensorized int8 conv2d and dense: weights packed at compile time for a CPU's dot-product instruction.
+
+A `DotKernel` names a registered TVM tensor intrinsic with the contract
+
+    C[i] += Σ_k int32(A[k]) · int32(B[i, k])        i < lanes, k < depth      (A: activations, B: weights)
+
+— AVX-512 VNNI ``vpdpbusd`` (16×4, unsigned activations), aarch64 ``sdot`` (4×4), plain NEON
+widening multiply-accumulate (4×4) — and which target feature enables it; `dot_kernel(spec)` picks
+the first registered kernel whose feature the target has (data, never target names).
+
+`legalize_conv2d` / `legalize_matmul` replace LegalizeOps for int8 × int8 → int32 ``conv2d``
+(NHWC/HWIO, any stride/dilation, not grouped) and ``matmul`` against a constant weight: the weight
+is packed in numpy to ``[F/lanes, KH, KW, C/depth, lanes, depth]`` (dense: ``[N/lanes, K/depth,
+lanes, depth]``), zero-padded to whole tiles — the layout the intrinsic reads with one vector load;
+auto-tensorizing unpacked weights is silently wrong in TVM 0.27. Unsigned-activation kernels see
+``x + 128`` and subtract ``128·Σw`` in the epilogue. `schedules.TensorizedDot` schedules the result.
+
+Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non-constant weights,
+targets without a dot kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from graphopt.targets.spec import Feature, TargetSpec
+from tvm import relax, te, tirx, topi
+
+MAIN_BLOCKS = ("conv2d_int8_dot", "dense_int8_dot")  # names of the compute blocks the tensorizing rule takes
+
+
+@dataclass(frozen=True)
+class DotKernel:
+    """A dot-product tensor intrinsic and the target feature that enables it."""
+
+    feature: Feature
+    intrin: str  # registered TensorIntrin name
+    lanes: int  # output channels per call (int32 results)
+    depth: int  # reduction elements per output per call
+    data_dtype: str  # "int8", or "uint8": activations are shifted by +128
+    accumulators: int  # vector registers the accumulator tile may use
+
+    def __post_init__(self):
+        if self.data_dtype not in ("int8", "uint8"):
+            raise ValueError(f"DotKernel.data_dtype must be 'int8' or 'uint8', not {self.data_dtype!r}")
+        if min(self.lanes, self.depth, self.accumulators) < 1:
+            raise ValueError("DotKernel lanes, depth and accumulators must be positive")
+
+
+_KERNELS: list[DotKernel] = []
+
+
+def register_dot_kernel(kernel: DotKernel) -> DotKernel:
+    """Add `kernel`; earlier registrations win for targets having several features."""
+    _KERNELS.append(kernel)
+    return kernel
+
+
+def dot_kernel(spec: TargetSpec) -> DotKernel | None:
+    """The dot kernel int8 layers use on `spec` (None: the generic int8 path)."""
+    _register_intrinsics()
+    return next((k for k in _KERNELS if spec.has(k.feature)), None)
+
+
+register_dot_kernel(DotKernel(Feature.AVX512_VNNI, "dot_16x4_vnni", 16, 4, "uint8", 16))
+register_dot_kernel(DotKernel(Feature.DOTPROD, "dot_4x4_i8i8s32_sdot", 4, 4, "int8", 24))
+register_dot_kernel(DotKernel(Feature.NEON, "dot_4x4_i8i8s32_neon", 4, 4, "int8", 16))
+
+_REGISTERED = False
+
+
+def _register_intrinsics() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from graphopt.targets.tuning import prepare_tvm
+
+        prepare_tvm()  # registers TVM's CPU intrinsics, with the VNNI one fixed for LLVM 22
+        from graphopt.targets import intrin_cortex_m  # noqa: F401  registers the Cortex-M DSP kernel
+        _REGISTERED = True
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _static(shape) -> list[int] | None:
+    if shape is None or any(not isinstance(d, tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _pack_conv_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
+    """HWIO [KH, KW, C, F] → [F/lanes, KH, KW, C/depth, lanes, depth], zero-padded to whole tiles."""
+    kh, kw, c, f = w.shape
+    cp, fp = _ceil(c, k.depth), _ceil(f, k.lanes)
+    w = np.pad(w, [(0, 0), (0, 0), (0, cp - c), (0, fp - f)])
+    w = w.reshape(kh, kw, cp // k.depth, k.depth, fp // k.lanes, k.lanes)
+    return np.ascontiguousarray(w.transpose(4, 0, 1, 2, 5, 3))
+
+
+def _pack_dense_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
+    """[K, N] → [N/lanes, K/depth, lanes, depth], zero-padded to whole tiles."""
+    kk, n = w.shape
+    kp, np_ = _ceil(kk, k.depth), _ceil(n, k.lanes)
+    w = np.pad(w, [(0, kp - kk), (0, np_ - n)]).reshape(kp // k.depth, k.depth, np_ // k.lanes, k.lanes)
+    return np.ascontiguousarray(w.transpose(2, 0, 3, 1))
+
+
+def _prepare_data(data, channels: int, k: DotKernel):
+    """Channels zero-padded to whole `depth` groups; +128 as uint8 for unsigned-activation kernels."""
+    c = int(data.shape[-1])
+    if channels != c:
+        data = topi.nn.pad(data, [0] * len(data.shape), [0] * (len(data.shape) - 1) + [channels - c],
+                           name="channel_pad")
+    if k.data_dtype == "uint8":
+        src = data
+        data = te.compute(src.shape, lambda *i: (src[i].astype("int32") + 128).astype("uint8"), name="data_u8")
+    return data
+
+
+def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
+    """int8 NHWC/HWIO conv2d with a constant weight as a tensorizable packed-weight kernel, or None."""
+    attrs = call.attrs
+    data, weight = call.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+            or int(attrs.groups) != 1 or not isinstance(weight, tvm.ir.expr.Constant) \
+            or str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8" \
+            or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    kh, kw, _, f = w.shape
+    packed = _pack_conv_weight(w, k)
+    correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
+        if k.data_dtype == "uint8" else None
+    strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    padding = [int(v) for v in attrs.padding]
+
+    def compute(x, wp, *corr):
+        pt, pl, pb, pr = padding
+        if any(padding):
+            x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+        xd = _prepare_data(x, packed.shape[3] * k.depth, k)
+        n, h, wd, _ = (int(d) for d in xd.shape)
+        (sh, sw), (dh, dw) = strides, dilation
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+        rc = te.reduce_axis((0, packed.shape[3] * k.depth), "rc")
+        acc = te.compute(
+            (n, oh, ow, packed.shape[0] * k.lanes),
+            lambda b, y, xx, ff: te.sum(
+                xd[b, y * sh + ry * dh, xx * sw + rx * dw, rc].astype("int32")
+                * wp[ff // k.lanes, ry, rx, rc // k.depth, ff % k.lanes, rc % k.depth].astype("int32"),
+                axis=[ry, rx, rc]),
+            name="conv2d_int8_dot")
+        return _finish(acc, f, corr)
+
+    return _emit(bb, compute, data, packed, correction, "conv2d_int8")
+
+
+def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
+    """int8 ``x @ W`` (W constant [K, N]) → int32 as a tensorizable packed-weight kernel, or None."""
+    a, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.Constant) or len(weight.ty.shape) != 2 or a.ty.ndim < 2 \
+            or str(a.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8" \
+            or str(call.attrs.out_dtype) != "int32" or _static(a.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    n = w.shape[1]
+    packed = _pack_dense_weight(w, k)
+    correction = (128 * w.astype(np.int64).sum(axis=0)).astype(np.int32) if k.data_dtype == "uint8" else None
+
+    def compute(x, wp, *corr):
+        xd = _prepare_data(x, packed.shape[1] * k.depth, k)
+        r = te.reduce_axis((0, packed.shape[1] * k.depth), "k")
+        acc = te.compute(
+            (*xd.shape[:-1], packed.shape[0] * k.lanes),
+            lambda *i: te.sum(xd[(*i[:-1], r)].astype("int32")
+                              * wp[i[-1] // k.lanes, r // k.depth, i[-1] % k.lanes, r % k.depth].astype("int32"),
+                              axis=r),
+            name="dense_int8_dot")
+        return _finish(acc, n, corr)
+
+    return _emit(bb, compute, a, packed, correction, "dense_int8")
+
+
+def _finish(acc, channels: int, corr):
+    """Subtract the unsigned-activation correction and drop the padding channels, if any."""
+    if not corr and int(acc.shape[-1]) == channels:
+        return acc
+    shape = [*acc.shape[:-1], channels]
+    if not corr:
+        return te.compute(shape, lambda *i: acc[i], name="dot_epilogue")
+    (c,) = corr
+    return te.compute(shape, lambda *i: acc[i] - c[i[-1]], name="dot_epilogue")
+
+
+def _emit(bb, compute, data, packed: np.ndarray, correction, name: str):
+    args = [data, relax.const(packed, "int8")]
+    if correction is not None:
+        args.append(relax.const(correction, "int32"))
+    return bb.call_te(compute, *args, primfunc_name_hint=name)
+
