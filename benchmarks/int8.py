@@ -1,0 +1,292 @@
+"""int8 vs fp32, in one run: does graphopt's int8 pay off on the host, on aarch64 and on a Cortex-M4?
+
+Host: a ResNet-18 (random weights, randomized BatchNorm, ``--size`` x ``--size``, batch 1, the host
+spec's core count as threads) as graphopt fp32, graphopt int8 (`graphopt.quantize`: PTQ, per-channel
+int8, calibrated on smooth random images), ONNX Runtime fp32 and ONNX Runtime int8 (static QDQ,
+per-channel, calibrated on the same images; u8 and s8 activations) and PyTorch eager fp32, all timed
+alternately call by call. Prints median/min ms, the accuracy of graphopt int8 (vs its PyTorch QDQ
+module and top-1 vs fp32) and PASS/FAIL for: graphopt int8 >= 2.5x faster than graphopt fp32, and
+faster than the fastest ONNX Runtime int8. The load average is printed: on a shared machine the
+figures are honest only relative to each other.
+
+aarch64 (``--arm-size``, default 64, emulated): instructions per inference under qemu-aarch64 (a
+PROXY, not a speed) of the same ResNet-18 fp32 vs int8 on arm-a53 (NEON), arm-a55 (dotprod) and
+arm-a76 (i8mm); requirement int8/fp32 <= 0.35.
+
+Cortex-M4 (zoo models, bare metal under qemu-system-arm): instructions per inference and RAM arena
+(activations) fp32 vs int8; requirements int8/fp32 <= 0.5 (instructions) and <= 0.3 (arena).
+
+Each section reports its own failure (e.g. a missing tool) and the others still run.
+
+Usage: python benchmarks/int8.py [--size 224] [--runs 30] [--arm-size 64] [--no-arm] [--no-m4]
+                                 [--m4-models plain_cnn,residual_cnn] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_latency import _interleaved_ms, _randomize_bn
+
+import graphopt
+from graphopt.zoo import ZOO, ResNet18
+
+ARM_TARGETS = ("arm-a53", "arm-a55", "arm-a76")
+HOST_SPEEDUP, ARM_RATIO, M4_INSTR_RATIO, M4_ARENA_RATIO = 2.5, 0.35, 0.5, 0.3
+
+
+def _images(shape: tuple, n: int, seed: int) -> list[tuple[torch.Tensor]]:
+    """``n`` batch-1 inputs of ``shape``: low-frequency noise plus a little pixel noise, standardized
+    (closer to natural images' activation ranges than white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = shape[1:]
+    out = []
+    for _ in range(n):
+        low = torch.randn(1, c, max(1, h // 8), max(1, w // 8), generator=g)
+        x = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        x = x + 0.1 * torch.randn(1, c, h, w, generator=g)
+        out.append(((x - x.mean()) / x.std(),))
+    return out
+
+
+def _resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(ResNet18()).eval()
+
+
+def _check(results: dict, label: str, value: float | None, op: str, limit: float) -> None:
+    ok = value is not None and {"<": value < limit, "<=": value <= limit, ">=": value >= limit}[op]
+    shown = "n/a" if value is None else f"{value:.3f}"
+    print(f"  {'PASS' if ok else 'FAIL'}  {label}: {shown} (required {op} {limit})", flush=True)
+    results.setdefault("requirements", []).append({"label": label, "value": value, "required": f"{op} {limit}",
+                                                   "pass": ok})
+
+
+# --------------------------------------------------------------------------- host
+
+def _ort_run(sess, name: str, x: torch.Tensor) -> np.ndarray:
+    return sess.run(None, {name: x.numpy()})[0]
+
+
+def _ort_sessions(model, x, calib, threads: int, workdir: Path) -> dict:
+    """ONNX Runtime callables: fp32 and static QDQ int8 (per-channel s8 weights; u8 and s8 activations)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, pre = workdir / "fp32.onnx", workdir / "fp32.pre.onnx"
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), str(fp32), dynamo=False)
+    quant_pre_process(str(fp32), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name):
+            self._it = iter([{name: b[0].numpy()} for b in calib])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    paths = {"ORT fp32": fp32}
+    name = ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    for label, act in (("ORT int8 (u8 act)", QuantType.QUInt8), ("ORT int8 (s8 act)", QuantType.QInt8)):
+        paths[label] = workdir / f"{act.name}.onnx"
+        quantize_static(str(pre), str(paths[label]), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=act, weight_type=QuantType.QInt8)
+    sessions = {}
+    for label, path in paths.items():
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sessions[label] = functools.partial(_ort_run, sess, sess.get_inputs()[0].name)
+    return sessions
+
+
+def host(args, results: dict) -> None:
+    threads = graphopt.get_target("host").num_cores
+    torch.set_num_threads(threads)
+    model = _resnet18()
+    shape = (1, 3, args.size, args.size)
+    x = _images(shape, 1, seed=100)[0][0]
+    calib, evals = _images(shape, args.calib, seed=1), _images(shape, args.eval, seed=2)
+    r = results["host"] = {"size": args.size, "threads": threads, "calibration_inputs": args.calib}
+
+    start = time.perf_counter()
+    q = graphopt.quantize(model, (x,), calib)
+    r["quantize_s"] = time.perf_counter() - start
+    compiled = {}
+    for label, m in (("graphopt fp32", model), ("graphopt int8", q)):
+        start = time.perf_counter()
+        compiled[label] = graphopt.compile(m, (x,), "host", progress=False)
+        r[f"compile_s {label}"] = time.perf_counter() - start
+    fns = {**compiled, "PyTorch eager fp32": model}
+    try:
+        with tempfile.TemporaryDirectory(prefix="graphopt-int8-") as tmp:
+            fns.update(_ort_sessions(model, x, calib, threads, Path(tmp)))
+    except Exception as exc:  # noqa: BLE001  ORT missing or failing must not hide graphopt's figures
+        r["onnxruntime_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"  ONNX Runtime skipped: {r['onnxruntime_error']} (pip install -e .[bench])", flush=True)
+
+    with torch.no_grad():
+        outs = {label: [np.asarray(fn(e[0])).reshape(-1) for e in evals] for label, fn in fns.items()}
+        qdq = [q(e[0]).numpy().reshape(-1) for e in evals]
+    scale = max(float(np.abs(o).max()) for o in qdq)
+    r["int8_vs_qdq_max_abs"] = max(float(np.abs(a - b).max()) for a, b in zip(outs["graphopt int8"], qdq))
+    r["int8_vs_qdq_rel"] = r["int8_vs_qdq_max_abs"] / scale
+    top1 = [int(o.argmax()) for o in outs["graphopt fp32"]]
+    r["top1_agreement_vs_graphopt_fp32"] = {
+        label: sum(int(o.argmax()) == t for o, t in zip(outs[label], top1)) / len(evals)
+        for label in outs if "int8" in label}
+
+    with torch.no_grad():
+        res = _interleaved_ms({label: functools.partial(fn, x) for label, fn in fns.items()}, args.runs)
+    r["ms"] = {label: {"median": med, "min": mn} for label, (med, mn) in res.items()}
+    r["load_average"] = os.getloadavg()
+    print(f"\nHost: ResNet-18 {args.size}x{args.size} batch 1, {threads} threads, {args.runs} interleaved runs, "
+          f"load average {r['load_average'][0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    g32 = res["graphopt fp32"][0]
+    for label, (med, mn) in res.items():
+        print(f"  {label:22s} median {med:8.2f} ms  min {mn:8.2f} ms  graphopt fp32 / this {g32 / med:5.2f}x")
+    print(f"  graphopt int8 vs its PyTorch QDQ module: max abs diff {r['int8_vs_qdq_max_abs']:.3g} "
+          f"({r['int8_vs_qdq_rel']:.2%} of output scale) over {args.eval} inputs")
+    print("  top-1 agreement with graphopt fp32: " + ", ".join(
+        f"{k} {v:.0%}" for k, v in r["top1_agreement_vs_graphopt_fp32"].items()), flush=True)
+    r["speedup_int8_vs_fp32"] = g32 / res["graphopt int8"][0]
+    _check(results, "host: graphopt int8 speed-up vs graphopt fp32 (median)", r["speedup_int8_vs_fp32"],
+           ">=", HOST_SPEEDUP)
+    ort_int8 = [res[k] for k in res if k.startswith("ORT int8")]
+    r["int8_vs_best_ort_int8"] = res["graphopt int8"][0] / min(t[0] for t in ort_int8) if ort_int8 else None
+    r["speedup_int8_vs_fp32_min"] = res["graphopt fp32"][1] / res["graphopt int8"][1]
+    r["int8_vs_best_ort_int8_min"] = res["graphopt int8"][1] / min(t[1] for t in ort_int8) if ort_int8 else None
+    print(f"  (on min times: int8 speed-up vs fp32 {r['speedup_int8_vs_fp32_min']:.2f}x, "
+          f"graphopt int8 / fastest ORT int8 {r['int8_vs_best_ort_int8_min'] or float('nan'):.2f})", flush=True)
+    _check(results, "host: graphopt int8 / fastest ORT int8 (median)", r["int8_vs_best_ort_int8"], "<", 1.0)
+
+
+# --------------------------------------------------------------------------- emulated targets
+
+def _instructions(model, inputs: tuple, target: str) -> tuple[int | None, dict]:
+    cm = graphopt.compile(model, inputs, target, progress=False, count_instructions=True)
+    rep = cm.report
+    if rep.instructions_per_inference is None:
+        print(f"  {target}: no instruction count ({rep.instructions_note})", flush=True)
+    return rep.instructions_per_inference, rep.lowering
+
+
+def arm(args, results: dict) -> None:
+    model = _resnet18()
+    shape = (1, 3, args.arm_size, args.arm_size)
+    x = _images(shape, 1, seed=100)[0][0]
+    q = graphopt.quantize(model, (x,), _images(shape, args.calib, seed=1))
+    r = results["arm"] = {"size": args.arm_size}
+    print(f"\naarch64: ResNet-18 {args.arm_size}x{args.arm_size}, instructions per inference under qemu-aarch64 "
+          "(PROXY, not time)", flush=True)
+    for target in ARM_TARGETS:
+        try:
+            spec = graphopt.get_target(target)
+            fp32, _ = _instructions(model, (x,), target)
+            int8, _ = _instructions(q, (x,), target)
+        except Exception as exc:  # noqa: BLE001  one target's failure must not hide the others
+            r[target] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {target}: FAILED {r[target]['error']}", flush=True)
+            _check(results, f"{target}: instructions int8 / fp32", None, "<=", ARM_RATIO)
+            continue
+        ratio = int8 / fp32 if int8 and fp32 else None
+        r[target] = {"qemu_cpu": spec.qemu_cpu, "fp32": fp32, "int8": int8, "ratio": ratio}
+        print(f"  {target} (-cpu {spec.qemu_cpu}): fp32 {fp32 or 0:,}  int8 {int8 or 0:,}", flush=True)
+        _check(results, f"{target}: instructions int8 / fp32", ratio, "<=", ARM_RATIO)
+
+
+def m4(args, results: dict) -> None:
+    r = results["m4"] = {}
+    print("\nCortex-M4 (qemu-system-arm mps2-an386): instructions per inference and RAM arena", flush=True)
+    for name in args.m4_models.split(","):
+        try:
+            model, inputs = ZOO[name].factory()
+            shape = tuple(inputs[0].shape)
+            q = graphopt.quantize(model, inputs, [(torch.randn(shape, generator=torch.Generator().manual_seed(i)),)
+                                                  for i in range(args.calib)])
+            figures = {}
+            for label, m in (("fp32", model), ("int8", q)):
+                n, low = _instructions(m, inputs, "cortex-m4")
+                figures[label] = {"instructions": n, "arena_bytes": low["ram"]["arena"],
+                                  "workspace_bytes": low["ram"]["workspace"], "ram_bytes": low["ram_bytes"],
+                                  "flash_bytes": low["flash_bytes"]}
+        except Exception as exc:  # noqa: BLE001
+            r[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {name}: FAILED {r[name]['error']}", flush=True)
+            _check(results, f"cortex-m4 {name}: instructions int8 / fp32", None, "<=", M4_INSTR_RATIO)
+            _check(results, f"cortex-m4 {name}: RAM arena int8 / fp32", None, "<=", M4_ARENA_RATIO)
+            continue
+        f32, i8 = figures["fp32"], figures["int8"]
+        figures["instructions_ratio"] = (i8["instructions"] / f32["instructions"]
+                                         if i8["instructions"] and f32["instructions"] else None)
+        figures["arena_ratio"] = i8["arena_bytes"] / f32["arena_bytes"]
+        figures["arena_workspace_ratio"] = ((i8["arena_bytes"] + i8["workspace_bytes"])
+                                            / (f32["arena_bytes"] + f32["workspace_bytes"]))
+        r[name] = figures
+        for label, f in (("fp32", f32), ("int8", i8)):
+            print(f"  {name} {shape} {label}: instructions {f['instructions'] or 0:,}  arena {f['arena_bytes']:,} B  "
+                  f"workspace {f['workspace_bytes']:,} B  RAM {f['ram_bytes']:,} B  flash {f['flash_bytes']:,} B")
+        _check(results, f"cortex-m4 {name}: instructions int8 / fp32", figures["instructions_ratio"], "<=",
+               M4_INSTR_RATIO)
+        _check(results, f"cortex-m4 {name}: RAM arena int8 / fp32", figures["arena_ratio"], "<=", M4_ARENA_RATIO)
+        print(f"  (arena + workspace int8 / fp32: {figures['arena_workspace_ratio']:.3f})", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=224, help="host input height and width")
+    p.add_argument("--runs", type=int, default=30, help="interleaved timed runs per callable")
+    p.add_argument("--calib", type=int, default=16, help="calibration inputs (batch 1 each)")
+    p.add_argument("--eval", type=int, default=8, help="inputs for the accuracy figures")
+    p.add_argument("--arm-size", type=int, default=64, help="aarch64 input height and width (emulated: keep small)")
+    p.add_argument("--arm", action=argparse.BooleanOptionalAction, default=True, help="aarch64 instruction counts")
+    p.add_argument("--m4", action=argparse.BooleanOptionalAction, default=True, help="Cortex-M4 counts and RAM")
+    p.add_argument("--m4-models", default="plain_cnn,residual_cnn", help=f"from graphopt.zoo: {', '.join(ZOO)}")
+    p.add_argument("--host", action=argparse.BooleanOptionalAction, default=True, help="host latency")
+    p.add_argument("--json", type=Path, help="write all figures here")
+    args = p.parse_args()
+    results: dict = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"load average at start: {results['load_average_start'][0]:.2f} on {os.cpu_count()} CPUs "
+          "(shared machine: latencies are noisy)", flush=True)
+    for section, enabled in ((host, args.host), (arm, args.arm), (m4, args.m4)):
+        if not enabled:
+            continue
+        start = time.perf_counter()
+        try:
+            section(args, results)
+        except Exception as exc:  # noqa: BLE001  each section reports its own failure
+            results.setdefault(section.__name__, {})["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"\n{section.__name__}: FAILED\n{traceback.format_exc()}", flush=True)
+        results.setdefault(section.__name__, {})["section_s"] = time.perf_counter() - start
+    results["load_average_end"] = os.getloadavg()
+    reqs = results.get("requirements", [])
+    print(f"\nload average at end: {results['load_average_end'][0]:.2f}; "
+          f"{sum(r['pass'] for r in reqs)}/{len(reqs)} requirements pass", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
