@@ -27,7 +27,7 @@ import tvm
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, te, tirx, topi
 
-MAIN_BLOCKS = ("conv2d_int8_dot", "dense_int8_dot")  # names of the compute blocks the tensorizing rule takes
+DOT_ATTR = "graphopt.dot_intrin"  # block annotation: the intrinsic the tensorizing rule applies
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,14 @@ class DotKernel:
     depth: int  # reduction elements per output per call
     data_dtype: str  # "int8", or "uint8": activations are shifted by +128
     accumulators: int  # vector registers the accumulator tile may use
+    weight_dtype: str = "int8"  # "int16": weights widened when packed (e.g. for 16-bit MAC pairs)
+    min_weight: int = -128  # e.g. −127 for kernels summing two int8 products in an int16 lane
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
             raise ValueError(f"DotKernel.data_dtype must be 'int8' or 'uint8', not {self.data_dtype!r}")
+        if self.weight_dtype not in ("int8", "int16"):
+            raise ValueError(f"DotKernel.weight_dtype must be 'int8' or 'int16', not {self.weight_dtype!r}")
         if min(self.lanes, self.depth, self.accumulators) < 1:
             raise ValueError("DotKernel lanes, depth and accumulators must be positive")
 
@@ -51,16 +55,38 @@ class DotKernel:
 _KERNELS: list[DotKernel] = []
 
 
-def register_dot_kernel(kernel: DotKernel) -> DotKernel:
-    """Add `kernel`; earlier registrations win for targets having several features."""
-    _KERNELS.append(kernel)
+def register_dot_kernel(kernel: DotKernel, before: str | None = None) -> DotKernel:
+    """Add `kernel` (before the kernel whose intrinsic is `before`, else last); earlier kernels are
+    preferred where several fit a layer equally well."""
+    at = next((i for i, k in enumerate(_KERNELS) if k.intrin == before), len(_KERNELS))
+    _KERNELS.insert(at, kernel)
     return kernel
 
 
-def dot_kernel(spec: TargetSpec) -> DotKernel | None:
-    """The dot kernel int8 layers use on `spec` (None: the generic int8 path)."""
+def dot_kernels(spec: TargetSpec) -> tuple[DotKernel, ...]:
+    """The dot kernels int8 layers may use on `spec`, preferred first (empty: the generic int8 path)."""
     _register_intrinsics()
-    return next((k for k in _KERNELS if spec.has(k.feature)), None)
+    return tuple(k for k in _KERNELS if spec.has(k.feature))
+
+
+def dot_kernel(spec: TargetSpec) -> DotKernel | None:
+    """The preferred dot kernel on `spec`, if any."""
+    return next(iter(dot_kernels(spec)), None)
+
+
+def choose(kernels, weights: np.ndarray, channels: int) -> DotKernel | None:
+    """The kernel for one layer: among those whose weight range fits, the first that needs no channel
+    padding, else the one padding least (e.g. a 3-channel stem conv); None when even that would
+    double the reduction."""
+    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight]
+    best = min(fit, key=lambda k: _ceil(channels, k.depth) - channels, default=None)
+    if best is None or _ceil(channels, best.depth) >= 2 * channels:
+        return None  # e.g. a 1-channel input: the generic kernel does a quarter of the MACs
+    return best
+
+
+def by_intrin(kernels, name: str) -> DotKernel | None:
+    return next((k for k in kernels if k.intrin == name), None)
 
 
 register_dot_kernel(DotKernel(Feature.AVX512_VNNI, "dot_16x4_vnni", 16, 4, "uint8", 16))
@@ -96,7 +122,7 @@ def _pack_conv_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
     cp, fp = _ceil(c, k.depth), _ceil(f, k.lanes)
     w = np.pad(w, [(0, 0), (0, 0), (0, cp - c), (0, fp - f)])
     w = w.reshape(kh, kw, cp // k.depth, k.depth, fp // k.lanes, k.lanes)
-    return np.ascontiguousarray(w.transpose(4, 0, 1, 2, 5, 3))
+    return np.ascontiguousarray(w.transpose(4, 0, 1, 2, 5, 3)).astype(k.weight_dtype)
 
 
 def _pack_dense_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
@@ -104,7 +130,7 @@ def _pack_dense_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
     kk, n = w.shape
     kp, np_ = _ceil(kk, k.depth), _ceil(n, k.lanes)
     w = np.pad(w, [(0, kp - kk), (0, np_ - n)]).reshape(kp // k.depth, k.depth, np_ // k.lanes, k.lanes)
-    return np.ascontiguousarray(w.transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(w.transpose(2, 0, 3, 1)).astype(k.weight_dtype)
 
 
 def _prepare_data(data, channels: int, k: DotKernel):
@@ -119,7 +145,7 @@ def _prepare_data(data, channels: int, k: DotKernel):
     return data
 
 
-def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
+def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):
     """int8 NHWC/HWIO conv2d with a constant weight as a tensorizable packed-weight kernel, or None."""
     attrs = call.attrs
     data, weight = call.args
@@ -129,7 +155,10 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
             or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
         return None
     w = weight.value.numpy()
-    kh, kw, _, f = w.shape
+    kh, kw, c, f = w.shape
+    k = choose(kernels, w, c)
+    if k is None:
+        return None
     packed = _pack_conv_weight(w, k)
     correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
         if k.data_dtype == "uint8" else None
@@ -152,13 +181,13 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
                 xd[b, y * sh + ry * dh, xx * sw + rx * dw, rc].astype("int32")
                 * wp[ff // k.lanes, ry, rx, rc // k.depth, ff % k.lanes, rc % k.depth].astype("int32"),
                 axis=[ry, rx, rc]),
-            name="conv2d_int8_dot")
+            name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, f, corr)
 
     return _emit(bb, compute, data, packed, correction, "conv2d_int8")
 
 
-def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
+def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):
     """int8 ``x @ W`` (W constant [K, N]) → int32 as a tensorizable packed-weight kernel, or None."""
     a, weight = call.args
     if not isinstance(weight, tvm.ir.expr.Constant) or len(weight.ty.shape) != 2 or a.ty.ndim < 2 \
@@ -167,6 +196,9 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
         return None
     w = weight.value.numpy()
     n = w.shape[1]
+    k = choose(kernels, w, w.shape[0])
+    if k is None:
+        return None
     packed = _pack_dense_weight(w, k)
     correction = (128 * w.astype(np.int64).sum(axis=0)).astype(np.int32) if k.data_dtype == "uint8" else None
 
@@ -178,7 +210,7 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, k: DotKernel):
             lambda *i: te.sum(xd[(*i[:-1], r)].astype("int32")
                               * wp[i[-1] // k.lanes, r // k.depth, i[-1] % k.lanes, r % k.depth].astype("int32"),
                               axis=r),
-            name="dense_int8_dot")
+            name="dense_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, n, corr)
 
     return _emit(bb, compute, a, packed, correction, "dense_int8")
@@ -196,7 +228,7 @@ def _finish(acc, channels: int, corr):
 
 
 def _emit(bb, compute, data, packed: np.ndarray, correction, name: str):
-    args = [data, relax.const(packed, "int8")]
+    args = [data, relax.const(packed, str(packed.dtype))]
     if correction is not None:
         args.append(relax.const(correction, "int32"))
     return bb.call_te(compute, *args, primfunc_name_hint=name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from graphopt.targets.int8 import MAIN_BLOCKS, DotKernel, dot_kernel, legalize_conv2d, legalize_matmul
+from graphopt.targets.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
@@ -46,13 +46,13 @@ class CpuParams:
     lanes: int  # fp32 lanes of one vector register
     vector_regs: int  # architectural vector registers (bounds the accumulator tile)
     cores: int  # threads parallel loops are sized for
-    dot: DotKernel | None = None  # int8 dot-product instruction, if the target has one
+    dots: tuple[DotKernel, ...] = ()  # int8 dot-product instructions of the target, preferred first
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> "CpuParams":
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
-                   dot=dot_kernel(spec))
+                   dots=dot_kernels(spec))
 
 
 def _int(expr) -> int | None:
@@ -99,7 +99,7 @@ def conv2d_legalizer(params: "CpuParams"):
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def legalize(bb, call):
-        packed = legalize_conv2d(bb, call, params.dot) if params.dot is not None else None
+        packed = legalize_conv2d(bb, call, params.dots) if params.dots else None
         if packed is not None:
             return packed
         attrs = call.attrs
@@ -132,7 +132,7 @@ def matmul_legalizer(params: "CpuParams"):
     default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
 
     def legalize(bb, call):
-        packed = legalize_matmul(bb, call, params.dot) if params.dot is not None else None
+        packed = legalize_matmul(bb, call, params.dots) if params.dots else None
         if packed is not None:
             return packed
         a, w = call.args
@@ -315,7 +315,7 @@ class ChannelLastReduction(dlight.ScheduleRule):
 
 
 class TensorizedDot(dlight.ScheduleRule):
-    """Schedules a PrimFunc built around one `MAIN_BLOCKS` compute (with fused prologue and epilogue):
+    """Schedules a PrimFunc built around one compute annotated with `DOT_ATTR` (with fused prologue and epilogue):
 
         parallel(outer pixels [, channel tiles]) · channel tiles · KH · KW · C/depth
             · unrolled(pixels × channel vectors) · intrinsic(lanes × depth)
@@ -324,18 +324,20 @@ class TensorizedDot(dlight.ScheduleRule):
     in registers) is initialised, accumulated over the whole reduction, then the epilogue
     (correction, bias, requantize, activation) is applied to it and written once."""
 
-    def __init__(self, kernel: DotKernel, cores: int, lanes: int):
-        self.kernel, self.cores, self.lanes = kernel, cores, lanes
+    def __init__(self, kernels: tuple[DotKernel, ...], cores: int, lanes: int):
+        self.kernels, self.cores, self.lanes = kernels, cores, lanes
 
     def apply(self, func, target, tunable):
         sch = s_tir.Schedule(func)
         infos = dlight.analysis.normalize_prim_func(sch)
         if infos is None:
             return None
-        idx = next((i for i, b in enumerate(infos) if sch.get(b.block_rv).name_hint.startswith(MAIN_BLOCKS)), None)
+        idx = next((i for i, b in enumerate(infos) if DOT_ATTR in sch.get(b.block_rv).annotations), None)
         if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
             return None
-        k = self.kernel
+        k = by_intrin(self.kernels, str(sch.get(infos[idx].block_rv).annotations[DOT_ATTR]))
+        if k is None:
+            return None
         main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
         loops = sch.get_loops(main)
         kinds = infos[idx].dom_kind()
@@ -454,7 +456,7 @@ def _try(step) -> None:
 
 def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     """The rules, in priority order, as (name reported in stats, rule)."""
-    tensorized = [("tensorized_dot", TensorizedDot(params.dot, params.cores, params.lanes))] if params.dot else []
+    tensorized = [("tensorized_dot", TensorizedDot(params.dots, params.cores, params.lanes))] if params.dots else []
     return tensorized + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
         ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis

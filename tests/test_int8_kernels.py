@@ -1,0 +1,124 @@
+"""Tensorized int8 kernels (graphopt.targets.int8 + schedules.TensorizedDot): weight packing against a
+float64 oracle, per-layer kernel choice, and bit-exact outputs against the folded integer graph on
+every kernel — VNNI (host), sdot (arm-a55), NEON (arm-a53) — with requantize fused into the kernels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_tools
+from torch import nn
+
+import graphopt
+from graphopt.quantize import to_integer
+from graphopt.targets import get_target
+from graphopt.targets.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels
+from graphopt.targets.spec import Feature
+
+X = torch.randn(1, 3, 14, 14, generator=torch.Generator().manual_seed(1))
+
+
+class Net(nn.Module):
+    """3-channel stem (channel padding), stride 2, 7×7 maps (a 7-pixel tile), 1×1, residual add,
+    depthwise (generic path), dense with 10 outputs (not a multiple of any kernel's lanes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.down = nn.Conv2d(32, 48, 3, stride=2, padding=1)
+        self.pw = nn.Conv2d(48, 48, 1)
+        self.dw = nn.Conv2d(48, 48, 3, padding=1, groups=48)
+        self.fc = nn.Linear(48 * 7 * 7, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.down(torch.relu(self.stem(x))))
+        y = torch.relu(self.pw(y) + y)
+        return self.fc(nn.functional.relu6(self.dw(y)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    torch.manual_seed(0)
+    net = Net().eval()
+    calibration = [(torch.randn(4, 3, 14, 14, generator=torch.Generator().manual_seed(2)),)]
+    q = graphopt.quantize(net, (X,), calibration)
+    return q, to_integer(q, (X,))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(5)
+    return [X, 3 * torch.randn(1, 3, 14, 14, generator=g), torch.full((1, 3, 14, 14), 1e3)]
+
+
+def _check_exact(cm, integer_graph):
+    for x in _inputs():
+        assert torch.equal(cm(x), integer_graph(x))
+    stats = cm.report.lowering
+    assert stats["scheduled"].get("tensorized_dot", 0) >= 3  # stem, down, pw (+ the dense)
+
+
+def test_packed_conv_weight_reproduces_the_convolution():
+    """Σ over the packed layout [F/L, KH, KW, C/D, L, D] equals the HWIO convolution (float64)."""
+    rng = np.random.default_rng(0)
+    kernel = DotKernel(Feature.NEON, "any", lanes=4, depth=4, data_dtype="int8", accumulators=8)
+    w = rng.integers(-128, 128, (3, 3, 6, 10)).astype(np.int8)  # HWIO, C and F not multiples
+    x = rng.integers(-128, 128, (5, 5, 6)).astype(np.float64)
+    packed = _pack_conv_weight(w, kernel).astype(np.float64)
+    assert packed.shape == (3, 3, 3, 2, 4, 4)
+    xp = np.pad(x, [(0, 0), (0, 0), (0, 2)])
+    for y, xx, f in [(0, 0, 0), (2, 1, 9), (1, 2, 5)]:
+        want = sum(x[y + i, xx + j, c] * w[i, j, c, f] for i in range(3) for j in range(3) for c in range(6))
+        got = sum(xp[y + i, xx + j, c] * packed[f // 4, i, j, c // 4, f % 4, c % 4]
+                  for i in range(3) for j in range(3) for c in range(8))
+        assert got == want
+    dense = rng.integers(-128, 128, (7, 5)).astype(np.int8)  # [K, N]
+    pd = _pack_dense_weight(dense, kernel)
+    assert pd.shape == (2, 2, 4, 4)
+    assert np.array_equal(pd[1, 0, 0, :], dense[:4, 4]) and not pd[1, 0, 1:, :].any()
+
+
+def test_kernel_choice_per_layer():
+    wide = DotKernel(Feature.NEON, "wide", lanes=4, depth=16, data_dtype="int8", accumulators=8, min_weight=-127)
+    narrow = DotKernel(Feature.NEON, "narrow", lanes=4, depth=4, data_dtype="int8", accumulators=8)
+    w = np.zeros((3, 3, 32, 8), np.int8)
+    assert choose((wide, narrow), w, 32) is wide  # no padding for either: the preferred one
+    assert choose((wide, narrow), w, 12) is narrow  # less padding
+    w[0, 0, 0, 0] = -128
+    assert choose((wide, narrow), w, 32) is narrow  # −128 would overflow the wide kernel's int16 pairs
+    assert choose((narrow,), w, 1) is None  # 1 → 4 channels: 4× the MACs, the generic kernel wins
+    assert choose((narrow,), w, 3) is narrow
+    assert [k.feature for k in dot_kernels(get_target("arm-a55"))][0] is Feature.DOTPROD
+    assert dot_kernels(get_target("arm-a53"))[0].feature is Feature.NEON
+    with pytest.raises(ValueError, match="weight_dtype"):
+        DotKernel(Feature.NEON, "x", 4, 4, "int8", 8, weight_dtype="int4")
+
+
+def test_host_kernels_are_bit_exact_and_requantize_is_fused(quantized):
+    q, integer_graph = quantized
+    cm = graphopt.compile(q, (X,), "host", progress=False)
+    _check_exact(cm, integer_graph)
+
+
+@pytest.mark.parametrize("target", ["arm-a55", "arm-a53"])
+def test_aarch64_kernels_are_bit_exact(quantized, target):
+    require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
+    q, integer_graph = quantized
+    _check_exact(graphopt.compile(q, (X,), target, progress=False), integer_graph)
+
+
+def test_conv_kernels_write_int8_not_int32(quantized):
+    """requantize fused into the conv epilogue: no int32 accumulator tensor between kernels."""
+    from graphopt.targets.lowering import lower
+    from tvm import relax
+
+    _, integer_graph = quantized
+    result = lower(torch.export.export(integer_graph, (X,)).run_decompositions(), get_target("host"))
+    main = result.ir_module["main"]
+    dtypes = []
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if isinstance(call, relax.Call) and call.op.name == "relax.call_tir" \
+                    and "conv2d_int8" in call.args[0].name_hint:
+                dtypes.append(str(binding.var.ty.dtype))
+    assert dtypes and set(dtypes) == {"int8"}, dtypes
