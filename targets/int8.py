@@ -103,6 +103,7 @@ def _register_intrinsics() -> None:
 
         prepare_tvm()  # registers TVM's CPU intrinsics, with the VNNI one fixed for LLVM 22
         from graphopt.targets import intrin_cortex_m  # noqa: F401  registers the Cortex-M DSP kernel
+        from graphopt.targets import intrin_neon  # noqa: F401  registers the NEON 4×64/4×32/4×16 kernels
         _REGISTERED = True
 
 
