@@ -101,7 +101,7 @@ def kernel_counts(ir_module, spec: TargetSpec) -> dict[str, dict]:
             if not isinstance(f, tvm.tirx.PrimFunc) or gv.name_hint not in calls:
                 continue
             lib = tvm.build(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=spec.tvm())
-            so = Path(tmp) / f"{gv.name_hint}.so"
+            so = Path(tmp) / f"{hashlib.sha1(gv.name_hint.encode()).hexdigest()[:16]}.so"  # fused names: > 255 bytes
             lib.export_library(str(so), fcompile=cc.cross_compiler(spec.cross_compiler))
             per = count_kernel(so, "main", _buffer_args(f), spec)
             result[gv.name_hint] = {"calls": calls[gv.name_hint], "instructions_per_call": per,
