@@ -137,10 +137,15 @@ def check_tunable(spec: TargetSpec) -> None:
 
 
 def extract(mod, spec: TargetSpec) -> list:
+    """MetaSchedule tasks of `mod`, without the kernels graphopt schedules itself: tensorized int8
+    dot kernels (their packed-weight register tiles around the intrinsic are `schedules.TensorizedDot`'s)
+    and kernels emitted already scheduled (e.g. the binary XNOR-popcount ones)."""
+    from graphopt.targets.int8 import DOT_ATTR
     from tvm.s_tir import meta_schedule as ms
 
     prepare_tvm()
-    return list(ms.relax_integration.extract_tasks(mod, spec.tvm()))
+    return [t for t in ms.relax_integration.extract_tasks(mod, spec.tvm())
+            if not _is_scheduled(t.dispatched[0]["main"]) and DOT_ATTR not in t.dispatched[0].script()]
 
 
 # --------------------------------------------------------------------------- tuning

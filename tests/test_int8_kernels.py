@@ -122,3 +122,19 @@ def test_conv_kernels_write_int8_not_int32(quantized):
                     and "conv2d_int8" in call.args[0].name_hint:
                 dtypes.append(str(binding.var.ty.dtype))
     assert dtypes and set(dtypes) == {"int8"}, dtypes
+
+
+def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
+    """MetaSchedule cannot express the packed-weight register tile around the intrinsic: those kernels
+    are not tuning tasks (the depthwise and data-movement kernels are)."""
+    from graphopt.targets.int8 import DOT_ATTR
+    from graphopt.targets.tuning import extract, fused_module
+
+    _, integer_graph = quantized
+    spec = get_target("host")
+    mod = fused_module(torch.export.export(integer_graph, (X,)).run_decompositions(), spec)
+    tensorized = [gv.name_hint for gv, f in mod.functions_items() if DOT_ATTR in f.script()]
+    tasks = extract(mod, spec)
+    assert len(tensorized) >= 3 and tasks
+    assert not [t.task_name for t in tasks if DOT_ATTR in t.dispatched[0].script()]
+    assert any("conv2d" in t.task_name for t in tasks)  # the depthwise int8 conv is tunable
