@@ -163,6 +163,27 @@ def _zp_times_weight_sum(imp, w, x_zp: int, axes: list[int]):
                                         relax.const(x_zp, "int32")))
 
 
+def _add_offset(imp, node, acc, w, bias, x_zp: int, axes: list[int], shape: list[int]):
+    """acc + bias − zx·Σw. With constant weights and bias (the folded graph's buffers) that is ONE
+    per-channel int32 constant computed here, one add in the kernel epilogue; else Relax ops."""
+    import numpy as np
+    from tvm import relax
+
+    w_np = constant_value(node.args[2])
+    b_np = None if node.args[3] is None else constant_value(node.args[3])
+    if w_np is not None and (node.args[3] is None or b_np is not None):
+        offset = -x_zp * w_np.astype(np.int64).sum(axis=tuple(axes))
+        if b_np is not None:
+            offset = offset + b_np.astype(np.int64).reshape(-1)
+        if not offset.any():
+            return acc
+        if np.abs(offset).max() < 2 ** 31:
+            return _emit(imp, relax.op.add(acc, relax.const(offset.astype(np.int32).reshape(shape), "int32")))
+    if x_zp:
+        acc = _emit(imp, relax.op.subtract(acc, relax.op.reshape(_zp_times_weight_sum(imp, w, x_zp, axes), shape)))
+    return acc if bias is None else _emit(imp, relax.op.add(acc, relax.op.reshape(bias, shape)))
+
+
 @register_converter("qconv2d.default")
 def _qconv2d(node, imp):
     from tvm import relax
@@ -177,10 +198,7 @@ def _qconv2d(node, imp):
         x = _emit(imp, relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(x_zp)))
     acc = _emit(imp, relax.op.nn.conv2d(x, w, strides=stride, padding=0, dilation=dilation, groups=groups,
                                         out_dtype="int32"))
-    if x_zp:
-        corr = _zp_times_weight_sum(imp, w, x_zp, [1, 2, 3])
-        acc = _emit(imp, relax.op.subtract(acc, relax.op.reshape(corr, [1, -1, 1, 1])))
-    return acc if bias is None else _emit(imp, relax.op.add(acc, relax.op.reshape(bias, [1, -1, 1, 1])))
+    return _add_offset(imp, node, acc, w, bias, x_zp, [1, 2, 3], [1, -1, 1, 1])
 
 
 @register_converter("qlinear.default")
@@ -193,9 +211,7 @@ def _qlinear(node, imp):
         return packed
     x, x_zp, w, bias = _args(node, imp)
     acc = _emit(imp, relax.op.matmul(x, relax.op.permute_dims(w, [1, 0]), out_dtype="int32"))
-    if x_zp:
-        acc = _emit(imp, relax.op.subtract(acc, _zp_times_weight_sum(imp, w, x_zp, [1])))
-    return acc if bias is None else _emit(imp, relax.op.add(acc, bias))
+    return _add_offset(imp, node, acc, w, bias, x_zp, [1], [-1])
 
 
 @register_converter("qmatmul.default")
@@ -305,12 +321,16 @@ def _scalar_or_tensor(imp, v, dtype: str):
     return relax.const(v, dtype)
 
 
+_CLIP = 2.0 ** 30  # |x/scale| clipped here before rounding (int32 conversion), far outside 8/16-bit ranges
+
+
 def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
     """round_half_even(x · inv_scale) + zp, clamped — one kernel, kept out of fusion (opaque): fused
     with the layout transpose and padding that follow a graph input it would run on the padded
     channel-last tensor, 3 scalar channels at a time, instead of vectorized along the width.
     Ties to even (torch.round; TVM's round goes away from zero) use the parity f − 2·⌊f/2⌋ of
-    f = ⌊v⌋ (floor_mod on floats would be an fmod call per element)."""
+    f = ⌊v⌋ (floor_mod on floats would be an fmod call per element). Int32 outputs (|q| ≥ 2^30) are
+    not exact here: quantize_per_tensor to int32 is not a graphopt pattern."""
     from tvm import te, tirx, topi
 
     def compute(x_t, inv_t, zp_t):
@@ -318,10 +338,15 @@ def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
         shape = topi.add(v, topi.cast(zp_t, "float32")).shape  # the broadcast result shape
         v, z = topi.broadcast_to(v, shape), topi.broadcast_to(topi.cast(zp_t, "float32"), shape)
 
+        def floor(a):  # via truncation (one convert; no floorf call on FPUs without rounding ops)
+            t = tirx.Cast("float32", tirx.Cast("int32", a))
+            return t - tirx.Select(a < t, tirx.const(1.0, "float32"), tirx.const(0.0, "float32"))
+
         def body(*i):
-            f = tirx.floor(v(*i))
-            d = v(*i) - f
-            parity = f - tirx.floor(f * 0.5) * 2.0
+            vi = tirx.min(tirx.max(v(*i), -_CLIP), _CLIP)  # in int32 range; beyond any 8/16-bit output
+            f = floor(vi)
+            d = vi - f
+            parity = f - floor(f * 0.5) * 2.0
             r = tirx.Select(d > 0.5, f + 1.0, tirx.Select(d < 0.5, f, f + parity))
             return tirx.Cast(_DTYPES[dtype], tirx.min(tirx.max(r + z(*i), float(qmin)), float(qmax)))
 

@@ -42,6 +42,7 @@ class DotKernel:
     accumulators: int  # vector registers the accumulator tile may use
     weight_dtype: str = "int8"  # "int16": weights widened when packed (e.g. for 16-bit MAC pairs)
     min_weight: int = -128  # e.g. −127 for kernels summing two int8 products in an int16 lane
+    max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -78,7 +79,8 @@ def choose(kernels, weights: np.ndarray, channels: int) -> DotKernel | None:
     """The kernel for one layer: among those whose weight range fits, the first that needs no channel
     padding, else the one padding least (e.g. a 3-channel stem conv); None when even that would
     double the reduction."""
-    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight]
+    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight
+           and (k.max_weights is None or weights.size <= k.max_weights)]
     best = min(fit, key=lambda k: _ceil(channels, k.depth) - channels, default=None)
     if best is None or _ceil(channels, best.depth) >= 2 * channels:
         return None  # e.g. a 1-channel input: the generic kernel does a quarter of the MACs

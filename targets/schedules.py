@@ -157,10 +157,33 @@ def matmul_legalizer(params: "CpuParams"):
     return legalize
 
 
+def widening_multiply_legalizer():
+    """LegalizeOps override for int64 ``x · c`` with ``c`` a constant whose values fit int32 (the
+    requantization multipliers): ``c`` is kept int32 and widened inside the kernel, so the code
+    generator sees a 32×32→64 product (``smull`` on ARM, one multiply on Cortex-M) instead of a
+    full 64-bit multiply of a value loaded from an int64 table (scalar on NEON)."""
+    default = tvm.ir.Op.get("relax.multiply").get_attr("FLegalize")
+    limit = 2 ** 31
+
+    def legalize(bb, call):
+        x, c = call.args
+        if str(call.ty.dtype) != "int64" or not isinstance(c, tvm.ir.expr.Constant) or x.ty.ndim < c.ty.ndim:
+            return default(bb, call)
+        values = c.value.numpy()
+        if values.size and (values.min() < -limit or values.max() >= limit):
+            return default(bb, call)
+        return bb.call_te(lambda a, m: topi.multiply(a, topi.cast(m, "int64")), x,
+                          relax.const(values.astype(np.int32), "int32"), primfunc_name_hint="multiply")
+
+    return legalize
+
+
 def legalize_map(spec: TargetSpec) -> dict:
-    """LegalizeOps overrides whose computes (packed weights) the rules below are written for."""
+    """LegalizeOps overrides whose computes (packed weights, widening products) the rules below are
+    written for."""
     params = CpuParams.from_spec(spec)
-    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params)}
+    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params),
+            "relax.multiply": widening_multiply_legalizer()}
 
 
 def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -195,12 +218,13 @@ _STACK_BYTES = 1024
 
 def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int) -> None:
     """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
-    consumer is inlined into it; a block read by several (e.g. the fixed-point ``high`` term of a
+    consumer, or not reading the accumulator at all (e.g. the other operand's rescale in a fused
+    residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
     requantize) is computed once per tile into a tile-sized buffer — inlining those duplicates their
     expressions at every use, which grows chained requantizations multiplicatively (and once made
     LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose)
     runs as its own loop nest; with no epilogue, the accumulator is written back per tile."""
-    placed, deferred = [], []
+    placed = []
     on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
     for block in consumers:
         name = sch.get(block).name_hint
@@ -208,20 +232,14 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
             on_main.add(name)
         if block is not consumers[-1] and len(sch.get_consumers(block)) == 1:
             sch.compute_inline(block)
-        elif name not in on_main:  # e.g. the other operand's rescale in a fused residual add
-            deferred.append(block)
+        elif name not in on_main:  # e.g. the other operand's rescale in a fused residual add: a
+            sch.compute_inline(block)  # few ops per element, cheaper recomputed than stored
         else:
             try:
                 sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
                 placed.append(block)
             except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
                 _schedule_spatial(sch, block, CpuParams(lanes, 32, 1))
-    for block in reversed(deferred):  # computed for the tile its placed consumers need
-        try:
-            sch.compute_at(block, tile_loop, preserve_unit_loops=True)
-            placed.append(block)
-        except Exception:  # noqa: BLE001  a consumer runs outside the tile: inline it there instead
-            sch.compute_inline(block)
     if not consumers:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)

@@ -1,9 +1,10 @@
-"""Cortex-M DSP int8 kernels (`graphopt.targets.intrin_cortex_m`: SXTB16 + SMLAD) on cortex-m4.
+"""Cortex-M DSP int8 kernels (`graphopt.targets.intrin_cortex_m`: SXTB16 (+ PKHBT/PKHTB) + SMLAD) on cortex-m4.
 
-DSP targets get the SMLAD dot kernel; its Thumb inner loop stays within 1.7 instructions per MAC
-(fp32's multiply-add kernel: ~3.3). Under qemu-system-arm, standalone tensorized dense and strided
-conv kernels on full-range int8 (-128..127) equal numpy exactly, and quantized models compiled
-through `graphopt.compile` equal graphopt's integer reference exactly with the tensorized rule used.
+DSP targets get both SMLAD dot kernels, the int16-weight one preferred; Thumb inner loops stay
+within 1.7 (int8 weights) and 1.4 (int16 weights) instructions per MAC (fp32's multiply-add
+kernel: ~3.3). Under qemu-system-arm, standalone tensorized dense and strided conv kernels of both
+on full-range int8 (-128..127) equal numpy exactly, and quantized models compiled through
+`graphopt.compile` equal graphopt's integer reference exactly, using the int16-weight kernel.
 QEMU tests are marked `emulation`; missing tools skip outside CI and fail in CI.
 """
 from __future__ import annotations
@@ -17,8 +18,14 @@ import torch
 from conftest import require_tools
 from graphopt.targets import c_emitter, get_target
 from graphopt.targets.c_library import RUNTIME_SRC, linker_script, run_firmware
-from graphopt.targets.int8 import dot_kernel
-from graphopt.targets.intrin_cortex_m import DEPTH, DSP_KERNEL, LANES
+from graphopt.targets.int8 import dot_kernel, dot_kernels
+from graphopt.targets.intrin_cortex_m import (
+    DEPTH,
+    DSP16_KERNEL,
+    DSP_KERNEL,
+    LANES,
+    MAX_WEIGHTS_16,
+)
 from quant_models import PATTERNS, calibration, ready
 
 import graphopt
@@ -26,10 +33,14 @@ from graphopt import qref
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")
-MAX_INSNS_PER_MAC = 1.7  # measured 1.45-1.6 (4 MACs: LDR, 2 SXTB16, 2 SMLAD + the shared activation word)
+# measured int8 weights 1.45-1.63 (4 MACs: LDR, 2 SXTB16, 2 SMLAD + the shared activation word),
+# int16 weights 1.13 dense, 1.33 a 16-channel conv (4 MACs: LDRD, 2 SMLAD + the activation word:
+# LDR, 2 SXTB16, 2 PKH; + loop and spill overhead per 16 channels)
+MAX_INSNS_PER_MAC = {"int8": 1.7, "int16": 1.4}
+KERNELS = {"int8": DSP_KERNEL, "int16": DSP16_KERNEL}
 
 
-def _schedule(out, args):
+def _schedule(out, args, intrin):
     """The tensorized schedule: output channels split by LANES, the innermost reduction by DEPTH,
     (LANES x DEPTH) tensorized, the LANES int32 sums accumulated in a per-tile buffer."""
     from tvm import s_tir, te
@@ -44,34 +55,34 @@ def _schedule(out, args):
     sch.reorder(*spatial[:-1], f_o, *reduce[:-1], r_o, f_i, r_i)
     sch.reverse_compute_at(sch.cache_write(block, 0, "global"), f_o)
     sch.decompose_reduction(block, (reduce[:-1] or [r_o])[0])
-    sch.tensorize(f_i, DSP_KERNEL.intrin)
+    sch.tensorize(f_i, intrin)
     return sch.mod["main"]
 
 
-def _dense(m: int, n: int, k: int):
+def _dense(m: int, n: int, k: int, weights: str = "int8"):
     from tvm import te
 
     x = te.placeholder((m, k), "int8", name="x")
-    wp = te.placeholder((n // LANES, k // DEPTH, LANES, DEPTH), "int8", name="wp")
+    wp = te.placeholder((n // LANES, k // DEPTH, LANES, DEPTH), weights, name="wp")
     r = te.reduce_axis((0, k), "r")
     out = te.compute((m, n), lambda i, f: te.sum(
         x[i, r].astype("int32") * wp[f // LANES, r // DEPTH, f % LANES, r % DEPTH].astype("int32"), axis=r),
         name="dense")
-    return _schedule(out, [x, wp])
+    return _schedule(out, [x, wp], KERNELS[weights].intrin)
 
 
-def _conv(h: int, w: int, c: int, f: int, kernel: int, stride: int):
+def _conv(h: int, w: int, c: int, f: int, kernel: int, stride: int, weights: str = "int8"):
     from tvm import te
 
     x = te.placeholder((1, h, w, c), "int8", name="x")
-    wp = te.placeholder((f // LANES, kernel, kernel, c // DEPTH, LANES, DEPTH), "int8", name="wp")
+    wp = te.placeholder((f // LANES, kernel, kernel, c // DEPTH, LANES, DEPTH), weights, name="wp")
     oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
     ry, rx, rc = (te.reduce_axis((0, e), n) for e, n in ((kernel, "ry"), (kernel, "rx"), (c, "rc")))
     out = te.compute((1, oh, ow, f), lambda b, y, xx, ff: te.sum(
         x[b, y * stride + ry, xx * stride + rx, rc].astype("int32")
         * wp[ff // LANES, ry, rx, rc // DEPTH, ff % LANES, rc % DEPTH].astype("int32"), axis=[ry, rx, rc]),
         name="conv")
-    return _schedule(out, [x, wp])
+    return _schedule(out, [x, wp], KERNELS[weights].intrin)
 
 
 def _build(func, path) -> None:
@@ -107,21 +118,29 @@ def _innermost_mac_loop(lines: list[str]) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- no QEMU
 
-def test_dsp_targets_use_the_smlad_kernel():
-    assert dot_kernel(M4) is DSP_KERNEL and dot_kernel(get_target("cortex-m7")) is DSP_KERNEL
-    assert (DSP_KERNEL.lanes, DSP_KERNEL.depth, DSP_KERNEL.data_dtype) == (4, 4, "int8")
-    assert dot_kernel(get_target("host")) is not DSP_KERNEL
+def test_dsp_targets_prefer_the_int16_weight_smlad_kernel():
+    for name in ("cortex-m4", "cortex-m7"):
+        assert dot_kernels(get_target(name))[:2] == (DSP16_KERNEL, DSP_KERNEL)
+        assert dot_kernel(get_target(name)) is DSP16_KERNEL
+    for k, weights in ((DSP_KERNEL, "int8"), (DSP16_KERNEL, "int16")):
+        assert (k.lanes, k.depth, k.data_dtype, k.weight_dtype, k.min_weight) == (4, 4, "int8", weights, -128)
+    assert not set(dot_kernels(get_target("host"))) & {DSP_KERNEL, DSP16_KERNEL}
+    if "max_weights" in DSP16_KERNEL.__dataclass_fields__:  # large layers keep int8 weights (flash)
+        assert DSP16_KERNEL.max_weights == MAX_WEIGHTS_16 and DSP_KERNEL.max_weights is None
 
 
+@pytest.mark.parametrize("weights", ["int8", "int16"])
 @pytest.mark.parametrize("kernel", ["dense", "conv"])
-def test_inner_loop_is_sxtb16_smlad_within_budget(kernel, tmp_path):
+def test_inner_loop_is_sxtb16_smlad_within_budget(kernel, weights, tmp_path):
     require_tools("arm-none-eabi-objdump")
-    func = _dense(1, 64, 256) if kernel == "dense" else _conv(10, 10, 16, 32, 3, 1)
+    func = _dense(1, 64, 256, weights) if kernel == "dense" else _conv(10, 10, 16, 32, 3, 1, weights)
     _build(func, tmp_path / "k.o")
     lines = _disassemble(tmp_path / "k.o")
     assert any("sxtb16" in ln and "ror #8" in ln for ln in lines)  # the rotation folds into SXTB16
+    if weights == "int16":  # the activation pairs are packed once per word, not per lane
+        assert any("\tpkhbt" in ln for ln in lines) and any("\tpkhtb" in ln for ln in lines)
     insns, macs = _innermost_mac_loop(lines)
-    assert insns / macs <= MAX_INSNS_PER_MAC, f"{insns} instructions for {macs} MACs"
+    assert insns / macs <= MAX_INSNS_PER_MAC[weights], f"{insns} instructions for {macs} MACs"
 
 
 # --------------------------------------------------------------------------- under QEMU
@@ -154,7 +173,7 @@ def _run_kernel(func, x: np.ndarray, wp: np.ndarray, out_shape: tuple, tmp_path)
         return f"static {ctype} {name}[{a.size}] __attribute__((aligned(64))) = {{{vals}}};"
 
     arrays, tensors = [], []
-    for name, a, ctype, code, bits in (("x", x, "int8_t", 0, 8), ("wp", wp, "int8_t", 0, 8),
+    for name, a, ctype, code, bits in (("x", x, "int8_t", 0, 8), ("wp", wp, f"int{wp.itemsize * 8}_t", 0, 8 * wp.itemsize),
                                       ("out", np.zeros(out_shape, np.int32), "int32_t", 0, 32)):
         arrays += [array(name, a, ctype), f"static const int64_t {name}_shape[] = {{{','.join(map(str, a.shape))}}};"]
         tensors.append(f"{{{name}, 1, 0, {a.ndim}, {code}, {bits}, 1, {name}_shape, 0, 0}}")
@@ -178,30 +197,33 @@ def _full_range(rng, shape) -> np.ndarray:
 
 
 @pytest.mark.emulation
-def test_tensorized_dense_equals_numpy_under_qemu(tmp_path):
+@pytest.mark.parametrize("weights", ["int8", "int16"])
+def test_tensorized_dense_equals_numpy_under_qemu(weights, tmp_path):
     require_tools(*BARE)
     m, n, k = 3, 16, 68
     rng = np.random.default_rng(0)
     x, w = _full_range(rng, (m, k)), _full_range(rng, (k, n))
-    wp = np.ascontiguousarray(w.reshape(k // DEPTH, DEPTH, n // LANES, LANES).transpose(2, 0, 3, 1))
-    got = _run_kernel(_dense(m, n, k), x, wp, (m, n), tmp_path)
+    wp = np.ascontiguousarray(w.reshape(k // DEPTH, DEPTH, n // LANES, LANES).transpose(2, 0, 3, 1)).astype(weights)
+    got = _run_kernel(_dense(m, n, k, weights), x, wp, (m, n), tmp_path)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
 
 
 @pytest.mark.emulation
-def test_tensorized_strided_conv_equals_numpy_under_qemu(tmp_path):
+@pytest.mark.parametrize("weights", ["int8", "int16"])
+def test_tensorized_strided_conv_equals_numpy_under_qemu(weights, tmp_path):
     require_tools(*BARE)
     h, c, f, kernel, stride = 9, 8, 8, 3, 2
     rng = np.random.default_rng(1)
     x, w = _full_range(rng, (1, h, h, c)), _full_range(rng, (kernel, kernel, c, f))  # NHWC, HWIO
-    wp = np.ascontiguousarray(w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // LANES, LANES).transpose(4, 0, 1, 2, 5, 3))
+    wp = np.ascontiguousarray(w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // LANES, LANES)
+                              .transpose(4, 0, 1, 2, 5, 3)).astype(weights)
     o = (h - kernel) // stride + 1
     ref = np.zeros((1, o, o, f), np.int64)
     for ry in range(kernel):
         for rx in range(kernel):
             patch = x[:, ry:ry + stride * o:stride, rx:rx + stride * o:stride, :].astype(np.int64)
             ref += patch @ w[ry, rx].astype(np.int64)
-    got = _run_kernel(_conv(h, h, c, f, kernel, stride), x, wp, (1, o, o, f), tmp_path)
+    got = _run_kernel(_conv(h, h, c, f, kernel, stride, weights), x, wp, (1, o, o, f), tmp_path)
     np.testing.assert_array_equal(got, ref)
 
 
@@ -216,4 +238,6 @@ def test_quantized_model_is_bit_identical_to_reference_under_qemu(name):
     assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) >= 2
     got = cm(x).numpy()
     assert np.array_equal(got, ref), f"max difference {np.abs(got - ref).max()}"
-    assert any("\tsmlad" in ln for ln in _disassemble(cm.build_dir / "kernels.o"))
+    lines = _disassemble(cm.build_dir / "kernels.o")
+    assert any("\tsmlad" in ln for ln in lines)
+    assert any("\tpkhbt" in ln for ln in lines)  # the int16-weight kernel ran (it alone packs pairs)
