@@ -9,14 +9,18 @@ Two kernel families, emitted with ``importer.block_builder`` from the converters
   ``2·bit − 1``); the zero-point term zx·Σw is folded into the bias at compile time, the input is
   padded with zx, int32 accumulation. NCHW / [M, N] computes, scheduled by graphopt's rules.
 - **binary (a1w1)**, ``qconv2d(qsign(x, zx), 0, unpack_bits(w, 1, ...))`` and the same for
-  ``qlinear``: a packing kernel turns ``x ≥ zx`` into 32-bit channel words (the sign is fused, the
-  ±1 int8 tensor is never built), weights are packed into the same words in numpy, and the kernel
-  computes ``T − 2·popcount(a XOR w)``. Padded channel bits are 0 in both operands (XOR 0: they add
+  ``qlinear``: a packing kernel turns ``x ≥ zx`` into 16-bit channel words (the sign is fused, the
+  ±1 int8 tensor is never built; when the int8 input is a ``quantize_per_tensor`` used only there,
+  the quantize is folded too and the packing compares the float input with the exact rounding
+  edge), weights are packed into the same words in numpy, and the kernel computes
+  ``T − 2·popcount(a XOR w)``. Padded channel bits are 0 in both operands (XOR 0: they add
   nothing); spatial padding is packed as bit 0 (−1) and corrected exactly by the compile-time table
   ``T[row class, column class, f] = C·KH·KW + bias[f] + Σ_{window taps in the padding} Σ_c w``.
-  These kernels are scheduled here (register tile of output columns × 16 output channels, parallel
-  over output rows, popcount vectorized over output channels), marked ``tirx.is_scheduled`` and
-  opaque so FuseOps keeps them whole.
+  These kernels are scheduled here (register tile of `MAX_COLS` output columns × `F_TILE` output
+  channels, parallel over output rows, popcount vectorized over output channels: on AVX-512 one
+  ``vpbroadcastw`` per activation word feeds two ``vpxorq/vpopcntw/vpaddw`` lines, on NEON 16
+  accumulators + 8 weight registers), marked ``tirx.is_scheduled`` and opaque so FuseOps keeps
+  them whole.
 
 Grouped binary convolutions take the first family (their ±1 int8 activations times 1-bit weights).
 Declines (returns None, and the converter falls back to unpacking to int8 weights): weights or bias
@@ -30,11 +34,12 @@ import torch
 from graphopt.targets.converters import constant_value
 
 WORD, WORD_BITS = "uint16", 16  # activation/weight words of the binary kernels
-F_TILE = 32  # output channels per vector tile of the binary kernels
-MAX_COLS = 4  # output columns per register tile of the binary conv
+F_TILE = 64  # output channels per register tile of the binary kernels (2 zmm of uint16, 8 NEON q)
+MAX_COLS = 2  # output columns per register tile of the binary conv (NEON: 16 accumulators + 8 weights)
 
 _UNPACK = torch.ops.graphopt.unpack_bits.default
 _QSIGN = torch.ops.graphopt.qsign.default
+_QUANT = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
 def _weights(node, imp):
@@ -60,13 +65,39 @@ def _bias(node, imp, f: int) -> np.ndarray | None:
 
 
 def _binary_input(node, imp, x_zp: int, bits: int):
-    """(int8 input of qsign, threshold) when `node` multiplies ±1 activations by 1-bit weights."""
+    """(tensor, sign test) when `node` multiplies ±1 activations by 1-bit weights: the sign test maps
+    a TIR value of the tensor to ``qsign``'s ``x ≥ threshold``. The tensor is the int8 input of qsign,
+    or the float input of its ``quantize_per_tensor`` when qsign is that quantize's only user (the
+    test is then made on the float directly, see `_quantized_at_least`, and the quantize is dead)."""
     src = node.args[0]
     if bits != 1 or x_zp != 0 or not (isinstance(src, torch.fx.Node) and src.target is _QSIGN):
         return None
-    if src.args[0].meta["val"].dtype != torch.int8:
+    q, thr = src.args[0], int(src.args[1])
+    if q.meta["val"].dtype != torch.int8:
         return None
-    return imp.env[src.args[0]], int(src.args[1])
+    if isinstance(q, torch.fx.Node) and q.target is _QUANT and len(q.users) == 1:
+        x, scale, zp, qmin, qmax, dtype = q.args[:6]
+        if (isinstance(x, torch.fx.Node) and x in imp.env and x.meta["val"].dtype == torch.float32
+                and isinstance(scale, float) and all(isinstance(v, int) for v in (zp, qmin, qmax))
+                and dtype == torch.int8):
+            return imp.env[x], _quantized_at_least(scale, zp, qmin, qmax, thr)
+    from tvm import tirx
+
+    return imp.env[q], lambda v: v >= tirx.const(thr, "int8")
+
+
+def _quantized_at_least(scale: float, zp: int, qmin: int, qmax: int, thr: int):
+    """Sign test on float x for ``clamp(round_half_even(x · f32(1/scale)) + zp, qmin, qmax) ≥ thr``
+    (torch's quantize_per_tensor, then qsign), as one exact float compare: round(y) ≥ k ⇔ y > k − ½,
+    or y = k − ½ when that tie rounds to k (k even)."""
+    from tvm import tirx
+
+    inv = tirx.const(float(np.float32(1.0 / scale)), "float32")
+    if thr <= qmin or thr > qmax:
+        return lambda v: tirx.const(thr <= qmin, "bool")
+    k = thr - zp
+    edge = tirx.const(k - 0.5, "float32")
+    return (lambda v: v * inv >= edge) if k % 2 == 0 else (lambda v: v * inv > edge)
 
 
 def _i32(values: np.ndarray) -> np.ndarray | None:
@@ -192,14 +223,14 @@ def pack_words(signs: np.ndarray) -> np.ndarray:
     return bits.sum(-1).astype(WORD)
 
 
-def _pack_bits_expr(read, c: int, j, thr):
-    """One activation word: bit b is ``read(channel) ≥ thr`` for channel j·32 + b < c (else 0)."""
+def _pack_bits_expr(read, c: int, j, sign):
+    """One activation word: bit b is ``sign(read(channel))`` for channel j·WORD_BITS + b < c (else 0)."""
     from tvm import tirx
 
     word = tirx.const(0, WORD)
     for b in range(WORD_BITS):
         ch = j * WORD_BITS + b
-        valid = read(tirx.min(ch, c - 1)) >= tirx.const(thr, "int8")
+        valid = sign(read(tirx.min(ch, c - 1)))
         if c % WORD_BITS and b >= c % WORD_BITS:
             valid = tirx.all(valid, ch < c)
         word = word | tirx.Select(valid, tirx.const(1 << b, WORD), tirx.const(0, WORD))
@@ -225,15 +256,15 @@ def _spatial(sch, block, vector: bool = True) -> None:
         sch.vectorize(sch.split(loops[-1], [None, tile])[1])
 
 
-def _pack_activation_func(shape, thr: int, pad: tuple[int, int]):
-    """PrimFunc: int8 NCHW → words [N, H+2ph, ⌈C/32⌉, W+2pw], padding packed as 0 bits."""
+def _pack_activation_func(shape, dtype: str, sign, pad: tuple[int, int]):
+    """PrimFunc: NCHW → words [N, H+2ph, ⌈C/WORD_BITS⌉, W+2pw] (bit: `sign`), padding packed as 0 bits."""
     from tvm import s_tir, te, topi
 
     n, c, h, w = shape
     ph, pw = pad
-    x = te.placeholder(shape, "int8", name="x")
+    x = te.placeholder(shape, dtype, name="x")
     cw = -(-c // WORD_BITS)
-    words = te.compute((n, h, cw, w), lambda i, y, j, xx: _pack_bits_expr(lambda ch: x[i, ch, y, xx], c, j, thr),
+    words = te.compute((n, h, cw, w), lambda i, y, j, xx: _pack_bits_expr(lambda ch: x[i, ch, y, xx], c, j, sign),
                        name="pack_bits")
     out = topi.nn.pad(words, [0, ph, 0, pw], [0, ph, 0, pw], pad_value=0, name="pad_words")
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
@@ -292,7 +323,17 @@ def _binary_conv_func(xshape, wpshape, f: int, out_hw, kernel, stride, dilation,
     return sch.mod["main"]
 
 
-def _binary_conv2d(imp, x, thr, values, bias, stride, padding, dilation):
+def _pack_weights(values: np.ndarray) -> np.ndarray:
+    """±1 weights [F, C, KH, KW] → words [⌈F/F_TILE⌉, KH, KW, CW, F_TILE] (padded channels: 0 words)."""
+    f, c, kh, kw = values.shape
+    cw = -(-c // WORD_BITS)
+    fpad = -(-f // F_TILE) * F_TILE
+    wpk = np.zeros((fpad, kh, kw, cw), WORD)
+    wpk[:f] = pack_words(values.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(wpk.reshape(fpad // F_TILE, F_TILE, kh, kw, cw).transpose(0, 2, 3, 4, 1))
+
+
+def _binary_conv2d(imp, x, sign, values, bias, stride, padding, dilation):
     from tvm import relax
 
     f, c, kh, kw = values.shape
@@ -300,12 +341,9 @@ def _binary_conv2d(imp, x, thr, values, bias, stride, padding, dilation):
     ph, pw = padding
     cw = -(-c // WORD_BITS)
     xshape = (n, h + 2 * ph, cw, w + 2 * pw)
-    words = _emit_scheduled(imp, _pack_activation_func((n, c, h, w), thr, padding), [x],
+    words = _emit_scheduled(imp, _pack_activation_func((n, c, h, w), x.ty.dtype, sign, padding), [x],
                             relax.TensorType(xshape, WORD), "pack_bits_nchw")
-    fpad = -(-f // F_TILE) * F_TILE
-    wpk = np.zeros((fpad, kh, kw, cw), WORD)
-    wpk[:f] = pack_words(values.transpose(0, 2, 3, 1))
-    wpk = np.ascontiguousarray(wpk.reshape(fpad // F_TILE, F_TILE, kh, kw, cw).transpose(0, 2, 3, 4, 1))
+    wpk = _pack_weights(values)
     tables = _border_table(values, bias, (h, w), stride, padding, dilation)
     if tables[0] is None:
         return None
@@ -315,14 +353,14 @@ def _binary_conv2d(imp, x, thr, values, bias, stride, padding, dilation):
                            relax.TensorType((n, f, oh, ow), "int32"), "binary_conv2d")
 
 
-def _binary_dense_func(m: int, k: int, thr: int, wpshape, n_out: int):
+def _binary_dense_func(m: int, k: int, dtype: str, sign, wpshape, n_out: int):
     from tvm import s_tir, te, tirx
 
     fo_n, kw, ft = wpshape
-    x = te.placeholder((m, k), "int8", name="x")
+    x = te.placeholder((m, k), dtype, name="x")
     wp = te.placeholder(wpshape, WORD, name="wp")
     tab = te.placeholder((n_out,), "int32", name="table")
-    words = te.compute((m, kw), lambda i, j: _pack_bits_expr(lambda ch: x[i, ch], k, j, thr), name="pack_bits")
+    words = te.compute((m, kw), lambda i, j: _pack_bits_expr(lambda ch: x[i, ch], k, j, sign), name="pack_bits")
     r = te.reduce_axis((0, kw), "r")
     acc = te.compute((m, fo_n * ft), lambda i, o: te.sum(
         tirx.popcount(words[i, r] ^ wp[o // ft, r, o % ft]).astype(_acc_dtype(kw)), axis=r), name="xnor_popcount")
@@ -339,7 +377,7 @@ def _binary_dense_func(m: int, k: int, thr: int, wpshape, n_out: int):
     return sch.mod["main"]
 
 
-def _binary_dense(imp, x, thr, values, bias):
+def _binary_dense(imp, x, sign, values, bias):
     from tvm import relax
 
     n_out, k = values.shape
@@ -352,7 +390,7 @@ def _binary_dense(imp, x, thr, values, bias):
     wpk = np.zeros((npad, kw), WORD)
     wpk[:n_out] = pack_words(values)
     wpk = np.ascontiguousarray(wpk.reshape(npad // F_TILE, F_TILE, kw).transpose(0, 2, 1))
-    func = _binary_dense_func(m, k, thr, wpk.shape, n_out)
+    func = _binary_dense_func(m, k, x.ty.dtype, sign, wpk.shape, n_out)
     return _emit_scheduled(imp, func, [x, relax.const(wpk), relax.const(table)],
                            relax.TensorType((m, n_out), "int32"), "binary_dense")
 

@@ -122,3 +122,25 @@ def test_border_table_matches_direct_padding_correction():
             win = pad[:, oy * 2:oy * 2 + 3, ox:ox + 3]
             corr = (w * win[None]).reshape(5, -1).sum(1)
             assert np.array_equal(table[hcls[oy], wcls[ox]], 3 * 9 + bias + corr)  # taps packed as −1
+
+
+@pytest.mark.parametrize("scale,zp,thr", [(0.0349, 1, 1), (0.25, 0, 0), (0.5, -3, 2), (0.1, 0, -128), (0.1, 5, 127)])
+def test_sign_of_quantized_float_matches_quantize_then_compare(scale, zp, thr):
+    """The binary conv's packing tests floats directly (quantize folded away), exact at rounding ties."""
+    import tvm
+    from graphopt.targets.lowbit import _quantized_at_least
+    from tvm import te
+
+    inv = np.float32(1.0 / scale)
+    ties = (np.arange(-140, 140, dtype=np.float32) + np.float32(0.5)) / inv
+    near = np.concatenate([np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, -np.float32(np.inf)), ties])
+    x = np.concatenate([near, np.random.default_rng(0).normal(0, 40 * scale, 4096).astype(np.float32)])
+    want = torch.ops.quantized_decomposed.quantize_per_tensor(torch.from_numpy(x), scale, zp, -128, 127,
+                                                              torch.int8) >= thr
+    sign = _quantized_at_least(scale, zp, -128, 127, thr)
+    xt = te.placeholder((x.size,), "float32", name="x")
+    out = te.compute(xt.shape, lambda i: sign(xt[i]).astype("int8"), name="sign")
+    f = tvm.compile(te.create_prim_func([xt, out]), target="llvm")
+    got = tvm.runtime.tensor(np.zeros(x.size, np.int8))
+    f(tvm.runtime.tensor(x), got)
+    assert np.array_equal(got.numpy().astype(bool), want.numpy())
