@@ -53,24 +53,27 @@ def _emit(imp, expr):
 
 
 _CONSTANTS: contextvars.ContextVar[dict] = contextvars.ContextVar("graphopt_constants", default={})
+_SPEC: contextvars.ContextVar = contextvars.ContextVar("graphopt_import_target", default=None)
 
 
 @contextlib.contextmanager
-def constants_of(ep):
-    """Make `ep`'s parameters, buffers and constants readable by converters (`_constant`) while it
-    is imported: converters fold per-channel parameters in numpy instead of emitting Relax ops."""
+def importing(ep, spec=None):
+    """While `ep` is imported: its parameters, buffers and constants are readable by converters
+    (`constant_value`; per-channel parameters fold in numpy instead of becoming Relax ops), and
+    `spec` is the target they convert for (None: target-neutral choices)."""
     values = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
     by_name = {s.arg.name: values[s.target] for s in ep.graph_signature.input_specs if s.target in values}
-    token = _CONSTANTS.set(by_name)
+    tokens = _CONSTANTS.set(by_name), _SPEC.set(spec)
     try:
         yield
     finally:
-        _CONSTANTS.reset(token)
+        _CONSTANTS.reset(tokens[0])
+        _SPEC.reset(tokens[1])
 
 
 def constant_value(arg):
     """numpy value of an fx node argument that is a parameter, buffer or constant of the program being
-    imported (inside `constants_of`), else None."""
+    imported (inside `importing`), else None."""
     value = _CONSTANTS.get().get(arg.name) if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" else None
     return None if value is None else value.detach().cpu().numpy()
 
@@ -253,7 +256,15 @@ def _qadd(node, imp):
     params = [_constant(node.args[i]).astype(np.int64).reshape(-1) for i in (2, 3, 6, 7, 8, 9)]
     const = _constants_along(_ndim(node), 0)  # per-tensor multipliers: scalars
 
+    spec = _SPEC.get()
+    own_kernel = spec is not None and spec.ram_bytes is not None  # a RAM budget: the arena matters most
+
     def side(x, zp, m, s):
+        if own_kernel:  # FuseOps fuses elementwise chains into their producer: after two convs, one
+            # side's int32 rescale would be stored between kernels (4× the int8 bytes). A same-shape
+            # reshape ends the producers' groups, so the add reads both int8 tensors in its own
+            # kernel (layout conversion keeps it channel-first: a few transposes, cheap next to RAM)
+            x = _emit(imp, relax.op.reshape(x, x.ty.shape))
         x = _emit(imp, relax.op.subtract(relax.op.astype(x, "int32"), const(zp, "int32")))
         return _fixed_point_multiply(imp, _emit(imp, relax.op.left_shift(x, const(LEFT_SHIFT_ADD, "int32"))), m, s,
                                      const)

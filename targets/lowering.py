@@ -36,9 +36,9 @@ class LoweringResult:
 def _import(ep, spec, state):
     from tvm.relax.frontend.torch import from_exported_program
 
-    from graphopt.targets.converters import constants_of, converters
+    from graphopt.targets.converters import converters, importing
 
-    with constants_of(ep):
+    with importing(ep, spec):
         return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=converters())
 
 
