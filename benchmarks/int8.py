@@ -107,6 +107,8 @@ def _ort_sessions(model, x, calib, threads: int, workdir: Path) -> dict:
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # idle ORT workers spin by default, stealing the cores from whichever callable runs next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     paths = {"ORT fp32": fp32}
     name = ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()[0].name

@@ -43,6 +43,8 @@ def _onnx_session(model, x, threads: int):
     torch.onnx.export(model, (x,), str(path), dynamo=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # idle ORT workers spin by default, stealing the cores from whichever callable runs next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
     return (lambda: sess.run(None, feed)), None

@@ -406,10 +406,11 @@ class TensorizedDot(dlight.ScheduleRule):
 
 def _register_tile(pixels: int, vectors: int, budget: int) -> tuple[int, int]:
     """(pixels, channel vectors) per accumulator tile, each dividing its axis, at most `budget`
-    vectors: the most accumulators, then the fewest loads per dot (pixels + vectors)."""
+    vectors: the fewest operand loads per intrinsic call ((pixels + vectors) / (pixels · vectors):
+    7×2 beats 1×16 on a 7×7 map), then the most accumulators."""
     options = [(p, v) for p in range(1, min(pixels, budget) + 1) if pixels % p == 0
                for v in range(1, min(vectors, budget // p) + 1) if vectors % v == 0]
-    return max(options, key=lambda pv: (pv[0] * pv[1], -(pv[0] + pv[1])))
+    return min(options, key=lambda pv: ((pv[0] + pv[1]) / (pv[0] * pv[1]), -pv[0] * pv[1]))
 
 
 def _parallel_extent(sch: s_tir.Schedule, tiles: list) -> int:
