@@ -11,7 +11,8 @@ the first registered kernel whose feature the target has (data, never target nam
 `legalize_conv2d` / `legalize_matmul` replace LegalizeOps for int8 × int8 → int32 ``conv2d``
 (NHWC/HWIO, any stride/dilation, not grouped) and ``matmul`` against a constant weight: the weight
 is packed in numpy to ``[F/lanes, KH, KW, C/depth, lanes, depth]`` (dense: ``[N/lanes, K/depth,
-lanes, depth]``), zero-padded to whole tiles — the layout the intrinsic reads with one vector load;
+lanes, depth]``; kernels with a `chunk` order each tile ``[depth/chunk, lanes, chunk]``), zero-padded
+to whole tiles — the layout the intrinsic reads with one vector load;
 auto-tensorizing unpacked weights is silently wrong in TVM 0.27. Unsigned-activation kernels see
 ``x + 128`` and subtract ``128·Σw`` in the epilogue. `schedules.TensorizedDot` schedules the result.
 
@@ -43,6 +44,7 @@ class DotKernel:
     weight_dtype: str = "int8"  # "int16": weights widened when packed (e.g. for 16-bit MAC pairs)
     min_weight: int = -128  # e.g. −127 for kernels summing two int8 products in an int16 lane
     max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
+    chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -51,6 +53,20 @@ class DotKernel:
             raise ValueError(f"DotKernel.weight_dtype must be 'int8' or 'int16', not {self.weight_dtype!r}")
         if min(self.lanes, self.depth, self.accumulators) < 1:
             raise ValueError("DotKernel lanes, depth and accumulators must be positive")
+        if self.chunk < 0 or (self.chunk and self.depth % self.chunk):
+            raise ValueError("DotKernel.chunk must be 0 or divide depth")
+
+    def tile_layout(self, w: np.ndarray) -> np.ndarray:
+        """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk])."""
+        if not self.chunk:
+            return w
+        return np.moveaxis(w.reshape(*w.shape[:-1], self.depth // self.chunk, self.chunk), -2, -3)
+
+    def weight(self, wp, outer: tuple, lane, r):
+        """The packed weight of output lane `lane`, reduction index `r`, in the tile at `outer`."""
+        if not self.chunk:
+            return wp[(*outer, lane, r % self.depth)]
+        return wp[(*outer, r % self.depth // self.chunk, lane, r % self.chunk)]
 
 
 _KERNELS: list[DotKernel] = []
@@ -104,8 +120,11 @@ def _register_intrinsics() -> None:
         from graphopt.targets.tuning import prepare_tvm
 
         prepare_tvm()  # registers TVM's CPU intrinsics, with the VNNI one fixed for LLVM 22
-        from graphopt.targets import intrin_cortex_m  # noqa: F401  registers the Cortex-M DSP kernel
-        from graphopt.targets import intrin_neon  # noqa: F401  registers the NEON 4×64/4×32/4×16 kernels
+        from graphopt.targets import (  # noqa: F401  importing registers the kernels
+            intrin_cortex_m,  # the Cortex-M DSP kernel
+            intrin_dotprod,  # the aarch64 indexed-sdot 4×16 kernel
+            intrin_neon,  # the NEON 4×64/4×32/4×16 kernels
+        )
         _REGISTERED = True
 
 
@@ -120,20 +139,21 @@ def _static(shape) -> list[int] | None:
 
 
 def _pack_conv_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
-    """HWIO [KH, KW, C, F] → [F/lanes, KH, KW, C/depth, lanes, depth], zero-padded to whole tiles."""
+    """HWIO [KH, KW, C, F] → [F/lanes, KH, KW, C/depth, lanes, depth] (tiles in `DotKernel.tile_layout`),
+    zero-padded to whole tiles."""
     kh, kw, c, f = w.shape
     cp, fp = _ceil(c, k.depth), _ceil(f, k.lanes)
     w = np.pad(w, [(0, 0), (0, 0), (0, cp - c), (0, fp - f)])
     w = w.reshape(kh, kw, cp // k.depth, k.depth, fp // k.lanes, k.lanes)
-    return np.ascontiguousarray(w.transpose(4, 0, 1, 2, 5, 3)).astype(k.weight_dtype)
+    return np.ascontiguousarray(k.tile_layout(w.transpose(4, 0, 1, 2, 5, 3))).astype(k.weight_dtype)
 
 
 def _pack_dense_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
-    """[K, N] → [N/lanes, K/depth, lanes, depth], zero-padded to whole tiles."""
+    """[K, N] → [N/lanes, K/depth, lanes, depth] (tiles in `DotKernel.tile_layout`), zero-padded to whole tiles."""
     kk, n = w.shape
     kp, np_ = _ceil(kk, k.depth), _ceil(n, k.lanes)
     w = np.pad(w, [(0, kp - kk), (0, np_ - n)]).reshape(kp // k.depth, k.depth, np_ // k.lanes, k.lanes)
-    return np.ascontiguousarray(w.transpose(2, 0, 3, 1)).astype(k.weight_dtype)
+    return np.ascontiguousarray(k.tile_layout(w.transpose(2, 0, 3, 1))).astype(k.weight_dtype)
 
 
 def _prepare_data(data, channels: int, k: DotKernel):
@@ -182,7 +202,7 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
             (n, oh, ow, packed.shape[0] * k.lanes),
             lambda b, y, xx, ff: te.sum(
                 xd[b, y * sh + ry * dh, xx * sw + rx * dw, rc].astype("int32")
-                * wp[ff // k.lanes, ry, rx, rc // k.depth, ff % k.lanes, rc % k.depth].astype("int32"),
+                * k.weight(wp, (ff // k.lanes, ry, rx, rc // k.depth), ff % k.lanes, rc).astype("int32"),
                 axis=[ry, rx, rc]),
             name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, f, corr)
@@ -211,7 +231,7 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         acc = te.compute(
             (*xd.shape[:-1], packed.shape[0] * k.lanes),
             lambda *i: te.sum(xd[(*i[:-1], r)].astype("int32")
-                              * wp[i[-1] // k.lanes, r // k.depth, i[-1] % k.lanes, r % k.depth].astype("int32"),
+                              * k.weight(wp, (i[-1] // k.lanes, r // k.depth), i[-1] % k.lanes, r).astype("int32"),
                               axis=r),
             name="dense_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, n, corr)
