@@ -365,7 +365,10 @@ class TensorizedDot(dlight.ScheduleRule):
         r_o, r_i = sch.split(reduce[-1], [None, k.depth])
         rows = spatial[:-1]  # e.g. (n, y, x): the tile spans `px` pixels of the innermost one
         width = _loop_extent(sch, rows[-1]) if rows else 1
-        px, unroll = _register_tile(width, _loop_extent(sch, f_o), min(k.accumulators, _STACK_BYTES // (4 * k.lanes)))
+        vector_bytes = 4 * self.lanes  # loads per call: activations (depth int8), weights (lanes × depth)
+        loads = (-(-k.depth // vector_bytes), -(-k.lanes * k.depth * np.dtype(k.weight_dtype).itemsize // vector_bytes))
+        px, unroll = _register_tile(width, _loop_extent(sch, f_o), min(k.accumulators, _STACK_BYTES // (4 * k.lanes)),
+                                    loads)
         f_oo, f_u = sch.split(f_o, [None, unroll])
         if rows:
             p_o, p_i = sch.split(rows[-1], [None, px])
@@ -404,13 +407,15 @@ class TensorizedDot(dlight.ScheduleRule):
         return sch
 
 
-def _register_tile(pixels: int, vectors: int, budget: int) -> tuple[int, int]:
+def _register_tile(pixels: int, vectors: int, budget: int, loads: tuple[int, int] = (1, 1)) -> tuple[int, int]:
     """(pixels, channel vectors) per accumulator tile, each dividing its axis, at most `budget`
-    vectors: the fewest operand loads per intrinsic call ((pixels + vectors) / (pixels · vectors):
-    7×2 beats 1×16 on a 7×7 map), then the most accumulators."""
+    vectors: the fewest operand loads per intrinsic call — (pixels·a + vectors·b) / (pixels·vectors)
+    with `loads` = (a, b) vector loads of activations and weights per call (7×2 beats 1×16 on a 7×7
+    map; a kernel reading 4 weight vectors per call prefers more pixels) — then the most accumulators."""
+    a, b = loads
     options = [(p, v) for p in range(1, min(pixels, budget) + 1) if pixels % p == 0
                for v in range(1, min(vectors, budget // p) + 1) if vectors % v == 0]
-    return min(options, key=lambda pv: ((pv[0] + pv[1]) / (pv[0] * pv[1]), -pv[0] * pv[1]))
+    return min(options, key=lambda pv: ((pv[0] * a + pv[1] * b) / (pv[0] * pv[1]), -pv[0] * pv[1]))
 
 
 def _parallel_extent(sch: s_tir.Schedule, tiles: list) -> int:
