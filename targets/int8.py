@@ -109,7 +109,7 @@ def by_intrin(kernels, name: str) -> DotKernel | None:
 
 register_dot_kernel(DotKernel(Feature.AVX512_VNNI, "dot_16x4_vnni", 16, 4, "uint8", 16))
 register_dot_kernel(DotKernel(Feature.DOTPROD, "dot_4x4_i8i8s32_sdot", 4, 4, "int8", 24))
-register_dot_kernel(DotKernel(Feature.NEON, "dot_4x4_i8i8s32_neon", 4, 4, "int8", 16))
+register_dot_kernel(DotKernel(Feature.A64, "dot_4x4_i8i8s32_neon", 4, 4, "int8", 16))  # aarch64 NEON intrinsics
 
 _REGISTERED = False
 

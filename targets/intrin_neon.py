@@ -16,7 +16,7 @@ outputs, added to C. That is depth + 4 instructions per 4·depth MACs plus the a
 Each int16 lane sums two int8 products, which cannot overflow only if no weight is −128: the kernels
 carry ``min_weight=-127`` so `int8.choose` gives layers with a −128 weight to another kernel.
 
-Importing the module registers the 4×64, 4×32 and 4×16 kernels for `Feature.NEON` targets ahead of
+Importing the module registers the 4×64, 4×32 and 4×16 kernels for `Feature.A64` (AArch64 NEON) targets ahead of
 TVM's 4×4 one (layers whose channels are not a multiple of 16, e.g. an RGB stem, keep using it).
 """
 from __future__ import annotations
@@ -98,6 +98,6 @@ def neon_dot_intrin(depth: int) -> str:
 
 
 KERNELS = tuple(  # longest reduction first: `int8.choose` takes the first kernel needing no channel padding
-    register_dot_kernel(DotKernel(Feature.NEON, neon_dot_intrin(depth), LANES, depth, "int8",
+    register_dot_kernel(DotKernel(Feature.A64, neon_dot_intrin(depth), LANES, depth, "int8",
                                   accumulators=acc, min_weight=-127), before="dot_4x4_i8i8s32_neon")
     for depth, acc in ACCUMULATORS.items())

@@ -24,6 +24,7 @@ class Feature(str, enum.Enum):
     AVX512_VNNI = "avx512vnni"
     AVX512_VPOPCNTDQ = "avx512vpopcntdq"
     # ARM A-profile
+    A64 = "a64"  # the AArch64 instruction set (its NEON intrinsics differ from 32-bit ARM's)
     NEON = "neon"
     DOTPROD = "dotprod"
     I8MM = "i8mm"

@@ -88,7 +88,8 @@ def test_kernel_choice_per_layer():
     assert choose((narrow,), w, 1) is None  # 1 → 4 channels: 4× the MACs, the generic kernel wins
     assert choose((narrow,), w, 3) is narrow
     assert [k.feature for k in dot_kernels(get_target("arm-a55"))][0] is Feature.DOTPROD
-    assert dot_kernels(get_target("arm-a53"))[0].feature is Feature.NEON
+    assert dot_kernels(get_target("arm-a53"))[0].feature is Feature.A64
+    assert not dot_kernels(get_target("armv7"))  # 32-bit NEON: aarch64 intrinsics would not compile
     with pytest.raises(ValueError, match="weight_dtype"):
         DotKernel(Feature.NEON, "x", 4, 4, "int8", 8, weight_dtype="int4")
 
@@ -104,6 +105,15 @@ def test_aarch64_kernels_are_bit_exact(quantized, target):
     require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
     q, integer_graph = quantized
     _check_exact(graphopt.compile(q, (X,), target, progress=False), integer_graph)
+
+
+def test_armv7_takes_the_generic_int8_kernels(quantized):
+    """No dot kernel is written for 32-bit ARM: the generic kernels, still exact."""
+    require_tools("arm-linux-gnueabihf-gcc", "qemu-arm")
+    q, integer_graph = quantized
+    cm = graphopt.compile(q, (X,), "armv7", progress=False)
+    assert "tensorized_dot" not in cm.report.lowering["scheduled"]
+    assert torch.equal(cm(X), integer_graph(X))
 
 
 def test_conv_kernels_write_int8_not_int32(quantized):

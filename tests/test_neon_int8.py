@@ -60,7 +60,7 @@ def _compile_exact(q, ig, x) -> str:
 def test_kernels_are_preferred_on_neon_only_where_weights_fit():
     kernels = int8.dot_kernels(graphopt.get_target("arm-a53"))
     ours = set(intrin_neon.KERNELS)
-    assert all(k.feature is Feature.NEON and k.min_weight == -127 for k in ours)
+    assert all(k.feature is Feature.A64 and k.min_weight == -127 for k in ours)
     w = np.full((3, 3, 64, 8), 127, np.int8)
     assert int8.choose(kernels, w, 64) is intrin_neon.KERNELS[0]  # the longest reduction first
     assert int8.choose(kernels, w[:, :, :48], 48).depth == 16
