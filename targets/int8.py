@@ -69,6 +69,44 @@ class DotKernel:
         return wp[(*outer, r % self.depth // self.chunk, lane, r % self.chunk)]
 
 
+def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0):
+    """The TensorIntrin description every dot kernel shares (``C[i] += Σ_k A[k]·B[i, k]``), with B in
+    the packed tile layout (`DotKernel.tile_layout`): ``[lanes, depth]``, or ``[depth/chunk, lanes,
+    chunk]`` when `chunk` is set. An intrinsic registers it beside its own implementation."""
+    from tvm.script import tirx as T
+
+    if not chunk:
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
+            B = T.match_buffer(b, (lanes, depth), weight_dtype, offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+                T.writes(C[0:lanes])
+                for i, k in T.grid(lanes, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+        return desc
+
+    @T.prim_func(s_tir=True)
+    def chunked(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (depth // chunk, lanes, chunk), weight_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:depth // chunk, 0:lanes, 0:chunk])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, depth):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // chunk, vi, vk % chunk], "int32")
+
+    return chunked
+
+
 _KERNELS: list[DotKernel] = []
 
 

@@ -24,7 +24,7 @@ with `graphopt.targets.int8`, the int16-weight one first (`choose` prefers it wh
 """
 from __future__ import annotations
 
-from graphopt.targets.int8 import DotKernel, register_dot_kernel
+from graphopt.targets.int8 import DotKernel, dot_desc, register_dot_kernel
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -72,19 +72,6 @@ def _pairs(a_word):
 
 def _functions(lanes: int, weight_dtype: str):
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DEPTH,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, DEPTH), weight_dtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:DEPTH], B[0:lanes, 0:DEPTH])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, DEPTH):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl8(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (DEPTH,), "int8", offset_factor=1)
         B = T.match_buffer(b, (lanes, DEPTH), "int8", offset_factor=1)
@@ -110,7 +97,7 @@ def _functions(lanes: int, weight_dtype: str):
                 C[i] = _smlad(a23, T.reinterpret(B.vload([i, 2], "int16x2"), dtype="int32"),
                               _smlad(a01, T.reinterpret(B.vload([i, 0], "int16x2"), dtype="int32"), C[i]))
 
-    return desc, impl16 if weight_dtype == "int16" else impl8
+    return dot_desc(lanes, DEPTH, weight_dtype), impl16 if weight_dtype == "int16" else impl8
 
 
 def dsp_dot_intrin(lanes: int = LANES, weight_dtype: str = "int8") -> str:

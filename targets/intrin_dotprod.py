@@ -16,7 +16,7 @@ Importing the module registers it for `Feature.DOTPROD` targets ahead of TVM's 4
 """
 from __future__ import annotations
 
-from graphopt.targets.int8 import DotKernel, register_dot_kernel
+from graphopt.targets.int8 import DotKernel, dot_desc, register_dot_kernel
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -31,19 +31,6 @@ NAME = f"sdot_{LANES}x{DEPTH}_i8i8s32"
 
 def _functions():
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (DEPTH,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (DEPTH // CHUNK, LANES, CHUNK), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:DEPTH], B[0:DEPTH // CHUNK, 0:LANES, 0:CHUNK])
-            T.writes(C[0:LANES])
-            for i, k in T.grid(LANES, DEPTH):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // CHUNK, vi, vk % CHUNK], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (DEPTH,), "int8", offset_factor=1)
         B = T.match_buffer(b, (DEPTH // CHUNK, LANES, CHUNK), "int8", offset_factor=1)
@@ -53,7 +40,7 @@ def _functions():
             T.writes(C[0:LANES])
             C[T.ramp(T.int32(0), 1, LANES)] = _sdots(A, B, C)
 
-    return desc, impl
+    return dot_desc(LANES, DEPTH, chunk=CHUNK), impl
 
 
 def _sdots(a, b, c):

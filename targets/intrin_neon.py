@@ -21,7 +21,7 @@ TVM's 4×4 one (layers whose channels are not a multiple of 16, e.g. an RGB stem
 """
 from __future__ import annotations
 
-from graphopt.targets.int8 import DotKernel, register_dot_kernel
+from graphopt.targets.int8 import DotKernel, dot_desc, register_dot_kernel
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -64,19 +64,6 @@ def _dot(a, b, depth: int):
 
 def _functions(depth: int):
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (LANES, depth), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:depth], B[0:LANES, 0:depth])
-            T.writes(C[0:LANES])
-            for i, k in T.grid(LANES, depth):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
         B = T.match_buffer(b, (LANES, depth), "int8", offset_factor=1)
@@ -86,7 +73,7 @@ def _functions(depth: int):
             T.writes(C[0:LANES])
             C[T.ramp(T.int32(0), 1, LANES)] += _dot(A, B, depth)
 
-    return desc, impl
+    return dot_desc(LANES, depth), impl
 
 
 def neon_dot_intrin(depth: int) -> str:
