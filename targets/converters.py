@@ -3,8 +3,9 @@
 `converters()` is the ``custom_convert_map`` for TVM's ``from_exported_program``: keys are the
 importer's op names (``"qconv2d.default"``), values ``fn(node, importer) -> relax.Var``. Relax has
 no qnn ops, so integer compute is plain ops with ``out_dtype`` — ``conv2d(int8, int8) → int32`` on
-input padded with its zero point, minus zx·Σw — and requantization is the gemmlowp fixed-point
-arithmetic of `graphopt.qops` written as int64 elementwise ops. Every converter reproduces the
+input padded with its zero point, plus one folded bias − zx·Σw constant — and requantization is the
+gemmlowp fixed-point arithmetic of `graphopt.qops` written as elementwise int32 ops (one 64-bit
+product), which layout conversion keeps channel-last and FuseOps fuses into the kernel epilogue. Every converter reproduces the
 `graphopt.qops` contract bit for bit (rounding half to even where PyTorch does). Add more with
 `register_converter`; it refuses (ConfigError) a name that is already registered.
 """
@@ -42,17 +43,11 @@ def _args(node, imp):
     return imp.retrieve_args(node)
 
 
-def _i64(v):
-    from tvm import relax
-
-    return relax.const(v, "int64")
-
-
 def _emit(imp, expr):
     return imp.block_builder.emit(expr)
 
 
-_CONSTANTS: contextvars.ContextVar[dict] = contextvars.ContextVar("graphopt_constants", default={})
+_CONSTANTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("graphopt_constants", default=None)
 _SPEC: contextvars.ContextVar = contextvars.ContextVar("graphopt_import_target", default=None)
 
 
@@ -74,7 +69,8 @@ def importing(ep, spec=None):
 def constant_value(arg):
     """numpy value of an fx node argument that is a parameter, buffer or constant of the program being
     imported (inside `importing`), else None."""
-    value = _CONSTANTS.get().get(arg.name) if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" else None
+    constants = _CONSTANTS.get() or {}
+    value = constants.get(arg.name) if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" else None
     return None if value is None else value.detach().cpu().numpy()
 
 
@@ -106,14 +102,22 @@ def _fixed_point_multiply(imp, x, mults, shifts, const):
     op, e = relax.op, lambda v: _emit(imp, v)
     left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
     if left.any():
-        x = e(op.left_shift(op.astype(x, "int64"), const(left, "int64")))
-        x = e(op.astype(op.minimum(op.maximum(x, const(-(2 ** 31), "int64")), const(2 ** 31 - 1, "int64")), "int32"))
+        x = _saturate32(imp, op.left_shift(op.astype(x, "int64"), const(left, "int64")), const)
     product = op.multiply(op.astype(x, "int64"), const(mults, "int64"))
     high = e(op.astype(op.right_shift(op.add(product, const(1 << 30, "int64")), const(31, "int64")), "int32"))
     mask = (np.int64(1) << right) - 1
     threshold = op.add(op.astype(op.less(high, const(0, "int32")), "int32"), const(mask >> 1, "int32"))
     return e(op.add(op.right_shift(high, const(right, "int32")),
                     op.astype(op.greater(op.bitwise_and(high, const(mask, "int32")), threshold), "int32")))
+
+
+def _saturate32(imp, wide, const):
+    """An int64 Relax expression clamped to the int32 range, as int32."""
+    from tvm import relax
+
+    op = relax.op
+    return _emit(imp, op.astype(op.minimum(op.maximum(wide, const(-(2 ** 31), "int64")), const(2 ** 31 - 1, "int64")),
+                                "int32"))
 
 
 def _constants_along(nd: int, axis: int):
@@ -152,9 +156,7 @@ def _requantize(node, imp):
     mults, shifts = (_constant(a).astype(np.int64).reshape(-1) for a in node.args[2:4])
     const = _constants_along(_ndim(node), axis % _ndim(node))
     if in_zp:  # acc − in_zp may leave int32: saturate like the left shift does
-        wide = relax.op.subtract(relax.op.astype(acc, "int64"), const(in_zp, "int64"))
-        acc = _emit(imp, relax.op.astype(relax.op.minimum(relax.op.maximum(
-            wide, const(-(2 ** 31), "int64")), const(2 ** 31 - 1, "int64")), "int32"))
+        acc = _saturate32(imp, relax.op.subtract(relax.op.astype(acc, "int64"), const(in_zp, "int64")), const)
     return _saturate_int8(imp, _fixed_point_multiply(imp, acc, mults, shifts, const), out_zp, qmin, qmax, const)
 
 
