@@ -242,20 +242,6 @@ def _acc_dtype(words: int) -> str:
     return WORD if words * WORD_BITS < 1 << WORD_BITS else "int32"
 
 
-def _pow2_tile(extent: int, limit: int = 16) -> int:
-    return max(t for t in (1, 2, 4, 8, 16) if t <= limit and extent % t == 0)
-
-
-def _spatial(sch, block, vector: bool = True) -> None:
-    """Parallelize all but the innermost loop of `block`, vectorize a power-of-two part of that."""
-    loops = sch.get_loops(block)
-    if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
-    tile = _pow2_tile(int(sch.get(loops[-1]).extent))
-    if vector and tile > 1:
-        sch.vectorize(sch.split(loops[-1], [None, tile])[1])
-
-
 def _pack_activation_func(shape, dtype: str, sign, pad: tuple[int, int]):
     """PrimFunc: NCHW → words [N, H+2ph, ⌈C/WORD_BITS⌉, W+2pw] (bit: `sign`), padding packed as 0 bits."""
     from tvm import s_tir, te, topi
@@ -267,9 +253,11 @@ def _pack_activation_func(shape, dtype: str, sign, pad: tuple[int, int]):
     words = te.compute((n, h, cw, w), lambda i, y, j, xx: _pack_bits_expr(lambda ch: x[i, ch, y, xx], c, j, sign),
                        name="pack_bits")
     out = topi.nn.pad(words, [0, ph, 0, pw], [0, ph, 0, pw], pad_value=0, name="pad_words")
+    from graphopt.targets.schedules import _schedule_spatial
+
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
     for name in ("pack_bits", "pad_words"):
-        _spatial(sch, sch.get_sblock(name))
+        _schedule_spatial(sch, sch.get_sblock(name), 8)  # vectors of up to 16 words
     return sch.mod["main"]
 
 

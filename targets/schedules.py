@@ -204,12 +204,12 @@ def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
     sch.vectorize(loop)
 
 
-def _schedule_spatial(sch: s_tir.Schedule, block, params: CpuParams) -> None:
+def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Parallelize the outer loops of a spatial block and vectorize its innermost loop."""
     loops = sch.get_loops(block)
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
-    _vectorize_innermost(sch, sch.get_loops(block)[-1], params.lanes)
+    _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
 
 
 # Stack bytes TVM allows a buffer; larger per-tile buffers go to the heap (and out of registers).
@@ -239,7 +239,7 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
                 sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
                 placed.append(block)
             except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
-                _schedule_spatial(sch, block, CpuParams(lanes, 32, 1))
+                _schedule_spatial(sch, block, lanes)
     if not consumers:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
@@ -328,7 +328,7 @@ class ChannelLastReduction(dlight.ScheduleRule):
             if b.block_rv in vector_read:
                 sch.compute_inline(b.block_rv)  # e.g. pooling/depthwise padding: a vector select
             else:
-                _schedule_spatial(sch, b.block_rv, p)
+                _schedule_spatial(sch, b.block_rv, p.lanes)
         return sch
 
 
@@ -375,10 +375,10 @@ class TensorizedDot(dlight.ScheduleRule):
             outer, tile = rows[:-1] + [p_o], [p_i, f_u]
         else:
             outer, tile = [], [f_u]
-        pixels = int(np.prod([_loop_extent(sch, lp) for lp in outer])) * px if outer else 1
         # loop order re-reading less: pixel tiles outermost re-stream the weights once per pixel tile,
         # channel tiles outermost re-stream the input once per channel tile (e.g. 7×7×512 layers)
-        pixel_tiles = pixels // px
+        pixel_tiles = int(np.prod([_loop_extent(sch, lp) for lp in outer])) if outer else 1
+        pixels = pixel_tiles * px
         channels, channel_tiles = _loop_extent(sch, f_oo) * unroll * k.lanes, _loop_extent(sch, f_oo)
         pixel_outer = pixel_tiles >= self.cores and pixel_tiles * channels <= channel_tiles * pixels
         tiles = outer + [f_oo] if pixel_outer else [f_oo] + outer
@@ -399,15 +399,11 @@ class TensorizedDot(dlight.ScheduleRule):
         for b in producers[:-1]:
             sch.compute_inline(b.block_rv)
         if producers:
-            last = producers[-1].block_rv
-            lp = sch.get_loops(last)
-            if len(lp) > 1:
-                sch.parallel(sch.fuse(*lp[:-1]))
-            _vectorize_innermost(sch, sch.get_loops(last)[-1], self.lanes * 4)
+            _schedule_spatial(sch, producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
         return sch
 
 
-def _register_tile(pixels: int, vectors: int, budget: int, loads: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+def _register_tile(pixels: int, vectors: int, budget: int, loads: tuple[int, int]) -> tuple[int, int]:
     """(pixels, channel vectors) per accumulator tile, each dividing its axis, at most `budget`
     vectors: the fewest operand loads per intrinsic call — (pixels·a + vectors·b) / (pixels·vectors)
     with `loads` = (a, b) vector loads of activations and weights per call (7×2 beats 1×16 on a 7×7
@@ -445,7 +441,7 @@ class Injective(dlight.ScheduleRule):
         if infos is None or not all(b.is_injective() for b in infos):
             return None
         for b in dlight.base.try_inline(sch, infos):
-            _schedule_spatial(sch, b.block_rv, self.params)
+            _schedule_spatial(sch, b.block_rv, self.params.lanes)
         return sch
 
 
@@ -465,7 +461,7 @@ class Generic(dlight.ScheduleRule):
             if len(loops) != len(kinds):
                 continue
             if n_s == len(loops):
-                _try(lambda: _schedule_spatial(sch, block, self.params))
+                _try(lambda: _schedule_spatial(sch, block, self.params.lanes))
             elif n_s > 0:
                 _try(lambda: sch.parallel(sch.fuse(*loops[:n_s])))
         return sch
