@@ -85,7 +85,7 @@ def _ndim(node) -> int:
     return node.meta["val"].dim()
 
 
-def _fixed_point_multiply(imp, x, mults, shifts, const):
+def _fixed_point_multiply(imp, x, mults, shifts, const, bound: int | None = None):
     """MultiplyByQuantizedMultiplier of an int32 Relax tensor by compile-time (M0, shift) as Relax
     ops — elementwise, so layout conversion keeps them channel-last and FuseOps fuses them into the
     producing kernel's epilogue. Only the product is 64-bit:
@@ -95,16 +95,33 @@ def _fixed_point_multiply(imp, x, mults, shifts, const):
                                                                 folded into one floor shift; M0 > 0)
         y = (high ≫ right) + [(high & mask) > mask/2 + (high < 0)]    (RDBPOT, mask = 2^right − 1)
 
+    With `bound` ≥ |x| known at compile time and (bound ≪ left) < 2^30 nothing can overflow, and
+    the same values come from fewer operations (what Cortex-M's SMMULR and a 3-op rounding shift do):
+
+        high = (2x·M0 + 2^31) ≫ 32                            (same floor: numerator and 2^31 doubled)
+        y = (high + 2^(right−1) + (high ≫ 31)) ≫ right         (every right in 1..31; |high| ≤ |x| < 2^30)
+
     `const(values, dtype)` makes a constant broadcasting along the multiplier's axis."""
     import numpy as np
     from tvm import relax
 
     op, e = relax.op, lambda v: _emit(imp, v)
     left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
-    if left.any():
-        x = _saturate32(imp, op.left_shift(op.astype(x, "int64"), const(left, "int64")), const)
-    product = op.multiply(op.astype(x, "int64"), const(mults, "int64"))
-    high = e(op.astype(op.right_shift(op.add(product, const(1 << 30, "int64")), const(31, "int64")), "int32"))
+    if bound is not None and (np.int64(bound) << left).max() < 2 ** 30:
+        doubled = e(op.left_shift(x, const(left + 1, "int32")))  # no saturation: |x ≪ left| < 2^30
+        high = e(op.astype(op.right_shift(op.add(op.multiply(op.astype(doubled, "int64"), const(mults, "int64")),
+                                                 const(1 << 31, "int64")), const(32, "int64")), "int32"))
+        if not right.any():
+            return high
+        if right.min() >= 1 and right.max() <= 31:
+            nudged = op.add(op.add(high, const(np.int64(1) << (right - 1), "int32")),
+                            op.right_shift(high, const(31, "int32")))
+            return e(op.right_shift(nudged, const(right, "int32")))
+    else:
+        if left.any():
+            x = _saturate32(imp, op.left_shift(op.astype(x, "int64"), const(left, "int64")), const)
+        product = op.multiply(op.astype(x, "int64"), const(mults, "int64"))
+        high = e(op.astype(op.right_shift(op.add(product, const(1 << 30, "int64")), const(31, "int64")), "int32"))
     mask = (np.int64(1) << right) - 1
     threshold = op.add(op.astype(op.less(high, const(0, "int32")), "int32"), const(mask >> 1, "int32"))
     return e(op.add(op.right_shift(high, const(right, "int32")),
@@ -121,7 +138,8 @@ def _saturate32(imp, wide, const):
 
 
 def _constants_along(nd: int, axis: int):
-    """const(values, dtype): a scalar constant, or one shaped to broadcast along `axis` of rank `nd`
+    """const(values, dtype): a scalar constant (also for values equal along the axis), or one shaped to
+    broadcast along `axis` of rank `nd`
     (tensor operands go first in every binary op: a constant left operand makes layout conversion
     fall back to NCHW)."""
     import numpy as np
@@ -129,8 +147,8 @@ def _constants_along(nd: int, axis: int):
 
     def const(values, dtype):
         v = np.asarray(values).astype(dtype)
-        if v.size == 1:
-            return relax.const(v.reshape(()).item(), dtype)
+        if v.size == 1 or (v == v.flat[0]).all():  # the same for every channel: an immediate in the kernel
+            return relax.const(v.flat[0].item(), dtype)
         shape = [1] * nd
         shape[axis] = v.size
         return relax.const(v.reshape(shape), dtype)
@@ -155,9 +173,39 @@ def _requantize(node, imp):
     acc, in_zp, _, _, axis, out_zp, qmin, qmax = _args(node, imp)
     mults, shifts = (_constant(a).astype(np.int64).reshape(-1) for a in node.args[2:4])
     const = _constants_along(_ndim(node), axis % _ndim(node))
+    bound = _accumulator_bound(node.args[0])
     if in_zp:  # acc − in_zp may leave int32: saturate like the left shift does
         acc = _saturate32(imp, relax.op.subtract(relax.op.astype(acc, "int64"), const(in_zp, "int64")), const)
-    return _saturate_int8(imp, _fixed_point_multiply(imp, acc, mults, shifts, const), out_zp, qmin, qmax, const)
+        bound = None if bound is None else bound + abs(in_zp)
+    return _saturate_int8(imp, _fixed_point_multiply(imp, acc, mults, shifts, const, bound), out_zp, qmin, qmax,
+                          const)
+
+
+_ACCUMULATING = {"qconv2d", "qlinear"}
+
+
+def _accumulator_bound(node) -> int | None:
+    """A compile-time bound on |output| of a qconv2d/qlinear node: 255·Σ|w| + |bias| over the worst
+    output channel (|x − zx| ≤ 255; weights that are not constants count as 128 each), or None."""
+    import math
+
+    import numpy as np
+
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and getattr(node.target, "namespace", None) == "graphopt"
+            and node.target._opname in _ACCUMULATING):
+        return None
+    w, bias = node.args[2], node.args[3]
+    w_np = constant_value(w)
+    if w_np is not None:
+        per_channel = np.abs(w_np.astype(np.int64)).reshape(w_np.shape[0], -1).sum(axis=1)
+    else:
+        shape = w.meta["val"].shape
+        per_channel = np.full(int(shape[0]), 128 * math.prod(int(d) for d in shape[1:]), dtype=np.int64)
+    b = np.zeros(1, np.int64) if bias is None else constant_value(bias)
+    if b is None:
+        return None
+    return int((255 * per_channel + np.abs(b.astype(np.int64).reshape(-1))).max())
 
 
 def _zp_times_weight_sum(imp, w, x_zp: int, axes: list[int]):
@@ -269,10 +317,13 @@ def _qadd(node, imp):
             x = _emit(imp, relax.op.reshape(x, x.ty.shape))
         x = _emit(imp, relax.op.subtract(relax.op.astype(x, "int32"), const(zp, "int32")))
         return _fixed_point_multiply(imp, _emit(imp, relax.op.left_shift(x, const(LEFT_SHIFT_ADD, "int32"))), m, s,
-                                     const)
+                                     const, bound=255 << LEFT_SHIFT_ADD)
 
+    # each side is at most its input bound ≪ its left shift (M0 < 2^31 and the right shift only shrink it)
+    total_bound = sum((255 << LEFT_SHIFT_ADD) << int(max(s.max(), 0)) for s in (params[1], params[3]))
     total = _emit(imp, relax.op.add(side(a, a_zp, *params[0:2]), side(b, b_zp, *params[2:4])))
-    return _saturate_int8(imp, _fixed_point_multiply(imp, total, *params[4:6], const), out_zp, qmin, qmax, const)
+    return _saturate_int8(imp, _fixed_point_multiply(imp, total, *params[4:6], const, total_bound), out_zp, qmin,
+                          qmax, const)
 
 
 @register_converter("qlut.default")

@@ -167,11 +167,16 @@ def widening_multiply_legalizer():
 
     def legalize(bb, call):
         x, c = call.args
+        if isinstance(c, relax.Var) and isinstance(bb.lookup_binding(c), tvm.ir.expr.Constant):
+            c = bb.lookup_binding(c)  # e.g. a channel-last copy of the constant, bound by layout conversion
         if str(call.ty.dtype) != "int64" or not isinstance(c, tvm.ir.expr.Constant) or x.ty.ndim < c.ty.ndim:
             return default(bb, call)
         values = c.value.numpy()
         if values.size and (values.min() < -limit or values.max() >= limit):
             return default(bb, call)
+        if values.size == 1:  # an immediate: materialized where it is used, so ARM selects SMMULR/SMULL
+            return bb.call_te(lambda a: topi.multiply(a, tirx.const(int(values.reshape(())), "int64")), x,
+                              primfunc_name_hint="multiply")
         return bb.call_te(lambda a, m: topi.multiply(a, topi.cast(m, "int64")), x,
                           relax.const(values.astype(np.int32), "int32"), primfunc_name_hint="multiply")
 

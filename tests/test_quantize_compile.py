@@ -71,28 +71,46 @@ def test_pt2e_xnnpack_model_compiles_and_matches_pt2e_within_one_lsb():
     assert (cm(X) - want).abs().max().item() <= scale * (1 + 1e-4)
 
 
-def test_relax_fixed_point_multiply_equals_reference_gemmlowp():
-    """The converters' int32 form (one 64-bit product, floor shift) against qref's textbook gemmlowp,
-    per channel, over the whole int32 range and the ties, left and right shifts."""
+def _relax_fixed_point_multiply(acc, m0, shift, bound=None):
     import tvm
     from tvm import relax
 
     from graphopt.targets.converters import _constants_along, _fixed_point_multiply
 
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(acc.shape, "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(_fixed_point_multiply(type("Importer", (), {"block_builder": bb}), x, m0, shift,
+                                                     _constants_along(2, 0), bound))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(acc.astype(np.int32))).numpy()
+
+
+def test_relax_fixed_point_multiply_equals_reference_gemmlowp():
+    """The converters' int32 form (one 64-bit product, floor shift) against qref's textbook gemmlowp,
+    per channel, over the whole int32 range and the ties, left and right shifts."""
     rng = np.random.default_rng(0)
     channels, n = 64, 4000
     acc = np.concatenate([rng.integers(-2 ** 31, 2 ** 31, (channels, n // 2)),
                           rng.integers(-3000, 3000, (channels, n // 2 - 4)),
                           np.tile([-2 ** 31, 2 ** 31 - 1, -(2 ** 30), 2 ** 30], (channels, 1))], axis=1)
     m0, shift = rng.integers(2 ** 30, 2 ** 31, channels), rng.integers(-31, 8, channels)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((channels, n), "int32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit_output(_fixed_point_multiply(type("Importer", (), {"block_builder": bb}), x, m0, shift,
-                                                     _constants_along(2, 0)))
-        bb.emit_func_output(y)
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(acc.astype(np.int32))).numpy()
     want = qref._mbqm(acc.astype(np.int64), m0[:, None], shift[:, None])
-    assert np.array_equal(got, want)
+    assert np.array_equal(_relax_fixed_point_multiply(acc, m0, shift), want)
+
+
+@pytest.mark.parametrize("bound,shifts", [(2 ** 30 - 1, (-31, 0)), (2 ** 22, (-31, 8)), (2 ** 22, (-31, 1))])
+def test_relax_fixed_point_multiply_bounded_form(bound, shifts):
+    """With |acc| ≤ bound known (the doubled product and the 3-op rounding shift; the general
+    rounding where some channel shifts left or not at all) the same values as gemmlowp, edges included."""
+    rng = np.random.default_rng(1)
+    channels, n = 64, 3000
+    acc = np.concatenate([rng.integers(-bound, bound + 1, (channels, n - 6)),
+                          rng.integers(-40, 40, (channels, 2)),
+                          np.tile([-bound, bound, -(bound // 2), bound // 2], (channels, 1))], axis=1)
+    m0, shift = rng.integers(2 ** 30, 2 ** 31, channels), rng.integers(*shifts, channels)
+    shift[:2] = shifts[0], shifts[1] - 1
+    want = qref._mbqm(acc.astype(np.int64), m0[:, None], shift[:, None])
+    assert np.array_equal(_relax_fixed_point_multiply(acc, m0, shift, bound), want)
