@@ -45,6 +45,7 @@ class DotKernel:
     min_weight: int = -128  # e.g. −127 for kernels summing two int8 products in an int16 lane
     max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
     chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
+    even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -55,25 +56,49 @@ class DotKernel:
             raise ValueError("DotKernel lanes, depth and accumulators must be positive")
         if self.chunk < 0 or (self.chunk and self.depth % self.chunk):
             raise ValueError("DotKernel.chunk must be 0 or divide depth")
+        if self.even_odd and (self.chunk or self.depth % 2):
+            raise ValueError("DotKernel.even_odd needs an even depth and no chunk")
 
     def tile_layout(self, w: np.ndarray) -> np.ndarray:
-        """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk])."""
+        """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or
+        [..., lanes, 2, depth/2])."""
+        if self.even_odd:
+            return np.swapaxes(w.reshape(*w.shape[:-1], self.depth // 2, 2), -1, -2)
         if not self.chunk:
             return w
         return np.moveaxis(w.reshape(*w.shape[:-1], self.depth // self.chunk, self.chunk), -2, -3)
 
     def weight(self, wp, outer: tuple, lane, r):
         """The packed weight of output lane `lane`, reduction index `r`, in the tile at `outer`."""
+        if self.even_odd:
+            return wp[(*outer, lane, r % self.depth % 2, r % self.depth // 2)]
         if not self.chunk:
             return wp[(*outer, lane, r % self.depth)]
         return wp[(*outer, r % self.depth // self.chunk, lane, r % self.chunk)]
 
 
-def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0):
+def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0, even_odd: bool = False):
     """The TensorIntrin description every dot kernel shares (``C[i] += Σ_k A[k]·B[i, k]``), with B in
-    the packed tile layout (`DotKernel.tile_layout`): ``[lanes, depth]``, or ``[depth/chunk, lanes,
-    chunk]`` when `chunk` is set. An intrinsic registers it beside its own implementation."""
+    the packed tile layout (`DotKernel.tile_layout`): ``[lanes, depth]``, ``[depth/chunk, lanes,
+    chunk]`` when `chunk` is set, ``[lanes, 2, depth/2]`` with `even_odd`. An intrinsic registers it
+    beside its own implementation."""
     from tvm.script import tirx as T
+
+    if even_odd:
+        @T.prim_func(s_tir=True)
+        def parity(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
+            B = T.match_buffer(b, (lanes, 2, depth // 2), weight_dtype, offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:2, 0:depth // 2])
+                T.writes(C[0:lanes])
+                for i, k in T.grid(lanes, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk % 2, vk // 2], "int32")
+
+        return parity
 
     if not chunk:
         @T.prim_func(s_tir=True)

@@ -6,12 +6,13 @@ Both have the contract of TVM's ``dot_4x4_i8i8s32_neon``: ``A: int8[4]`` (activa
 for LDR; the packed weights are word-aligned, so LLVM may pair them into LDRD).
 
 ``cortex_m_dsp_dot_<lanes>x4_i8i16s32`` (`DSP16_KERNEL`, preferred): int8 activations, weights
-widened to int16 when packed. The 4 activation bytes are loaded as one word and turned once into
-the halfword pairs (x0, x1) and (x2, x3) (``SXTB16`` of the word and of the word rotated by 8, then
-``PKHBT``/``PKHTB``); per output lane the 4 weights are two ready-made halfword pairs (one LDRD) and
-two ``SMLAD``s accumulate. Per 4 MACs: 1 LDRD + 2 SMLAD, plus (1 LDR + 2 SXTB16 + 2 PKH) / lanes for
-the activation — about 1.1 instructions per MAC against 1.5 for the int8-weight kernel; costs twice
-the weight flash (half of fp32's; layers above `MAX_WEIGHTS_16` weights keep int8 ones).
+widened to int16 and stored in SXTB16's order when packed (`DotKernel.even_odd`: per output lane
+the halfword pairs (w0, w2) and (w1, w3)). The 4 activation bytes are loaded as one word and
+sign-extended once into (x0, x2) and (x1, x3) (``SXTB16`` of the word and of the word rotated by 8);
+per output lane the 4 weights are two ready-made pairs (one LDRD) and two ``SMLAD``s accumulate.
+Per 4 MACs: 1 LDRD + 2 SMLAD, plus (1 LDR + 2 SXTB16) / lanes for the activation — about one
+instruction per MAC against 1.5 for the int8-weight kernel; costs twice the weight flash (half of
+fp32's; layers above `MAX_WEIGHTS_16` weights keep int8 ones).
 
 ``cortex_m_dsp_dot_<lanes>x4_i8i8s32`` (`DSP_KERNEL`): int8 weights, extended in the loop. The
 activation word is sign-extended once into two halfword pairs (``SXTB16`` of the word and of the
@@ -61,15 +62,6 @@ def _dot4(a_word, b_word, acc):
                   _smlad(_sxtb16(a_word, False), _sxtb16(b_word, False), acc))
 
 
-def _pairs(a_word):
-    """The 4 int8s of a word as halfword pairs ((x0, x1), (x2, x3)): SXTB16 twice, PKHBT and PKHTB."""
-    even, odd = _sxtb16(a_word, False), _sxtb16(a_word, True)  # (x0, x2), (x1, x3)
-    low = T.bitwise_or(T.bitwise_and(even, T.int32(0xFFFF)), T.shift_left(odd, T.int32(16)))
-    high = T.bitwise_or(T.bitwise_and(odd, T.int32(-65536)), T.bitwise_and(T.shift_right(even, T.int32(16)),
-                                                                           T.int32(0xFFFF)))
-    return low, high
-
-
 def _functions(lanes: int, weight_dtype: str):
     @T.prim_func(s_tir=True)
     def impl8(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -87,17 +79,20 @@ def _functions(lanes: int, weight_dtype: str):
     @T.prim_func(s_tir=True)
     def impl16(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (DEPTH,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (lanes, DEPTH), "int16", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2, DEPTH // 2), "int16", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:DEPTH], B[0:lanes, 0:DEPTH])
+            T.reads(C[0:lanes], A[0:DEPTH], B[0:lanes, 0:2, 0:DEPTH // 2])
             T.writes(C[0:lanes])
-            a01, a23 = T.meta_var(_pairs(T.reinterpret(A.vload([0], "int8x4"), dtype="int32")))
-            for i in T.unroll(lanes):
-                C[i] = _smlad(a23, T.reinterpret(B.vload([i, 2], "int16x2"), dtype="int32"),
-                              _smlad(a01, T.reinterpret(B.vload([i, 0], "int16x2"), dtype="int32"), C[i]))
+            a_word = T.meta_var(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"))
+            for i in T.unroll(lanes):  # (x0, x2)·(w0, w2) + (x1, x3)·(w1, w3)
+                C[i] = _smlad(_sxtb16(a_word, True), T.reinterpret(B.vload([i, 1, 0], "int16x2"), dtype="int32"),
+                              _smlad(_sxtb16(a_word, False), T.reinterpret(B.vload([i, 0, 0], "int16x2"),
+                                                                           dtype="int32"), C[i]))
 
-    return dot_desc(lanes, DEPTH, weight_dtype), impl16 if weight_dtype == "int16" else impl8
+    if weight_dtype == "int16":
+        return dot_desc(lanes, DEPTH, weight_dtype, even_odd=True), impl16
+    return dot_desc(lanes, DEPTH, weight_dtype), impl8
 
 
 def dsp_dot_intrin(lanes: int = LANES, weight_dtype: str = "int8") -> str:
@@ -116,4 +111,5 @@ DSP_KERNEL = register_dot_kernel(DotKernel(feature=Feature.DSP, intrin=INTRIN, l
                                             data_dtype="int8", accumulators=ACCUMULATORS))
 DSP16_KERNEL = register_dot_kernel(DotKernel(feature=Feature.DSP, intrin=INTRIN_16, lanes=LANES, depth=DEPTH,
                                               data_dtype="int8", accumulators=ACCUMULATORS_16,
-                                              weight_dtype="int16", max_weights=MAX_WEIGHTS_16), before=INTRIN)
+                                              weight_dtype="int16", max_weights=MAX_WEIGHTS_16, even_odd=True),
+                                   before=INTRIN)
