@@ -392,10 +392,17 @@ def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
     """round_half_even(x · inv_scale) + zp, clamped — one kernel, kept out of fusion (opaque): fused
     with the layout transpose and padding that follow a graph input it would run on the padded
     channel-last tensor, 3 scalar channels at a time, instead of vectorized along the width.
-    Ties to even (torch.round; TVM's round goes away from zero) use the parity f − 2·⌊f/2⌋ of
-    f = ⌊v⌋ (floor_mod on floats would be an fmod call per element). Int32 outputs (|q| ≥ 2^30) are
-    not exact here: quantize_per_tensor to int32 is not a graphopt pattern."""
+    Ties to even (torch.round; TVM's round goes away from zero): `nearbyint` (the default rounding
+    mode) on targets with round-to-integral instructions (`Feature.FP_ROUND`); elsewhere (FPv4
+    Cortex-M, ARMv7 NEON, target-neutral) the parity f − 2·⌊f/2⌋ of f = ⌊v⌋, with ⌊⌋ by truncation —
+    no libm call. Int32 outputs (|q| ≥ 2^30) are not exact here: quantize_per_tensor to int32 is
+    not a graphopt pattern."""
     from tvm import te, tirx, topi
+
+    from graphopt.targets.spec import Feature
+
+    spec = _SPEC.get()
+    rint = spec is not None and spec.has(Feature.FP_ROUND)
 
     def compute(x_t, inv_t, zp_t):
         v = topi.multiply(x_t, inv_t)
@@ -406,12 +413,16 @@ def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
             t = tirx.Cast("float32", tirx.Cast("int32", a))
             return t - tirx.Select(a < t, tirx.const(1.0, "float32"), tirx.const(0.0, "float32"))
 
-        def body(*i):
-            vi = tirx.min(tirx.max(v(*i), -_CLIP), _CLIP)  # in int32 range; beyond any 8/16-bit output
-            f = floor(vi)
-            d = vi - f
+        def round_half_even(a):
+            if rint:
+                return tirx.nearbyint(a)
+            f = floor(a)
+            d = a - f
             parity = f - floor(f * 0.5) * 2.0
-            r = tirx.Select(d > 0.5, f + 1.0, tirx.Select(d < 0.5, f, f + parity))
+            return tirx.Select(d > 0.5, f + 1.0, tirx.Select(d < 0.5, f, f + parity))
+
+        def body(*i):
+            r = round_half_even(tirx.min(tirx.max(v(*i), -_CLIP), _CLIP))  # in int32 range: beyond any 8/16-bit output
             return tirx.Cast(_DTYPES[dtype], tirx.min(tirx.max(r + z(*i), float(qmin)), float(qmax)))
 
         return te.compute(shape, body, name="quantize")

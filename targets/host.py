@@ -15,6 +15,7 @@ _FLAG_FEATURES = {
     "avx512f": Feature.AVX512,
     "avx512_vnni": Feature.AVX512_VNNI,
     "avx512_vpopcntdq": Feature.AVX512_VPOPCNTDQ,
+    "sse4_1": Feature.FP_ROUND,
 }
 
 

@@ -23,6 +23,7 @@ class Feature(str, enum.Enum):
     AVX512 = "avx512"
     AVX512_VNNI = "avx512vnni"
     AVX512_VPOPCNTDQ = "avx512vpopcntdq"
+    FP_ROUND = "fp-round"  # float round-to-integral instructions: SSE4.1 round, AArch64 frint, FPv5/ARMv8 VRINT
     # ARM A-profile
     A64 = "a64"  # the AArch64 instruction set (its NEON intrinsics differ from 32-bit ARM's)
     NEON = "neon"

@@ -252,3 +252,25 @@ def test_quantized_model_is_bit_identical_to_reference_under_qemu(name):
     lines = _disassemble(cm.build_dir / "kernels.o")
     assert any("\tsmlad" in ln for ln in lines)
     assert _smlad_per_sxtb16(lines) >= 2  # the int16-weight kernel ran (the int8 one extends every weight too)
+
+
+class _QuantizeOnly(torch.nn.Module):
+    def forward(self, x):
+        qd = torch.ops.quantized_decomposed
+        q = qd.quantize_per_tensor.default(x, 0.5, 3, -128, 127, torch.int8)
+        return qd.dequantize_per_tensor.default(q, 0.5, 3, -128, 127, torch.int8)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("target", ["host", "cortex-m4", "cortex-m55"])
+def test_input_quantize_rounds_half_to_even_exactly(target):
+    """The input quantize on both rounding paths (`nearbyint` where the FPU rounds to integral,
+    M55 and the host; truncation-based on M4), ties included; 19 elements, so vectorized code runs
+    its scalar remainder too (on M55 that remainder once came out wrong)."""
+    if target != "host":
+        require_tools(*BARE)
+    x = torch.tensor([[0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 1e30, -1e30, 63.25, 63.75, -65.25, -66.75, 0.24,
+                       0.26, 1000.0, 5.0, -0.0, 2.25, -2.75]])
+    cm = graphopt.compile(_QuantizeOnly(), (x,), target, progress=False)
+    assert torch.equal(cm(x), _QuantizeOnly()(x))
+
