@@ -11,8 +11,10 @@ the first registered kernel whose feature the target has (data, never target nam
 `legalize_conv2d` / `legalize_matmul` replace LegalizeOps for int8 × int8 → int32 ``conv2d``
 (NHWC/HWIO, any stride/dilation, not grouped) and ``matmul`` against a constant weight: the weight
 is packed in numpy to ``[F/lanes, KH, KW, C/depth, lanes, depth]`` (dense: ``[N/lanes, K/depth,
-lanes, depth]``; kernels with a `chunk` order each tile ``[depth/chunk, lanes, chunk]``), zero-padded
-to whole tiles — the layout the intrinsic reads with one vector load;
+lanes, depth]``; kernels with a `chunk` order each tile ``[depth/chunk, lanes, chunk]``, `even_odd`
+ones ``[lanes, 2, depth/2]``), zero-padded to whole tiles — the layout the intrinsic reads with one
+vector load; few-channel convs (e.g. a 3-channel stem) instead reduce over each kernel row's KW·C
+contiguous NHWC values, padded once to whole `depth` groups (`reduction`);
 auto-tensorizing unpacked weights is silently wrong in TVM 0.27. Unsigned-activation kernels see
 ``x + 128`` and subtract ``128·Σw`` in the epilogue. `schedules.TensorizedDot` schedules the result.
 
@@ -154,16 +156,25 @@ def dot_kernel(spec: TargetSpec) -> DotKernel | None:
     return next(iter(dot_kernels(spec)), None)
 
 
-def choose(kernels, weights: np.ndarray, channels: int) -> DotKernel | None:
-    """The kernel for one layer: among those whose weight range fits, the first that needs no channel
-    padding, else the one padding least (e.g. a 3-channel stem conv); None when even that would
-    double the reduction."""
+def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotKernel | None:
+    """The kernel for one layer: among those whose weight range fits, the first whose reduction needs
+    no padding, else the one padding least (e.g. a 3-channel stem conv); None when even that would
+    double the reduction. `window` > 1 (a conv's kernel width, dilation 1) lets a kernel reduce over
+    the window's `window`·`channels` contiguous values instead of over channels (`reduction`)."""
     fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight
            and (k.max_weights is None or weights.size <= k.max_weights)]
-    best = min(fit, key=lambda k: _ceil(channels, k.depth) - channels, default=None)
-    if best is None or _ceil(channels, best.depth) >= 2 * channels:
-        return None  # e.g. a 1-channel input: the generic kernel does a quarter of the MACs
+    best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
+    if best is None or reduction(best, channels, window)[0] >= 2 * window * channels:
+        return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs
     return best
+
+
+def reduction(k: DotKernel, channels: int, window: int = 1) -> tuple[int, bool]:
+    """(reduced values per kernel row, flattened): `window` × channels padded to whole `depth` groups,
+    or — when fewer — the row's window·channels values (contiguous in NHWC) padded once (flattened;
+    e.g. a 1-channel 3×3 conv reduces 4 values per row instead of 12)."""
+    by_channel, flat = window * _ceil(channels, k.depth), _ceil(window * channels, k.depth)
+    return (flat, True) if flat < by_channel else (by_channel, False)
 
 
 def by_intrin(kernels, name: str) -> DotKernel | None:
@@ -227,8 +238,13 @@ def _prepare_data(data, channels: int, k: DotKernel):
                            name="channel_pad")
     if k.data_dtype == "uint8":
         src = data
-        data = te.compute(src.shape, lambda *i: (src[i].astype("int32") + 128).astype("uint8"), name="data_u8")
+        data = te.compute(src.shape, lambda *i: _as_data(src[i], k), name="data_u8")
     return data
+
+
+def _as_data(value, k: DotKernel):
+    """An int8 activation as the kernel reads it: itself, or + 128 as uint8."""
+    return (value.astype("int32") + 128).astype("uint8") if k.data_dtype == "uint8" else value
 
 
 def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):
@@ -242,31 +258,50 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         return None
     w = weight.value.numpy()
     kh, kw, c, f = w.shape
-    k = choose(kernels, w, c)
-    if k is None:
-        return None
-    packed = _pack_conv_weight(w, k)
-    correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
-        if k.data_dtype == "uint8" else None
     strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
     padding = [int(v) for v in attrs.padding]
+    # rows of 1-channel convs stay on the generic kernel: cortex-m4's plain_cnn stem measured 530k
+    # instructions reducing 4-value rows (one zero tap) against 385k generic
+    window = kw if dilation[1] == 1 and c > 1 else 1
+    k = choose(kernels, w, c, window)
+    if k is None:
+        return None
+    flat = reduction(k, c, window)[1]
+    packed = _pack_conv_weight(w.reshape(kh, 1, kw * c, f) if flat else w, k)
+    correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
+        if k.data_dtype == "uint8" else None
 
     def compute(x, wp, *corr):
         pt, pl, pb, pr = padding
         if any(padding):
             x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
-        xd = _prepare_data(x, packed.shape[3] * k.depth, k)
-        n, h, wd, _ = (int(d) for d in xd.shape)
+        n, h, wd, _ = (int(d) for d in x.shape)
         (sh, sw), (dh, dw) = strides, dilation
         oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
-        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-        rc = te.reduce_axis((0, packed.shape[3] * k.depth), "rc")
+        ry = te.reduce_axis((0, kh), "ry")
+        r = te.reduce_axis((0, packed.shape[3] * k.depth), "r")
+        if flat:  # rows as [n, h, w·c] (+ columns the padded reduction reads past the last window: weight 0)
+            extra = -(-max(0, (ow - 1) * sw * c + packed.shape[3] * k.depth - wd * c) // c)
+            if extra:
+                x = topi.nn.pad(x, [0, 0, 0, 0], [0, 0, extra, 0], name="window_pad")
+            src = x
+            xd = te.compute((n, h, (wd + extra) * c), lambda b, y, j: _as_data(src[b, y, j // c, j % c], k),
+                            name="rows")
+            return _finish(te.compute(
+                (n, oh, ow, packed.shape[0] * k.lanes),
+                lambda b, y, xx, ff: te.sum(
+                    xd[b, y * sh + ry * dh, xx * sw * c + r].astype("int32")
+                    * k.weight(wp, (ff // k.lanes, ry, 0, r // k.depth), ff % k.lanes, r).astype("int32"),
+                    axis=[ry, r]),
+                name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin}), f, corr)
+        xd = _prepare_data(x, packed.shape[3] * k.depth, k)
+        rx = te.reduce_axis((0, kw), "rx")
         acc = te.compute(
             (n, oh, ow, packed.shape[0] * k.lanes),
             lambda b, y, xx, ff: te.sum(
-                xd[b, y * sh + ry * dh, xx * sw + rx * dw, rc].astype("int32")
-                * k.weight(wp, (ff // k.lanes, ry, rx, rc // k.depth), ff % k.lanes, rc).astype("int32"),
-                axis=[ry, rx, rc]),
+                xd[b, y * sh + ry * dh, xx * sw + rx * dw, r].astype("int32")
+                * k.weight(wp, (ff // k.lanes, ry, rx, r // k.depth), ff % k.lanes, r).astype("int32"),
+                axis=[ry, rx, r]),
             name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, f, corr)
 

@@ -12,7 +12,7 @@ from torch import nn
 import graphopt
 from graphopt.quantize import to_integer
 from graphopt.targets import get_target
-from graphopt.targets.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels
+from graphopt.targets.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels, reduction
 from graphopt.targets.spec import Feature
 
 X = torch.randn(1, 3, 14, 14, generator=torch.Generator().manual_seed(1))
@@ -87,6 +87,10 @@ def test_kernel_choice_per_layer():
     assert choose((wide, narrow), w, 32) is narrow  # −128 would overflow the wide kernel's int16 pairs
     assert choose((narrow,), w, 1) is None  # 1 → 4 channels: 4× the MACs, the generic kernel wins
     assert choose((narrow,), w, 3) is narrow
+    # a conv row's window·channels values are contiguous: 1 channel × 3 taps reduce 4 values, not 12
+    assert choose((narrow,), w, 1, window=3) is narrow and reduction(narrow, 1, 3) == (4, True)
+    assert reduction(wide, 3, 7) == (32, True) and reduction(narrow, 3, 7) == (24, True)
+    assert reduction(narrow, 32, 3) == (96, False) and reduction(narrow, 3, 3) == (12, False)  # no gain: by channel
     assert [k.feature for k in dot_kernels(get_target("arm-a55"))][0] is Feature.DOTPROD
     assert dot_kernels(get_target("arm-a53"))[0].feature is Feature.A64
     assert not dot_kernels(get_target("armv7"))  # 32-bit NEON: aarch64 intrinsics would not compile
@@ -123,6 +127,39 @@ def test_cortex_m_kernels_are_bit_exact(quantized, target):
     require_tools("arm-none-eabi-gcc", "qemu-system-arm")
     q, integer_graph = quantized
     assert torch.equal(graphopt.compile(q, (X,), target, progress=False)(X), integer_graph(X))
+
+
+class Stems(nn.Module):
+    """A 1-channel 3×3 conv (the generic kernel), a 3-channel 7×7 stride-2 stem (ResNet's) reducing
+    over whole window rows (`int8.reduction`), then a regular conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.gray = nn.Conv2d(1, 3, 3, padding=1)
+        self.rgb = nn.Conv2d(3, 16, 7, stride=2, padding=3)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.body(torch.relu(self.rgb(torch.relu(self.gray(x)))))
+
+
+@pytest.mark.parametrize("target", ["host", "arm-a53", "arm-a55", "cortex-m4"])
+def test_few_channel_stems_reduce_over_window_rows_exactly(target):
+    if target != "host":
+        require_tools(*(("arm-none-eabi-gcc", "qemu-system-arm") if target == "cortex-m4"
+                        else ("aarch64-linux-gnu-gcc", "qemu-aarch64")))
+    x = torch.randn(1, 1, 15, 15, generator=torch.Generator().manual_seed(3))
+    q = graphopt.quantize(Stems().eval(), (x,), [(torch.randn(4, 1, 15, 15, generator=torch.Generator().manual_seed(4)),)])
+    cm = graphopt.compile(q, (x,), target, progress=False)
+    assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) == 2  # the 3-channel stem too
+    integer_graph = to_integer(q, (x,))
+    for inp in (x, 3 * torch.randn(1, 1, 15, 15, generator=torch.Generator().manual_seed(6))):
+        assert torch.equal(cm(inp), integer_graph(inp))
+    if target == "host":  # the 7×7×3 stem reads [n, h, w·c] rows, not channel-padded pixels
+        from graphopt.targets.lowering import lower
+
+        mod = lower(torch.export.export(integer_graph, (x,)).run_decompositions(), get_target(target)).ir_module
+        assert sum('T.sblock("rows")' in f.script() for _, f in mod.functions_items()) == 1
 
 
 def test_conv_kernels_write_int8_not_int32(quantized):
