@@ -66,6 +66,11 @@ def importing(ep, spec=None):
         _SPEC.reset(tokens[1])
 
 
+def import_target():
+    """The target the program being imported converts for (inside `importing`), else None."""
+    return _SPEC.get()
+
+
 def constant_value(arg):
     """numpy value of an fx node argument that is a parameter, buffer or constant of the program being
     imported (inside `importing`), else None."""
@@ -306,7 +311,7 @@ def _qadd(node, imp):
     params = [_constant(node.args[i]).astype(np.int64).reshape(-1) for i in (2, 3, 6, 7, 8, 9)]
     const = _constants_along(_ndim(node), 0)  # per-tensor multipliers: scalars
 
-    spec = _SPEC.get()
+    spec = import_target()
     own_kernel = spec is not None and spec.ram_bytes is not None  # a RAM budget: the arena matters most
 
     def side(x, zp, m, s):
@@ -401,7 +406,7 @@ def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
 
     from graphopt.targets.spec import Feature
 
-    spec = _SPEC.get()
+    spec = import_target()
     rint = spec is not None and spec.has(Feature.FP_ROUND)
 
     def compute(x_t, inv_t, zp_t):

@@ -88,10 +88,12 @@ def test_weights_stay_packed_in_the_lowered_module(kind, bits):
     weights = [(40 * 24 * 9, "c1"), (24 * 36 * 9, "c2"), (36 * 16, "c3"), (8 * 16 * 9, "g"), (144 * 10, "fc")]
     assert not [c.shape for c in consts if c.dtype == np.int8 and c.size >= 64], "an unpacked int8 weight was stored"
     if kind == "a1w1":  # channel words: ⌈C/word⌉ per tap and output channel (F padded to the tile)
-        def words(f, c, taps):
-            return -(-f // lowbit.F_TILE) * lowbit.F_TILE * taps * -(-c // lowbit.WORD_BITS)
+        word = lowbit.word_for(get_target("host"))
 
-        stored = sorted(c.size for c in consts if c.dtype == np.dtype(lowbit.WORD))
+        def words(f, c, taps):
+            return -(-f // lowbit.F_TILE) * lowbit.F_TILE * taps * word.count(c)
+
+        stored = sorted(c.size for c in consts if c.dtype == np.dtype(word.dtype))
         assert stored == sorted([words(24, 40, 9), words(36, 24, 9), words(16, 36, 1), words(10, 144, 1)])
         assert sorted(c.size for c in consts if c.dtype == np.uint8) == [8 * 16 * 9 // 8]  # grouped g: 1 bit
     else:
