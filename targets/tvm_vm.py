@@ -35,8 +35,19 @@ class NativeVM(Backend):
             os.environ.setdefault("TVM_NUM_THREADS", str(spec.num_cores))
             lib = tvm.runtime.load_module(str(Path(build_dir) / manifest["library"]))
             cache["vm"] = relax.VirtualMachine(lib, tvm.cpu())
-        result = cache["vm"]["main"](*[tvm.runtime.tensor(a) for a in arrays])
-        return [r.numpy() for r in _flatten(result)]
+        result = cache["vm"]["main"](*[_borrow(a) for a in arrays])
+        return [r.numpy() for r in _flatten(result)]  # copies: outputs may alias constants or inputs
+
+
+def _borrow(a: np.ndarray):
+    """`a` as a TVM tensor without a copy when its buffer is C-contiguous and 64-byte aligned (what
+    TVM's kernels assume; torch's CPU allocator aligns so), else an aligned copy."""
+    import tvm
+    import tvm_ffi
+
+    if a.flags.c_contiguous and a.ctypes.data % 64 == 0 and a.flags.writeable:
+        return tvm_ffi.from_dlpack(a, require_alignment=64, require_contiguous=True)
+    return tvm.runtime.tensor(a)
 
 
 class EmulatedVM(Backend):

@@ -144,6 +144,20 @@ def test_call_checks_inputs():
         cm(torch.randn(1, 3, 32, 32, dtype=torch.float64))
 
 
+def test_host_inputs_are_read_in_place_or_copied_when_misaligned_and_outputs_are_owned():
+    model, inputs = ZOO["residual_cnn"].factory()
+    cm = graphopt.compile(model, inputs, "host", progress=False)
+    x = inputs[0].clone()
+    assert x.data_ptr() % 64 == 0  # borrowed without a copy
+    shifted = torch.empty(x.numel() + 1)[1:].view(x.shape).copy_(x)  # contiguous, 4 bytes off alignment
+    assert shifted.data_ptr() % 64 == 4
+    first = cm(x)
+    assert torch.equal(cm(shifted), first) and torch.equal(x, inputs[0])  # the input is left as it was
+    cm(torch.randn(x.shape))
+    with torch.no_grad():
+        assert torch.allclose(first, model(x), atol=1e-4)  # a later call does not overwrite an output
+
+
 def test_unknown_target_fails_before_any_work():
     with pytest.raises(graphopt.UnknownTargetError, match="arm-a53"):
         graphopt.compile(ResidualCNN(), (torch.randn(1, 3, 32, 32),), "riscv-9000", progress=False)
