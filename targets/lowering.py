@@ -51,8 +51,9 @@ def _decompose(mod, spec, state):
 
 def _rewrite_main(mod, rewrite):
     """Replace each call in ``main`` (the only Relax function the importer emits) by
-    ``rewrite(call, args)`` unless that is None, post-order; `args` are the call's arguments with
-    variables bound to constants replaced by those constants."""
+    ``rewrite(call, args, bound)`` unless that is None, post-order; `args` are the call's arguments
+    with variables bound to constants replaced by those constants, ``bound(var)`` the expression a
+    variable is bound to (None for parameters)."""
     import tvm
     from tvm import relax
 
@@ -61,7 +62,7 @@ def _rewrite_main(mod, rewrite):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             args = [self._constant_of(a) for a in call.args]
-            new = rewrite(call, args)
+            new = rewrite(call, args, lambda v: self.lookup_binding(v) if isinstance(v, relax.Var) else None)
             return call if new is None else new
 
         def _constant_of(self, arg):
@@ -73,7 +74,7 @@ def _rewrite_main(mod, rewrite):
     return relax.transform.DeadCodeElimination()(mod)
 
 
-def _clip_to_min_max(call, args):
+def _clip_to_min_max(call, args, bound):
     """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): ConvertLayout keeps binary ops channel-last
     but wraps clip (ReLU6) in transposes."""
     from tvm import relax
@@ -86,7 +87,7 @@ def _clip_to_min_max(call, args):
     return relax.op.minimum(relax.op.maximum(call.args[0], lo), hi)
 
 
-def _fold_constant_transforms(call, args):
+def _fold_constant_transforms(call, args, bound):
     """Transpose/reshape constants (weights) in numpy instead of building a TVM kernel per weight;
     hand constant weights to conv2d/matmul directly so their legalization can pack them."""
     import numpy as np
@@ -105,7 +106,31 @@ def _fold_constant_transforms(call, args):
         return relax.const(data.reshape([int(v) for v in args[1].values]), str(data.dtype))
     if (call.op.same_as(Op.get("relax.nn.conv2d")) or call.op.same_as(Op.get("relax.matmul"))) and consts[1]:
         return relax.Call(call.op, args, call.attrs, call.ty_args)
-    return None
+    return _pad_between_transposes(call, bound)
+
+
+def _pad_between_transposes(call, bound):
+    """permute(pad(permute(x, p), w), q) with q∘p the identity -> pad(x, w reordered): relax has no
+    layout rule for pad, so layout conversion leaves every zero-point pad of a channel-last int8
+    conv in NCHW between two transposes."""
+    from tvm import relax
+    from tvm.ir import Op
+
+    permute, pad = Op.get("relax.permute_dims"), Op.get("relax.nn.pad")
+    if not call.op.same_as(permute) or call.attrs.axes is None:
+        return None
+    padded = bound(call.args[0])
+    if not (isinstance(padded, relax.Call) and padded.op.same_as(pad)):
+        return None
+    inner = bound(padded.args[0])
+    if not (isinstance(inner, relax.Call) and inner.op.same_as(permute) and inner.attrs.axes is not None):
+        return None
+    p, q = [int(a) for a in inner.attrs.axes], [int(a) for a in call.attrs.axes]
+    if [p[i] for i in q] != list(range(len(p))):
+        return None
+    widths = [int(v) for v in padded.attrs.pad_width]  # (before, after) per axis of the padded tensor
+    reordered = [w for axis in q for w in widths[2 * axis:2 * axis + 2]]
+    return relax.op.nn.pad(inner.args[0], reordered, str(padded.attrs.pad_mode), float(padded.attrs.pad_value))
 
 
 def _layout(mod, spec, state):

@@ -227,10 +227,12 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
     residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
     requantize) is computed once per tile into a tile-sized buffer — inlining those duplicates their
     expressions at every use, which grows chained requantizations multiplicatively (and once made
-    LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose)
-    runs as its own loop nest; with no epilogue, the accumulator is written back per tile."""
+    LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose,
+    or a pad, whose output is larger) runs as its own loop nest; with no epilogue, the accumulator is
+    written back per tile."""
     placed = []
     on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
+    tile_shape = [_int(d) for d in sch.get(main).writes[0].source.shape]
     for block in consumers:
         name = sch.get(block).name_hint
         if {sch.get(p).name_hint for p in sch.get_producers(block)} & on_main:
@@ -239,6 +241,10 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
             sch.compute_inline(block)
         elif name not in on_main:  # e.g. the other operand's rescale in a fused residual add: a
             sch.compute_inline(block)  # few ops per element, cheaper recomputed than stored
+        elif [_int(d) for d in sch.get(block).writes[0].source.shape] != tile_shape:
+            # e.g. a fused pad: reverse_compute_at would cover only the elements the tiles produce
+            # and leave its border unwritten
+            _schedule_spatial(sch, block, lanes)
         else:
             try:
                 sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)

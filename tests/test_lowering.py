@@ -70,6 +70,34 @@ def test_conv2d_relu6_batch2_no_bias():
     _check(Act(nn.Conv2d(8, 16, 3, 1, 1, bias=False), F.relu6), torch.randn(2, 8, 10, 10))
 
 
+class PadBetweenConvs(nn.Module):
+    """conv → ReLU6 → F.pad (asymmetric, as HF MobileNetV2's "same" padding) → depthwise stride 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, stride=2, groups=16)
+
+    def forward(self, x):
+        return self.b(F.pad(F.relu6(self.a(x)), (0, 1, 0, 1)))
+
+
+def test_pad_between_channel_last_convs_runs_channel_last_and_fused_pads_are_written_whole():
+    """Layout conversion leaves a pad in NCHW between two transposes (relax has no layout rule for
+    it); the lowering moves it channel-last. Fused into the conv's epilogue, the pad's border (no
+    conv tile produces it) must still be written."""
+    from graphopt.targets import lowering
+
+    x = torch.randn(1, 8, 16, 16)
+    result = _check(PadBetweenConvs(), x)
+    ep = torch.export.export(PadBetweenConvs().eval(), (x,)).run_decompositions()
+    state: dict = {}
+    mod = lowering._layout(lowering._decompose(lowering._import(ep, get_target("host"), state), None, state),
+                           get_target("host"), state)
+    assert str(mod["main"]).count("R.permute_dims(") == 2  # the graph input's and output's only
+    assert result.stats["layout"] == "channel-last"
+    assert result.stats["scheduled"].get("channel_last_reduction", 0) == 2  # the pad in a conv's epilogue
+
+
 @pytest.mark.parametrize("shape,out", [((1, 100), 37), ((4, 64), 128), ((2, 5, 48), 20)])
 def test_dense(shape, out):
     _check(nn.Linear(shape[-1], out), torch.randn(*shape))
