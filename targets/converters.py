@@ -143,10 +143,9 @@ def _saturate32(imp, wide, const):
 
 
 def _constants_along(nd: int, axis: int):
-    """const(values, dtype): a scalar constant (also for values equal along the axis), or one shaped to
-    broadcast along `axis` of rank `nd`
-    (tensor operands go first in every binary op: a constant left operand makes layout conversion
-    fall back to NCHW)."""
+    """const(values, dtype): a scalar constant (also for values equal along the axis), or one shaped
+    to broadcast along `axis` of rank `nd` (tensor operands go first in every binary op: a constant
+    left operand makes layout conversion fall back to NCHW)."""
     import numpy as np
     from tvm import relax
 

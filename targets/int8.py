@@ -72,66 +72,41 @@ class DotKernel:
 
     def weight(self, wp, outer: tuple, lane, r):
         """The packed weight of output lane `lane`, reduction index `r`, in the tile at `outer`."""
-        if self.even_odd:
-            return wp[(*outer, lane, r % self.depth % 2, r % self.depth // 2)]
-        if not self.chunk:
-            return wp[(*outer, lane, r % self.depth)]
-        return wp[(*outer, r % self.depth // self.chunk, lane, r % self.chunk)]
+        return wp[(*outer, *_tile(self.lanes, self.depth, self.chunk, self.even_odd)[1](lane, r % self.depth))]
+
+
+def _tile(lanes: int, depth: int, chunk: int = 0, even_odd: bool = False):
+    """(shape, index(lane, k)) of one packed weight tile: ``[lanes, depth]``, ``[depth/chunk, lanes,
+    chunk]`` when `chunk` is set, ``[lanes, 2, depth/2]`` with `even_odd` (`DotKernel.tile_layout`)."""
+    if even_odd:
+        return (lanes, 2, depth // 2), lambda i, k: (i, k % 2, k // 2)
+    if chunk:
+        return (depth // chunk, lanes, chunk), lambda i, k: (k // chunk, i, k % chunk)
+    return (lanes, depth), lambda i, k: (i, k)
 
 
 def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0, even_odd: bool = False):
     """The TensorIntrin description every dot kernel shares (``C[i] += Σ_k A[k]·B[i, k]``), with B in
-    the packed tile layout (`DotKernel.tile_layout`): ``[lanes, depth]``, ``[depth/chunk, lanes,
-    chunk]`` when `chunk` is set, ``[lanes, 2, depth/2]`` with `even_odd`. An intrinsic registers it
-    beside its own implementation."""
+    the packed tile layout of `_tile`. An intrinsic registers it beside its own implementation."""
     from tvm.script import tirx as T
 
-    if even_odd:
-        @T.prim_func(s_tir=True)
-        def parity(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
-            B = T.match_buffer(b, (lanes, 2, depth // 2), weight_dtype, offset_factor=1)
-            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:2, 0:depth // 2])
-                T.writes(C[0:lanes])
-                for i, k in T.grid(lanes, depth):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk % 2, vk // 2], "int32")
-
-        return parity
-
-    if not chunk:
-        @T.prim_func(s_tir=True)
-        def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
-            B = T.match_buffer(b, (lanes, depth), weight_dtype, offset_factor=1)
-            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
-                T.writes(C[0:lanes])
-                for i, k in T.grid(lanes, depth):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-        return desc
+    shape, at = _tile(lanes, depth, chunk, even_odd)
+    whole = tuple(slice(0, d) for d in shape)
 
     @T.prim_func(s_tir=True)
-    def chunked(a: T.handle, b: T.handle, c: T.handle) -> None:
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
-        B = T.match_buffer(b, (depth // chunk, lanes, chunk), weight_dtype, offset_factor=1)
+        B = T.match_buffer(b, shape, weight_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:depth], B[0:depth // chunk, 0:lanes, 0:chunk])
+            T.reads(C[0:lanes], A[0:depth], B[whole])
             T.writes(C[0:lanes])
             for i, k in T.grid(lanes, depth):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // chunk, vi, vk % chunk], "int32")
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[at(vi, vk)], "int32")
 
-    return chunked
+    return desc
 
 
 _KERNELS: list[DotKernel] = []
@@ -287,21 +262,23 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
             src = x
             xd = te.compute((n, h, (wd + extra) * c), lambda b, y, j: _as_data(src[b, y, j // c, j % c], k),
                             name="rows")
-            return _finish(te.compute(
-                (n, oh, ow, packed.shape[0] * k.lanes),
-                lambda b, y, xx, ff: te.sum(
-                    xd[b, y * sh + ry * dh, xx * sw * c + r].astype("int32")
-                    * k.weight(wp, (ff // k.lanes, ry, 0, r // k.depth), ff % k.lanes, r).astype("int32"),
-                    axis=[ry, r]),
-                name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin}), f, corr)
-        xd = _prepare_data(x, packed.shape[3] * k.depth, k)
-        rx = te.reduce_axis((0, kw), "rx")
+            column, axes = 0, [ry, r]
+
+            def tap(b, y, xx):
+                return xd[b, y * sh + ry * dh, xx * sw * c + r]
+        else:
+            xd = _prepare_data(x, packed.shape[3] * k.depth, k)
+            rx = te.reduce_axis((0, kw), "rx")
+            column, axes = rx, [ry, rx, r]
+
+            def tap(b, y, xx):
+                return xd[b, y * sh + ry * dh, xx * sw + rx * dw, r]
         acc = te.compute(
             (n, oh, ow, packed.shape[0] * k.lanes),
             lambda b, y, xx, ff: te.sum(
-                xd[b, y * sh + ry * dh, xx * sw + rx * dw, r].astype("int32")
-                * k.weight(wp, (ff // k.lanes, ry, rx, r // k.depth), ff % k.lanes, r).astype("int32"),
-                axis=[ry, rx, r]),
+                tap(b, y, xx).astype("int32")
+                * k.weight(wp, (ff // k.lanes, ry, column, r // k.depth), ff % k.lanes, r).astype("int32"),
+                axis=axes),
             name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, f, corr)
 

@@ -167,8 +167,8 @@ def widening_multiply_legalizer():
 
     def legalize(bb, call):
         x, c = call.args
-        if isinstance(c, relax.Var) and isinstance(bb.lookup_binding(c), tvm.ir.expr.Constant):
-            c = bb.lookup_binding(c)  # e.g. a channel-last copy of the constant, bound by layout conversion
+        if isinstance(c, relax.Var):  # e.g. a channel-last copy of the constant, bound by layout conversion
+            c = bb.lookup_binding(c) or c
         if str(call.ty.dtype) != "int64" or not isinstance(c, tvm.ir.expr.Constant) or x.ty.ndim < c.ty.ndim:
             return default(bb, call)
         values = c.value.numpy()
