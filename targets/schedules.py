@@ -167,8 +167,9 @@ def widening_multiply_legalizer():
 
     def legalize(bb, call):
         x, c = call.args
-        if isinstance(c, relax.Var):  # e.g. a channel-last copy of the constant, bound by layout conversion
-            c = bb.lookup_binding(c) or c
+        bound = bb.lookup_binding(c) if isinstance(c, relax.Var) else None
+        if isinstance(bound, tvm.ir.expr.Constant):  # e.g. a channel-last copy bound by layout conversion
+            c = bound
         if str(call.ty.dtype) != "int64" or not isinstance(c, tvm.ir.expr.Constant) or x.ty.ndim < c.ty.ndim:
             return default(bb, call)
         values = c.value.numpy()
