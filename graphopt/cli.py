@@ -48,17 +48,17 @@ def load_factory(spec: str):
 
 def _cmd_compile(a) -> int:
     import graphopt
-    from graphopt.artifact import check_writable
+    from graphopt.artifact import check_destination
 
     spec = graphopt.get_target(a.target)
-    out = check_writable(Path(a.out))
+    out = check_destination(a.out, overwrite=a.overwrite)
     built = load_factory(a.model)()
     if not (isinstance(built, tuple) and len(built) == 2):
         raise ConfigError(f"{a.model} must return (model, example_inputs), got {type(built).__name__}")
     model, inputs = built
     cm = graphopt.compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
                           count_instructions=not a.no_count_instructions)
-    path = cm.save(out)
+    path = cm.save(out, overwrite=a.overwrite)
     print(cm.report.to_json() if a.json else cm.report.to_markdown())
     print(f"artifact written to {path}", file=sys.stderr)
     return 0
@@ -67,12 +67,13 @@ def _cmd_compile(a) -> int:
 def _cmd_optimize(a) -> int:
     import tomllib
 
-    from graphopt.artifact import check_writable
+    from graphopt.artifact import check_destination
     from graphopt.datasets import fashion_mnist
     from graphopt.distill import loader
     from graphopt.recipe import Recipe, optimize
 
-    out = check_writable(Path(a.out))
+    out = Path(a.out)
+    check_destination(out / "artifact", overwrite=a.overwrite)
     try:
         recipe = Recipe.from_dict(tomllib.loads(Path(a.recipe).read_text()))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -85,7 +86,7 @@ def _cmd_optimize(a) -> int:
     built = load_factory(a.model)()
     model = built[0] if isinstance(built, tuple) else built
     result = optimize(model, train, val, a.target, recipe=recipe, out_dir=out / "optimize", progress=not a.quiet)
-    result.compiled.save(out / "artifact")
+    result.compiled.save(out / "artifact", overwrite=a.overwrite)
     print(result.report.to_markdown())
     print(f"artifact and plots written to {out}", file=sys.stderr)
     return 0
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="pkg.module:factory or file.py:factory returning (model, example_inputs)")
     c.add_argument("--target", default="arm", help="target name (see `graphopt targets`)")
     c.add_argument("--out", required=True, help="artifact folder (written atomically)")
+    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
     c.add_argument("--verify", action="store_true", help="run the artifact (emulated for ARM) and compare to PyTorch")
     c.add_argument("--no-count-instructions", action="store_true", help="skip the QEMU instruction count")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", required=True, help="recipe.toml with [prune], [quantize], [stop], [train]")
     o.add_argument("--target", default="arm")
     o.add_argument("--out", required=True, help="folder for the artifact, table and plot")
+    o.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
     o.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
     o.add_argument("--batch-size", type=int, default=128)
     o.add_argument("--quiet", action="store_true")
