@@ -266,7 +266,8 @@ def _execute(cmd: list[str], cwd: Path, timeout: float, what: str) -> tuple[str,
 def _parse_outputs(stdout: str) -> tuple[list[np.ndarray], float | None]:
     outputs, per_ms = [], None
     for line in stdout.splitlines():
-        fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+        line, _, file = line.partition(" file=")  # the last field: a path, which may hold spaces
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv) | ({"file": file} if file else {})
         if line.startswith("output "):
             try:
                 dtype = np.dtype(fields["dtype"])
@@ -343,7 +344,7 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
                 _log.warning(unavailable)
 
         def plugin_args(name: str) -> list[str]:
-            return ["-plugin", f"{plugin},out={tmp / name}"] if plugin else []
+            return ["-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(tmp / name)}"] if plugin else []
 
         warmup = ["--warmup", "1"] if plugin else []
         stdout, seconds = _execute([*base, *plugin_args("count_run"), *tail, *warmup, "--repeat", str(repeat)],
