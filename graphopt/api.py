@@ -25,10 +25,11 @@ from graphopt.capture import (
     CaptureMethod,
     capture,
     check_example_inputs,
+    check_model,
     to_exported_program,
 )
 from graphopt.compiled import CompiledModel, new_build_dir
-from graphopt.errors import ConfigError, GraphoptError, LoweringError, NumericsError
+from graphopt.errors import ConfigError, LoweringError, NumericsError
 from graphopt.legalize import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
@@ -49,7 +50,7 @@ class GraphoptWarning(UserWarning):
 def c_identifier(name: str, *, explicit: bool) -> str:
     """``ResidualCNN`` → ``residual_cnn``; an explicit name must already be a C identifier."""
     if explicit:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
             raise ConfigError(f"name={name!r} must be a C identifier (letters, digits, _; not starting with a digit)")
         return name
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
@@ -98,10 +99,9 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         cover the rest; ``report.lowering["from_database"]`` names the tuned ones.
     """
     spec = get_target(target)
+    check_model(model)
     args = check_example_inputs(example_inputs)
     c_name = c_identifier(name if name is not None else type(model).__name__, explicit=name is not None)
-    if not isinstance(model, torch.nn.Module):
-        raise GraphoptError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     steps = Steps(progress)
     report = Report(model=type(model).__name__, target=spec.to_dict())
     if prune is not None:

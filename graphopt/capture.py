@@ -4,7 +4,9 @@
 straight-line module is exported to ATen, so every pass sees one form: `call_function`
 nodes on `torch.ops.aten` ops and `get_attr` nodes for parameters and buffers.
 Refuses: models that neither method captures (one `CaptureError` with both reasons and the
-user's source lines), inputs that are not tensors, and example inputs that the model rejects.
+user's source lines), a model that is not an `nn.Module` or an unknown capture method
+(`ConfigError`), inputs that are not tensors or have a dimension of size 0, and example inputs
+that the model rejects (`InputError`).
 `to_exported_program` turns a (rewritten) GraphModule back into an `ExportedProgram` for lowering.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from graphopt.errors import CaptureError, InputError, Unsupported
+from graphopt.errors import CaptureError, ConfigError, InputError, Unsupported
 
 
 class CaptureMethod(str, enum.Enum):
@@ -34,6 +36,13 @@ class Captured:
     outputs: object = None  # the model's own outputs on the example inputs (the eager reference)
 
 
+def check_model(model, what: str = "model") -> None:
+    """`ConfigError` unless ``model`` is an `nn.Module` (checked before anything calls it)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{what} must be a torch.nn.Module instance, got {type(model).__name__}; pass the module "
+                          "object itself (e.g. MyNet().eval(), not the class MyNet or a state_dict)")
+
+
 def check_example_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -43,6 +52,10 @@ def check_example_inputs(example_inputs) -> tuple:
     if bad:
         raise InputError(f"example_inputs[{bad}] are not tensors; graphopt compiles tensor-in, tensor-out models. "
                          "Wrap non-tensor arguments in the model (e.g. a small nn.Module that fixes them).")
+    empty = {i: tuple(t.shape) for i, t in enumerate(example_inputs) if t.numel() == 0}
+    if empty:
+        raise InputError(f"example_inputs {empty} (index: shape) have a dimension of size 0; graphopt builds for "
+                         "the example shapes, so give every dimension at least 1 (e.g. batch size 1)")
     return tuple(example_inputs)
 
 
@@ -88,6 +101,11 @@ def _via_symbolic_trace(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
 
 def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = CaptureMethod.AUTO) -> Captured:
     """Capture ``model`` on ``example_inputs``; see the module docstring."""
+    check_model(model)
+    try:
+        method = CaptureMethod(method)
+    except ValueError:
+        raise ConfigError(f"capture_method={method!r}; use one of {[m.value for m in CaptureMethod]}") from None
     args = check_example_inputs(example_inputs)
     try:
         with torch.no_grad():

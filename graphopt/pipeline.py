@@ -1,7 +1,8 @@
 """`PassManager`: runs fx passes in order, checks their declared requirements, optionally checks
 numerics after each pass, and records per-pass time, stats and declines.
 
-Refuses: a pass whose requirements no earlier pass (or capture) established — `PassError` names
+Refuses: ``passes`` that are not a list of `GraphPass` instances and a non-positive ``rtol``
+(`ConfigError`), a pass whose requirements no earlier pass (or capture) established — `PassError` names
 the missing property — and, with ``verify=True``, a pass that moves the outputs beyond tolerance
 (`NumericsError` names the pass and the error).
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from graphopt.errors import NumericsError, PassError
+from graphopt.errors import ConfigError, NumericsError, PassError
 from graphopt.passes.base import Decline, GraphPass, PassContext
 
 
@@ -56,6 +57,15 @@ def max_rel_error(got, want) -> float:
 
 class PassManager:
     def __init__(self, passes: list[GraphPass], *, verify: bool = False, rtol: float = 1e-4):
+        if isinstance(passes, (str, GraphPass)) or not isinstance(passes, (list, tuple)):
+            raise ConfigError(f"passes must be a list of graphopt pass instances (e.g. graphopt.default_passes()), "
+                              f"got {type(passes).__name__}")
+        bad = [p for p in passes if not isinstance(p, GraphPass)]
+        if bad:
+            raise ConfigError(f"passes {bad!r} are not graphopt pass instances; pass objects such as "
+                              "graphopt.passes.fold_batchnorm.FoldBatchNorm() (instances, not classes)")
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+            raise ConfigError(f"rtol={rtol!r} must be a positive number, e.g. rtol=1e-4")
         self.passes = list(passes)
         self.verify = verify
         self.rtol = rtol

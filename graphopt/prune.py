@@ -38,7 +38,7 @@ from torch import nn
 
 from graphopt.analysis import analyze
 from graphopt.api import GraphoptWarning
-from graphopt.capture import capture, check_example_inputs
+from graphopt.capture import capture, check_example_inputs, check_model
 from graphopt.errors import ConfigError
 from graphopt.passes.base import Decline
 from graphopt.passes.dependency import (
@@ -174,9 +174,8 @@ def prune(model: nn.Module, example_inputs, config: PruneConfig | None = None, *
     Structured budgets shrink modules; ``sparsity`` then adds magnitude masks (see `graphopt.sparsity`).
     """
     config = _config(config, options)
+    check_model(model)
     args = check_example_inputs(example_inputs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     multiple = config.channel_multiple or (_target_multiple(target) if target is not None else 1)
     pruned, report = _prune(model, args, config, multiple)
     if config.sparsity is not None:
@@ -203,6 +202,7 @@ def prune_for_compile(model: nn.Module, args: tuple, config: PruneConfig, spec) 
 
 def prunable_groups(model: nn.Module, example_inputs) -> DependencyGraph:
     """The channel dependency groups of ``model`` (for `graphopt.filter_norm_penalty` or inspection)."""
+    check_model(model)
     args = check_example_inputs(example_inputs)
     with _eval(model):
         return analyze_dependencies(capture(model, args).graph_module, model, args)
@@ -215,8 +215,10 @@ def prune_iteratively(model: nn.Module, example_inputs, config: PruneConfig, *, 
     after each. If it returns a metric below ``min_metric``, stop and return the model of the step
     before (already fine-tuned). Stops early when a step can remove nothing more.
     """
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r} must be an int >= 1")
+    config = _config(config, {})
+    check_model(model)
     if not config.structured:
         raise ConfigError("prune_iteratively needs a structured budget (target_macs, target_params or ratio); "
                           "for sparsity call graphopt.magnitude_prune with increasing sparsity instead")
@@ -249,6 +251,9 @@ def prune_iteratively(model: nn.Module, example_inputs, config: PruneConfig, *, 
 
 def apply_plan(model: nn.Module, plan: dict[str, dict[str, list[int]]]) -> nn.Module:
     """Shrink ``model``'s modules in place to the kept indices of ``plan`` (a `PruneReport.plan`)."""
+    check_model(model)
+    if not isinstance(plan, dict):
+        raise ConfigError(f"plan must be a PruneReport.plan dict {{module path: kept indices}}, got {type(plan).__name__}")
     for path, keep in plan.items():
         try:
             mod = model.get_submodule(path)

@@ -15,11 +15,12 @@ between — a conv/linear/add and the ReLU/ReLU6/clamp that follows it. Layers w
 activations get a sign quantizer on their input. Fake quantization rounds with a straight-through
 gradient that is zero outside the clipping range; learnable scales get LSQ gradients.
 
-Refuses (`QuantizationError`, nothing written): unsupported bit widths or options, overrides for
-paths that match no layer, calibration batches whose shapes/dtypes differ from the example
-inputs (except the batch size) or an empty calibration set, NaN/inf in weights or activations,
-converting a module `prepare_qat`/`binarize` made before any training step changed it, and
-converting anything that is not a prepared module.
+Refuses (`QuantizationError`, nothing written): unsupported bit widths or options, option values
+of the wrong type (``weights=8.0`` or ``True``), overrides for paths that match no layer, a
+calibration set that is not an iterable of batches, calibration batches whose shapes/dtypes differ
+from the example inputs (except the batch size) or an empty calibration set, NaN/inf in weights or
+activations, converting a module `prepare_qat`/`binarize` made before any training step changed
+it, and converting anything that is not a prepared module.
 """
 from __future__ import annotations
 
@@ -64,12 +65,22 @@ class LayerQuant:
     activations: int | None = 8
 
     def __post_init__(self):
+        _check_bits(self, "weights", "activations")
         if self.weights not in (*WEIGHT_BITS, None):
             raise QuantizationError(f"weight bit width {self.weights!r} is not supported; use one of "
                                     f"{WEIGHT_BITS} (or None to keep the layer float)")
         if self.activations not in ACTIVATION_BITS:
             raise QuantizationError(f"activation bit width {self.activations!r} is not supported; use one of "
                                     f"{ACTIVATION_BITS}")
+
+
+def _check_bits(obj, *names: str) -> None:
+    """Bit widths are ints or None: 8.0, True or "8" are refused, not coerced (True == 1 would mean binary)."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise QuantizationError(f"{name}={v!r} ({type(v).__name__}) must be an int bit width or None, "
+                                    f"e.g. {name}=8")
 
 
 class _FrozenDict(dict):
@@ -97,6 +108,16 @@ class QuantScheme:
 
     def __post_init__(self):
         LayerQuant(self.weights, self.activations)
+        for name in ("per_channel", "symmetric_activations", "keep_first_last_8bit", "learnable_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantizationError(f"{name}={getattr(self, name)!r} must be True or False")
+        for name in ("percentile", "averaging_constant"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise QuantizationError(f"{name}={v!r} ({type(v).__name__}) must be a number")
+        if not isinstance(self.overrides, Mapping) or not all(isinstance(k, str) for k in self.overrides):
+            raise QuantizationError(f"overrides must map module paths (str) to LayerQuant, e.g. "
+                                    f"{{'features.0': LayerQuant(weights=8)}}; got {self.overrides!r}")
         for name in ("observer", "weight_observer"):
             try:
                 object.__setattr__(self, name, Observer(getattr(self, name)))
@@ -443,6 +464,15 @@ def _batches(calibration, example_inputs: tuple) -> Iterable[tuple]:
         yield batch
 
 
+def _check_calibration(calibration) -> None:
+    """Refuse what is not an iterable of batches before any capture work (a bare tensor would be
+    iterated sample by sample)."""
+    if isinstance(calibration, torch.Tensor) or not isinstance(calibration, Iterable):
+        got = "a single tensor" if isinstance(calibration, torch.Tensor) else repr(calibration)[:60]
+        raise QuantizationError(f"calibration must be an iterable of input batches (a list like [x1, x2], a "
+                                f"DataLoader, or [example_inputs] to calibrate on the example), got {got}")
+
+
 def _run_calibration(gm: fx.GraphModule, calibration, args: tuple) -> None:
     seen = 0
     with torch.no_grad():
@@ -455,6 +485,7 @@ def _run_calibration(gm: fx.GraphModule, calibration, args: tuple) -> None:
 
 def quantize(model: nn.Module, example_inputs, calibration, scheme: QuantScheme = QuantScheme()) -> fx.GraphModule:
     """Post-training quantization: observe ``calibration`` batches, return the QDQ-form module."""
+    _check_calibration(calibration)
     args = check_example_inputs(example_inputs)
     gm = _prepare(model, args, scheme, qat=False)
     _run_calibration(gm, calibration, args)
@@ -470,6 +501,8 @@ def prepare_qat(model: nn.Module, example_inputs, scheme: QuantScheme = QuantSch
     ranges while training (moving average for activations, current weights). Train it like the
     original model, then `convert` it. A model built from scratch trains the same way.
     """
+    if calibration is not None:
+        _check_calibration(calibration)
     args = check_example_inputs(example_inputs)
     gm = _prepare(model, args, scheme, qat=True)
     _run_calibration(gm, calibration if calibration is not None else [args], args)
