@@ -120,9 +120,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     report.params_before, report.macs_before = cost.params, cost.macs
 
     with steps.phase("passes"):
-        ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
-        gm, report.passes = PassManager(default_passes() if passes is None else passes,
-                                        verify=verify, rtol=rtol).run(gm, ctx)
+        ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE} | captured.properties)
+        gm, records = PassManager(default_passes() if passes is None else passes,
+                                  verify=verify, rtol=rtol).run(gm, ctx)
+        report.passes = captured.passes + records
     if not spec.ops.unrestricted:
         with steps.phase("legalize", f"for the {spec.ops.name} operator set"):
             gm, records, report.legalized, unfit = run_legalization(gm, ctx, approximate=approximate,

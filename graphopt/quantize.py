@@ -336,15 +336,17 @@ def _layers(gm: fx.GraphModule) -> list[fx.Node]:
 
 def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     """Capture with a dynamic batch dimension (calibration/training batches vary), else as `capture`
-    does. The graph is the eval-mode one (BN statistics, no dropout); train()/eval() only flip flags."""
-    from graphopt.capture import _strip_guards
+    does; either way in canonical (functional) form. The graph is the eval-mode one (BN statistics,
+    no dropout); train()/eval() only flip flags."""
+    from graphopt.capture import _strip_guards, canonicalize
 
     try:
         ep = torch.export.export(model, args, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in args],
                                  strict=False)
-        gm = _strip_guards(ep.module())
     except Exception:  # noqa: BLE001  e.g. batch-dependent Python code: capture() reports its own errors
         gm = capture(model, args).graph_module
+    else:
+        gm = canonicalize(_strip_guards(ep.module()), args)[0]
     gm._forward_pre_hooks.clear()  # export's input-shape check; graphopt checks batches itself
     for name in ("train", "eval"):  # torch.export's unlifted modules refuse both
         vars(gm).pop(name, None)

@@ -34,6 +34,7 @@ import numpy as np
 from graphopt.targets.spec import Runtime, TargetSpec
 
 from graphopt import toolchain
+from graphopt.artifact import write_manifest
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
 
 _log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def package_arm_artifact(model_so: str | os.PathLike, spec: TargetSpec, inputs_s
                       "libs": [f"lib/{lib}" for lib in DEPLOYED_LIBS]},
             "run": "./runner model.so --manifest manifest.json " + " ".join(f"{e['name']}.bin" for e in ins),
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        write_manifest(out, manifest)
     except OSError as e:
         raise ArtifactError(f"could not write the artifact in {out}: {e}") from e
     return out
