@@ -1,10 +1,10 @@
 """`graphopt.compile`: capture → passes → support check → TVM lowering → artifact → report.
 
-Refuses, each with one `graphopt` error and nothing written: unknown targets, example inputs the
-model rejects, models that cannot be captured, nodes that no rewrite fits into the target's
-operator set (`OperatorSetError`, all listed with the rewrite needed), ops TVM cannot lower (all
-listed, with source lines), and (with ``verify=True``) artifacts whose outputs differ from PyTorch
-beyond ``rtol``.
+Refuses, each with one `graphopt` error and nothing written: unknown targets, a model that is not
+an `nn.Module`, example inputs the model rejects, a model that returns no tensor, models that
+cannot be captured, nodes that no rewrite fits into the target's operator set (`OperatorSetError`,
+all listed with the rewrite needed), ops TVM cannot lower (all listed, with source lines), and
+(with ``verify=True``) artifacts whose outputs differ from PyTorch beyond ``rtol``.
 A model in training mode is compiled in eval mode with a warning; the model object is left in
 the mode it came in.
 """
@@ -29,7 +29,7 @@ from graphopt.capture import (
     to_exported_program,
 )
 from graphopt.compiled import CompiledModel, new_build_dir
-from graphopt.errors import ConfigError, LoweringError, NumericsError
+from graphopt.errors import ConfigError, InputError, LoweringError, NumericsError
 from graphopt.legalize import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
@@ -113,6 +113,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
         with steps.phase("capture"):
             captured = capture(model, args, capture_method)
             reference = captured.outputs
+    if not flat_outputs(reference):
+        raise InputError(f"{type(model).__name__} returned no tensor on the example inputs (got "
+                         f"{type(reference).__name__}); graphopt compiles models whose forward returns tensors "
+                         "(a tensor, or a tuple/list/dict of them)")
     report.capture_method = captured.method.value
     report.capture_fallback_reason = captured.fallback_reason
     gm = captured.graph_module

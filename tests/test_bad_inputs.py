@@ -44,6 +44,11 @@ class _Raises(nn.Module):
         raise RuntimeError("the user's forward is broken")
 
 
+class _ReturnsNone(nn.Module):
+    def forward(self, x):
+        x.sum()
+
+
 class _Spy(nn.Module):
     """Counts forward calls: a refusal that must come before any model work leaves it at 0."""
 
@@ -130,6 +135,8 @@ CASES = [
          lambda w: graphopt.check(_cnn(), (torch.randn(1, 0, 8, 8),), "cortex-m4")),
     Case("compile-inputs-numpy", graphopt.InputError, r"tuple of tensors",
          lambda w: graphopt.compile(_cnn(), X.numpy(), "host", progress=False)),
+    Case("compile-model-returns-none", graphopt.InputError, r"returned no tensor.*forward returns tensors",
+         lambda w: graphopt.compile(_ReturnsNone(), (X,), "host", progress=False)),
     Case("compile-forward-raises", graphopt.InputError, r"model raised on the example inputs.*Check the number",
          lambda w: graphopt.compile(_Raises(), (X,), "host", progress=False)),
     Case("quantize-forward-raises", graphopt.InputError, r"model raised on the example inputs",
