@@ -191,6 +191,9 @@ def _make_class():
                     return idx, parse_value(obj[1], idx)
                 return parse
 
+            def record(value, idx):
+                return ms.database.TuningRecord.from_json(value, self._workloads[idx])
+
             def trials(value, _idx):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ValueError(f"trials spent {value!r} is not a count")
@@ -198,8 +201,7 @@ def _make_class():
 
             self.damaged = list(wl_damage)
             files = {}  # file name -> (path, parsed lines, damage)
-            for name, parse_value in ((RECORDS, lambda v, idx: ms.database.TuningRecord.from_json(v, self._workloads[idx])),
-                                      (SPENT, trials)):
+            for name, parse_value in ((RECORDS, record), (SPENT, trials)):
                 damage: list[Damage] = []
                 files[name] = (self.folder / name, _read_lines(self.folder / name, indexed(parse_value), damage), damage)
                 self.damaged += damage
