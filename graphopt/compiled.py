@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from graphopt.artifact import MANIFEST, TensorSpec, pid_alive, publish, read_manifest, verify_integrity
-from graphopt.errors import ArtifactError, GraphoptError, InputError
+from graphopt.errors import ArtifactError, ConfigError, GraphoptError, InputError
 from graphopt.report import Report
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.backend import backend_for
@@ -46,6 +46,9 @@ class CompiledModel:
     @classmethod
     def load(cls, folder: str | Path) -> "CompiledModel":
         """Open a saved artifact folder (the target must be registered in this process)."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise ConfigError(f"CompiledModel.load takes the path of a saved artifact folder (str or Path), got "
+                              f"{type(folder).__name__}")
         folder = Path(folder)
         manifest = read_manifest(folder)
         verify_integrity(folder, manifest)

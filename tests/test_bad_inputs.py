@@ -72,6 +72,15 @@ def _before_model_work(fn: Callable[[nn.Module], object]) -> Callable[[Path], ob
     return call
 
 
+def _fake_compiled(where: Path) -> graphopt.CompiledModel:
+    """A host `CompiledModel` over a minimal build folder made in ``where`` (outside the snapshot)."""
+    from graphopt.artifact import write_manifest
+
+    build = Path(tempfile.mkdtemp(dir=where))
+    write_manifest(build, {"target": {"name": "host"}, "runtime": "tvm-vm-native", "inputs": [], "outputs": []})
+    return graphopt.CompiledModel(graphopt.get_target("host"), build, {"inputs": [], "outputs": []})
+
+
 def _bad_cflag_spec():
     """cortex-m4 with a compiler flag gcc does not know: the link/compile step fails."""
     return dataclasses.replace(graphopt.get_target("cortex-m4"), name="cortex-m4-bad-flag", aliases=(),
@@ -220,6 +229,18 @@ CASES = [
          argv=("compile", "model.py:mak", "--target", "host", "--out", "out"), files={"model.py": _FACTORY_RAISES}),
     Case("cli-target-typo", graphopt.UnknownTargetError, r"did you mean 'cortex-m4'",
          argv=("compile", "model.py:make", "--target", "cortex_m4", "--out", "out"), files={"model.py": _GOOD}),
+    # saving and loading artifacts
+    Case("save-into-user-folder", graphopt.ArtifactError, r"not a graphopt artifact and is not empty.*new or empty folder",
+         call=lambda work: _fake_compiled(work.parent).save(work), files={"src/mycode.py": "print('mine')\n"}),
+    Case("save-onto-a-file", graphopt.ArtifactError, r"not a folder; choose a new folder path",
+         call=lambda work: _fake_compiled(work.parent).save(work / "notes.txt"), files={"notes.txt": "mine"}),
+    Case("cli-compile-out-user-folder", graphopt.ArtifactError, r"not a graphopt artifact .*src.*new or empty folder",
+         argv=("compile", "model.py:make", "--target", "host", "--out", "."),
+         files={"model.py": _GOOD, "src/mycode.py": "print('mine')\n"}),
+    Case("load-none", graphopt.ConfigError, r"path of a saved artifact folder",
+         call=lambda work: graphopt.CompiledModel.load(None)),
+    Case("load-foreign-manifest", graphopt.ArtifactError, r"not written by graphopt; pass the folder",
+         call=lambda work: graphopt.CompiledModel.load(work), files={"manifest.json": '{"name": "another tool"}'}),
     Case("cli-tune-database-under-proc", TuningDatabaseError, r"cannot be written",
          argv=("tune", "model.py:make", "--target", "host", "--db", "/proc/graphopt-db"), files={"model.py": _GOOD}),
 ]
@@ -259,6 +280,7 @@ def test_bad_input(case: Case, work: Path, capsys):
     if case.tools:
         require_tools(*case.tools)
     for name, text in case.files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text(text)
     before = _snapshot(work)
     if case.argv is None:
