@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from graphopt.pipeline import GraphRun
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -80,10 +82,31 @@ class Cost:
                 "macs_by_module": dict(sorted(self.macs_by_module.items(), key=lambda kv: -kv[1]))}
 
 
+class _ShapeProp(GraphRun):
+    """`GraphRun` that records each node's ``tensor_meta`` as fx's ShapeProp does."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        tensors = []
+
+        def meta(o):
+            if isinstance(o, torch.Tensor):
+                tensors.append(o)
+                return _extract_tensor_metadata(o)
+            return o
+
+        metas = map_aggregate(result, meta)
+        if tensors:
+            n.meta["tensor_meta"] = metas
+        return result
+
+
 def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
-    """Parameters read by the graph and MACs on ``example_inputs``."""
+    """Parameters read by the graph and MACs on ``example_inputs``. A graph that does not run on
+    them is a `PassError` naming the node and its source line."""
     with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+        _ShapeProp(gm, "the graph does not run on the example inputs (a graphopt bug when the model itself "
+                        "does: please report it with the model)").run(*example_inputs)
     seen, params, nbytes = set(), 0, 0
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in seen:
