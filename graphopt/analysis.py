@@ -126,3 +126,37 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
             key = node_module(n) or n.name
             by_module[key] = by_module.get(key, 0) + m
     return Cost(params, nbytes, macs, by_module)
+
+
+def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, int]:
+    """fp32 ops a quantized graph still computes between a dequantize and a quantize (what QDQ
+    folding left in float), counted by ATen op name. Ops before the first quantize or after the
+    last dequantize (float inputs, float heads) are not counted."""
+    qd = torch.ops.quantized_decomposed
+    quant = {qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor, torch.ops.graphopt.quantize_sign.default}
+    dequant = {qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor, qd.dequantize_per_channel.default}
+    with torch.no_grad():
+        _ShapeProp(gm, "the quantized graph does not run on the example inputs").run(*example_inputs)
+    downstream, todo = set(), [n for n in gm.graph.nodes if n.target in dequant]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in downstream:
+                downstream.add(u)
+                todo.append(u)
+    upstream, todo = set(), [n for n in gm.graph.nodes if n.target in quant]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in upstream:
+                upstream.add(a)
+                todo.append(a)
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if (n in downstream and n in upstream and n.op == "call_function" and n.target not in quant | dequant
+                and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"
+                and hasattr(tm, "dtype") and tm.dtype.is_floating_point):
+            name = n.target._schema.name.split("::")[1]
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
