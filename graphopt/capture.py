@@ -3,8 +3,9 @@
 `torch.export` (non-strict) is tried first. If it fails, `fx.symbolic_trace` is tried and its
 straight-line module is exported to ATen, so every pass sees one form: `call_function`
 nodes on `torch.ops.aten` ops and `get_attr` nodes for parameters and buffers. Right after
-either, `canonicalize` rewrites in-place ops into their functional forms (`passes/functionalize.py`);
-what it declines stays in place and is listed in the report.
+either, `canonicalize` inlines ``no_grad``/disabled-autocast regions (`passes/inline_regions.py`)
+and rewrites in-place ops into their functional forms (`passes/functionalize.py`); what they
+decline stays as captured and is listed in the report.
 Refuses: models that neither method captures (one `CaptureError` with both reasons and the
 user's source lines), a model that is not an `nn.Module` or an unknown capture method
 (`ConfigError`), inputs that are not tensors or have a dimension of size 0, and example inputs
@@ -95,12 +96,14 @@ def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def canonicalize(gm: fx.GraphModule, args: tuple) -> tuple[fx.GraphModule, list[PassRecord], frozenset[str]]:
-    """The canonical form every pass sees: in-place ops made functional where that is exact.
-    Returns the graph, the pass records (for the report) and the properties established."""
+    """The canonical form every pass sees: grad-mode and disabled-autocast regions inlined, in-place
+    ops made functional, where each is exact. Returns the graph, the pass records (for the report)
+    and the properties established."""
     from graphopt.passes.functionalize import Functionalize
+    from graphopt.passes.inline_regions import InlineRegions
 
     ctx = PassContext(tuple(args), None, {Property.ATEN})
-    gm, records = PassManager([Functionalize()]).run(gm, ctx)
+    gm, records = PassManager([InlineRegions(), Functionalize()]).run(gm, ctx)
     return gm, records, frozenset(ctx.properties)
 
 

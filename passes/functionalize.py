@@ -16,9 +16,9 @@ is rewritten: the outputs are the same, the caller's tensor is no longer written
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
+from graphopt.passes._graph import alias_roots
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
 
@@ -51,33 +51,6 @@ def functional_form(op) -> torch._ops.OpOverload | None:
         str(a.type) == str(b.type) and a.kwarg_only == b.kwarg_only
         for a, b in zip(schema.arguments, fs.arguments))
     return functional if same else None
-
-
-def _alias_source(node: fx.Node) -> fx.Node | None:
-    """The input ``node``'s result may share storage with (views, in-place results, getitem of
-    split-like results), or None when it is a fresh tensor."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.getitem:
-        src = node.args[0]
-        return src if isinstance(src, fx.Node) and _alias_source(src) is not None else None
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.returns or schema.returns[0].alias_info is None or not node.args:
-        return None
-    ret = schema.returns[0].alias_info
-    for a, value in zip(schema.arguments, node.args):
-        if a.alias_info is not None and a.alias_info.before_set & ret.before_set and isinstance(value, fx.Node):
-            return value
-    return None
-
-
-def _alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
-    """Each node → the root of its storage (the fresh tensor its chain of aliases starts from)."""
-    root: dict[fx.Node, fx.Node] = {}
-    for n in graph.nodes:
-        src = _alias_source(n)
-        root[n] = root.get(src, src) if src is not None else n
-    return root
 
 
 def _functional_val(functional, node: fx.Node):
@@ -114,7 +87,7 @@ class Functionalize(GraphPass):
                 declined.append(Decline.at(self.name, node, reason))
                 continue
             x = node.args[0]
-            inputs_no_longer_written += _alias_roots(graph)[x].op == "placeholder"
+            inputs_no_longer_written += alias_roots(graph)[x].op == "placeholder"
             self._rewrite(graph, node, functional)
             key = f"{node.target._schema.name.split('::')[1]} → {functional._schema.name.split('::')[1]}"
             rewritten[key] = rewritten.get(key, 0) + 1
@@ -132,7 +105,7 @@ class Functionalize(GraphPass):
         if not isinstance(x, fx.Node):
             return "the mutated argument is not a graph value"
         order = {n: i for i, n in enumerate(graph.nodes)}
-        roots = _alias_roots(graph)
+        roots = alias_roots(graph)
         root = roots[x]
         if root.op == "get_attr":
             return f"mutates parameter/buffer {root.target!r}, state a compiled model does not keep"
