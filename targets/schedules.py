@@ -7,6 +7,9 @@ rule that schedules it wins. A PrimFunc no rule takes gets `Generic` (parallel o
 vectorized inner loop where TVM proves it legal) and is reported as ``"fallback"``; one even that
 fails is left as TVM emitted it and reported as unscheduled.
 
+Before any rule or tuning database sees them, `spatialize_unit_reductions` (run by lowering's fuse
+phase) rewrites reductions whose axes all have extent 1 as spatial blocks.
+
 Rules are chosen by `CpuParams` (vector lanes, vector register count, cores) derived from a
 `TargetSpec`'s vector width and feature flags, never from its name. Refuses nothing: every failure
 to schedule degrades to a slower but correct PrimFunc.
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 from graphopt.targets.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
@@ -190,6 +194,99 @@ def legalize_map(spec: TargetSpec) -> dict:
     params = CpuParams.from_spec(spec)
     return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params),
             "relax.multiply": widening_multiply_legalizer()}
+
+
+def _stores(stmt) -> list | None:
+    """The buffer stores of a block's init (one store, or a sequence of them), else None."""
+    if isinstance(stmt, tirx.BufferStore):
+        return [stmt]
+    if isinstance(stmt, tirx.SeqStmt) and all(isinstance(s, tirx.BufferStore) for s in stmt.seq):
+        return list(stmt.seq)
+    return None
+
+
+class _Keep(Exception):
+    """The block reads its accumulator other than at the element it updates: leave it as it is."""
+
+
+def _reads(expr, buffers) -> bool:
+    """Whether `expr` loads from any of `buffers`."""
+    found = []
+    tvm_ffi.structural_walk(expr, (tvm.ir.TensorLoad, lambda load: found.append(any(load.source.same_as(b)
+                                                                                    for b in buffers))))
+    return any(found)
+
+
+def _spatialize(realize):
+    """`realize` with its block ``init: C[i] = c; body: C[i] = f(C[i], x)`` rewritten as the spatial
+    ``C[i] = f(c, x)`` when each of its reduction axes has extent 1 (e.g. a Linear(1, N), a 1×1 conv
+    with one input channel per group, a 1×1 pool); any other block unchanged."""
+    block = realize.block
+    reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    inits = None if block.init is None else _stores(block.init)
+    if inits is None or not reduce or any(_int(iv.dom.extent) != 1 for iv in reduce):
+        return realize
+    at_min = [(iv.var, iv.dom.min) for iv in reduce]
+
+    def sub(node):  # reduction variables -> their only value
+        return tvm_ffi.structural_map(node, (tvm.ir.Var, lambda v: next((m for r, m in at_min if r.same_as(v)), v)))
+
+    def initial(load):  # the accumulator's read -> its initial value
+        for store in inits:
+            if store.buffer.same_as(load.source):
+                if not tvm_ffi.structural_equal(list(load.indices), list(sub(store.indices))):
+                    raise _Keep
+                return sub(store.value)
+        return load
+
+    stores = []  # a tuple reduction (argmax) reads its accumulators in let bindings, then stores them all
+    tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+    if len(stores) > 1 and any(_reads(s.value, [i.buffer for i in inits]) for s in stores):
+        return realize  # a store could read what another store of this update wrote
+    try:
+        body = tvm_ffi.structural_map(sub(block.body), (tvm.ir.TensorLoad, initial))
+    except _Keep:
+        return realize
+    written = [w.source for w in block.writes]
+    keep = [i for i, iv in enumerate(block.iter_vars) if iv.iter_type != tirx.IterVar.CommReduce]
+    spatial = s_tir.SBlock([block.iter_vars[i] for i in keep],
+                           [sub(r) for r in block.reads if not any(r.source.same_as(b) for b in written)],
+                           list(block.writes), block.name_hint, body, None, list(block.alloc_buffers),
+                           list(block.match_buffers), dict(block.annotations))
+    return s_tir.SBlockRealize([realize.iter_values[i] for i in keep], realize.predicate, spatial)
+
+
+def _mentions(stmt, var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(stmt, (tvm.ir.Var, lambda v: found.append(True) if v.same_as(var) else None))
+    return bool(found)
+
+
+def _drop_unused_unit_loop(loop):
+    """``for k in range(1): S`` -> S when S no longer uses k (the loop of a spatialized reduction
+    axis): dlight's normalization needs one loop per block iterator."""
+    return loop.body if _int(loop.extent) == 1 and not _mentions(loop.body, loop.loop_var) else loop
+
+
+def spatialize_unit_reductions(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite every reduction whose axes all have extent 1 as a spatial block (and drop the loops of
+    those axes), in the PrimFuncs of `mod` not yet scheduled.
+
+    TVM keeps such a block a reduction (an init and an accumulating update). dlight's
+    ``normalize_prim_func`` drops its unit reduction iterators but keeps the init, so every rule sees
+    a spatial block, and inlining the epilogue into it (``reverse_compute_inline``, as `Injective`
+    and dlight's ``try_inline`` do) applies the epilogue to the init and to the update: a bias added
+    twice in fp32 (Linear(1, N), 1×1 convs with one input channel per group: 20–130 % off), and in
+    int8 a requantize of the integer init that TVM cannot build (``IntImm supports only int or uint
+    or bool type, but float32 was supplied``). As a plain spatial block every rule schedules it
+    correctly.
+    """
+    mod = mod.clone()
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            mod[gv] = tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, _spatialize),
+                                                    (tirx.For, _drop_unused_unit_loop)])
+    return mod
 
 
 def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
