@@ -549,9 +549,96 @@ class Injective(dlight.ScheduleRule):
         infos = dlight.analysis.normalize_prim_func(sch)
         if infos is None or not all(b.is_injective() for b in infos):
             return None
-        for b in dlight.base.try_inline(sch, infos):
-            _schedule_spatial(sch, b.block_rv, self.params.lanes)
+        left, copied = _inline_without_nested_copies(sch, [b.block_rv for b in infos])
+        for block in reversed(left):  # consumers first: a block kept from copying, read elementwise by
+            consumers = sch.get_consumers(block)  # its one consumer, is computed a vector at a time
+            if sch.get(block).name_hint in copied and len(consumers) == 1 and _elementwise(sch, consumers[0], block):
+                try:
+                    sch.compute_at(block, sch.get_loops(consumers[0])[-2], preserve_unit_loops=True)
+                except Exception:  # noqa: BLE001  TVM refused: the block keeps its own loop nest
+                    _schedule_spatial(sch, block, self.params.lanes)
+                else:
+                    _try(lambda: _vectorize_innermost(sch, sch.get_loops(block)[-1], self.params.lanes))
+            else:
+                _schedule_spatial(sch, block, self.params.lanes)
         return sch
+
+
+def _elementwise(sch: s_tir.Schedule, consumer, producer) -> bool:
+    """Whether `consumer` (already scheduled: more than one loop) reads what `producer` writes only at
+    its own iteration point (so computing `producer` under the consumer's loops covers it exactly)."""
+    block, written = sch.get(consumer), sch.get(producer).writes[0].source
+    regions = [r.region for r in block.reads if r.source.same_as(written)]
+    if len(sch.get_loops(consumer)) < 2 or len(regions) != 1 or any(_int(r.extent) != 1 for r in regions[0]):
+        return False
+    indices = [r.min for r in regions[0] if _int(r.min) != 0]  # unit axes (e.g. the batch) read at 0
+    return len(indices) == len(block.iter_vars) and all(i.same_as(v.var) for i, v in zip(indices, block.iter_vars))
+
+
+def _loads(sch: s_tir.Schedule, consumer, producer) -> int:
+    """How many times the body of `consumer` reads the buffer `producer` writes."""
+    written, count = sch.get(producer).writes[0].source, [0]
+    tvm_ffi.structural_walk(sch.get(consumer).body, (tvm.ir.TensorLoad, lambda load: count.__setitem__(
+        0, count[0] + load.source.same_as(written))))
+    return count[0]
+
+
+# Levels of copies within copies an inlined spatial expression may hold: a requantize reads its
+# fixed-point ``high`` term three times, so each chained requantization inlined whole triples the
+# expression: an int8 concat of slices of concats compiled for over 15 minutes (46 s with this limit).
+_NESTED_COPIES = 1
+
+
+class _TooManyCopies(Exception):
+    """Inlining the block would copy an expression that already holds copies."""
+
+
+def _inline_without_nested_copies(sch: s_tir.Schedule, blocks: list) -> tuple[list, set[str]]:
+    """Inline spatial blocks into each other as dlight's ``try_inline`` does (compute_inline while one
+    succeeds, then reverse_compute_inline), except that a block read several times is not inlined
+    once its expression holds `_NESTED_COPIES` levels of such copies. Returns the blocks left and
+    the names of those kept for that reason."""
+    nesting = {sch.get(b).name_hint: 0 for b in blocks}  # block name -> levels of copies its body holds
+
+    kept: set[str] = set()  # blocks not inlined for that reason
+
+    def inlined(name: str, uses: int) -> int:
+        """The nesting of a block's expression once copied into a consumer `uses` times."""
+        if uses > 1 and nesting[name] >= _NESTED_COPIES:
+            kept.add(name)
+            raise _TooManyCopies
+        return nesting[name] + (uses > 1)
+
+    def compute_inline(block) -> bool:
+        name = sch.get(block).name_hint
+        uses = {sch.get(c).name_hint: _loads(sch, c, block) for c in sch.get_consumers(block)}
+        depth = inlined(name, sum(uses.values()))
+        sch.compute_inline(block)
+        for consumer in uses:
+            nesting[consumer] = max(nesting[consumer], depth)
+        return True
+
+    def reverse_compute_inline(block) -> bool:
+        name = sch.get(block).name_hint
+        depths = {sch.get(p).name_hint: inlined(sch.get(p).name_hint, _loads(sch, block, p))
+                  for p in sch.get_producers(block)}
+        sch.reverse_compute_inline(block)
+        for producer, depth in depths.items():
+            nesting[producer] = max(nesting[name], depth)
+        return True
+
+    def first(step) -> int | None:
+        for i, block in enumerate(blocks):
+            try:
+                if step(block):
+                    return i
+            except Exception:  # noqa: BLE001  TVM refused, or _TooManyCopies: the block stays
+                continue
+        return None
+
+    while (i := first(compute_inline)) is not None or (i := first(reverse_compute_inline)) is not None:
+        blocks.pop(i)
+    return blocks, kept
 
 
 class Generic(dlight.ScheduleRule):

@@ -306,6 +306,37 @@ def test_unit_reductions_become_spatial_blocks():
     assert "T.init()" in spatialize_unit_reductions(kept).script()  # a reduction of length 2 stays one
 
 
+def test_injective_chains_do_not_copy_copies():
+    """Three chained ops each reading its input three times (as a requantize reads its fixed-point
+    term): inlined whole, the last expression holds 27 copies of the first (TVM's simplifier then ran
+    for over 15 minutes on an int8 concat of concats); the Injective rule keeps a copied expression
+    from being copied again, and computes the kept block a row at a time under its consumer."""
+    from graphopt.targets.schedules import schedule_module
+
+    te = tvm.te
+    x = te.placeholder((4, 16), name="x")
+
+    def level(v, n):
+        h = te.compute((4, 16), lambda i, j: v[i, j] * 3.0 + 1.0, name=f"h{n}")
+        return te.compute((4, 16), lambda i, j: h[i, j] + h[i, j] * h[i, j], name=f"y{n}")
+
+    y = level(level(level(x, 0), 1), 2)
+    mod, counts, _ = schedule_module(tvm.IRModule({"main": te.create_prim_func([x, y])}), get_target("host"))
+    assert counts == {"injective": 1}
+    assert 1 < mod.script().count("T.sblock(") and mod.script().count("x[") <= 9
+
+    def ref(v):
+        for _ in range(3):
+            v = v * 3.0 + 1.0
+            v = v + v * v
+        return v
+
+    arg = np.random.default_rng(0).random((4, 16), dtype=np.float32) * 0.1
+    out = tvm.runtime.tensor(np.zeros((4, 16), np.float32))
+    tvm.compile(mod, target=get_target("host").tvm()).mod["main"](tvm.runtime.tensor(arg), out)
+    np.testing.assert_allclose(out.numpy(), ref(arg.astype(np.float64)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("target", ["host", pytest.param("arm", marks=pytest.mark.emulation),
                                     pytest.param("armv7", marks=pytest.mark.slow),
                                     pytest.param("cortex-m4", marks=pytest.mark.emulation)])
