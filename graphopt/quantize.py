@@ -315,19 +315,50 @@ def _layers(gm: fx.GraphModule) -> list[fx.Node]:
 
 def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     """Capture with a dynamic batch dimension (calibration/training batches vary), else as `capture`
-    does. The graph is the eval-mode one (BN statistics, no dropout); train()/eval() only flip flags."""
-    from graphopt.capture import _strip_guards
+    does. The graph is the eval-mode one (BN statistics, no dropout); train()/eval() only flip flags.
 
-    try:
-        ep = torch.export.export(model, args, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in args],
+    torch.export specializes a batch of 1 (a size-1 dimension is never symbolic), which bakes the
+    batch into code like ``x.view(b, g, c // g, h, w)`` (channel shuffle); so a batch of 1 is
+    traced on two copies of the example, and that graph is kept only if it reproduces the model's
+    output on the real example (a batch-1-only behaviour such as ``squeeze()`` would not)."""
+    from graphopt.capture import _strip_guards
+    from graphopt.pipeline import flat_outputs
+
+    def export(example: tuple) -> fx.GraphModule:
+        ep = torch.export.export(model, example, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in example],
                                  strict=False)
-        gm = _strip_guards(ep.module())
-    except Exception:  # noqa: BLE001  e.g. batch-dependent Python code: capture() reports its own errors
-        gm = capture(model, args).graph_module
+        return _strip_guards(ep.module())
+
+    def same_as_model(gm: fx.GraphModule) -> bool:
+        with torch.no_grad():
+            want, got = flat_outputs(model(*args)), flat_outputs(gm(*args))
+        return len(want) == len(got) and all(w.shape == g.shape and torch.equal(w, g) for w, g in zip(want, got))
+
+    gm = None
+    if all(a.dim() and a.shape[0] == 1 for a in args):
+        try:
+            gm = export(tuple(torch.cat([a, a]) for a in args))
+            gm = gm if same_as_model(gm) else None
+        except Exception:  # noqa: BLE001  batch-1-only code: the plain capture below
+            gm = None
+    if gm is None:
+        try:
+            gm = export(args)
+        except Exception:  # noqa: BLE001  e.g. batch-dependent Python code: capture() reports its own errors
+            gm = capture(model, args).graph_module
     gm._forward_pre_hooks.clear()  # export's input-shape check; graphopt checks batches itself
     for name in ("train", "eval"):  # torch.export's unlifted modules refuse both
         vars(gm).pop(name, None)
     return gm
+
+
+def _static_batch(gm: fx.GraphModule) -> int | None:
+    """The batch size a captured graph is specialized to, or None if its batch is symbolic."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    v = first.meta.get("val") if first is not None else None
+    if not isinstance(v, torch.Tensor) or not v.dim() or isinstance(v.shape[0], torch.SymInt):
+        return None
+    return int(v.shape[0])
 
 
 def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -> fx.GraphModule:
@@ -444,10 +475,21 @@ def _batches(calibration, example_inputs: tuple) -> Iterable[tuple]:
 
 
 def _run_calibration(gm: fx.GraphModule, calibration, args: tuple) -> None:
-    seen = 0
+    """Observe every calibration batch; a graph specialized to the example's batch size sees each
+    batch in slices of that size."""
+    seen, step = 0, _static_batch(gm)
     with torch.no_grad():
         for batch in _batches(calibration, args):
-            gm(*batch)
+            size = batch[0].shape[0] if batch[0].dim() else 1
+            if step is None or size == step:
+                gm(*batch)
+            elif size % step:
+                raise QuantizationError(f"calibration batch {seen} has {size} samples; the model captures only "
+                                        f"with a fixed batch of {step} (batch-dependent code), so calibration "
+                                        f"batches must hold a multiple of {step}")
+            else:
+                for i in range(0, size, step):
+                    gm(*(b[i:i + step] for b in batch))
             seen += 1
     if not seen:
         raise QuantizationError("the calibration set is empty; pass an iterable of input batches")
