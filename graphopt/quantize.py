@@ -10,8 +10,10 @@ The scheme says *what* is quantized (bits, granularity, observers, per-layer ove
 and last conv/linear stay 8-bit by default); the graph work is generic. The model is captured
 (`graphopt.capture`) in eval mode, batch norm is folded, and a `FakeQuantize` module is inserted
 on every conv/linear weight (per output channel, symmetric) and on every float activation:
-graph inputs and op outputs, one shared module across views and max pooling, and after — not
-between — a conv/linear/add and the ReLU/ReLU6/clamp that follows it. Layers with binary
+graph inputs and op outputs, one shared module across views, max pooling, a split's items and a
+standalone ReLU (their int8 forms are data movement and a clamp), and after — not between — a
+conv/linear/add/mul/BatchNorm/pooling/concat and the ReLU/ReLU6/clamp that follows it (folded into
+the integer output range, `fold_qdq.FUSES_CLAMP`). Layers with binary
 activations get a sign quantizer on their input. Fake quantization rounds with a straight-through
 gradient that is zero outside the clipping range; learnable scales get LSQ gradients.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -36,7 +39,7 @@ from graphopt.capture import capture, check_example_inputs
 from graphopt.errors import QuantizationError
 from graphopt.passes._graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
-from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH
+from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH, SHARES_PARAMS, SPLITS, fuses_clamp
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -45,7 +48,6 @@ qd = torch.ops.quantized_decomposed
 WEIGHT_BITS = (8, 4, 2, 1)
 ACTIVATION_BITS = (8, 4, 1, None)  # 1: binary (sign) inputs to the layer; None: weight-only
 _LAYERS = (aten.conv2d.default, aten.linear.default)
-_FUSE_INTO_CLAMP = (aten.conv2d.default, aten.linear.default, aten.add.Tensor)
 _SAMPLE = 1 << 16  # values kept per activation for percentile / MSE observers
 
 
@@ -303,6 +305,19 @@ class _Prepared:
     layer_bits: dict = field(default_factory=dict)  # node name → LayerQuant
 
 
+def _shares_params_with(n: fx.Node) -> fx.Node | None:
+    """The value whose quantizer ``n`` reuses: the input of views and max pooling (they commute with
+    (s, z): int8 data movement), of a split's items (slices) and of a standalone ReLU (an int8 clamp,
+    at most 1 bit of range given up, as PyTorch's quantizers do). Bounded clamps (ReLU6, hardtanh)
+    get their own range: a lookup table, exact."""
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if is_op(n, *PASS_THROUGH, *SHARES_PARAMS):
+        return src
+    if n.target is operator.getitem and is_op(src, *SPLITS):
+        return src.args[0]
+    return None
+
+
 def _float_tensor(node: fx.Node) -> bool:
     v = node.meta.get("val")
     return isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -434,12 +449,11 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
             if n.op not in ("placeholder", "call_function") or not _float_tensor(n):
                 continue
             users = list(n.users)
-            if is_op(n, *_FUSE_INTO_CLAMP) and len(users) == 1 and is_op(users[0], *CLAMPS):
+            if fuses_clamp(n) and len(users) == 1 and is_op(users[0], *CLAMPS):
                 continue  # quantized after the activation, which folds into the output range
             bits = info.layer_bits.get(n.name, LayerQuant(8, scheme.activations)).activations
             bits = 8 if bits in (1, None) else bits
-            src = n.args[0] if is_op(n, *PASS_THROUGH) and isinstance(n.args[0], fx.Node) else None
-            name = shared.get(src) if src is not None else None
+            name = shared.get(_shares_params_with(n))
             if name is None:
                 name = add(act_fq(bits), f"activation {n.name}")
             shared[n] = name
