@@ -16,6 +16,7 @@ rounds half away from zero (the fp32 QDQ form rounds half to even).
     qmul(a, za, b, zb)    = (a − za)·(b − zb)                  elementwise, broadcasting
     qsum_pool2d(x, zx)    = Σ_window (pad_zx(x) − zx)             (average pooling before requantize)
     qadd(a, b)            = TFLite's quantized add: both sides ≪ 20, rescaled, summed, requantized
+                            (a − b: b's multiplier is negative; the rounding is symmetric)
     qlut(x, table)        = table[x + 128]                        (any unary op, exact vs. its QDQ form)
     unpack_bits(p, bits, shape) — low-bit weights stored packed, 8/bits values per byte, low bits first
     qsign(x, zx)          = +1 if x ≥ zx else −1                  (binary activations)

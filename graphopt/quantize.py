@@ -453,12 +453,12 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
                 continue  # quantized after the activation, which folds into the output range
             bits = info.layer_bits.get(n.name, LayerQuant(8, scheme.activations)).activations
             bits = 8 if bits in (1, None) else bits
-            name = shared.get(_shares_params_with(n))
+            name = shared.get(_shares_params_with(n))  # the source's observer node: users read it now
             if name is None:
                 name = add(act_fq(bits), f"activation {n.name}")
-            shared[n] = name
             with graph.inserting_after(n):
                 obs = graph.call_module(name, (n,))
+            shared[obs] = name
             n.replace_all_uses_with(obs, delete_user_cb=lambda u: u is not obs)
     graph.lint()
     gm.recompile()

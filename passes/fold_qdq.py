@@ -5,7 +5,8 @@ becomes integer arithmetic ending in a fixed-point requantize (s = scale, z = ze
 
     q(act(conv(dq(x), dq(w), b)))  = requantize(qconv2d(x, zx, w, round(b / sx·sw)), M = sx·sw/so, zo, act range)
     q(act(linear(dq(x), dq(w), b)))= requantize(qlinear(...)) ;  q(matmul(dq(a), dq(b))) = requantize(qmatmul(...))
-    q(act(add(dq(a), dq(b))))      = qadd(a, b)                          (TFLite: ≪20, rescale each, sum, rescale)
+    q(act(add(dq(a), dq(b))))      = qadd(a, b)                          (TFLite: ≪20, rescale each, sum, rescale;
+                                                                          a − b: b's multiplier negated)
     q(act(mul(dq(a), dq(b))))      = requantize(qmul(a, za, b, zb), M = sa·sb/so)   (squeeze-excite gates)
     q(act(batch_norm(dq(x))))      = requantize(qconv2d(x, zx, ±127, bias, groups=C), M_c = sx·|γ'_c|/(127·so))
                                      (a BN no conv absorbs: a per-channel integer affine, also x·c and x + c
@@ -24,7 +25,7 @@ becomes integer arithmetic ending in a fixed-point requantize (s = scale, z = ze
 Weights of 4, 2 or 1 bits (read from the dequantize's quant range) are stored packed and
 unpacked by `graphopt::unpack_bits`. Declined, with the reason, and left in QDQ form (which still
 lowers): quantize nodes whose producer has no integer form here (e.g. softmax, layer norm, a
-subtraction of two tensors), non-constant weights, uint8 or non-8-bit quantize dtypes, float bias
+division of two tensors), non-constant weights, uint8 or non-8-bit quantize dtypes, float bias
 that is not a constant, avg-pool options that change the divisor per window, uneven adaptive
 pooling, and weight-only layers (int8 weights dequantized, fp32 compute). The pass counts the
 float compute left between quantize and dequantize (``stats["float_ops"]``, by kind).
@@ -74,7 +75,7 @@ SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default) 
 BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 SHARES_PARAMS = (aten.relu.default,)  # standalone: the quantizer gives its output its input's params (a clamp)
 # producers a following relu/relu6/hardtanh/clamp folds into (the quantizer quantizes after the pair)
-FUSES_CLAMP = (aten.conv2d.default, aten.linear.default, aten.add.Tensor, aten.mul.Tensor, aten.matmul.default,
+FUSES_CLAMP = (aten.conv2d.default, aten.linear.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.matmul.default,
                aten.mm.default, aten.bmm.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
                aten.mean.dim, aten.cat.default, *BATCH_NORMS)
 
@@ -288,12 +289,15 @@ def _matmul(r: _Rewriter, gm, core, out, lo, hi):
 
 
 def _qadd(r: _Rewriter, gm, core, out, lo, hi):
+    """a + b (TFLite's quantized add); a − b negates b's multiplier (gemmlowp's rounding is symmetric)."""
     if core.kwargs.get("alpha", 1) != 1 or len(core.args) > 2:
-        raise Unfoldable("add with alpha ≠ 1")
+        raise Unfoldable(f"{core.target.__name__} with alpha ≠ 1")
     (a, aq), (b, bq) = _dq_input(gm, core.args[0]), _dq_input(gm, core.args[1])
     twice_max = 2 * max(aq.s, bq.s)  # TFLite: both sides to 2·max(sa, sb) · 2^-20 units, then to so
     ma, sa = _multipliers([aq.s / twice_max])
     mb, sb = _multipliers([bq.s / twice_max])
+    if core.target == aten.sub.Tensor:
+        mb = -mb
     mo, so = _multipliers([twice_max / ((1 << qops.LEFT_SHIFT_ADD) * out.s)])
     c = r.const
     return r.call(g.qadd.default, a, aq.z, c("a_mult", ma), c("a_shift", sa), b, bq.z, c("b_mult", mb),
@@ -379,11 +383,11 @@ def _arith(r: _Rewriter, gm, core, out, lo, hi):
         else:
             raise Unfoldable(f"{op.__name__} with a constant divisor or rounding mode")
         return _affine(r, gm, x, xq, a, b, out, lo, hi)
-    if op == aten.add.Tensor:
+    if op in (aten.add.Tensor, aten.sub.Tensor):
         return _qadd(r, gm, core, out, lo, hi)
     if op == aten.mul.Tensor and len(core.args) == 2:
         return _qmul(r, gm, core, out, lo, hi)
-    raise Unfoldable(f"{op.__name__} of two quantized tensors has no integer form (add and mul do)")
+    raise Unfoldable(f"{op.__name__} of two quantized tensors has no integer form (add, sub and mul do)")
 
 
 def _cat(r: _Rewriter, gm, core, out, lo, hi):
