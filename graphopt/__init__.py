@@ -1,7 +1,7 @@
 """graphopt: a compiler-style graph optimizer that makes PyTorch models small and fast on ARM.
 
     cm = graphopt.compile(model, example_inputs=(x,), target="arm")
-    y = cm(x); cm.save("build/"); print(cm.report)
+    y = cm(x); cm.save("build/model"); print(cm.report)
 """
 import warnings as _warnings
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphopt import qops
+from graphopt.pipeline import GraphRun
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -93,10 +95,31 @@ def _float_precision(n: fx.Node) -> str:
             torch.float64: "fp64"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
+class _ShapeProp(GraphRun):
+    """`GraphRun` that records each node's ``tensor_meta`` as fx's ShapeProp does."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        tensors = []
+
+        def meta(o):
+            if isinstance(o, torch.Tensor):
+                tensors.append(o)
+                return _extract_tensor_metadata(o)
+            return o
+
+        metas = map_aggregate(result, meta)
+        if tensors:
+            n.meta["tensor_meta"] = metas
+        return result
+
+
 def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
-    """Parameters read by the graph and MACs on ``example_inputs``."""
+    """Parameters read by the graph and MACs on ``example_inputs``. A graph that does not run on
+    them is a `PassError` naming the node and its source line."""
     with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+        _ShapeProp(gm, "the graph does not run on the example inputs (a graphopt bug when the model itself "
+                        "does: please report it with the model)").run(*example_inputs)
     costs = {n: qops.cost(n) for n in gm.graph.nodes if n.op == "call_function"}
     values = {}  # get_attr node → logical values, where an op says it is stored packed
     for n, c in costs.items():
@@ -127,3 +150,37 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
             by_module[key] = by_module.get(key, 0) + m
             by_precision[precision] = by_precision.get(precision, 0) + m
     return Cost(params, nbytes, macs, by_module, by_precision)
+
+
+def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, int]:
+    """fp32 ops a quantized graph still computes between a dequantize and a quantize (what QDQ
+    folding left in float), counted by ATen op name. Ops before the first quantize or after the
+    last dequantize (float inputs, float heads) are not counted."""
+    qd = torch.ops.quantized_decomposed
+    quant = {qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor, torch.ops.graphopt.quantize_sign.default}
+    dequant = {qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor, qd.dequantize_per_channel.default}
+    with torch.no_grad():
+        _ShapeProp(gm, "the quantized graph does not run on the example inputs").run(*example_inputs)
+    downstream, todo = set(), [n for n in gm.graph.nodes if n.target in dequant]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in downstream:
+                downstream.add(u)
+                todo.append(u)
+    upstream, todo = set(), [n for n in gm.graph.nodes if n.target in quant]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in upstream:
+                upstream.add(a)
+                todo.append(a)
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if (n in downstream and n in upstream and n.op == "call_function" and n.target not in quant | dequant
+                and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"
+                and hasattr(tm, "dtype") and tm.dtype.is_floating_point):
+            name = n.target._schema.name.split("::")[1]
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))

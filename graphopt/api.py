@@ -1,10 +1,10 @@
 """`graphopt.compile`: capture → passes → support check → TVM lowering → artifact → report.
 
-Refuses, each with one `graphopt` error and nothing written: unknown targets, example inputs the
-model rejects, models that cannot be captured, nodes that no rewrite fits into the target's
-operator set (`OperatorSetError`, all listed with the rewrite needed), ops TVM cannot lower (all
-listed, with source lines), and (with ``verify=True``) artifacts whose outputs differ from PyTorch
-beyond ``rtol``.
+Refuses, each with one `graphopt` error and nothing written: unknown targets, a model that is not
+an `nn.Module`, example inputs the model rejects, a model that returns no tensor, models that
+cannot be captured, nodes that no rewrite fits into the target's operator set (`OperatorSetError`,
+all listed with the rewrite needed), ops TVM cannot lower (all listed, with source lines), and
+(with ``verify=True``) artifacts whose outputs differ from PyTorch beyond ``rtol``.
 A model in training mode is compiled in eval mode with a warning; the model object is left in
 the mode it came in.
 """
@@ -25,10 +25,11 @@ from graphopt.capture import (
     CaptureMethod,
     capture,
     check_example_inputs,
+    check_model,
     to_exported_program,
 )
 from graphopt.compiled import CompiledModel, new_build_dir
-from graphopt.errors import ConfigError, GraphoptError, LoweringError, NumericsError
+from graphopt.errors import ConfigError, InputError, LoweringError, NumericsError
 from graphopt.legalize import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
@@ -49,7 +50,7 @@ class GraphoptWarning(UserWarning):
 def c_identifier(name: str, *, explicit: bool) -> str:
     """``ResidualCNN`` → ``residual_cnn``; an explicit name must already be a C identifier."""
     if explicit:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
             raise ConfigError(f"name={name!r} must be a C identifier (letters, digits, _; not starting with a digit)")
         return name
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
@@ -98,10 +99,9 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         cover the rest; ``report.lowering["from_database"]`` names the tuned ones.
     """
     spec = get_target(target)
+    check_model(model)
     args = check_example_inputs(example_inputs)
     c_name = c_identifier(name if name is not None else type(model).__name__, explicit=name is not None)
-    if not isinstance(model, torch.nn.Module):
-        raise GraphoptError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     steps = Steps(progress)
     report = Report(model=type(model).__name__, target=spec.to_dict())
     if prune is not None:
@@ -113,6 +113,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
         with steps.phase("capture"):
             captured = capture(model, args, capture_method)
             reference = captured.outputs
+    if not flat_outputs(reference):
+        raise InputError(f"{type(model).__name__} returned no tensor on the example inputs (got "
+                         f"{type(reference).__name__}); graphopt compiles models whose forward returns tensors "
+                         "(a tensor, or a tuple/list/dict of them)")
     report.capture_method = captured.method.value
     report.capture_fallback_reason = captured.fallback_reason
     gm = captured.graph_module
@@ -120,9 +124,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     report.params_before, report.macs_before = cost.params, cost.macs
 
     with steps.phase("passes"):
-        ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
-        gm, report.passes = PassManager(default_passes() if passes is None else passes,
-                                        verify=verify, rtol=rtol).run(gm, ctx)
+        ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE} | captured.properties)
+        gm, records = PassManager(default_passes() if passes is None else passes,
+                                  verify=verify, rtol=rtol).run(gm, ctx)
+        report.passes = captured.passes + records
     if not spec.ops.unrestricted:
         with steps.phase("legalize", f"for the {spec.ops.name} operator set"):
             gm, records, report.legalized, unfit = run_legalization(gm, ctx, approximate=approximate,

@@ -2,9 +2,14 @@
 
 `torch.export` (non-strict) is tried first. If it fails, `fx.symbolic_trace` is tried and its
 straight-line module is exported to ATen, so every pass sees one form: `call_function`
-nodes on `torch.ops.aten` ops and `get_attr` nodes for parameters and buffers.
+nodes on `torch.ops.aten` ops and `get_attr` nodes for parameters and buffers. Right after
+either, `canonicalize` inlines ``no_grad``/disabled-autocast regions (`passes/inline_regions.py`)
+and rewrites in-place ops into their functional forms (`passes/functionalize.py`); what they
+decline stays as captured and is listed in the report.
 Refuses: models that neither method captures (one `CaptureError` with both reasons and the
-user's source lines), inputs that are not tensors, and example inputs that the model rejects.
+user's source lines), a model that is not an `nn.Module` or an unknown capture method
+(`ConfigError`), inputs that are not tensors or have a dimension of size 0, and example inputs
+that the model rejects (`InputError`).
 `to_exported_program` turns a (rewritten) GraphModule back into an `ExportedProgram` for lowering.
 """
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 import enum
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from graphopt.errors import CaptureError, InputError, Unsupported
+from graphopt.errors import CaptureError, ConfigError, InputError, Unsupported
+from graphopt.passes.base import PassContext, Property
+from graphopt.pipeline import PassManager, PassRecord
 
 
 class CaptureMethod(str, enum.Enum):
@@ -32,6 +39,15 @@ class Captured:
     method: CaptureMethod
     fallback_reason: str | None = None  # why torch.export was not used, if it was not
     outputs: object = None  # the model's own outputs on the example inputs (the eager reference)
+    passes: list[PassRecord] = field(default_factory=list)  # what `canonicalize` did
+    properties: frozenset[str] = frozenset()  # graph properties `canonicalize` established
+
+
+def check_model(model, what: str = "model") -> None:
+    """`ConfigError` unless ``model`` is an `nn.Module` (checked before anything calls it)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{what} must be a torch.nn.Module instance, got {type(model).__name__}; pass the module "
+                          "object itself (e.g. MyNet().eval(), not the class MyNet or a state_dict)")
 
 
 def check_example_inputs(example_inputs) -> tuple:
@@ -43,6 +59,10 @@ def check_example_inputs(example_inputs) -> tuple:
     if bad:
         raise InputError(f"example_inputs[{bad}] are not tensors; graphopt compiles tensor-in, tensor-out models. "
                          "Wrap non-tensor arguments in the model (e.g. a small nn.Module that fixes them).")
+    empty = {i: tuple(t.shape) for i, t in enumerate(example_inputs) if t.numel() == 0}
+    if empty:
+        raise InputError(f"example_inputs {empty} (index: shape) have a dimension of size 0; graphopt builds for "
+                         "the example shapes, so give every dimension at least 1 (e.g. batch size 1)")
     return tuple(example_inputs)
 
 
@@ -75,6 +95,18 @@ def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def canonicalize(gm: fx.GraphModule, args: tuple) -> tuple[fx.GraphModule, list[PassRecord], frozenset[str]]:
+    """The canonical form every pass sees: grad-mode and disabled-autocast regions inlined, in-place
+    ops made functional, where each is exact. Returns the graph, the pass records (for the report)
+    and the properties established."""
+    from graphopt.passes.functionalize import Functionalize
+    from graphopt.passes.inline_regions import InlineRegions
+
+    ctx = PassContext(tuple(args), None, {Property.ATEN})
+    gm, records = PassManager([InlineRegions(), Functionalize()]).run(gm, ctx)
+    return gm, records, frozenset(ctx.properties)
+
+
 def _via_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
     ep = torch.export.export(model, args, strict=False)
     return _strip_guards(ep.module())
@@ -88,6 +120,11 @@ def _via_symbolic_trace(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
 
 def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = CaptureMethod.AUTO) -> Captured:
     """Capture ``model`` on ``example_inputs``; see the module docstring."""
+    check_model(model)
+    try:
+        method = CaptureMethod(method)
+    except ValueError:
+        raise ConfigError(f"capture_method={method!r}; use one of {[m.value for m in CaptureMethod]}") from None
     args = check_example_inputs(example_inputs)
     try:
         with torch.no_grad():
@@ -100,22 +137,30 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
     failures: list[Unsupported] = []
     if method in (CaptureMethod.AUTO, CaptureMethod.EXPORT):
         try:
-            return Captured(_via_export(model, args), CaptureMethod.EXPORT, None, outputs)
+            gm = _via_export(model, args)
         except Exception as exc:
             failures.append(Unsupported(f"torch.export: {_first_line(exc)}", _user_frame(exc),
                                         "remove data-dependent Python control flow (use torch.where / torch.cond)"))
+        else:
+            return _captured(gm, args, CaptureMethod.EXPORT, None, outputs)
     if method in (CaptureMethod.AUTO, CaptureMethod.SYMBOLIC_TRACE):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 gm = _via_symbolic_trace(model, args)
-            reason = failures[0].what if failures else None
-            return Captured(gm, CaptureMethod.SYMBOLIC_TRACE, reason, outputs)
         except Exception as exc:
             failures.append(Unsupported(f"fx.symbolic_trace: {_first_line(exc)}", _user_frame(exc),
                                         "avoid Python control flow on tensor values and calls like int(tensor)"))
+        else:
+            reason = failures[0].what if failures else None
+            return _captured(gm, args, CaptureMethod.SYMBOLIC_TRACE, reason, outputs)
     raise CaptureError(f"could not capture {type(model).__name__} as a graph ({len(failures)} attempt(s) failed):",
                        failures, "graphopt needs a model that torch.export or torch.fx can trace.")
+
+
+def _captured(gm: fx.GraphModule, args: tuple, method: CaptureMethod, reason: str | None, outputs) -> Captured:
+    gm, records, properties = canonicalize(gm, args)
+    return Captured(gm, method, reason, outputs, records, properties)
 
 
 def to_exported_program(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:

@@ -8,7 +8,9 @@
     graphopt rpc-device --target arm-a53 --tracker 127.0.0.1:9190 --key emulated-a53   # emulated board
 
 A factory is a callable returning ``(model, example_inputs)``; ``path/to/file.py:factory`` works
-too. graphopt errors print one message (exit code 2); nothing is written on failure.
+too. graphopt errors print one message (exit code 2); so does an error in the factory's file (a
+syntax error, an exception at import or in the factory), naming file and line instead of a
+traceback. Nothing is written on failure.
 """
 from __future__ import annotations
 
@@ -22,43 +24,75 @@ from pathlib import Path
 from graphopt.errors import ConfigError, GraphoptError
 
 
+def _user_code_error(what: str, exc: Exception) -> ConfigError:
+    """One line for an error in the user's own code: what raised, the message, and file:line."""
+    if isinstance(exc, SyntaxError):
+        return ConfigError(f"{what}: SyntaxError: {exc.msg} at {exc.filename}:{exc.lineno}: "
+                           f"{(exc.text or '').strip()}; fix the file and run again")
+    from graphopt.capture import _first_line, _user_frame
+
+    return ConfigError(f"{what} raised {_first_line(exc)} at {_user_frame(exc)}; fix it and run again")
+
+
 def load_factory(spec: str):
-    """Resolve ``module:attr`` or ``file.py:attr`` to the factory callable."""
+    """Resolve ``module:attr`` or ``file.py:attr`` to the factory callable; errors in the module
+    (syntax, import-time exceptions) become one `ConfigError` line naming file and line."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not attr:
         raise ConfigError(f"model spec {spec!r} must look like pkg.module:factory or path/to/file.py:factory")
+    path = Path(mod_name).resolve() if mod_name.endswith(".py") else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"no such file: {path}; give the path of the Python file that defines {attr!r}")
     try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name).resolve()
+        if path is not None:
             s = importlib.util.spec_from_file_location(path.stem, path)
-            if s is None or not path.exists():
-                raise ConfigError(f"no such file: {path}")
             module = importlib.util.module_from_spec(s)
             s.loader.exec_module(module)
         else:
             sys.path.insert(0, str(Path.cwd()))
             module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {mod_name!r}: {exc}. Is it on PYTHONPATH?") from exc
+    except ModuleNotFoundError as exc:
+        if path is None and exc.name and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
+            raise ConfigError(f"cannot import {mod_name!r}: there is no module {exc.name!r}. Run from the folder "
+                              "that holds it, add that folder to PYTHONPATH, or give path/to/file.py:factory") from exc
+        raise _user_code_error(f"importing {mod_name}", exc) from exc
+    except Exception as exc:  # the user's module failed while loading: say where, not a traceback
+        raise _user_code_error(f"importing {mod_name}", exc) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ConfigError(f"{mod_name} has no callable {attr!r}")
+        found = sorted(n for n, v in vars(module).items()
+                       if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        raise ConfigError(f"{mod_name} has no callable {attr!r}" + (f"; it defines {', '.join(found)}" if found else ""))
     return factory
+
+
+def build_model(spec: str, *, inputs_required: bool = True):
+    """Call the factory ``spec`` names: ``(model, example_inputs)``, or (``inputs_required=False``)
+    a model alone as ``(model, None)``. An exception in the factory becomes one `ConfigError` line."""
+    factory = load_factory(spec)
+    try:
+        built = factory()
+    except GraphoptError:
+        raise
+    except Exception as exc:
+        raise _user_code_error(f"the factory {spec}", exc) from exc
+    if isinstance(built, tuple) and len(built) == 2:
+        return built
+    if inputs_required:
+        raise ConfigError(f"{spec} must return (model, example_inputs), got {type(built).__name__}")
+    return built, None
 
 
 def _cmd_compile(a) -> int:
     import graphopt
-    from graphopt.artifact import check_writable
+    from graphopt.artifact import check_destination
 
     spec = graphopt.get_target(a.target)
-    out = check_writable(Path(a.out))
-    built = load_factory(a.model)()
-    if not (isinstance(built, tuple) and len(built) == 2):
-        raise ConfigError(f"{a.model} must return (model, example_inputs), got {type(built).__name__}")
-    model, inputs = built
+    out = check_destination(a.out, overwrite=a.overwrite)
+    model, inputs = build_model(a.model)
     cm = graphopt.compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
                           count_instructions=not a.no_count_instructions)
-    path = cm.save(out)
+    path = cm.save(out, overwrite=a.overwrite)
     print(cm.report.to_json() if a.json else cm.report.to_markdown())
     print(f"artifact written to {path}", file=sys.stderr)
     return 0
@@ -67,12 +101,13 @@ def _cmd_compile(a) -> int:
 def _cmd_optimize(a) -> int:
     import tomllib
 
-    from graphopt.artifact import check_writable
+    from graphopt.artifact import check_destination
     from graphopt.datasets import fashion_mnist
     from graphopt.distill import loader
     from graphopt.recipe import Recipe, optimize
 
-    out = check_writable(Path(a.out))
+    out = Path(a.out)
+    check_destination(out / "artifact", overwrite=a.overwrite)
     try:
         recipe = Recipe.from_dict(tomllib.loads(Path(a.recipe).read_text()))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -82,10 +117,9 @@ def _cmd_optimize(a) -> int:
         raise ConfigError(f"--data {a.data!r}: known datasets are {sorted(datasets)}")
     train = loader(datasets[a.data]("train", limit=a.limit), batch_size=a.batch_size)
     val = loader(datasets[a.data]("test", limit=a.limit), batch_size=512, shuffle=False)
-    built = load_factory(a.model)()
-    model = built[0] if isinstance(built, tuple) else built
+    model, _ = build_model(a.model, inputs_required=False)
     result = optimize(model, train, val, a.target, recipe=recipe, out_dir=out / "optimize", progress=not a.quiet)
-    result.compiled.save(out / "artifact")
+    result.compiled.save(out / "artifact", overwrite=a.overwrite)
     print(result.report.to_markdown())
     print(f"artifact and plots written to {out}", file=sys.stderr)
     return 0
@@ -94,10 +128,7 @@ def _cmd_optimize(a) -> int:
 def _cmd_tune(a) -> int:
     import graphopt
 
-    built = load_factory(a.model)()
-    if not (isinstance(built, tuple) and len(built) == 2):
-        raise ConfigError(f"{a.model} must return (model, example_inputs), got {type(built).__name__}")
-    model, inputs = built
+    model, inputs = build_model(a.model)
     runner = graphopt.RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
     try:
         graphopt.tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
@@ -155,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="pkg.module:factory or file.py:factory returning (model, example_inputs)")
     c.add_argument("--target", default="arm", help="target name (see `graphopt targets`)")
     c.add_argument("--out", required=True, help="artifact folder (written atomically)")
+    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
     c.add_argument("--verify", action="store_true", help="run the artifact (emulated for ARM) and compare to PyTorch")
     c.add_argument("--no-count-instructions", action="store_true", help="skip the QEMU instruction count")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -166,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", required=True, help="recipe.toml with [prune], [quantize], [stop], [train]")
     o.add_argument("--target", default="arm")
     o.add_argument("--out", required=True, help="folder for the artifact, table and plot")
+    o.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
     o.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
     o.add_argument("--batch-size", type=int, default=128)
     o.add_argument("--quiet", action="store_true")

@@ -4,9 +4,17 @@ Host artifacts run in-process on the TVM runtime; emulated targets run their art
 QEMU with the target's pinned CPU. Calls are checked against the manifest: wrong count, shape
 or dtype raises `InputError` before anything runs. Outputs come back as torch tensors — one
 tensor if the model returned one, else a flat tuple in the model's output order.
+
+A compile's build folder (``$TMPDIR/graphopt-build-PID-*``, mode 0700) belongs to its
+`CompiledModel`: it is removed when the object is garbage-collected or the process exits; build
+folders of processes that died without that are removed by the next build. `load` refuses a saved
+artifact whose files or manifest changed after graphopt wrote them; calling a model whose folder
+was deleted raises `ArtifactError`.
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -15,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphopt.artifact import TensorSpec, atomic_copy_tree, read_manifest
-from graphopt.errors import InputError
+from graphopt.artifact import MANIFEST, TensorSpec, pid_alive, publish, read_manifest, verify_integrity
+from graphopt.errors import ArtifactError, ConfigError, GraphoptError, InputError
 from graphopt.report import Report
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.backend import backend_for
@@ -38,19 +46,41 @@ class CompiledModel:
     @classmethod
     def load(cls, folder: str | Path) -> "CompiledModel":
         """Open a saved artifact folder (the target must be registered in this process)."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise ConfigError(f"CompiledModel.load takes the path of a saved artifact folder (str or Path), got "
+                              f"{type(folder).__name__}")
         folder = Path(folder)
         manifest = read_manifest(folder)
+        verify_integrity(folder, manifest)
         return cls(get_target(manifest["target"]["name"]), folder, manifest, None, owns_build_dir=False)
 
     def __call__(self, *inputs: torch.Tensor):
         arrays = self._check_inputs(inputs)
-        outs = backend_for(self.target).run(self.build_dir, self.target, arrays, self.manifest, self._cache)
+        if not (self.build_dir / MANIFEST).is_file():
+            raise ArtifactError(f"the artifact folder {self.build_dir} no longer exists or lost its {MANIFEST} "
+                                "(deleted after compile?). Recompile the model, or CompiledModel.load a saved copy.")
+        try:
+            outs = backend_for(self.target).run(self.build_dir, self.target, arrays, self.manifest, self._cache)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # the runtime's own error (e.g. a library that does not match the manifest)
+            raise ArtifactError(f"running the artifact in {self.build_dir} failed: {type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}. If its files were "
+                                "modified, recompile the model; otherwise please report this.") from exc
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
         return tensors[0] if self.manifest.get("single_output", False) else tensors
 
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact folder to ``path`` atomically; returns the resolved path."""
-        return atomic_copy_tree(self.build_dir, Path(path))
+    def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
+        """Write the artifact folder to ``path`` atomically; returns the resolved path.
+
+        ``path`` must be new, an empty folder, or a graphopt artifact holding only graphopt's files
+        (replaced in one atomic step unless ``overwrite=False``); anything else raises
+        `ArtifactError` and is left untouched (see `graphopt.artifact.publish`).
+        """
+        if not (self.build_dir / MANIFEST).is_file():
+            raise ArtifactError(f"the artifact folder {self.build_dir} no longer exists (deleted after compile?); "
+                                "recompile the model. Nothing was written.")
+        return publish(self.build_dir, path, overwrite=overwrite)
 
     def _check_inputs(self, inputs) -> list[np.ndarray]:
         if len(inputs) != len(self.inputs):
@@ -72,5 +102,14 @@ class CompiledModel:
                 f"outputs={[s.shape for s in self.outputs]}, folder={str(self.build_dir)!r})")
 
 
+_BUILD_DIR = re.compile(r"graphopt-build-(\d+)-[A-Za-z0-9_]+")
+
+
 def new_build_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="graphopt-build-"))
+    """A private build folder; first removes those left by dead processes (killed before cleanup)."""
+    tmp = Path(tempfile.gettempdir())
+    for entry in tmp.glob("graphopt-build-*"):
+        m = _BUILD_DIR.fullmatch(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and entry.lstat().st_uid == os.getuid() and not pid_alive(int(m[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"graphopt-build-{os.getpid()}-", dir=tmp))

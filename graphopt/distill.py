@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from graphopt.errors import ConfigError, InputError
-from graphopt.training import TrainConfig, TrainResult, _enum, fit
+from graphopt.training import TrainConfig, TrainResult, _enum, check_batches, fit
 
 
 class SoftLoss(str, enum.Enum):
@@ -95,6 +95,12 @@ def _frozen_teacher(teacher: nn.Module | Sequence[nn.Module]):
             m.training = training
 
 
+def _check_teacher(teacher) -> None:
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
+        raise ConfigError(f"teacher must be a torch.nn.Module or a non-empty list of them, got {teacher!r:.80}")
+
+
 @torch.no_grad()
 def pseudo_label(teacher: nn.Module | Sequence[nn.Module], unlabeled: Iterable, *, hard: bool = True,
                  threshold: float = 0.0, temperature: float = 1.0) -> TensorDataset:
@@ -103,6 +109,8 @@ def pseudo_label(teacher: nn.Module | Sequence[nn.Module], unlabeled: Iterable, 
     hard=True gives class indices; hard=False gives soft probability vectors at ``temperature``.
     Samples whose top teacher probability is below ``threshold`` are dropped.
     """
+    _check_teacher(teacher)
+    check_batches(unlabeled, "unlabeled")
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
     if not temperature > 0:
@@ -130,6 +138,13 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module], train_
     penalty:      optional ``penalty(student) -> tensor`` added to every batch's loss (e.g.
                   `graphopt.filter_norm_penalty`).
     """
+    from graphopt.capture import check_model
+
+    check_model(student, "student")
+    _check_teacher(teacher)
+    check_batches(train_data, "train_data")
+    if extra_inputs is not None:
+        check_batches(extra_inputs, "extra_inputs")
     batches = _LabeledThenUnlabeled(train_data, extra_inputs or ())
     with _frozen_teacher(teacher) as t:
         def step(model: nn.Module, batch) -> torch.Tensor:

@@ -144,11 +144,12 @@ def check(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "ar
     """Dry run of compile's graph side for ``target``: capture, default passes, legalization, op-set
     and TVM support checks. Nothing is built; the model is left in the mode it came in."""
     from graphopt.api import _eval_mode
-    from graphopt.capture import capture, check_example_inputs, to_exported_program
+    from graphopt.capture import capture, check_example_inputs, check_model, to_exported_program
     from graphopt.pipeline import default_passes
     from graphopt.support import unsupported_ops
 
     spec = get_target(target)
+    check_model(model)
     args = check_example_inputs(example_inputs)
     with _eval_mode(model, []):
         gm = capture(model, args).graph_module

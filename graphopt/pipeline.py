@@ -1,20 +1,24 @@
 """`PassManager`: runs fx passes in order, checks their declared requirements, optionally checks
 numerics after each pass, and records per-pass time, stats and declines.
 
-Refuses: a pass whose requirements no earlier pass (or capture) established — `PassError` names
+Refuses: ``passes`` that are not a list of `GraphPass` instances and a non-positive ``rtol``
+(`ConfigError`), a pass whose requirements no earlier pass (or capture) established — `PassError` names
 the missing property — and, with ``verify=True``, a pass that moves the outputs beyond tolerance
-(`NumericsError` names the pass and the error).
+(`NumericsError` names the pass and the error). A pass that crashes, or leaves a graph that no
+longer runs, is a `PassError` naming the pass and the node with the user's source line.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from graphopt.errors import NumericsError, PassError
+from graphopt.errors import ConfigError, GraphoptError, NumericsError, PassError
 from graphopt.passes.base import Decline, GraphPass, PassContext
+from graphopt.source import node_source
 
 
 @dataclass(frozen=True)
@@ -54,25 +58,66 @@ def max_rel_error(got, want) -> float:
     return err
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+class GraphRun(fx.Interpreter):
+    """Runs a GraphModule node by node; a node that raises becomes a `PassError` saying ``what``
+    failed, at which node and user source line."""
+
+    def __init__(self, gm: fx.GraphModule, what: str):
+        super().__init__(gm)
+        self.what = what
+        self.extra_traceback = False  # the error names the node and source line itself
+
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            raise PassError(f"{self.what}: node {n.name} ({n.target}) at {node_source(n)} raised "
+                            f"{_first_line(exc)}") from exc
+
+
+def run_graph(gm: fx.GraphModule, args: tuple, what: str):
+    """``gm(*args)`` without autograd, with failures reported as in `GraphRun`."""
+    with torch.no_grad():
+        return GraphRun(gm, what).run(*args)
+
+
 class PassManager:
     def __init__(self, passes: list[GraphPass], *, verify: bool = False, rtol: float = 1e-4):
+        if isinstance(passes, (str, GraphPass)) or not isinstance(passes, (list, tuple)):
+            raise ConfigError(f"passes must be a list of graphopt pass instances (e.g. graphopt.default_passes()), "
+                              f"got {type(passes).__name__}")
+        bad = [p for p in passes if not isinstance(p, GraphPass)]
+        if bad:
+            raise ConfigError(f"passes {bad!r} are not graphopt pass instances; pass objects such as "
+                              "graphopt.passes.fold_batchnorm.FoldBatchNorm() (instances, not classes)")
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0:
+            raise ConfigError(f"rtol={rtol!r} must be a positive number, e.g. rtol=1e-4")
         self.passes = list(passes)
         self.verify = verify
         self.rtol = rtol
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
         self._check_requirements(ctx.properties)
-        reference = self._evaluate(gm, ctx) if self.verify else None
+        reference = self._evaluate(gm, ctx, "the graph given to the passes does not run") if self.verify else None
         records = []
         for p in self.passes:
             t0 = time.perf_counter()
-            result = p.run(gm, ctx)
+            result = self._run_pass(p, gm, ctx)
             seconds = time.perf_counter() - t0
             gm = result.graph_module
             ctx.properties |= p.establishes
             err = None
             if reference is not None:
-                err = max_rel_error(self._evaluate(gm, ctx), reference)
+                err = max_rel_error(self._evaluate(gm, ctx, f"after pass {p.name}, the graph no longer runs "
+                                                            "(a graphopt bug: please report it with the model; "
+                                                            "meanwhile leave the pass out)"), reference)
                 if p.exact and err > self.rtol:
                     raise NumericsError(f"pass {p.name} changed the outputs by {err:.3g} (relative to output "
                                         f"scale; tolerance {self.rtol:g}). This is a graphopt bug: please report it "
@@ -91,9 +136,21 @@ class PassManager:
             established |= p.establishes
 
     @staticmethod
-    def _evaluate(gm: fx.GraphModule, ctx: PassContext):
-        with torch.no_grad():
-            return gm(*ctx.example_inputs)
+    def _run_pass(p: GraphPass, gm: fx.GraphModule, ctx: PassContext):
+        nodes = {n.name: n for n in gm.graph.nodes}  # before the pass: a crash may have erased some
+        try:
+            return p.run(gm, ctx)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            named = [nodes[m] for m in re.findall(r"\w+", str(exc)) if m in nodes]
+            where = f" at node {named[0].name} ({node_source(named[0])})" if named else ""
+            raise PassError(f"pass {p.name} failed{where}: {_first_line(exc)}. This is a graphopt bug: please "
+                            "report it with the model; meanwhile leave the pass out (compile(passes=[...]))") from exc
+
+    @staticmethod
+    def _evaluate(gm: fx.GraphModule, ctx: PassContext, what: str):
+        return run_graph(gm, ctx.example_inputs, what)
 
 
 def default_passes() -> list[GraphPass]:

@@ -11,8 +11,12 @@ and loads its own ``state_dict``. To rebuild the pruned structure from a fresh m
 
 Importance of a channel = sum over the group's producer filters of their L1 or L2 norm, divided
 by the group's mean (so groups are comparable) for global ranking. ``target_macs``/``target_params``
-are fractions of the original to keep, met within ``tolerance`` when the channel granularity allows
-(the report says if not); ``ratio`` removes that fraction of channels from every prunable group.
+are fractions of the original to keep: the least important channel steps go first, then single steps
+(or one group's step traded for another's) move the exact, coupled cost into ``tolerance``. Where the
+groups cannot get there, ``report.target["limit"]`` says why with the numbers (reachable minimum,
+unprunable share, share held by minimum channels, declined groups, smallest step), a report note
+says it in words and a `GraphoptWarning` is given. ``ratio`` removes that fraction of channels from
+every prunable group.
 Kept channel counts are rounded to ``channel_multiple`` (the target's SIMD preference in compile).
 
 Refused: budgets outside (0, 1), unknown criteria, several budgets at once (`ConfigError`). Groups
@@ -38,7 +42,7 @@ from torch import nn
 
 from graphopt.analysis import analyze
 from graphopt.api import GraphoptWarning
-from graphopt.capture import capture, check_example_inputs
+from graphopt.capture import capture, check_example_inputs, check_model
 from graphopt.errors import ConfigError
 from graphopt.passes.base import Decline
 from graphopt.passes.dependency import (
@@ -146,7 +150,7 @@ class PruneReport:
     macs_after: int
     params_before: int
     params_after: int
-    target: dict  # {"metric", "fraction", "achieved", "within_tolerance"} or {"ratio": r}
+    target: dict  # {"metric", "fraction", "tolerance", "achieved", "within_tolerance"[, "limit"]} or {"ratio": r}
     groups: list[dict]
     layers: dict[str, dict]
     declined: list[Decline]
@@ -174,9 +178,8 @@ def prune(model: nn.Module, example_inputs, config: PruneConfig | None = None, *
     Structured budgets shrink modules; ``sparsity`` then adds magnitude masks (see `graphopt.sparsity`).
     """
     config = _config(config, options)
+    check_model(model)
     args = check_example_inputs(example_inputs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     multiple = config.channel_multiple or (_target_multiple(target) if target is not None else 1)
     pruned, report = _prune(model, args, config, multiple)
     if config.sparsity is not None:
@@ -203,6 +206,7 @@ def prune_for_compile(model: nn.Module, args: tuple, config: PruneConfig, spec) 
 
 def prunable_groups(model: nn.Module, example_inputs) -> DependencyGraph:
     """The channel dependency groups of ``model`` (for `graphopt.filter_norm_penalty` or inspection)."""
+    check_model(model)
     args = check_example_inputs(example_inputs)
     with _eval(model):
         return analyze_dependencies(capture(model, args).graph_module, model, args)
@@ -215,8 +219,10 @@ def prune_iteratively(model: nn.Module, example_inputs, config: PruneConfig, *, 
     after each. If it returns a metric below ``min_metric``, stop and return the model of the step
     before (already fine-tuned). Stops early when a step can remove nothing more.
     """
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r} must be an int >= 1")
+    config = _config(config, {})
+    check_model(model)
     if not config.structured:
         raise ConfigError("prune_iteratively needs a structured budget (target_macs, target_params or ratio); "
                           "for sparsity call graphopt.magnitude_prune with increasing sparsity instead")
@@ -249,6 +255,9 @@ def prune_iteratively(model: nn.Module, example_inputs, config: PruneConfig, *, 
 
 def apply_plan(model: nn.Module, plan: dict[str, dict[str, list[int]]]) -> nn.Module:
     """Shrink ``model``'s modules in place to the kept indices of ``plan`` (a `PruneReport.plan`)."""
+    check_model(model)
+    if not isinstance(plan, dict):
+        raise ConfigError(f"plan must be a PruneReport.plan dict {{module path: kept indices}}, got {type(plan).__name__}")
     for path, keep in plan.items():
         try:
             mod = model.get_submodule(path)
@@ -352,13 +361,112 @@ def _levels(n: int, multiple: int, max_ratio: float) -> list[int]:
     return [n] + [k for k in range((n - 1) // multiple * multiple, 0, -multiple) if k >= floor]
 
 
+class _Search:
+    """Kept level per group, moved one channel step at a time over the exact (coupled) cost model."""
+
+    def __init__(self, groups: dict[int, Group], imp: dict[int, list[float]], levels: dict[int, list[int]],
+                 costs: _Costs, metric: int):
+        self.groups, self.imp, self.levels, self.costs, self.metric = groups, imp, levels, costs, metric
+        self.order = {gid: sorted(range(len(v)), key=v.__getitem__) for gid, v in imp.items()}
+        self.at = dict.fromkeys(groups, 0)
+
+    @property
+    def cost(self) -> int:
+        return self.costs.total[self.metric]
+
+    def _picks(self, gid: int, i: int) -> list[int]:
+        """Class positions removed between level ``i`` and ``i + 1`` of group ``gid``."""
+        n = self.groups[gid].channels
+        return self.order[gid][n - self.levels[gid][i]:n - self.levels[gid][i + 1]]
+
+    def score(self, gid: int, delta: int) -> float:
+        """Mean importance of the channels the next step (delta=+1: remove, -1: restore) moves."""
+        picks = self._picks(gid, self.at[gid] if delta > 0 else self.at[gid] - 1)
+        return sum(self.imp[gid][p] for p in picks) / len(picks)
+
+    def can(self, gid: int, delta: int) -> bool:
+        return self.at[gid] + 1 < len(self.levels[gid]) if delta > 0 else self.at[gid] > 0
+
+    def move(self, gid: int, delta: int) -> None:
+        picks = self._picks(gid, self.at[gid] if delta > 0 else self.at[gid] - 1)
+        self.costs.remove([self.groups[gid].classes[p] for p in picks], sign=delta)
+        self.at[gid] += delta
+
+    def cost_of(self, moves: list[tuple[int, int]]) -> int:
+        """The cost after ``moves`` (group, delta); the state is left unchanged."""
+        for gid, delta in moves:
+            self.move(gid, delta)
+        cost = self.cost
+        for gid, delta in reversed(moves):
+            self.move(gid, -delta)
+        return cost
+
+    def greedy(self, goal: float) -> None:
+        """Remove the least important steps, globally ranked, until the cost is at or below ``goal``."""
+        heap = [(self.score(gid, 1), gid) for gid in self.groups if self.can(gid, 1)]
+        heapq.heapify(heap)
+        while self.cost > goal and heap:
+            _, gid = heapq.heappop(heap)
+            self.move(gid, 1)
+            if self.can(gid, 1):
+                heapq.heappush(heap, (self.score(gid, 1), gid))
+
+    def refine(self, goal: float, tol: float) -> None:
+        """Move towards ``goal`` until within ``tol``: single steps (landing inside the tolerance first, then the
+        least important removal / most important restore), else one group's step traded for another's. Every move
+        gets strictly closer, so this ends."""
+        while abs(self.cost - goal) > tol:
+            now, delta = abs(self.cost - goal), 1 if self.cost > goal else -1
+            best = None
+            for gid in self.groups:
+                if self.can(gid, delta):
+                    miss = abs(self.cost_of([(gid, delta)]) - goal)
+                    key = (miss > tol, delta * self.score(gid, delta))
+                    if miss < now and (best is None or key < best[0]):
+                        best = (key, [(gid, delta)])
+            if best is None:
+                for a in self.groups:
+                    for b in self.groups:
+                        if a != b and self.can(a, delta) and self.can(b, -delta):
+                            miss = abs(self.cost_of([(a, delta), (b, -delta)]) - goal)
+                            if miss < now and (best is None or miss < best[0]):
+                                best = (miss, [(a, delta), (b, -delta)])
+            if best is None:
+                return
+            for gid, d in best[1]:
+                self.move(gid, d)
+
+    def limits(self, goal: float) -> dict:
+        """Costs at every group's minimum and with every prunable channel gone, and the smallest step towards
+        ``goal`` from the current state (None if no group can move that way)."""
+        start = dict(self.at)
+        for gid in self.groups:
+            while self.can(gid, 1):
+                self.move(gid, 1)
+        lowest = self.cost
+        rest = [self.groups[gid].classes[p] for gid in self.groups
+                for p in self.order[gid][self.groups[gid].channels - self.levels[gid][-1]:]]
+        self.costs.remove(rest)
+        unprunable = self.cost
+        self.costs.remove(rest, sign=-1)
+        for gid, i in start.items():
+            while self.at[gid] > i:
+                self.move(gid, -1)
+        delta = 1 if self.cost > goal else -1
+        steps = [abs(self.cost_of([(gid, delta)]) - self.cost) for gid in self.groups if self.can(gid, delta)]
+        return {"lowest": lowest, "unprunable": unprunable, "step": min(steps) if steps else None}
+
+
 def _select(deps: DependencyGraph, imp: dict[int, list[float]], config: PruneConfig, multiple: int,
             costs: _Costs) -> tuple[dict[int, int], dict]:
-    """Number of classes to remove per group id (lowest importance first), and the target record."""
+    """Number of classes to remove per group id (lowest importance first), and the target record.
+
+    A MACs/params budget is met within ``config.tolerance`` wherever the groups' channel steps allow; if not,
+    the record's ``limit`` says why, with the numbers (fractions of the original)."""
     groups = {g.id: g for g in deps.prunable_groups}
-    order = {gid: sorted(range(len(v)), key=v.__getitem__) for gid, v in imp.items()}
     levels = {gid: _levels(g.channels, multiple, config.max_group_ratio) for gid, g in groups.items()}
     if config.ratio is not None:
+        order = {gid: sorted(range(len(v)), key=v.__getitem__) for gid, v in imp.items()}
         removed = {}
         for gid, g in groups.items():
             want = g.channels - round(config.ratio * g.channels)
@@ -367,37 +475,51 @@ def _select(deps: DependencyGraph, imp: dict[int, list[float]], config: PruneCon
         return removed, {"ratio": config.ratio}
     metric = 0 if config.target_macs is not None else 1
     fraction = config.target_macs if metric == 0 else config.target_params
+    name = "macs" if metric == 0 else "params"
     original = costs.total[metric]
-    goal = fraction * original
-    at = dict.fromkeys(groups, 0)
-
-    def step_of(gid):
-        i = at[gid]
-        if i + 1 >= len(levels[gid]):
-            return None
-        n = groups[gid].channels
-        picks = order[gid][n - levels[gid][i]:n - levels[gid][i + 1]]
-        return sum(imp[gid][p] for p in picks) / len(picks), gid, [groups[gid].classes[p] for p in picks]
-
-    heap = [s for s in map(step_of, groups) if s is not None]
-    heapq.heapify(heap)
-    last = None
-    while costs.total[metric] > goal and heap:
-        score, gid, classes = heapq.heappop(heap)
-        previous = costs.total[metric]
-        costs.remove(classes)
-        at[gid] += 1
-        last = (gid, classes, previous)
-        nxt = step_of(gid)
-        if nxt is not None:
-            heapq.heappush(heap, nxt)
-    if last is not None and abs(last[2] - goal) < abs(costs.total[metric] - goal):
-        costs.remove(last[1], sign=-1)  # the step before was closer to the goal
-        at[last[0]] -= 1
-    removed = {gid: groups[gid].channels - levels[gid][i] for gid, i in at.items()}
+    record = {"metric": name, "fraction": fraction, "tolerance": config.tolerance}
+    if original == 0:
+        return {}, record | {"achieved": 1.0, "within_tolerance": False,
+                             "limit": {"reason": f"the model has no {name} to remove", "reachable_min": 1.0,
+                                       "unprunable_share": 1.0, "minimum_channels_share": 0.0,
+                                       "declined_groups": len(deps.groups) - len(groups), "smallest_step": None}}
+    goal, tol = fraction * original, (config.tolerance + 1e-9) * original  # a hair for float rounding at the edge
+    search = _Search(groups, imp, levels, costs, metric)
+    search.greedy(goal)
+    search.refine(goal, tol)
+    removed = {gid: groups[gid].channels - levels[gid][i] for gid, i in search.at.items()}
     achieved = costs.total[metric] / original
-    return removed, {"metric": "macs" if metric == 0 else "params", "fraction": fraction,
-                     "achieved": round(achieved, 4), "within_tolerance": abs(achieved - fraction) <= config.tolerance}
+    record |= {"achieved": round(achieved, 4), "within_tolerance": abs(achieved - fraction) <= config.tolerance + 1e-9}
+    if not record["within_tolerance"]:
+        lim = search.limits(goal)
+        lowest, unprunable = lim["lowest"] / original, lim["unprunable"] / original
+        reason = ("nothing is prunable" if not groups
+                  else "below the reachable minimum" if fraction < lowest - config.tolerance
+                  else "channel steps too coarse")
+        record["limit"] = {"reason": reason, "reachable_min": round(lowest, 4),
+                           "unprunable_share": round(unprunable, 4),
+                           "minimum_channels_share": round(lowest - unprunable, 4),
+                           "declined_groups": len(deps.groups) - len(groups),
+                           "smallest_step": None if lim["step"] is None else round(lim["step"] / original, 4)}
+    return removed, record
+
+
+def _shortfall(target: dict, config: PruneConfig, multiple: int) -> str:
+    """The report line for a budget that was not met: why, with the numbers."""
+    lim = target["limit"]
+    head = (f"the {target['metric']} target {target['fraction']} was not met within ±{config.tolerance}: achieved "
+            f"{target['achieved']}; ")
+    if lim["reason"] == "channel steps too coarse":
+        return head + (f"no channel step gets closer (the smallest step that way changes {target['metric']} by "
+                       f"{lim['smallest_step']} of the original; channel_multiple={multiple}, max_group_ratio="
+                       f"{config.max_group_ratio}); the reachable minimum is {lim['reachable_min']}")
+    if lim["reason"] != "below the reachable minimum":
+        return head + (f"{lim['reason']}, the reachable minimum is {lim['reachable_min']} ({lim['declined_groups']} "
+                       "group(s) declined, reasons per group below)")
+    return head + (f"{lim['reason']}: the reachable minimum is {lim['reachable_min']} of the original — "
+                   f"{lim['unprunable_share']} is in layers no prunable group shrinks ({lim['declined_groups']} "
+                   f"group(s) declined, reasons per group below) and {lim['minimum_channels_share']} is held by "
+                   f"minimum channels (max_group_ratio={config.max_group_ratio}, channel_multiple={multiple})")
 
 
 def _plan(deps: DependencyGraph, imp: dict[int, list[float]], removed: dict[int, int]) -> dict:
@@ -543,15 +665,15 @@ def _prune(model: nn.Module, args: tuple, config: PruneConfig, multiple: int) ->
             notes.append(f"group {g.id} ({', '.join(g.producers)}): {reason}")
     with _eval(pruned):
         after = analyze(capture(pruned, args).graph_module, args)
+    said = len(notes)
     if not deps.prunable_groups:
-        notes.append("nothing could be pruned: every channel group is unprunable (reasons per group below)")
-        warnings.warn(f"graphopt.prune: nothing in {type(model).__name__} could be pruned; see "
-                      "result.graphopt_pruning.groups for the reasons", GraphoptWarning, stacklevel=3)
-    elif target.get("within_tolerance") is False:
-        notes.append(f"the {target['metric']} target {target['fraction']} was not met within ±{config.tolerance}: "
-                     f"achieved {target['achieved']} (channel_multiple={multiple} and max_group_ratio="
-                     f"{config.max_group_ratio} limit the granularity)")
-        warnings.warn("graphopt.prune: " + notes[-1], GraphoptWarning, stacklevel=3)
+        notes.append(f"nothing could be pruned in {type(model).__name__}: every channel group is unprunable "
+                     "(reasons per group below)")
+    if target.get("within_tolerance") is False:
+        notes.append(_shortfall(target, config, multiple))
+    if len(notes) > said:
+        warnings.warn("graphopt.prune: " + "; ".join(notes[said:]) + " (see result.graphopt_pruning)",
+                      GraphoptWarning, stacklevel=3)
     cost_after = {p: costs.module(p) for p in deps.modules}
     layers = {p: {"out_before": i.out_channels, "out_after": costs.kept[p][0], "in_before": i.in_channels,
                   "in_after": costs.kept[p][1], "macs_before": cost_before[p][0], "macs_after": cost_after[p][0],

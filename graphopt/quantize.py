@@ -17,11 +17,12 @@ the integer output range, `fold_qdq.FUSES_CLAMP`). Layers with binary
 activations get a sign quantizer on their input. Fake quantization rounds with a straight-through
 gradient that is zero outside the clipping range; learnable scales get LSQ gradients.
 
-Refuses (`QuantizationError`, nothing written): unsupported bit widths or options, overrides for
-paths that match no layer, calibration batches whose shapes/dtypes differ from the example
-inputs (except the batch size) or an empty calibration set, NaN/inf in weights or activations,
-converting a module `prepare_qat`/`binarize` made before any training step changed it, and
-converting anything that is not a prepared module.
+Refuses (`QuantizationError`, nothing written): unsupported bit widths or options, option values
+of the wrong type (``weights=8.0`` or ``True``), overrides for paths that match no layer, a
+calibration set that is not an iterable of batches, calibration batches whose shapes/dtypes differ
+from the example inputs (except the batch size) or an empty calibration set, NaN/inf in weights or
+activations, converting a module `prepare_qat`/`binarize` made before any training step changed
+it, and converting anything that is not a prepared module.
 """
 from __future__ import annotations
 
@@ -66,12 +67,22 @@ class LayerQuant:
     activations: int | None = 8
 
     def __post_init__(self):
+        _check_bits(self, "weights", "activations")
         if self.weights not in (*WEIGHT_BITS, None):
             raise QuantizationError(f"weight bit width {self.weights!r} is not supported; use one of "
                                     f"{WEIGHT_BITS} (or None to keep the layer float)")
         if self.activations not in ACTIVATION_BITS:
             raise QuantizationError(f"activation bit width {self.activations!r} is not supported; use one of "
                                     f"{ACTIVATION_BITS}")
+
+
+def _check_bits(obj, *names: str) -> None:
+    """Bit widths are ints or None: 8.0, True or "8" are refused, not coerced (True == 1 would mean binary)."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise QuantizationError(f"{name}={v!r} ({type(v).__name__}) must be an int bit width or None, "
+                                    f"e.g. {name}=8")
 
 
 class _FrozenDict(dict):
@@ -99,6 +110,16 @@ class QuantScheme:
 
     def __post_init__(self):
         LayerQuant(self.weights, self.activations)
+        for name in ("per_channel", "symmetric_activations", "keep_first_last_8bit", "learnable_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantizationError(f"{name}={getattr(self, name)!r} must be True or False")
+        for name in ("percentile", "averaging_constant"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise QuantizationError(f"{name}={v!r} ({type(v).__name__}) must be a number")
+        if not isinstance(self.overrides, Mapping) or not all(isinstance(k, str) for k in self.overrides):
+            raise QuantizationError(f"overrides must map module paths (str) to LayerQuant, e.g. "
+                                    f"{{'features.0': LayerQuant(weights=8)}}; got {self.overrides!r}")
         for name in ("observer", "weight_observer"):
             try:
                 object.__setattr__(self, name, Observer(getattr(self, name)))
@@ -330,19 +351,20 @@ def _layers(gm: fx.GraphModule) -> list[fx.Node]:
 
 def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     """Capture with a dynamic batch dimension (calibration/training batches vary), else as `capture`
-    does. The graph is the eval-mode one (BN statistics, no dropout); train()/eval() only flip flags.
+    does; either way in canonical (functional) form. The graph is the eval-mode one (BN statistics,
+    no dropout); train()/eval() only flip flags.
 
     torch.export specializes a batch of 1 (a size-1 dimension is never symbolic), which bakes the
     batch into code like ``x.view(b, g, c // g, h, w)`` (channel shuffle); so a batch of 1 is
     traced on two copies of the example, and that graph is kept only if it reproduces the model's
     output on the real example (a batch-1-only behaviour such as ``squeeze()`` would not)."""
-    from graphopt.capture import _strip_guards
+    from graphopt.capture import _strip_guards, canonicalize
     from graphopt.pipeline import flat_outputs
 
     def export(example: tuple) -> fx.GraphModule:
         ep = torch.export.export(model, example, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in example],
                                  strict=False)
-        return _strip_guards(ep.module())
+        return canonicalize(_strip_guards(ep.module()), example)[0]
 
     def same_as_model(gm: fx.GraphModule) -> bool:
         with torch.no_grad():
@@ -488,6 +510,15 @@ def _batches(calibration, example_inputs: tuple) -> Iterable[tuple]:
         yield batch
 
 
+def _check_calibration(calibration) -> None:
+    """Refuse what is not an iterable of batches before any capture work (a bare tensor would be
+    iterated sample by sample)."""
+    if isinstance(calibration, torch.Tensor) or not isinstance(calibration, Iterable):
+        got = "a single tensor" if isinstance(calibration, torch.Tensor) else repr(calibration)[:60]
+        raise QuantizationError(f"calibration must be an iterable of input batches (a list like [x1, x2], a "
+                                f"DataLoader, or [example_inputs] to calibrate on the example), got {got}")
+
+
 def _run_calibration(gm: fx.GraphModule, calibration, args: tuple) -> None:
     """Observe every calibration batch; a graph specialized to the example's batch size sees each
     batch in slices of that size."""
@@ -511,6 +542,7 @@ def _run_calibration(gm: fx.GraphModule, calibration, args: tuple) -> None:
 
 def quantize(model: nn.Module, example_inputs, calibration, scheme: QuantScheme = QuantScheme()) -> fx.GraphModule:
     """Post-training quantization: observe ``calibration`` batches, return the QDQ-form module."""
+    _check_calibration(calibration)
     args = check_example_inputs(example_inputs)
     gm = _prepare(model, args, scheme, qat=False)
     _run_calibration(gm, calibration, args)
@@ -526,6 +558,8 @@ def prepare_qat(model: nn.Module, example_inputs, scheme: QuantScheme = QuantSch
     ranges while training (moving average for activations, current weights). Train it like the
     original model, then `convert` it. A model built from scratch trains the same way.
     """
+    if calibration is not None:
+        _check_calibration(calibration)
     args = check_example_inputs(example_inputs)
     gm = _prepare(model, args, scheme, qat=True)
     _run_calibration(gm, calibration if calibration is not None else [args], args)

@@ -51,6 +51,11 @@ class QuantStage:
     calibration_batches: int = 8
 
     def __post_init__(self):
+        from graphopt.quantize import LayerQuant
+
+        LayerQuant(self.weights, self.activations)  # the bit widths QuantScheme accepts, checked now
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.qat_epochs, self.calibration_batches)):
+            raise ConfigError("QuantStage.qat_epochs and calibration_batches must be ints")
         if self.qat_epochs < 0 or self.calibration_batches < 1:
             raise ConfigError("QuantStage needs qat_epochs >= 0 and calibration_batches >= 1")
 
@@ -185,7 +190,16 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
     from graphopt.prune import PruneConfig, prune_iteratively
     from graphopt.quantize import QuantScheme, convert, prepare_qat, quantize
 
+    from graphopt.capture import check_model
+    from graphopt.training import check_batches
+
     spec = graphopt.get_target(target)
+    check_model(model)
+    check_batches(train_data, "train_data")
+    check_batches(val_data, "val_data")
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"recipe must be a graphopt.Recipe (e.g. Recipe.from_dict(tomllib.load(f))), got "
+                          f"{type(recipe).__name__}")
     x = (_first_batch(train_data)[0][:1],)
     teacher = copy.deepcopy(model).eval()
     stop, cfg = recipe.stop, recipe.train

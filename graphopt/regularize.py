@@ -16,6 +16,7 @@ import enum
 import torch
 from torch import nn
 
+from graphopt.capture import check_model
 from graphopt.errors import ConfigError
 from graphopt.passes.dependency import DependencyGraph, Role
 from graphopt.prune import as_enum
@@ -29,8 +30,9 @@ class Norm(str, enum.Enum):
 
 
 def _check(model: nn.Module, weight: float, norm) -> tuple[Norm, list[tuple[str, nn.Module]]]:
+    check_model(model)
     norm = as_enum(Norm, norm, "norm")
-    if not isinstance(weight, (int, float)) or weight < 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"weight={weight!r} must be a non-negative number, e.g. 1e-4")
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, _LAYERS)]
     if not layers:

@@ -36,8 +36,14 @@ def _pruning_lines(p: dict) -> list[str]:
     lines = [f"- MACs: {_fmt_int(macs.get('before'))} → {_fmt_int(macs.get('after'))}, "
              f"params: {_fmt_int(params.get('before'))} → {_fmt_int(params.get('after'))}"]
     if "metric" in target:
-        lines.append(f"- target: {target['metric']} × {target['fraction']}, achieved {target['achieved']}"
-                     + ("" if target["within_tolerance"] else " (outside tolerance)"))
+        line = f"- target: {target['metric']} × {target['fraction']}, achieved {target['achieved']}"
+        if not target["within_tolerance"]:
+            lim = target.get("limit")
+            line += f" — **budget not met** (±{target.get('tolerance')})" + (
+                f": {lim['reason']}; reachable minimum {lim['reachable_min']}, unprunable share "
+                f"{lim['unprunable_share']}, held by minimum channels {lim['minimum_channels_share']}, declined "
+                f"groups {lim['declined_groups']}, smallest step {lim['smallest_step']}" if lim else "")
+        lines.append(line)
     if p.get("sparsity"):
         lines.append(f"- magnitude sparsity: {p['sparsity'].get('sparsity')}")
     if p.get("sparse_storage"):

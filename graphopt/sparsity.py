@@ -10,7 +10,9 @@ Masks are `torch.nn.utils.parametrize` parametrizations on the ``weight`` of eve
 `magnitude_prune` again on a masked model re-ranks the masked weights and tightens the masks.
 Honest limits: zeros in dense tensors do not make graphopt's dense kernels faster; the win is
 storage — the sparse file is smaller than the dense weights, and ``load_sparse`` restores them.
-Refused (`ConfigError`): sparsity outside [0, 1), unknown scopes, models with no such layers.
+Refused (`ConfigError`): a model that is not an `nn.Module`, sparsity outside [0, 1), unknown
+scopes, models with no such layers, paths that are not str/Path; `ArtifactError`: a file that
+cannot be written, or read as a `save_sparse` file.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from graphopt.capture import check_model
 from graphopt.errors import ArtifactError, ConfigError
 from graphopt.prune import as_enum
 
@@ -56,6 +59,7 @@ def _layers(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[str, nn.Mo
 def magnitude_prune(model: nn.Module, sparsity: float, *, scope: Scope | str = Scope.GLOBAL,
                     exclude: tuple[str, ...] = ()) -> dict:
     """Mask the smallest-magnitude weights of ``model`` in place; returns achieved sparsity per layer."""
+    check_model(model)
     scope = as_enum(Scope, scope, "scope")
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
         raise ConfigError(f"sparsity={sparsity!r} must be a number in [0, 1), e.g. 0.8 to zero 80 % of weights")
@@ -91,6 +95,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: Scope | str = S
 
 def remove_masks(model: nn.Module) -> nn.Module:
     """Replace each mask parametrization by a plain parameter holding the masked weight (in place)."""
+    check_model(model)
     for _, mod in model.named_modules():
         if parametrize.is_parametrized(mod, "weight") and any(
                 isinstance(p, WeightMask) for p in mod.parametrizations.weight):
@@ -111,13 +116,20 @@ def _effective_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if ".parametrizations." not in k}
 
 
+def _path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path must be a file path (str or Path), got {type(path).__name__}")
+    return Path(path)
+
+
 def save_sparse(model: nn.Module, path: str | Path) -> dict:
     """Write the model's weights as one file: per tensor a bitmask + its non-zero values (dense where smaller).
 
     Returns ``{"dense_bytes", "sparse_bytes", "saved_bytes", "zero_fraction"}``; ``sparse_bytes`` is
     the file size on disk. This shrinks storage only; inference still runs dense kernels.
     """
-    path = Path(path)
+    check_model(model)
+    path = _path(path)
     index, masks, data, dense, zeros, floats = [], [], [], 0, 0, 0
     offsets = [0, 0]  # bytes written to masks, data
     for name, t in _effective_state(model).items():
@@ -154,8 +166,13 @@ def save_sparse(model: nn.Module, path: str | Path) -> dict:
 
 def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict stored by `save_sparse` (dense tensors; load with ``model.load_state_dict``)."""
-    with np.load(Path(path)) as z:
-        index, masks, data = json.loads(z["index"].tobytes()), z["masks"], z["data"]
+    path = _path(path)
+    try:
+        with np.load(path) as z:
+            index, masks, data = json.loads(z["index"].tobytes()), z["masks"], z["data"]
+    except (OSError, ValueError, KeyError) as exc:  # missing, not an .npz, or an .npz save_sparse did not write
+        raise ArtifactError(f"cannot read sparse weights from {path}: {exc}. Pass a file that "
+                            "graphopt.save_sparse wrote.") from exc
     out = {}
     for e in index:
         dtype, n = np.dtype(e["dtype"]), int(np.prod(e["shape"]))

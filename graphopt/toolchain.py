@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -121,15 +122,40 @@ def _install_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
+def linker_args(*args: str | os.PathLike) -> list[str]:
+    """``args`` passed to the linker through the compiler driver, each intact: ``-Xlinker`` never
+    splits at commas (``-Wl,-Map,/tmp/a,b/x.map`` would hand ld two arguments)."""
+    return [x for a in args for x in ("-Xlinker", os.fspath(a))]
+
+
+def qemu_option(value: str | os.PathLike) -> str:
+    """``value`` escaped for a QEMU ``key=value,...`` option string (a comma is written ``,,``)."""
+    return os.fspath(value).replace(",", ",,")
+
+
+def tool_output(stdout: str | None, stderr: str | None, lines: int = 20) -> str:
+    """The tool's own message for an error: the tail of its output, plus its first ``error`` line
+    when that scrolled out of the tail (warnings before ``-Werror`` diagnostics, long link maps)."""
+    text = "\n".join(t.strip() for t in (stderr, stdout) if t and t.strip())
+    all_lines = text.splitlines()
+    tail = all_lines[-lines:]
+    first_error = next((ln for ln in all_lines if re.search(r"\b(error|fatal|cannot|undefined reference)\b", ln, re.I)),
+                       None)
+    if first_error is not None and first_error not in tail:
+        tail = [first_error, "..."] + tail
+    return "\n".join(tail) or "(the tool printed nothing)"
+
+
 def run_tool(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
-    """Run a build/setup command; ToolchainError with the output's tail if it fails."""
+    """Run a build/setup command (an argument list, never a shell string); ToolchainError with the
+    tool's own message and the command (shell-quoted, to paste) if it fails."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     except OSError as e:
         raise ToolchainError(f"{what}: could not run {cmd[0]}: {e}") from e
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise ToolchainError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise ToolchainError(f"{what} failed (exit {proc.returncode}):\n{tool_output(proc.stdout, proc.stderr)}\n"
+                             f"command: {shlex.join(cmd)}")
     return proc
 
 
@@ -155,14 +181,14 @@ def run_bounded(cmd: list[str], cwd: Path, timeout: float, what: str,
                              "the timeout for a big model: emulation is ~10x slower than the device)") from None
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        tail = "\n".join((stdout + stderr).strip().splitlines()[-20:])
+        tail = tool_output(stdout, stderr)
         if proc.returncode < 0:
             sig = signal.Signals(-proc.returncode).name
             hint = " (the code uses an instruction this CPU lacks: check the target's mattr)" if sig == "SIGILL" else ""
             why = f"was killed by {sig}{hint}"
         else:
             why = f"failed with exit code {proc.returncode} ({(exit_meanings or {}).get(proc.returncode, 'error')})"
-        raise ToolchainError(f"{what} {why}:\n{tail}\ncommand: {' '.join(cmd)}")
+        raise ToolchainError(f"{what} {why}:\n{tail}\ncommand: {shlex.join(cmd)}")
     return stdout, seconds
 
 

@@ -5,8 +5,9 @@ cross-entropy, distillation, plus optional penalties). With ``checkpoint_dir`` s
 ends with an atomic checkpoint (model, optimizer, epoch, history); a rerun with the same folder
 resumes after the last finished epoch — an interrupted run loses at most the epoch in progress,
 and, with the global RNG and a DataLoader's shuffling generator restored, resumes exactly.
-Refuses: empty data, non-positive epochs or learning rate, and a checkpoint written for a
-different model structure (`ConfigError` says to use a fresh folder).
+Refuses (`ConfigError`): a model that is not an `nn.Module`, data that is not an iterable of
+batches, empty data, non-positive epochs or learning rate, and a checkpoint written for a
+different model structure (the error says to use a fresh folder).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from graphopt.capture import check_model
 from graphopt.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,6 +43,12 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", _enum(Optimizer, self.optimizer, "optimizer"))
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int):
+            raise ConfigError(f"epochs={self.epochs!r} must be an int, e.g. epochs=3")
+        for name in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{name}={v!r} must be a number")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
@@ -49,6 +57,15 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.checkpoint_dir is not None:
             object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir))
+
+
+def check_batches(data, what: str = "data") -> None:
+    """`ConfigError` unless ``data`` is an iterable of batches (a bare tensor is refused: iterating
+    it would yield single samples)."""
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        got = "a single tensor" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ConfigError(f"{what} must be an iterable of batches, e.g. a DataLoader or a list of (x, y) tuples; "
+                          f"got {got}")
 
 
 def _enum(cls, value, what: str):
@@ -89,6 +106,13 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
         on_epoch_end: Callable[[int, nn.Module], dict] | None = None) -> TrainResult:
     """Train ``model`` in place. ``loss_fn(model, batch)`` returns the scalar loss of one batch;
     ``on_epoch_end(epoch, model)`` may return metrics that go into the history."""
+    check_model(model)
+    check_batches(data)
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a callable loss_fn(model, batch) -> scalar tensor, got "
+                          f"{type(loss_fn).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a graphopt.TrainConfig, got {type(config).__name__}")
     try:
         n_batches = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -152,13 +176,20 @@ def _progress(data, total, desc, enabled):
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable) -> float:
     """Top-1 accuracy of ``model`` (eval mode) over batches ``(x, y)``."""
+    check_model(model)
+    check_batches(data)
     was_training = model.training
     model.eval()
     correct = seen = 0
-    for x, y in data:
-        correct += (model(x).argmax(1) == y).sum().item()
-        seen += y.numel()
-    model.train(was_training)
+    try:
+        for batch in data:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ConfigError(f"evaluate needs (x, y) batches (inputs, class labels), got {type(batch).__name__}")
+            x, y = batch
+            correct += (model(x).argmax(1) == y).sum().item()
+            seen += y.numel()
+    finally:
+        model.train(was_training)
     if seen == 0:
         raise ConfigError("evaluation data is empty")
     return correct / seen

@@ -8,14 +8,17 @@ distinct fused kernel → tuning with a model budget (``trials``) and a per-kern
 (``trials_per_task``, default ``ceil(trials / kernels)``) → records appended durably to the
 folder (see `graphopt.targets.tuning_db`). Records already in the folder count toward both
 budgets, so re-running after Ctrl-C or kill -9 resumes; kernels shared with another model are
-not tuned again. ``compile(database=...)`` applies the records and the default schedules
+not tuned again; a finished budget is not run again (trials the search had no new candidate for
+count as spent). ``compile(database=...)`` applies the records and the default schedules
 cover every kernel the database lacks.
 
 Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
 TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.rpc.EmulatedDevice` tells the
 tracker it is emulated, and its times are labelled as not real speeds), ``"emulated-icount"`` (a
 PROXY: guest instructions under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses (`TuningError`): untunable
-targets, a runner that cannot run the target's code, non-positive budgets.
+targets, a runner that cannot run the target's code, non-positive budgets; a model that is not an
+`nn.Module` (`ConfigError`) and a database folder that cannot be written (`TuningDatabaseError`),
+both before any slow step.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ class RPCRunner:
     max_workers: int = 1
 
     def __post_init__(self) -> None:
-        host, _, port = self.tracker.rpartition(":")
+        host, _, port = self.tracker.rpartition(":") if isinstance(self.tracker, str) else ("", "", "")
         if not host or not port.isdigit():
             raise ConfigError(f"RPCRunner tracker must look like 'host:9190', got {self.tracker!r}")
         if not self.key:
@@ -84,6 +87,11 @@ class TuningSummary:
     def new_trials(self) -> int:
         return sum(t.new_trials for t in self.tasks)
 
+    @property
+    def already_spent(self) -> bool:
+        """True when earlier sessions in the database had spent the whole budget: nothing ran."""
+        return not any(t.planned for t in self.tasks)
+
     def to_markdown(self) -> str:
         from graphopt.targets.rpc import EMULATED_NOTE
 
@@ -92,9 +100,12 @@ class TuningSummary:
                  *([f"**{EMULATED_NOTE}.**", ""] if self.emulated else []),
                  f"- database: {self.database}", f"- budget: {self.trials_budget} trials, at most "
                  f"{self.trials_per_task} per kernel; {self.new_trials} measured in {self.seconds:.0f} s",
-                 "", f"| kernel | weight | records | new | {what} |", "|---|---|---|---|---|"]
+                 *(["- nothing to do: earlier sessions in this folder already spent the budget (records and "
+                    "finished trials count); raise trials to tune further"] if self.already_spent else []),
+                 "", f"| kernel | weight | records | new | trials spent | {what} |", "|---|---|---|---|---|---|"]
         for t in self.tasks:
-            lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {_unit(t.best_seconds, self.proxy, self.emulated)} |")
+            lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {t.spent} | "
+                         f"{_unit(t.best_seconds, self.proxy, self.emulated)} |")
         if self.damaged_lines:
             lines += ["", "Damaged database lines skipped (moved to *.damaged):"] + [f"- {d}" for d in self.damaged_lines]
         return "\n".join(lines) + "\n"
@@ -114,13 +125,12 @@ def _unit(seconds: float | None, proxy: bool, emulated: bool = False) -> str:
 def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):
     """The ExportedProgram `graphopt.compile` lowers for `model` with default passes."""
     from graphopt.api import _eval_mode
-    from graphopt.capture import CaptureMethod, capture, to_exported_program
+    from graphopt.capture import CaptureMethod, capture, check_model, to_exported_program
     from graphopt.legalize import raise_if_unfit, run_legalization
     from graphopt.passes.base import PassContext, Property
     from graphopt.pipeline import PassManager, default_passes
 
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     with _eval_mode(model, []):
         gm = capture(model, args, CaptureMethod.AUTO).graph_module
     ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
@@ -170,7 +180,7 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
     database: the folder (default ``tuning/<target>/``); created if missing, reused if present.
     Ctrl-C stops the session; every record measured so far is kept and the next call resumes.
     """
-    from graphopt.capture import check_example_inputs
+    from graphopt.capture import check_example_inputs, check_model
     from graphopt.targets.tuning import (
         budget,
         check_tunable,
@@ -178,13 +188,14 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
         fused_module,
         tune_tasks,
     )
-    from graphopt.targets.tuning_db import open_database
+    from graphopt.targets.tuning_db import check_folder, open_database
 
     spec = get_target(target)
     check_tunable(spec)
-    budget(trials, 1, trials_per_task)  # refuse a bad budget before the slow steps
+    budget(trials, 1, trials_per_task)  # refuse a bad budget, model or folder before the slow steps
+    check_model(model)
     args = check_example_inputs(example_inputs)
-    folder = Path(database) if database is not None else Path("tuning") / spec.name
+    folder = check_folder(database if database is not None else Path("tuning") / spec.name)
     steps = Steps(progress)
     start = time.perf_counter()
     ms_runner, label, proxy, emulated = _runner(runner, spec)

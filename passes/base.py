@@ -22,6 +22,7 @@ class Property:
     """Names of graph properties that passes require and establish."""
 
     ATEN = "aten"  # captured ATen-level graph with get_attr parameters (graphopt.capture)
+    FUNCTIONAL = "functional"  # in-place ops in their functional form where nothing else observes the mutation
     INFERENCE = "inference"  # captured in eval mode: dropout inert, BN uses running statistics
     NO_IDENTITY = "no-identity"  # eval no-ops removed
     BN_FOLDED = "bn-folded"  # every foldable BatchNorm folded into its producer

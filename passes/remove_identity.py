@@ -3,7 +3,14 @@ arithmetic. Each rule is data: an op, a predicate on its arguments, and the alge
 
 Refuses: anything that changes dtype, shape, or value (e.g. dropout with ``train=True``), and
 nodes whose output is a graph output (the output node would then alias an input, so the node
-is kept only when its input is also an input placeholder).
+is kept only when its input is also an input placeholder). Declined, with the reason: a node
+whose storage (or its input's) an in-place op that `Functionalize` kept still writes — removing a
+copy there would let the write reach the original.
+
+Removing a copy changes strides, not values: ``x.transpose(1, 2).contiguous().view(...)`` (a
+channel shuffle) would then view a non-contiguous tensor, which PyTorch refuses. So every
+``view`` downstream of a removed node whose strides differ from its input's becomes ``reshape``
+(equal values; a view where strides allow it).
 """
 from __future__ import annotations
 
@@ -11,8 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from graphopt.passes._graph import arg
-from graphopt.passes.base import GraphPass, PassContext, PassResult, Property
+from graphopt.passes._graph import alias_roots, arg
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
 
 aten = torch.ops.aten
@@ -93,7 +100,11 @@ class RemoveIdentity(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = {}
+        declined: list[Decline] = []
+        restrided: list[fx.Node] = []  # users of removed nodes that changed strides
         output = next(n for n in gm.graph.nodes if n.op == "output")
+        roots = alias_roots(gm.graph)
+        written = {roots[n.args[0]] for n in gm.graph.nodes if _writes(n) and isinstance(n.args[0], fx.Node)}
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
@@ -107,10 +118,46 @@ class RemoveIdentity(GraphPass):
             src = node.args[0]
             if output in node.users and src.op == "placeholder":
                 continue  # output would alias an input; keep the copy
+            if roots[node] in written or roots[src] in written:
+                declined.append(Decline.at(self.name, node, f"{rule.algebra}, but an in-place op writes this storage "
+                                           "afterwards; removing the node would let it write the original"))
+                continue
+            if not _same_strides(node):
+                restrided += node.users
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
             removed[rule.algebra] = removed.get(rule.algebra, 0) + 1
+        reshaped = _views_to_reshapes(restrided)
         if removed:
             gm.graph.lint()
             gm.recompile()
-        return PassResult(gm, bool(removed), {"removed": sum(removed.values()), "by_rule": removed})
+        stats = {"removed": sum(removed.values()), "by_rule": removed}
+        if reshaped:
+            stats["views_made_reshapes"] = reshaped
+        return PassResult(gm, bool(removed), stats, tuple(declined))
+
+
+def _writes(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return bool(schema is not None and node.args and schema.arguments
+                and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write)
+
+
+def _same_strides(node: fx.Node) -> bool:
+    src, out = _val(node.args[0]), _val(node)
+    return src is not None and out is not None and src.shape == out.shape and src.stride() == out.stride()
+
+
+def _views_to_reshapes(starts: list[fx.Node]) -> int:
+    """Every ``view`` reachable from ``starts`` becomes ``reshape``: its input's strides may have changed."""
+    seen, todo, count = set(), list(starts), 0
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is aten.view.default:
+            n.target = aten.reshape.default
+            count += 1
+        todo.extend(n.users)
+    return count

@@ -42,6 +42,13 @@ if [ ! -f "$stamp" ]; then
 else
   echo "[setup] pip: deps up to date"
 fi
+# The real-code zoo's pytorchcv models (tests/test_real_code.py). pytorchcv declares torchvision,
+# which would replace the pinned torch; the zoo imports only its torchvision-free model modules.
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('pytorchcv') != '0.0.74')" \
+    2>/dev/null; then
+  echo "[setup] pip: pytorchcv 0.0.74 without dependencies"
+  "$VENV/bin/python" -m pip install -q --no-deps "pytorchcv==0.0.74"
+fi
 
 echo "[setup] aarch64 TVM runtime and QEMU instruction-count plugin"
 "$VENV/bin/graphopt" setup-runtime

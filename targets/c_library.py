@@ -105,14 +105,15 @@ def compile_program(spec: TargetSpec, lib_dir: Path, prefix: str, sources: list[
                             "-fdata-sections", f"-I{lib_dir}", *(f"-D{d}" for d in defines), "-c", str(src),
                             "-o", str(obj)], f"compiling {Path(src).name} for {spec.name} with {spec.cross_compiler}")
         objects.append(str(obj))
+    # paths reach the linker through -Xlinker / -T, which never split at commas (-Wl, does)
     cmd = [cc, *spec.cflags, *objects, str(lib_dir / "kernels.o"), "-Wl,--gc-sections", "-o", str(out)]
     if map_file is not None:
-        cmd.append(f"-Wl,-Map,{map_file}")
+        cmd += toolchain.linker_args(f"-Map={map_file}")
     if _bare_metal(spec):
         ld = out.with_suffix(".ld")
         ld.write_text(linker_script(spec, 1 << 28, 1 << 28) if footprint else linker_script(spec))
         cmd[1:1] = ["--specs=nosys.specs", "-nostartfiles", "-Wl,-e,main"] if footprint else ["--specs=rdimon.specs"]
-        cmd += [f"-T{ld}", "-lm"]
+        cmd += ["-T", str(ld), "-lm"]
     elif footprint:
         cmd[1:1] = ["-nostdlib", "-nostartfiles", "-Wl,-e,main", "-Wl,--unresolved-symbols=ignore-all"]
     else:
@@ -189,9 +190,10 @@ def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str]
     """Run `program` under the spec's QEMU in `workdir`; returns its stdout. The whole process group is
     killed after `timeout` seconds. With `count_file`, graphopt's plugin writes the instruction count there."""
     qemu = toolchain.require_tool(spec.qemu_binary)
-    plugin = ["-plugin", f"{toolchain.ensure_qemu_plugin()},out={count_file}"] if count_file else []
+    q = toolchain.qemu_option
+    plugin = ["-plugin", f"{q(toolchain.ensure_qemu_plugin())},out={q(count_file)}"] if count_file else []
     if _bare_metal(spec):
-        semi = ",".join(["enable=on", "target=native", f"arg={program.name}", *(f"arg={a}" for a in args)])
+        semi = ",".join(["enable=on", "target=native", f"arg={q(program.name)}", *(f"arg={q(a)}" for a in args)])
         cmd = [qemu, "-M", spec.qemu_machine, "-cpu", spec.qemu_cpu, "-nographic", "-monitor", "none",
                "-serial", "none", "-semihosting-config", semi, *plugin, "-kernel", str(program)]
     else:

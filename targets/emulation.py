@@ -34,6 +34,7 @@ import numpy as np
 from graphopt.targets.spec import Runtime, TargetSpec
 
 from graphopt import toolchain
+from graphopt.artifact import write_manifest
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
 
 _log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def package_arm_artifact(model_so: str | os.PathLike, spec: TargetSpec, inputs_s
                       "libs": [f"lib/{lib}" for lib in DEPLOYED_LIBS]},
             "run": "./runner model.so --manifest manifest.json " + " ".join(f"{e['name']}.bin" for e in ins),
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        write_manifest(out, manifest)
     except OSError as e:
         raise ArtifactError(f"could not write the artifact in {out}: {e}") from e
     return out
@@ -266,7 +267,8 @@ def _execute(cmd: list[str], cwd: Path, timeout: float, what: str) -> tuple[str,
 def _parse_outputs(stdout: str) -> tuple[list[np.ndarray], float | None]:
     outputs, per_ms = [], None
     for line in stdout.splitlines():
-        fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+        line, _, file = line.partition(" file=")  # the last field: a path, which may hold spaces
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv) | ({"file": file} if file else {})
         if line.startswith("output "):
             try:
                 dtype = np.dtype(fields["dtype"])
@@ -343,7 +345,7 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
                 _log.warning(unavailable)
 
         def plugin_args(name: str) -> list[str]:
-            return ["-plugin", f"{plugin},out={tmp / name}"] if plugin else []
+            return ["-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(tmp / name)}"] if plugin else []
 
         warmup = ["--warmup", "1"] if plugin else []
         stdout, seconds = _execute([*base, *plugin_args("count_run"), *tail, *warmup, "--repeat", str(repeat)],

@@ -64,7 +64,7 @@ def count_kernel(so: str | os.PathLike, func: str, tensors: list[tuple[str, list
     with tempfile.TemporaryDirectory(prefix="graphopt-icount-") as tmp:
         for name, repeat in (("base", 0), ("run", _REPEAT)):
             cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, "-E", f"LD_LIBRARY_PATH={env_lib}",
-                   "-plugin", f"{plugin},out={Path(tmp) / name}", str(runner), str(so), func, str(repeat), *specs]
+                   "-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(Path(tmp) / name)}", str(runner), str(so), func, str(repeat), *specs]
             _execute(cmd, Path(tmp), timeout, f"instruction count (proxy) of {func}")
             counts.append(_read_count(Path(tmp) / name))
     return max(0, round((counts[1] - counts[0]) / _REPEAT))

@@ -1,11 +1,13 @@
 """Target registry: `register_target`, `get_target`, `list_targets`.
 
 Names and aliases share one namespace; registering a clashing name is refused. Unknown names
-raise `UnknownTargetError` listing every known target. Built-in targets register on import of
+raise `UnknownTargetError` suggesting the closest names and listing every known target; a target
+that is neither a name nor a `TargetSpec` raises `ConfigError`. Built-in targets register on import of
 `graphopt.targets`; embedded or user targets register the same way, with no change here.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable
 
 from graphopt.targets.spec import TargetSpec
@@ -24,6 +26,9 @@ def register_target(spec: TargetSpec | Callable[[], TargetSpec], *, name: str | 
     """
     if isinstance(spec, TargetSpec):
         name, aliases = spec.name, tuple(spec.aliases) + tuple(aliases)
+    elif not callable(spec):
+        raise ConfigError(f"register_target takes a graphopt.TargetSpec or a zero-argument factory returning one, "
+                          f"got {type(spec).__name__}")
     elif name is None:
         raise ConfigError("register_target(factory) needs name=")
     for key in (name, *aliases):
@@ -41,10 +46,17 @@ def get_target(name: str | TargetSpec) -> TargetSpec:
     """Resolve a name or alias (a `TargetSpec` passes through unchanged)."""
     if isinstance(name, TargetSpec):
         return name
+    if not isinstance(name, str):
+        raise ConfigError(f"target must be a target name (str) such as 'arm' or a graphopt.TargetSpec, got "
+                          f"{type(name).__name__}; `graphopt targets` lists the names")
     key = _ALIASES.get(name, name)
     if key not in _SPECS:
         known = ", ".join(sorted(list(_SPECS) + [f"{a} (= {t})" for a, t in _ALIASES.items()]))
-        raise UnknownTargetError(f"unknown target {name!r}. Known targets: {known}. "
+        names = [*_SPECS, *_ALIASES]
+        close = [n for n in names if n == name.strip().lower().replace("_", "-").replace(" ", "-")]
+        close = close or difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+        hint = f"Did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise UnknownTargetError(f"unknown target {name!r}. {hint}Known targets: {known}. "
                                  "Run `graphopt targets` for details, or register your own with "
                                  "graphopt.targets.register_target(TargetSpec(...)).")
     spec = _SPECS[key]

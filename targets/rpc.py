@@ -73,7 +73,7 @@ def build_rpc_device(spec: TargetSpec) -> Path:
         tmp = out.with_name(f".rpc_device.{os.getpid()}")
         toolchain.run_tool([cxx, "-std=c++17", "-O2", "-Wall", f"-I{rt / 'include'}", str(src), "-o", str(tmp),
                             f"-L{rt / 'lib'}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_runtime_extra",
-                            "-ltvm_ffi", f"-Wl,-rpath,{rt / 'lib'}"],
+                            "-ltvm_ffi", *toolchain.linker_args("-rpath", rt / "lib")],
                            f"compiling the RPC device server with {spec.cross_compiler}")
         os.replace(tmp, out)
     return out

@@ -3,8 +3,9 @@
 - `fused_module(ep, spec)`: the lowering `PHASES` up to ``fuse`` — exactly the module `lower`
   schedules, so tuning records match compile's kernels by structural hash.
 - `extract(mod, spec)`: MetaSchedule tasks (one per distinct fused PrimFunc).
-- `tune_tasks(...)`: tunes each task to its budget, counting records already in the database
-  (so an interrupted or killed session resumes where it stopped), with progress lines.
+- `tune_tasks(...)`: tunes each task to its budget, counting trials already spent in the database
+  (so an interrupted or killed session resumes where it stopped, and a finished one is not run
+  again), with progress lines.
 - `applying(database)` / `apply_database(mod, spec)`: the ``schedule`` phase's database step —
   `MetaScheduleApplyDatabase` on a COPY of the fused module; the default rules schedule the rest.
 
@@ -157,6 +158,8 @@ class TaskResult:
     trials: int  # records in the database for this kernel after the session
     new_trials: int  # measured in this session
     best_seconds: float | None  # best measured run time (icount runner: instructions * 1e-9)
+    planned: int = 0  # trials this session set out to run (0: the budget was already spent)
+    spent: int = 0  # trials counted against the budget after the session (records, or more: see tuning_db)
 
 
 @dataclass
@@ -199,15 +202,17 @@ def _progress_callback(say: Callable[[str], None], state: dict, unit: Callable[[
 
 def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
                say: Callable[[str], None], unit: Callable[[float], str], seed: int = 0) -> list[TaskResult]:
-    """Tune each task up to ``bud.per_task`` records (existing records count) within ``bud.total``
-    trials for the model (existing records of these tasks count too)."""
+    """Tune each task up to ``bud.per_task`` trials within ``bud.total`` trials for the model. Trials
+    already spent on these tasks count (`TuningDatabase.trials_spent`: records, and the trials of
+    finished sessions the search had no new candidate for), so a finished budget runs nothing."""
     from tvm.s_tir import meta_schedule as ms
 
     prepare_tvm()
     target = spec.tvm()
     have = [database.records_for(t.dispatched[0]) for t in tasks]
-    want = [max(0, min(bud.per_task, bud.total) - h) for h in have]
-    left_total = max(0, bud.total - sum(min(h, bud.per_task) for h in have))
+    spent = [database.trials_spent(t.dispatched[0]) for t in tasks]
+    want = [max(0, min(bud.per_task, bud.total) - s) for s in spent]
+    left_total = max(0, bud.total - sum(min(s, bud.per_task) for s in spent))
     # spend what is left of the model budget on the heaviest tasks first
     order = sorted(range(len(tasks)), key=lambda i: -int(tasks[i].weight))
     plan = {}
@@ -215,11 +220,12 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
         plan[i] = min(want[i], left_total)
         left_total -= plan[i]
     total = sum(plan.values())
-    say(f"{len(tasks)} kernels to tune; {sum(have)} records already in {database.folder}; "
-        f"{total} trials to run now (budget {bud.total}, at most {bud.per_task} per kernel)")
+    say(f"{len(tasks)} kernels to tune; {sum(have)} records already in {database.folder} ({sum(spent)} trials "
+        f"spent); {total} trials to run now (budget {bud.total}, at most {bud.per_task} per kernel)"
+        + ("; the budget is already spent, nothing to do (raise trials to tune further)" if not total else ""))
     state = {"done": 0, "total": total, "start": time.perf_counter(), "n_tasks": len(tasks)}
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, state, unit)]
-    builder = make_builder(spec)
+    builder = make_builder(spec) if total else None  # its worker processes take seconds to start
     results = []
     for n, i in enumerate(order, 1):
         task = tasks[i]
@@ -239,8 +245,10 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
                 tasks=[ctx], task_weights=[1.0], max_trials_global=plan[i], max_trials_per_task=plan[i],
                 num_trials_per_iter=min(plan[i], 32), builder=builder, runner=runner,
                 measure_callbacks=callbacks, database=database, cost_model=ms.CostModel.create("xgb"))
+            database.mark_spent(mod, spent[i] + plan[i])  # finished: an exhausted search still spent its plan
         results.append(TaskResult(task.task_name, int(task.weight), database.records_for(mod),
-                                  database.records_for(mod) - have[i], database.best_seconds(mod)))
+                                  database.records_for(mod) - have[i], database.best_seconds(mod), plan[i],
+                                  database.trials_spent(mod)))
     return results
 
 

@@ -1,9 +1,15 @@
 """graphopt's crash-safe MetaSchedule tuning database: one folder per target.
 
-Layout (the same two JSON-lines files as TVM's `JSONDatabase`, which can read the folder too):
+Layout (the same two JSON-lines files as TVM's `JSONDatabase`, which can read the folder too, and
+graphopt's budget file, which it ignores):
 
     database_workload.json        one line per workload:  [structural hash, base64 IRModule]
     database_tuning_record.json   one line per record:    [workload line index, record]
+    graphopt_trials_spent.json    one line per finished task: [workload line index, trials spent]
+
+A finished task's trials spent include candidates the search could not produce (a kernel with a
+small design space yields fewer records than trials): `trials_spent` counts them, so running the
+same budget again measures nothing.
 
 Why not `JSONDatabase` itself: it appends through a buffered stream (a kill can leave half a line)
 and refuses the whole file when one line is damaged. `TuningDatabase` is a `PyDatabase` over an
@@ -13,14 +19,17 @@ on open it parses every line: damaged lines (e.g. a trailing line cut by a power
 disk) are reported in ``damaged`` and skipped, never fatal. A writable open also moves such lines
 to ``<file>.damaged`` (rewriting the file atomically), so new lines never join a broken one.
 
-Refuses (`TuningDatabaseError`): a path that is a file, a folder that another tuning session has
-open for writing (an exclusive ``flock`` on ``.lock``), a read-only open of a missing folder.
+Refuses (`TuningDatabaseError`): a path that is a file or lies under one, a folder that cannot be
+created or written (`check_folder` probes it before any tuning work), a folder that another tuning
+session has open for writing (an exclusive ``flock`` on ``.lock``), a read-only open of a missing
+folder.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +37,7 @@ from graphopt.errors import ConfigError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+SPENT = "graphopt_trials_spent.json"
 _LOCK = ".lock"
 
 
@@ -45,6 +55,35 @@ class Damage:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
+
+
+def check_folder(folder, *, writable: bool = True) -> Path:
+    """`TuningDatabaseError` unless `folder` can be opened as asked; writes nothing that stays.
+
+    A writable folder is probed by creating and removing a temporary folder in it (or in its
+    nearest existing parent): permission bits say nothing for root, /proc or read-only mounts.
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TuningDatabaseError(f"database must be a folder path (str or Path), got {type(folder).__name__}")
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise TuningDatabaseError(f"tuning database {folder} is a file; give a folder, e.g. tuning/host/")
+    if not writable:
+        if not folder.is_dir():
+            raise TuningDatabaseError(f"tuning database {folder} does not exist; run graphopt.tune first")
+        return folder
+    parent = folder.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TuningDatabaseError(f"tuning database {folder} lies under {parent}, which is a file; "
+                                  "give a folder path, e.g. tuning/host/")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".graphopt-probe-", dir=parent))
+    except OSError as exc:
+        raise TuningDatabaseError(f"tuning database {folder} cannot be written ({exc.strerror} in {parent}); "
+                                  "pass database= a folder you can write, e.g. tuning/host/") from None
+    return folder
 
 
 def _append(path: Path, obj) -> None:
@@ -108,65 +147,82 @@ def _make_class():
         def __init__(self, folder, writable: bool = True):
             import tvm_ffi
 
-            self.folder = Path(folder)
+            self.folder = check_folder(folder, writable=writable)
             self.writable = writable
             self.damaged: list[Damage] = []
             self._mem = ms.database.MemoryDatabase(module_equality="structural")
             self._workloads: list = []  # line index -> Workload (in self._mem)
             self._by_hash: dict[int, list[int]] = {}
             self._record_counts: dict[int, int] = {}
+            self._spent: dict[int, int] = {}  # workload index -> trials a finished session spent on it
             self._lock_fd = None
-            if self.folder.exists() and not self.folder.is_dir():
-                raise TuningDatabaseError(f"tuning database {self.folder} is a file; give a folder, e.g. tuning/host/")
             if writable:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                self._lock_fd = os.open(self.folder / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    self._lock_fd = os.open(self.folder / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+                except OSError as exc:
+                    raise TuningDatabaseError(f"tuning database {self.folder} cannot be written ({exc}); pass "
+                                              "database= a folder you can write, e.g. tuning/host/") from None
                 try:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     os.close(self._lock_fd)
                     raise TuningDatabaseError(f"another tuning session is writing {self.folder}; wait for it "
                                               "or tune into another folder") from None
-            elif not self.folder.is_dir():
-                raise TuningDatabaseError(f"tuning database {self.folder} does not exist; run graphopt.tune first")
             self._ffi = tvm_ffi
             self._load()
 
         # ---------------------------------------------------------------- loading
         def _load(self) -> None:
-            wl_path, rec_path = self.folder / WORKLOADS, self.folder / RECORDS
+            wl_path = self.folder / WORKLOADS
             wl_damage: list[Damage] = []
             workloads = _read_lines(wl_path, ms.database.Workload.from_json, wl_damage)
             index_of_line = {}
             for line_no, wl, _ in workloads:
                 index_of_line[line_no - 1] = self._add_workload(wl.mod)
 
-            rec_damage: list[Damage] = []
+            def indexed(parse_value):
+                def parse(obj):
+                    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
+                        raise ValueError("not a [workload index, value] pair")
+                    if obj[0] not in index_of_line:
+                        raise ValueError(f"refers to workload line {obj[0] + 1}, which is missing or damaged")
+                    idx = index_of_line[obj[0]]
+                    return idx, parse_value(obj[1], idx)
+                return parse
 
-            def parse_record(obj):
-                if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
-                    raise ValueError("not a [workload index, record] pair")
-                if obj[0] not in index_of_line:
-                    raise ValueError(f"refers to workload line {obj[0] + 1}, which is missing or damaged")
-                idx = index_of_line[obj[0]]
-                return idx, ms.database.TuningRecord.from_json(obj[1], self._workloads[idx])
+            def record(value, idx):
+                return ms.database.TuningRecord.from_json(value, self._workloads[idx])
 
-            records = _read_lines(rec_path, parse_record, rec_damage)
-            for _, (idx, rec), _ in records:
+            def trials(value, _idx):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"trials spent {value!r} is not a count")
+                return value
+
+            self.damaged = list(wl_damage)
+            files = {}  # file name -> (path, parsed lines, damage)
+            for name, parse_value in ((RECORDS, record), (SPENT, trials)):
+                damage: list[Damage] = []
+                files[name] = (self.folder / name, _read_lines(self.folder / name, indexed(parse_value), damage), damage)
+                self.damaged += damage
+            for _, (idx, rec), _ in files[RECORDS][1]:
                 self._mem.commit_tuning_record(rec)
                 self._record_counts[idx] = self._record_counts.get(idx, 0) + 1
-            self.damaged = wl_damage + rec_damage
+            for _, (idx, n), _ in files[SPENT][1]:
+                self._spent[idx] = max(self._spent.get(idx, 0), n)
             if self.writable and self.damaged:
                 # rewrite so that appended lines start clean; workload indices are renumbered densely
                 if wl_damage:
                     _quarantine(wl_path, [t for _, _, t in workloads], {d.line for d in wl_damage})
                     renumber = {old: new for new, old in enumerate(sorted(index_of_line))}
-                    kept = [json.dumps([renumber[json.loads(t)[0]], json.loads(t)[1]], separators=(",", ":"))
-                            for _, _, t in records]
-                else:
-                    kept = [t for _, _, t in records]
-                if rec_damage or wl_damage:
-                    _quarantine(rec_path, kept, {d.line for d in rec_damage})
+                for path, lines, damage in files.values():
+                    if wl_damage:
+                        kept = [json.dumps([renumber[json.loads(t)[0]], json.loads(t)[1]], separators=(",", ":"))
+                                for _, _, t in lines]
+                    else:
+                        kept = [t for _, _, t in lines]
+                    if (damage or wl_damage) and path.exists():
+                        _quarantine(path, kept, {d.line for d in damage})
             self._next_line = len(workloads)
 
         def _add_workload(self, mod) -> int:
@@ -191,6 +247,22 @@ def _make_class():
             """Records committed for the workload `mod` (trials already spent on it)."""
             idx = self._index(mod)
             return 0 if idx is None else self._record_counts.get(idx, 0)
+
+        def trials_spent(self, mod) -> int:
+            """Trials counted against a budget for `mod`: its records, or more when a finished session
+            spent trials the search could not turn into new records (`mark_spent`)."""
+            idx = self._index(mod)
+            return 0 if idx is None else max(self._record_counts.get(idx, 0), self._spent.get(idx, 0))
+
+        def mark_spent(self, mod, trials: int) -> None:
+            """Record durably that a session finished tuning `mod` to `trials` trials."""
+            idx = self._index(mod)
+            if idx is None:
+                self.commit_workload(mod)
+                idx = self._index(mod)
+            if self.writable:
+                _append(self.folder / SPENT, [idx, int(trials)])
+            self._spent[idx] = max(self._spent.get(idx, 0), int(trials))
 
         def best_seconds(self, mod) -> float | None:
             idx = self._index(mod)

@@ -77,8 +77,9 @@ def test_report_contents_and_stable_json(tmp_path):
     assert d["params"]["before"] > d["params"]["after"] > 0  # BN parameters folded away
     conv_fc_macs = 16 * 28 * 28 * 9 + 32 * 14 * 14 * 16 * 9 + 32 * 7 * 7 * 64 + 64 * 10
     assert d["macs"]["after"] == conv_fc_macs
-    assert [p["name"] for p in d["passes"]] == ["remove-identity", "fold-batchnorm", "fold-qdq", "dead-code"]
-    assert d["passes"][1]["stats"]["folded"] == 2
+    assert [p["name"] for p in d["passes"]] == ["inline-regions", "functionalize", "remove-identity",
+                                                "fold-batchnorm", "fold-qdq", "dead-code"]
+    assert d["passes"][3]["stats"]["folded"] == 2
     assert d["verification"]["max_rel_error"] <= RTOL
     assert d["artifact"]["bytes"] > 0 and "model.so" in d["artifact"]["files"]
     assert set(d["timings_s"]) >= {"capture", "passes", "export", "lower and build"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from graphopt.targets.tuning_db import RECORDS, WORKLOADS, open_database
+from graphopt.targets.tuning_db import RECORDS, SPENT, WORKLOADS, open_database
 
 import graphopt
 
@@ -95,6 +95,41 @@ def test_damaged_trailing_line_is_reported_and_skipped(killed_and_resumed, tmp_p
     model, args = _model()
     cm = graphopt.compile(model, args, "host", database=db, progress=False)
     assert any("skipped" in w for w in cm.report.warnings)
+
+
+def test_damaged_workload_line_renumbers_records_and_trials_spent(killed_and_resumed, tmp_path):
+    src, _, _ = killed_and_resumed
+    db = tmp_path / "db"
+    db.mkdir()
+    shift = lambda line: json.dumps([json.loads(line)[0] + 1, json.loads(line)[1]], separators=(",", ":"))  # noqa: E731
+    (db / WORKLOADS).write_text("damaged workload\n" + (src / WORKLOADS).read_text())
+    (db / RECORDS).write_text("".join(shift(line) + "\n" for line in _lines(src / RECORDS)))
+    (db / SPENT).write_text("[1,9]\n")
+    rw = open_database(db, writable=True)
+    rw.close()
+    assert [d.file for d in rw.damaged] == [WORKLOADS]
+    for name in (WORKLOADS, RECORDS):  # back to the original numbering, nothing else lost
+        assert _lines(db / name) == _lines(src / name)
+    assert _lines(db / SPENT) == ["[0,9]"]
+
+
+class _Transpose(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def test_finished_budget_is_a_no_op_even_when_the_search_ran_out_of_candidates(tmp_path):
+    """A transpose has a design space of a few schedules: 6 trials give fewer than 6 records. Rerunning
+    the same command used to try again and add records each time; now the budget counts as spent."""
+    db, args = tmp_path / "db", (torch.randn(2, 5, 7),)
+    first = graphopt.tune(_Transpose(), args, "host", trials=6, database=db, progress=False)
+    (task,) = first.tasks
+    assert task.planned == 6 and task.spent == 6 and 0 < task.trials < 6  # the search ran out of candidates
+    files = {p.name: p.read_bytes() for p in db.iterdir() if p.is_file()}
+    again = graphopt.tune(_Transpose(), args, "host", trials=6, database=db, progress=False)
+    assert again.already_spent and again.new_trials == 0 and again.tasks[0].trials == task.trials
+    assert "nothing to do" in again.to_markdown()
+    assert {p.name: p.read_bytes() for p in db.iterdir() if p.is_file()} == files  # no record, no line added
 
 
 def test_second_session_on_same_folder_is_refused(tmp_path):
