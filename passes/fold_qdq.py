@@ -410,15 +410,24 @@ def _split_item(r: _Rewriter, gm, core, out, lo, hi):
     parts = split.meta.get("val")
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
     dim %= parts[0].dim()
-    sizes = [p.shape[dim] for p in parts]
-    if not all(isinstance(n, int) for n in sizes):
-        raise Unfoldable("split sizes along a dynamic dimension")
+    if dim == 0:
+        raise Unfoldable("split along the batch dimension")
+    sizes = _ints(p.shape[dim] for p in parts)
     start = sum(sizes[:index])
     return r.rescale(r.call(aten.slice.Tensor, x, dim, start, start + sizes[index]), xq, out, lo, hi)
 
 
+def _ints(sizes) -> list[int]:
+    """Concrete sizes (a graph captured with a symbolic batch may carry expressions in the batch's
+    symbol for other dims, e.g. after reshape(1, -1, c); op arguments must be plain ints)."""
+    return [int(d) for d in sizes]
+
+
 def _sum_pool(r, gm, x, xq, kernel, stride, padding, out, lo, hi, divisor=None):
-    acc = r.call(g.qsum_pool2d.default, x, xq.z, list(kernel), list(stride), list(padding))
+    kernel, stride, padding = _ints(kernel), _ints(stride), _ints(padding)
+    if kernel == stride == [1, 1] and padding == [0, 0] and divisor in (None, 1):
+        return r.rescale(x, xq, out, lo, hi)  # 1×1 windows (pooling what is pooled already): a rescale
+    acc = r.call(g.qsum_pool2d.default, x, xq.z, kernel, stride, padding)
     divisor = divisor or kernel[0] * kernel[1]
     return r.requantize(acc, 0, [xq.s / (out.s * divisor)], 0, out, lo, hi,
                         255 * kernel[0] * kernel[1])  # M = sx/(so·k)
@@ -433,9 +442,9 @@ def _avg_pool(r: _Rewriter, gm, core, out, lo, hi):
     ceil_mode = a[4] or core.kwargs.get("ceil_mode", False)
     count_include_pad = a[5] if a[5] is not None else core.kwargs.get("count_include_pad", True)
     divisor = a[6] if a[6] is not None else core.kwargs.get("divisor_override")
-    h, w = a[0].meta["val"].shape[-2:]
+    h, w = _ints(a[0].meta["val"].shape[-2:])
     floor = [(n + 2 * p - k) // st + 1 for n, p, k, st in zip((h, w), padding, kernel, stride)]
-    if ceil_mode and list(core.meta["val"].shape[-2:]) != floor:
+    if ceil_mode and _ints(core.meta["val"].shape[-2:]) != floor:
         raise Unfoldable("avg_pool2d with ceil_mode: the last windows are partial (another divisor)")
     if any(padding) and count_include_pad is False and divisor is None:
         raise Unfoldable("avg_pool2d with count_include_pad=False: windows at the border divide by fewer values")
@@ -444,8 +453,8 @@ def _avg_pool(r: _Rewriter, gm, core, out, lo, hi):
 
 def _adaptive_avg_pool(r: _Rewriter, gm, core, out, lo, hi):
     x, xq = _dq_input(gm, core.args[0])
-    h, w = core.args[0].meta["val"].shape[-2:]
-    oh, ow = (o if o is not None else n for o, n in zip(core.args[1], (h, w)))
+    h, w = _ints(core.args[0].meta["val"].shape[-2:])
+    oh, ow = (int(o) if o is not None else n for o, n in zip(core.args[1], (h, w)))
     if h % oh or w % ow:
         raise Unfoldable(f"adaptive pooling {h}x{w} → {oh}x{ow} has uneven windows")
     return _sum_pool(r, gm, x, xq, [h // oh, w // ow], [h // oh, w // ow], [0, 0], out, lo, hi)
@@ -457,7 +466,7 @@ def _mean(r: _Rewriter, gm, core, out, lo, hi):
     dims = sorted(d % len(shape) for d in core.args[1])
     if len(shape) != 4 or dims != [2, 3]:
         raise Unfoldable(f"mean over dims {core.args[1]} (only spatial means of NCHW fold)")
-    y = _sum_pool(r, gm, x, xq, list(shape[2:]), list(shape[2:]), [0, 0], out, lo, hi)
+    y = _sum_pool(r, gm, x, xq, _ints(shape[2:]), _ints(shape[2:]), [0, 0], out, lo, hi)
     keepdim = core.args[2] if len(core.args) > 2 else core.kwargs.get("keepdim", False)
     return y if keepdim else r.call(aten.flatten.using_ints, y, 1)
 

@@ -36,6 +36,7 @@ class Block(nn.Module):
         super().__init__()
         self.fn = fn
         self.c1, self.c2, self.bn = nn.Conv2d(cin, mid, 3, padding=1), nn.Conv2d(mid, mid, 1), nn.BatchNorm2d(mid)
+        self.dw = nn.Conv2d(mid, 2 * mid, 1, stride=2, groups=mid)  # 1×1 depthwise, channel multiplier 2
         self.register_buffer("gain", torch.linspace(-1.0, 2.0, mid).reshape(mid, 1, 1))  # layer-scale style
         self.head = nn.LazyConv2d(4, 1)
 
@@ -68,13 +69,16 @@ BLOCKS = {  # name → (forward of the block, op kinds the fold must produce)
     "avg_pool": (lambda m, y: F.avg_pool2d(m.c2(y), 3, 2, 1), {"qsum_pool2d"}),
     "avg_pool_ceil_exact": (lambda m, y: F.avg_pool2d(m.c2(y), 3, 3, ceil_mode=True, count_include_pad=False),
                             {"qsum_pool2d"}),  # 9×9 in 3×3 windows: no partial window, no padding
+    "avg_pool_1x1_stride2": (lambda m, y: F.avg_pool2d(m.c2(y), 1, 2), {"qsum_pool2d"}),
+    "pool_of_pooled": (lambda m, y: F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(y, 1), 1) + m.c2(y), {"qadd"}),
+    "depthwise_1x1_multiplier": (lambda m, y: m.dw(y), {"qconv2d"}),
     "global_pool_mean": (lambda m, y: m.c2(y).mean((2, 3), keepdim=True) + F.adaptive_avg_pool2d(y, 1),
                          {"qsum_pool2d"}),
     "se_sigmoid": (lambda m, y: y * torch.sigmoid(m.c2(F.adaptive_avg_pool2d(y, 1))), {"qmul", "qlut"}),
     "se_hardsigmoid": (lambda m, y: y * F.hardsigmoid(m.c2(F.adaptive_avg_pool2d(y, 1))), {"qmul", "qlut"}),
     "silu_as_mul": (lambda m, y: m.c2(y) * torch.sigmoid(m.c2(y)), {"qmul"}),
-    "luts": (lambda m, y: F.silu(m.c2(y)) + F.hardswish(y) + F.gelu(y) + torch.tanh(y) + torch.sigmoid(y),
-             {"qlut"}),
+    "luts": (lambda m, y: torch.cat([F.silu(m.c2(y)), F.hardswish(y), F.gelu(y), torch.tanh(y), torch.sigmoid(y),
+                                     F.leaky_relu(y, 0.1), F.elu(y)], 1), {"qlut"}),
     "scalar_arithmetic": (lambda m, y: F.relu6(m.c2(y) + 3.0) / 6.0 + (1.0 - 0.5 * y), {"qlut"}),
     "subtract": (lambda m, y: m.c2(y) - y, {"qadd"}),
     "concat_rescale": (lambda m, y: torch.cat([m.c2(y) * 4.0, y], 1), {"requantize"}),
