@@ -40,7 +40,8 @@ from graphopt.capture import capture, check_example_inputs
 from graphopt.errors import QuantizationError
 from graphopt.passes._graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
-from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH, SHARES_PARAMS, SPLITS, fuses_clamp
+from graphopt.passes.fold_batchnorm import bn_parts
+from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH, SHARES_PARAMS, SPLITS, affine_unit, fuses_clamp
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -623,6 +624,8 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
         n.replace_all_uses_with(out)
         graph.erase_node(n)
     graph.eliminate_dead_code()
+    _bias_on_accumulator_grid(gm)
+    _bn_offset_on_accumulator_grid(gm)
     for name in [name for name, m in gm.named_children() if isinstance(m, FakeQuantize)]:
         delattr(gm, name)
     from graphopt.passes._graph import delete_unused_attributes
@@ -634,6 +637,49 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm
+
+
+def _bias_on_accumulator_grid(gm: fx.GraphModule) -> None:
+    """Round each quantized conv/linear's bias to its accumulator unit sx·sw_c, as the integer graph
+    adds it (an int32 in that unit; ONNX's QDQ form quantizes biases the same way). The QDQ module then
+    computes what the deployed model computes: with a float bias, the up to ½·sx·sw_c/so of an output
+    step it differs by moved 0.1–0.5 % of each layer's outputs across a rounding edge, and deep graphs
+    amplify such flips to several output steps. (A bias beyond int32 in that unit moves by a
+    negligible 2^-31 of itself; `FoldQDQ` gives that channel a coarser unit.)"""
+    for n in gm.graph.nodes:
+        if not is_op(n, *_LAYERS):
+            continue
+        x, w = n.args[0], n.args[1]
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not (is_op(x, qd.dequantize_per_tensor.default) and is_op(w, qd.dequantize_per_channel.default)
+                and isinstance(b, fx.Node) and b.op == "get_attr"):
+            continue
+        value = get_attr_value(gm, b.target)
+        unit = float(x.args[1]) * get_attr_value(gm, w.args[1].target).to(torch.float64)
+        grid = (torch.round(value.to(torch.float64) / unit) * unit).to(value.dtype)
+        with gm.graph.inserting_before(n):
+            new = _const(gm, gm.graph, f"{b.target}_grid", grid)
+        n.replace_input_with(b, new)
+
+
+def _bn_offset_on_accumulator_grid(gm: fx.GraphModule) -> None:
+    """The same for a BatchNorm on a quantized input (one no conv absorbed, e.g. after a concat), which
+    `FoldQDQ` folds into the per-channel affine a_c·x + b_c: β moves so that b_c = β_c − μ_c·a_c is a
+    whole number of the affine's accumulator units (`fold_qdq.affine_unit`)."""
+    for n in gm.graph.nodes:
+        parts = bn_parts(n)
+        if parts is None or not is_op(parts[0], qd.dequantize_per_tensor.default):
+            continue
+        x, gamma_n, beta_n, mean_n, var_n, eps, training, _ = parts
+        if training or any(not isinstance(t, fx.Node) or t.op != "get_attr" for t in (gamma_n, beta_n, mean_n, var_n)):
+            continue
+        gamma, beta, mean, var = (get_attr_value(gm, t.target) for t in (gamma_n, beta_n, mean_n, var_n))
+        a = gamma.to(torch.float64) / torch.sqrt(var.to(torch.float64) + eps)
+        unit = affine_unit(float(x.args[1]), a)
+        offset = torch.round((beta.to(torch.float64) - mean.to(torch.float64) * a) / unit) * unit
+        with gm.graph.inserting_before(n):
+            new = _const(gm, gm.graph, f"{beta_n.target}_grid", (offset + mean.to(torch.float64) * a).to(beta.dtype))
+        n.replace_input_with(beta_n, new)
 
 
 def _const(gm: fx.GraphModule, graph: fx.Graph, hint: str, value: torch.Tensor) -> fx.Node:

@@ -310,6 +310,13 @@ def _qmul(r: _Rewriter, gm, core, out, lo, hi):
     return r.requantize(acc, 0, [aq.s * bq.s / out.s], 0, out, lo, hi, 255 * 255)  # M = sa·sb/so
 
 
+def affine_unit(sx: float, a: torch.Tensor) -> torch.Tensor:
+    """The accumulator unit of the per-channel affine a_c·x + b_c on int8 x of scale sx: its weights
+    are ±127, so one unit is sx·|a_c|/127 (sx/127 where a_c = 0); b_c is an int32 in that unit."""
+    mag = a.abs()
+    return sx * torch.where(mag > 0, mag, torch.ones_like(mag)) / 127
+
+
 def _affine(r: _Rewriter, gm, x, xq: QParams, a: torch.Tensor, b: torch.Tensor, out, lo, hi):
     """q(a_c·dq(x) + b_c) on NCHW ``x`` (a, b: float64 per channel) as a depthwise 1×1 qconv2d with
     weights ±127 — exact, the accumulator's unit sx·|a_c|/127 carries the magnitude — an int32 bias
@@ -319,8 +326,7 @@ def _affine(r: _Rewriter, gm, x, xq: QParams, a: torch.Tensor, b: torch.Tensor, 
         raise Unfoldable("a per-channel affine folds on NCHW tensors only")
     if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise Unfoldable("the per-channel scale or offset is not finite")
-    mag = a.abs()
-    unit = xq.s * torch.where(mag > 0, mag, torch.ones_like(mag)) / 127
+    unit = affine_unit(xq.s, a)
     w = (torch.sign(a) * 127).to(torch.int8).reshape(-1, 1, 1, 1)
     bias = torch.round(b / unit)
     if bool((bias.abs() > qops.INT32_MAX).any()):
