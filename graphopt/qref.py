@@ -173,12 +173,21 @@ def _view(x, shape):
     return x.reshape(shape)
 
 
+def _pad(x, pad, mode="constant", value=None):
+    """torch's pad: ``pad`` holds (before, after) pairs from the last dimension backwards."""
+    pairs = [(0, 0)] * (x.ndim - len(pad) // 2) + [tuple(pad[i:i + 2]) for i in range(0, len(pad), 2)][::-1]
+    if mode == "constant":
+        return np.pad(x, pairs, constant_values=value or 0)
+    return np.pad(x, pairs, mode={"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode])
+
+
 OPS = {
     g.qconv2d.default: qconv2d, g.qlinear.default: qlinear, g.qmatmul.default: qmatmul,
     g.qmul.default: qmul, g.qsum_pool2d.default: qsum_pool2d, g.requantize.default: requantize, g.qadd.default: qadd,
     g.qlut.default: qlut, g.qsign.default: qsign, g.unpack_bits.default: unpack_bits,
     qd.quantize_per_tensor.default: _quantize_per_tensor, qd.dequantize_per_tensor.default: _dequantize_per_tensor,
-    aten.max_pool2d.default: _max_pool2d,
+    aten.max_pool2d.default: _max_pool2d, aten.pad.default: _pad,
+    aten.constant_pad_nd.default: lambda x, pad, value=0: _pad(x, pad, "constant", value),
     aten.view.default: _view, aten.reshape.default: _view,
     aten.flatten.using_ints: lambda x, start=0, end=-1: x.reshape(
         *x.shape[:start], -1, *x.shape[end % x.ndim + 1:]),

@@ -41,7 +41,7 @@ from graphopt.errors import QuantizationError
 from graphopt.passes._graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
 from graphopt.passes.fold_batchnorm import bn_parts
-from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH, SHARES_PARAMS, SPLITS, affine_unit, fuses_clamp
+from graphopt.passes.fold_qdq import CLAMPS, PADS, PASS_THROUGH, SHARES_PARAMS, SPLITS, affine_unit, fuses_clamp
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -328,12 +328,12 @@ class _Prepared:
 
 
 def _shares_params_with(n: fx.Node) -> fx.Node | None:
-    """The value whose quantizer ``n`` reuses: the input of views and max pooling (they commute with
-    (s, z): int8 data movement), of a split's items (slices) and of a standalone ReLU (an int8 clamp,
+    """The value whose quantizer ``n`` reuses: the input of views, max pooling and padding (they commute
+    with (s, z): int8 data movement; observed ranges hold 0.0, a zero pad's value), of a split's items (slices) and of a standalone ReLU (an int8 clamp,
     at most 1 bit of range given up, as PyTorch's quantizers do). Bounded clamps (ReLU6, hardtanh)
     get their own range: a lookup table, exact."""
     src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    if is_op(n, *PASS_THROUGH, *SHARES_PARAMS):
+    if is_op(n, *PASS_THROUGH, *PADS, *SHARES_PARAMS):
         return src
     if n.target is operator.getitem and is_op(src, *SPLITS):
         return src.args[0]

@@ -13,6 +13,7 @@ becomes integer arithmetic ending in a fixed-point requantize (s = scale, z = ze
                                       with a constant per-channel c)
     q(cat(dq(x_i)))                = cat(requantize(x_i, M = s_i/so))    (inputs already at (so, zo) pass through)
     q(maxpool / view-like(dq(x)))  = op(x), requantized if (sx, zx) ≠ (so, zo)
+    q(pad(dq(x), v))               = pad(x, q(v)), requantized if needed  (0.0 pads with zo: exact)
     q(getitem(split(dq(x)), i))    = slice(x), requantized if needed     (chunk / split / split_with_sizes)
     q(avgpool(dq(x)))              = requantize(qsum_pool2d(x, zx), M = sx/(so·k))
     q(f(dq(x))), f elementwise     = qlut(x, table), table[i] = q(f(dq(i)))   (exact: same fp32 f as the QDQ form;
@@ -71,6 +72,7 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten
           aten.squeeze.dims, aten.unsqueeze.default, aten.transpose.int, aten.contiguous.default,
           aten.clone.default, aten.slice.Tensor, aten._unsafe_view.default, aten.squeeze.dim, aten.t.default)
 PASS_THROUGH = (*_VIEWS, aten.max_pool2d.default)  # commute with (s, z): they share their input's params
+PADS = (aten.pad.default, aten.constant_pad_nd.default)  # int8 data movement; the pad value quantized once
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)  # items are slices
 BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 SHARES_PARAMS = (aten.relu.default,)  # standalone: the quantizer gives its output its input's params (a clamp)
@@ -407,6 +409,24 @@ def _pass_through(r: _Rewriter, gm, core, out, lo, hi):  # max pooling and views
     return r.rescale(r.call(core.target, x, *core.args[1:]), xq, out, lo, hi)
 
 
+def _pad(r: _Rewriter, gm, core, out, lo, hi):
+    """Padding of an int8 tensor: constant pads fill with the value's own code (the zero point for
+    0.0, so exact), reflect/replicate/circular pads move int8 values; rescaled first if the output's
+    params differ (the quantizer shares them)."""
+    x, xq = _dq_input(gm, core.args[0])
+    pad = _ints(core.args[1])
+    if core.target is aten.pad.default:
+        mode = core.args[2] if len(core.args) > 2 else core.kwargs.get("mode", "constant")
+        value = core.args[3] if len(core.args) > 3 else core.kwargs.get("value")
+    else:
+        mode, value = "constant", core.args[2] if len(core.args) > 2 else core.kwargs.get("value", 0.0)
+    y = r.rescale(x, xq, out, lo, hi)
+    if mode != "constant":
+        return r.call(aten.pad.default, y, pad, mode)
+    code = qd.quantize_per_tensor(torch.tensor([float(value or 0.0)]), out.s, out.z, lo, hi, torch.int8)
+    return r.call(aten.constant_pad_nd.default, y, pad, int(code))
+
+
 def _split_item(r: _Rewriter, gm, core, out, lo, hi):
     """Item i of chunk/split: a slice of the int8 tensor (the quantizer shares the split input's params)."""
     split, index = core.args
@@ -506,7 +526,7 @@ RULES = {
     aten.conv2d.default: _conv, aten.linear.default: _linear,
     aten.matmul.default: _matmul, aten.mm.default: _matmul, aten.bmm.default: _matmul,
     **{op: _arith for op in _SCALAR_ARITHMETIC}, aten.cat.default: _cat,
-    **{v: _pass_through for v in PASS_THROUGH}, operator.getitem: _split_item,
+    **{v: _pass_through for v in PASS_THROUGH}, **{p: _pad for p in PADS}, operator.getitem: _split_item,
     aten.avg_pool2d.default: _avg_pool, aten.adaptive_avg_pool2d.default: _adaptive_avg_pool, aten.mean.dim: _mean,
     **{u: _elementwise for u in _UNARY}, **{b: _batch_norm for b in BATCH_NORMS},
     **{d: _requant for d in DQ_TENSOR},

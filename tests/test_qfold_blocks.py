@@ -88,6 +88,9 @@ BLOCKS = {  # name → (forward of the block, op kinds the fold must produce)
               .reshape(y.shape), set()),
     "chunk": (lambda m, y: torch.cat(list(reversed(m.c2(y).chunk(2, 1))), 1) + y, {"slice"}),
     "dropout": (lambda m, y: F.dropout(m.c2(y), 0.3, training=False), set()),
+    "zero_pad": (lambda m, y: F.pad(F.relu6(m.c2(y)), (0, 1, 1, 0)), {"constant_pad_nd"}),  # TF-style "same"
+    "value_and_reflect_pad": (lambda m, y: F.pad(F.pad(m.c2(y), (1, 1, 1, 1), value=0.3), (1, 1, 0, 0), "reflect"),
+                              {"constant_pad_nd", "pad"}),
 }
 
 
