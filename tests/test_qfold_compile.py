@@ -55,7 +55,8 @@ def _check(names: list[str], target: str) -> None:
     assert not bad, f"compiled != integer graph on {target} (max difference in output steps): {bad}"
 
 
-TARGETS = [pytest.param("host", id="host"), pytest.param("arm", id="arm", marks=[pytest.mark.emulation, pytest.mark.slow])]
+TARGETS = [pytest.param("host", id="host"),
+           pytest.param("arm", id="arm", marks=[pytest.mark.emulation, pytest.mark.slow])]
 
 
 @pytest.mark.parametrize("target", TARGETS)
