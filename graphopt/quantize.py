@@ -328,10 +328,11 @@ class _Prepared:
 
 
 def _shares_params_with(n: fx.Node) -> fx.Node | None:
-    """The value whose quantizer ``n`` reuses: the input of views, max pooling and padding (they commute
-    with (s, z): int8 data movement; observed ranges hold 0.0, a zero pad's value), of a split's items (slices) and of a standalone ReLU (an int8 clamp,
-    at most 1 bit of range given up, as PyTorch's quantizers do). Bounded clamps (ReLU6, hardtanh)
-    get their own range: a lookup table, exact."""
+    """The value whose quantizer ``n`` reuses: the input of views, max pooling and padding (they
+    commute with (s, z): int8 data movement; observed ranges hold 0.0, a zero pad's value), of a
+    split's items (slices) and of a standalone ReLU (an int8 clamp, at most 1 bit of range given
+    up, as PyTorch's quantizers do). Bounded clamps (ReLU6, hardtanh) get their own range: a lookup
+    table, exact."""
     src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
     if is_op(n, *PASS_THROUGH, *PADS, *SHARES_PARAMS):
         return src

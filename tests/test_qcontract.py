@@ -3,8 +3,8 @@
 Per op — each folded op fed the same int8 inputs as its QDQ form (`qdq_oracle.per_op_steps`):
 lookup tables, clamps and data movement are exact; everything ending in a requantize or qadd is
 within 1 output step, and differs only where QDQ's own fp32 arithmetic rounds across an edge. End
-to end on these small graphs: ≥ 98 % of outputs within 1 step (the contract), ≥ 99.9 % equal. Every graph also folds completely and its
-integer graph equals the numpy reference bit for bit.
+to end on these small graphs: ≥ 98 % of outputs within 1 step (the contract), ≥ 99.9 % equal.
+Every graph also folds completely and its integer graph equals the numpy reference bit for bit.
 """
 from __future__ import annotations
 
