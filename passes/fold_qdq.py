@@ -70,7 +70,8 @@ _SCALAR_ARITHMETIC = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.su
                       aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.rsub.Scalar, aten.pow.Tensor_Scalar)
 _VIEWS = (aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default,
           aten.squeeze.dims, aten.unsqueeze.default, aten.transpose.int, aten.contiguous.default,
-          aten.clone.default, aten.slice.Tensor, aten._unsafe_view.default, aten.squeeze.dim, aten.t.default)
+          aten.clone.default, aten.slice.Tensor, aten._unsafe_view.default, aten.squeeze.dim, aten.t.default,
+          aten.select.int)
 PASS_THROUGH = (*_VIEWS, aten.max_pool2d.default)  # commute with (s, z): they share their input's params
 PADS = (aten.pad.default, aten.constant_pad_nd.default)  # int8 data movement; the pad value quantized once
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)  # items are slices

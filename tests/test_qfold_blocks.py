@@ -86,6 +86,7 @@ BLOCKS = {  # name → (forward of the block, op kinds the fold must produce)
     "channel_constant": (lambda m, y: F.relu(m.c2(y)) * m.gain + m.gain, {"qconv2d"}),
     "views": (lambda m, y: m.c2(y).flatten(2).transpose(1, 2).reshape(1, -1, 8).permute(0, 2, 1)
               .reshape(y.shape), set()),
+    "select_row": (lambda m, y: m.c2(y).select(2, 1).unsqueeze(2) + y[:, :, :1], {"qadd"}),  # x[:, 0]-style
     "chunk": (lambda m, y: torch.cat(list(reversed(m.c2(y).chunk(2, 1))), 1) + y, {"slice"}),
     "dropout": (lambda m, y: F.dropout(m.c2(y), 0.3, training=False), set()),
     "zero_pad": (lambda m, y: F.pad(F.relu6(m.c2(y)), (0, 1, 1, 0)), {"constant_pad_nd"}),  # TF-style "same"
