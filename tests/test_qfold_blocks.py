@@ -147,9 +147,10 @@ def test_standalone_relu_is_an_int8_clamp_and_relu6_a_table():
 
 @pytest.mark.parametrize("name", sorted(cnn_models.MODELS))
 def test_torchvision_style_model_has_no_float_op_left(name):
-    """ResNet-18, MobileNetV2/V3, EfficientNet-B0, DenseNet, a ShuffleNetV2 unit, written as their
-    sources are: every op between the input quantize and the output dequantize is integer."""
-    model, x = cnn_models.build(name, inplace=False)
+    """ResNet-18, MobileNetV2/V3, EfficientNet-B0, DenseNet and ShuffleNetV2 written as torchvision
+    writes them (in-place activations and adds): every op between the input quantize and the output
+    dequantize is integer, equal to the numpy reference and within its step bound of QDQ."""
+    model, x = cnn_models.build(name)
     qm = graphopt.quantize(model, (x,), calibration=cnn_models.calibration(n=2))
     pre, folded = fold(qm, (x,))
     ig = folded.graph_module
@@ -172,7 +173,7 @@ def _cost(model, x, scheme=graphopt.QuantScheme(), qat=False):
 def test_integer_graph_reports_true_macs_params_and_bytes():
     """MACs: a folded int8 graph has the float graph's MACs (the ops state their own); low-bit
     weights count as weights, not as packed bytes, and only the bytes shrink."""
-    model, x = cnn_models.build("resnet18", inplace=False)
+    model, x = cnn_models.build("resnet18")
     fp32 = analyze(capture(model, (x,)).graph_module, (x,))
     int8 = _cost(model, x)
     assert int8.macs == fp32.macs and int8.macs_by_precision == {"w8a8": fp32.macs}
@@ -185,7 +186,7 @@ def test_integer_graph_reports_true_macs_params_and_bytes():
 
 
 def test_binary_layers_report_w1a1_macs():
-    model, x = cnn_models.build("resnet18", inplace=False)
+    model, x = cnn_models.build("resnet18")
     bm = graphopt.binarize(model, (x,), binary_activations=True)
     with torch.no_grad():
         next(bm.parameters()).mul_(1.001)
@@ -197,7 +198,7 @@ def test_binary_layers_report_w1a1_macs():
 def test_standalone_batchnorm_costs_its_depthwise_macs():
     """A BatchNorm no conv absorbs becomes a per-channel integer affine: C·H·W multiplies (float BN
     counts none), everything else unchanged."""
-    model, x = cnn_models.build("densenet", inplace=False)
+    model, x = cnn_models.build("densenet")
     fp32 = analyze(capture(model, (x,)).graph_module, (x,))
     int8 = _cost(model, x)
     graph = capture(model, (x,)).graph_module
