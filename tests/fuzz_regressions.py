@@ -198,4 +198,8 @@ REGRESSIONS: tuple[Regression, ...] = (
     Regression(199, 'compile', 'rel. error 0.965: features.1.0 Conv2d(48, 48, 1, groups=48)', LOWER_R1),
     Regression(199, 'prune', 'rel. error 0.781: features.1.0 Conv2d(36, 36, 1, groups=36)', LOWER_R1),
     Regression(199, 'quantize', 'int8 build raised LoweringError', LOWER_R1),
+    # found on int once the batch-1 capture let these shuffles quantize (their QUANT_BATCH failure is gone)
+    Regression(11, 'quantize', 'compiled != integer graph by 1 LSB', LOWER_R1),
+    Regression(84, 'quantize', 'compiled != integer graph by 1 LSB', LOWER_R1),
+    Regression(188, 'quantize', 'compiled != integer graph by 2 LSB', LOWER_R1),
 )
