@@ -136,7 +136,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
             raise_if_unfit(unfit, report.model, spec)
     cost = analyze(gm, args)
     report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
-    report.macs_by_module = cost.macs_by_module
+    report.macs_by_module, report.macs_by_precision = cost.macs_by_module, cost.macs_by_precision
 
     with steps.phase("export"):
         ep = to_exported_program(gm, args).run_decompositions()
