@@ -203,4 +203,6 @@ REGRESSIONS: tuple[Regression, ...] = (
     Regression(38, 'quantize', 'integer graph vs QDQ: 66.7% within 1 LSB, max 2 LSB', INT_CONTRACT),
     Regression(152, 'quantize', 'integer graph vs QDQ: 87.5% within 1 LSB, max 2 LSB', INT_CONTRACT),
     Regression(197, 'quantize', 'integer graph vs QDQ: 60.0% within 1 LSB, max 4 LSB', INT_CONTRACT),
+    # found on branch lower after merging main (the oracle is pure PyTorch: not a lowering change)
+    Regression(20, 'quantize', 'integer graph vs QDQ: 83.3% within 1 LSB, max 2 LSB', INT_CONTRACT),
 )
