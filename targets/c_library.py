@@ -159,10 +159,9 @@ def footprint(spec: TargetSpec, lib: CLibrary, work: Path) -> dict:
         if key:
             for field in size:
                 parts[key][field] += size[field]
-    arenas = lib.arena_bytes + (lib.workspace_bytes and max(lib.workspace_bytes, ALIGN))
     flash = {k: v["flash"] for k, v in parts.items()}
-    ram = {"arena": lib.arena_bytes, "workspace": lib.workspace_bytes,
-           "glue": max(0, parts["glue"]["ram"] - arenas), "libc": parts["libc"]["ram"] + parts["kernels"]["ram"],
+    ram = {"arena": lib.arena_bytes, "glue": max(0, parts["glue"]["ram"] - lib.arena_bytes),
+           "libc": parts["libc"]["ram"] + parts["kernels"]["ram"],
            "stack_estimate": lib.stack_estimate_bytes}
     glue = {"code": parts["glue"]["code"], "call_tables": parts["glue"]["flash"] - parts["glue"]["code"]}
     return {"flash_bytes": sum(flash.values()), "ram_bytes": sum(ram.values()), "flash": flash, "ram": ram, "glue": glue,
