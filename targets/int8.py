@@ -226,6 +226,8 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     """int8 NHWC/HWIO conv2d with a constant weight as a tensorizable packed-weight kernel, or None."""
     attrs = call.attrs
     data, weight = call.args
+    if (window_sum := _legalize_window_sum(bb, call)) is not None:
+        return window_sum
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
             or int(attrs.groups) != 1 or not isinstance(weight, tvm.ir.expr.Constant) \
             or str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8" \
@@ -283,6 +285,34 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         return _finish(acc, f, corr)
 
     return _emit(bb, compute, data, packed, correction, "conv2d_int8")
+
+
+def _legalize_window_sum(bb: relax.BlockBuilder, call: relax.Call):
+    """An int8 NHWC depthwise conv whose constant weights are all ones (graphopt's sum pooling, e.g. a
+    quantized global average pool) as a window sum: no weights in flash, no multiplies; or None."""
+    attrs = call.attrs
+    data, weight = call.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
+            or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    kh, kw, one, c = w.shape
+    if one != 1 or int(attrs.groups) != c or int(data.ty.shape[-1]) != c or not (w == 1).all():
+        return None
+    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+
+    def compute(x):
+        if pt or pl or pb or pr:
+            x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+        n, h, wd, _ = (int(d) for d in x.shape)
+        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+        return te.compute((n, (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1, c),
+                          lambda b, y, xx, ch: te.sum(x[b, y * sh + ry * dh, xx * sw + rx * dw, ch].astype("int32"),
+                                                      axis=[ry, rx]), name="window_sum")
+
+    return bb.call_te(compute, data, primfunc_name_hint="window_sum_int8")
 
 
 def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):
