@@ -133,6 +133,7 @@ def _phase(name: str, fn: Callable, phases: dict, progress: Callable[[str], None
 def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress):
     import tvm
     from graphopt.targets.lowering import PHASES
+    from graphopt.targets.share_kernels import share_kernels
     from tvm import relax
 
     ir = ep
@@ -142,6 +143,7 @@ def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress)
             continue  # the layout phase only converts convolutions (and TVM's ConvertLayout crashes on some
             # conv-free graphs: std::bad_alloc on the tiny transformer)
         ir = _phase(name, lambda: table[name](ir, spec, state), phases, progress, spec)
+    ir, state["shared_kernels"] = _phase("share kernels", lambda: share_kernels(ir), phases, progress, spec)
     plan = tvm.transform.Sequential([relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
                                      relax.transform.CallTIRRewrite(), relax.transform.StaticPlanBlockMemory()])
     return _phase("plan memory", lambda: plan(ir), phases, progress, spec)
