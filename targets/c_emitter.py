@@ -89,6 +89,9 @@ class CLibrary:
     stack_estimate_bytes: int
     libraries: list[str] = field(default_factory=list)  # -l libraries the kernels need (e.g. m)
     live_bytes: list[int] = field(default_factory=list)  # per kernel call: arena bytes live during it
+    call_kernels: list[str] = field(default_factory=list)  # per kernel call: the kernel it runs
+    call_weight_bytes: list[int] = field(default_factory=list)  # per kernel call: bytes of weights it reads
+    call_storage: list[dict | None] = field(default_factory=list)  # per kernel call: its weight-storage decision
     stats: dict = field(default_factory=dict)
 
     @property
@@ -164,6 +167,10 @@ class _Tensor:
     offset: int  # byte offset in the arena / weights blob, or the input / output index
     shape: tuple[int, ...]
     dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return IOTensor("", self.shape, self.dtype).nbytes
 
 
 @dataclass
@@ -368,7 +375,8 @@ def _build_kernels(mod, spec: TargetSpec, out: Path, prefix: str) -> tuple[list[
     return sorted(funcs), ws, stack
 
 
-def _binutil(spec: TargetSpec, tool: str) -> str:
+def binutil(spec: TargetSpec, tool: str) -> str:
+    """The binutils `tool` (nm, objcopy, ...) beside the spec's GCC cross compiler."""
     if not spec.cross_compiler or not spec.cross_compiler.endswith("gcc"):
         raise LoweringError(f"target {spec.name} has no GCC cross compiler for its C library",
                             [Unsupported(f"cross_compiler={spec.cross_compiler!r}", "target spec",
@@ -379,7 +387,7 @@ def _binutil(spec: TargetSpec, tool: str) -> str:
 def _finish_object(raw: Path, out: Path, spec: TargetSpec, prefix: str) -> list[str]:
     """objcopy the LLVM object: drop debug info and unwind tables (C never unwinds; they would pull in
     the EHABI personality routine), give the runtime hooks per-model names. Returns the hooks used."""
-    nm = toolchain.run_tool([_binutil(spec, "nm"), str(raw)], "listing the kernel symbols").stdout
+    nm = toolchain.run_tool([binutil(spec, "nm"), str(raw)], "listing the kernel symbols").stdout
     symbols = [ln.split()[-2:] for ln in nm.splitlines() if ln.strip()]
     hooks = sorted(name for kind, name in symbols if kind in ("V", "v", "B", "C") and name in _HOOKS)
     unknown = sorted(name for kind, name in symbols if name.startswith("__TVM") and name not in _HOOKS)
@@ -387,10 +395,27 @@ def _finish_object(raw: Path, out: Path, spec: TargetSpec, prefix: str) -> list[
         raise LoweringError("kernels call TVM runtime functions a runtime-free library cannot provide:",
                             [Unsupported(n, "kernels.o") for n in unknown])
     renames = [a for h in hooks for a in ("--redefine-sym", f"{h}={prefix}{h}")]
-    toolchain.run_tool([_binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
+    toolchain.run_tool([binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
                         "--remove-section=.rel.ARM.exidx*", "--strip-symbol=__aeabi_unwind_cpp_pr0", *renames, str(raw), str(out)],
                        "post-processing the kernel object")
     return hooks
+
+
+def _call_storage(g: _Graph) -> list[dict | None]:
+    """Per call, the weight-storage decision (`int8.weight_storage`) of the packed weights it reads."""
+    from graphopt.targets.int8 import layer_key, recorded_decisions
+
+    by_packed = {d["packed_key"]: d for d in recorded_decisions()}
+    out = []
+    for _, args in g.calls:
+        found = None
+        for i in args:
+            t = g.tensors[i]
+            if t.region == "weights" and by_packed:
+                array = np.frombuffer(g.weights, np.dtype(t.dtype), int(np.prod(t.shape, dtype=np.int64)), t.offset)
+                found = found or by_packed.get(layer_key(array.reshape(t.shape)))
+        out.append(found)
+    return out
 
 
 # --------------------------------------------------------------------------- arena
@@ -409,9 +434,7 @@ def _place_arena(g: _Graph, ws_by_kernel: dict[str, int]) -> memory_plan.Plan:
         if g.tensors[i].region == "arena":
             first.setdefault(i, calls)
             last[i] = calls
-    blocks = [memory_plan.Block(i, first[i], last[i], _round(IOTensor("", g.tensors[i].shape,
-                                                                        g.tensors[i].dtype).nbytes))
-              for i in first]
+    blocks = [memory_plan.Block(i, first[i], last[i], _round(g.tensors[i].nbytes)) for i in first]
     blocks += [memory_plan.Block(("workspace", k), k, k, _round(ws_by_kernel[name]))
                for k, (name, _) in enumerate(g.calls) if ws_by_kernel.get(name)]
     plan = memory_plan.plan(blocks, calls + 1)
@@ -719,8 +742,11 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], 
                     calls=len(g.calls), arena_bytes=g.arena_bytes, arena_lower_bound=arena.lower_bound,
                     workspace_bytes=max([_round(ws.get(k, 0)) for k, _ in g.calls] or [0]),
                     weights_bytes=len(g.weights), stack_estimate_bytes=stats["stack_estimate_bytes"], libraries=libs,
-                    live_bytes=list(arena.live_bytes[:len(g.calls)]),
+                    live_bytes=list(arena.live_bytes[:len(g.calls)]), call_kernels=[k for k, _ in g.calls],
+                    call_weight_bytes=[sum(g.tensors[i].nbytes for i in set(a) if g.tensors[i].region == "weights")
+                                       for _, a in g.calls],
+                    call_storage=_call_storage(g),
                     stats={"phases": phases, "scheduled": state.get("scheduled", {}),
-                           "unscheduled": state.get("unscheduled", []),
+                           "unscheduled": state.get("unscheduled", []), "shared_kernels": state["shared_kernels"],
                            "arena": {"bytes": arena.arena_bytes, "lower_bound": arena.lower_bound,
                                      "gap": arena.gap_bytes, "placement": arena.strategy}})
