@@ -247,7 +247,8 @@ def m4(args, results: dict) -> None:
                                   "arena_lower_bound": low["arena"]["lower_bound"], "ram_bytes": low["ram_bytes"],
                                   "flash_bytes": low["flash_bytes"], "flash": low["flash"],
                                   "kernels": low["kernels"], "kernel_calls": low["kernel_calls"],
-                                  "weight_storage": {k: low["weight_storage"][k] for k in ("int16_layers", "int8_layers")}}
+                                  "weight_storage": {k: low["weight_storage"][k]
+                                                     for k in ("int16_layers", "int8_layers")}}
         except Exception as exc:  # noqa: BLE001
             r[name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"  {name}: FAILED {r[name]['error']}", flush=True)
@@ -262,8 +263,9 @@ def m4(args, results: dict) -> None:
         peer = CMSIS_NN.get(name)
         rows = [(label, figures[label]) for label in ("fp32", "int8", "int8 size")]
         if peer:
-            rows.append(("CMSIS-NN int8", {"instructions": round(peer["instructions"]), "flash_bytes": peer["flash_bytes"],
-                                           "arena_bytes": peer["ram_bytes"], "arena_lower_bound": None}))
+            rows.append(("CMSIS-NN int8", {"instructions": round(peer["instructions"]),
+                                           "flash_bytes": peer["flash_bytes"], "arena_bytes": peer["ram_bytes"],
+                                           "arena_lower_bound": None}))
         print(f"  {name} {shape}")
         print(f"    {'build':14s} {'instructions':>12s} {'flash B':>9s} {'RAM arena B':>12s} {'lower bound':>12s}"
               + ("   vs CMSIS-NN: instr  flash  RAM" if peer else ""))

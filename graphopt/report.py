@@ -67,13 +67,15 @@ def _layer_lines(layers: list[dict]) -> list[str]:
     if not layers:
         return []
     lines = ["", "### Layers (kernel calls)", "",
-             "| # | layer / kernel | instructions | code B (calls sharing it) | weights B | RAM live B | weight storage |",
+             "| # | layer / kernel | instructions | code B (calls sharing it) | weights B | RAM live B "
+             "| weight storage |",
              "|---|---|---|---|---|---|---|"]
     for r in layers:
         code = "–" if r.get("code_bytes") is None else r["code_bytes"]
         storage = f"{r['weight_storage']} ({r['storage_reason']})" if r.get("weight_storage") else "–"
         lines.append(f"| {r['call']} | {r.get('layer') or r['kernel'][:48]} | {_fmt_int(r.get('instructions'))} | "
-                     f"{code} ({r['calls_sharing_kernel']}) | {r['weight_bytes']} | {r['ram_live_bytes']} | {storage} |")
+                     f"{code} ({r['calls_sharing_kernel']}) | {r['weight_bytes']} | {r['ram_live_bytes']} "
+                     f"| {storage} |")
     return lines
 
 

@@ -5,14 +5,17 @@
   ``graphopt_<name>_run``) is compiled warning-free (``-Wall -Wextra -Werror``) and linked with a
   map file, which splits flash and RAM into kernels, weights, glue (graphopt_<name>.c: everything
   except kernels and weights; its fixed code and its call tables, which grow with the number of
-  kernel calls and arguments) and the C library functions the kernels pull in. A model whose flash
-  or RAM exceeds the target's board (`TargetSpec.flash_bytes` / `ram_bytes`) is refused here with
-  `LoweringError`, with the sizes needed and the limits.
+  kernel calls and arguments) and the C library functions the kernels pull in. While the flash
+  exceeds the board's (`TargetSpec.flash_bytes`) and layers hold int16 weights, the ones with the
+  fewest MACs per byte are given int8 weights and the library is rebuilt (`int8.WeightStorage`); a
+  model whose flash or RAM still exceeds the board is refused here with `LoweringError`, with the
+  sizes needed and the limits. `layer_table` gives the report's per-call rows.
 - `run`: builds a test harness once per `CompiledModel` (bare metal: ``runtime/cm_startup.c``, a
-  linker script for the board, newlib semihosting for file I/O) and runs it under QEMU with the
-  target's pinned machine/CPU; inputs and outputs travel as files.
-- `measure`: instructions per inference with graphopt's QEMU plugin: count(1 run) - count(0 runs).
-  Bare metal counts are exactly repeatable.
+  linker script for the emulated machine's memory, newlib semihosting for file I/O) and runs it
+  under QEMU with the target's pinned machine/CPU; inputs and outputs travel as files.
+- `measure`: instructions per inference with graphopt's QEMU plugin: count(1 run) - count(0 runs),
+  and per kernel call (the plugin's running count at every kernel entry). Bare metal counts are
+  exactly repeatable.
 
 Every emulator run is killed with its process group after `timeout` seconds. Refuses: targets
 whose QEMU machine has no known memory map (they can still be built, not run), failed or hung
@@ -276,7 +279,8 @@ class CLibraryBackend(Backend):
         lowering = {"target": spec.name, **lib.stats, "kernels": lib.kernels, "kernel_calls": lib.calls,
                     "flash_bytes": mem["flash_bytes"], "ram_bytes": mem["ram_bytes"],
                     "glue_flash_bytes": mem["flash"]["glue"], "glue": mem["glue"], "flash": mem["flash"], "ram": mem["ram"],
-                    "board": mem["board"], "layers": layer_table(spec, lib), "optimize_for": policy.optimize_for.value,
+                    "board": mem["board"], "layers": layer_table(spec, lib),
+                    "optimize_for": policy.optimize_for.value,
                     "weight_storage": {**int8.summarize_storage(decisions), "int8_to_fit_the_board": demoted}}
         return BuildResult(manifest, lowering)
 
