@@ -4,11 +4,12 @@ After scheduling, TVM keeps one PrimFunc per fused layer. Layers of equal shapes
 differ only in their weights (arguments already) and in immediates inside the computed values:
 zero points, clamp bounds, per-tensor multipliers and shifts. `share_kernels` masks those
 immediates (integer and float constants in the value of every buffer store, outside loads'
-indices, lane counts and LLVM intrinsic operands) and groups PrimFuncs whose masked forms are
-structurally equal. A group becomes one PrimFunc: identical members are merged outright; where
-members' immediates differ, the shared kernel reads them from an extra int32 tensor (one small
-constant per call, with the weights) and every call passes its own. Declined, and kept per
-layer (listed in the stats): groups whose differing immediates are not integers that fit int32.
+indices, lane counts and the operands of calls other than selects, shifts and bitwise ops) and
+groups PrimFuncs whose masked forms are structurally equal. A group becomes one PrimFunc:
+identical members are merged outright; where members' immediates differ, the shared kernel reads
+them from an extra int32 tensor (one small constant per call, with the weights) and every call
+passes its own. Declined, and kept per layer (listed in the stats): groups whose differing
+immediates are not integers that fit int32.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-_OPAQUE_CALLS = ("tirx.call_llvm_intrin", "tirx.call_llvm_pure_intrin")  # their first operand is an intrinsic id
+# calls whose operands may become run-time values (others, e.g. LLVM intrinsics whose first operand is an
+# intrinsic id, keep their immediates: a difference there keeps the kernels apart)
+_OPEN_CALLS = {"tirx.if_then_else", "tirx.likely", "tirx.shift_left", "tirx.shift_right", "tirx.bitwise_and",
+               "tirx.bitwise_or", "tirx.bitwise_xor", "tirx.bitwise_not"}
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 _SIGNED = {f"int{b}": (1 << (b - 1)) - 1 for b in (8, 16, 32, 64)}  # largest value per signed type
 
@@ -36,7 +40,7 @@ def _rewrite_values(func, replace):
         return tvm.ir.prim.expr.Broadcast(m.mutate(node.value), node.lanes)
 
     def call(node, m):
-        return node if getattr(node.op, "name", "") in _OPAQUE_CALLS else m.default_mutate(node)
+        return m.default_mutate(node) if getattr(node.op, "name", "") in _OPEN_CALLS else node
 
     def sub(node, m):  # x - c is x + (-c): TVM's simplifier writes a negative zero point as a subtraction
         c = node.b

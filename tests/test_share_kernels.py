@@ -108,3 +108,33 @@ def test_immediates_beyond_int32_keep_their_kernels(funcs):
     shared, stats = share_kernels(mod)
     assert _kernels(shared) == ["k0", "k1"] and stats["kernels_after"] == 2
     assert stats["declined"] and "int64" in stats["declined"][0]["reason"]
+
+
+@T.prim_func(private=True, s_tir=True)
+def _qmul5(A: T.Buffer((64,), "int32"), B: T.Buffer((64,), "int32")):
+    for i in range(64):
+        with T.sblock("b"):
+            v = T.axis.spatial(64, i)
+            B[v] = T.q_multiply_shift(A[v], 1 << 30, 31, 5)
+
+
+@T.prim_func(private=True, s_tir=True)
+def _qmul6(A: T.Buffer((64,), "int32"), B: T.Buffer((64,), "int32")):
+    for i in range(64):
+        with T.sblock("b"):
+            v = T.axis.spatial(64, i)
+            B[v] = T.q_multiply_shift(A[v], 1 << 30, 31, 6)
+
+
+def test_immediates_of_intrinsic_calls_stay_constants():
+    """q_multiply_shift's shift must be a constant when it lowers: kernels differing there stay apart."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((64,), "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = [bb.emit(relax.call_tir(bb.add_func(f, f"q{i}"), (x,), relax.TensorType((64,), "int32")))
+                    for i, f in enumerate((_qmul5, _qmul6))]
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    shared, stats = share_kernels(bb.get())
+    assert _kernels(shared) == ["q0", "q1"] and not stats["shared"]
