@@ -131,7 +131,9 @@ def _layer_instructions_add_up(cm) -> None:
     rows = cm.report.lowering["layers"]
     per_call = [r["instructions"] for r in rows]
     assert all(n > 0 for n in per_call)
-    assert 0 < cm.report.instructions_per_inference - sum(per_call) < 300  # the glue before the first call
+    # count(1 inference) - count(0) also holds the harness's output writes and its stack-paint scan (shorter
+    # after an inference): a few thousand instructions either way; the calls hold all the rest
+    assert abs(cm.report.instructions_per_inference - sum(per_call)) < 5000
 
 
 @pytest.mark.emulation
