@@ -353,7 +353,8 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
     for block in placed:
-        _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
+        if lanes > 1:  # scalar targets (Cortex-M4): a <2 x i64> fixed-point product loses its 32x32->64 multiply
+            _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
 
 
 class ChannelLastReduction(dlight.ScheduleRule):
