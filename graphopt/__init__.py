@@ -11,6 +11,7 @@ _warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` 
 from graphopt.api import GraphoptWarning, compile  # noqa: E402
 from graphopt.capture import CaptureMethod, capture  # noqa: E402
 from graphopt.compiled import CompiledModel  # noqa: E402
+from graphopt.config import OptimizeFor  # noqa: E402
 from graphopt.distill import DistillationLoss, Ensemble, SoftLoss, distill, pseudo_label  # noqa: E402
 from graphopt.errors import (  # noqa: E402
     ArtifactError, CaptureError, ConfigError, GraphoptError, InputError, LoweringError, NumericsError, PassError,
@@ -36,7 +37,8 @@ __all__ = [
     "ArtifactError", "CaptureError", "CaptureMethod", "CheckResult", "CompiledModel", "ConfigError", "Criterion",
     "DistillationLoss", "Ensemble", "Feature", "GraphoptError", "GraphoptWarning", "InputError", "LayerQuant",
     "LoweringError", "Norm", "NumericsError", "Observer", "OpRule", "OperatorSet", "OperatorSetError",
-    "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport", "PruneStage", "QuantScheme",
+    "OptimizeFor", "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport", "PruneStage",
+    "QuantScheme",
     "QuantStage", "QuantizationError", "RPCRunner", "Recipe", "Report", "Runtime", "Scope", "SoftLoss", "Stop",
     "TargetSpec", "ToolchainError", "TrainConfig", "TuningError", "TuningSummary", "UnknownTargetError",
     "UnsupportedModelError", "apply_plan", "binarize", "capture", "check", "compile", "convert", "default_passes",
