@@ -24,7 +24,9 @@ every layer legalized records its storage and why (`weight_storage` yields the l
 
 Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non-constant weights,
 targets without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling)
-becomes a weightless window sum instead.
+becomes a weightless window sum instead; other grouped and depthwise convs with few taps × channels
+per group take `legalize_grouped_conv2d` (int16 pair products vectorized over output channels,
+scheduled by `schedules.GroupedInt8`) on targets with SIMD integer vectors.
 """
 from __future__ import annotations
 
@@ -415,6 +417,83 @@ def _legalize_window_sum(bb: relax.BlockBuilder, call: relax.Call):
                                                       axis=[ry, rx]), name="window_sum")
 
     return bb.call_te(compute, data, primfunc_name_hint="window_sum_int8")
+
+
+GROUPED_ATTR = "graphopt.grouped_int8"  # block annotation: output channels per vector (`grouped_channel_tile`)
+
+# Reductions (kernel taps × input channels per group) at most this long take `legalize_grouped_conv2d`:
+# its schedule unrolls them whole (a depthwise 3×3 is 9; wider groups are nearly dense convs)
+GROUPED_MAX_REDUCTION = 64
+
+
+def grouped_channel_tile(channels: int, per_group: int, vector_bytes: int) -> int:
+    """Output channels per vector of `legalize_grouped_conv2d`: a whole int8 vector, or half or a quarter
+    of one (at least 8) — one dividing the `per_group` outputs of a group (> 1: each vector then reads
+    one broadcast input channel per tap, not one per group), else one dividing `channels` (e.g. 24 on
+    NEON: 8), else a whole vector (channels padded)."""
+    tiles = [t for t in (vector_bytes, vector_bytes // 2, vector_bytes // 4) if t >= 8]
+    return next((t for t in tiles if per_group > 1 and per_group % t == 0),
+                next((t for t in tiles if channels % t == 0), vector_bytes))
+
+
+def legalize_grouped_conv2d(bb: relax.BlockBuilder, call: relax.Call, vector_bytes: int):
+    """int8 NHWC/HWIO grouped or depthwise conv2d (groups > 1, constant weights, at most
+    `GROUPED_MAX_REDUCTION` taps × input channels per group) as a compute vectorizable over output
+    channels, or None.
+
+    NEON and x86 have no int8 dot product across lanes that fits a depthwise conv (it reduces over
+    taps, not channels), so — as XNNPACK's and CMSIS-NN's depthwise kernels do — each output channel
+    lane multiplies int8 × int8 into int16 and sums two taps' products in int16 before widening into
+    its int32 accumulator (aarch64: ``smull``, ``smlal``, ``saddw``/``saddw2``: 4 instructions per
+    16 MACs). Two products fit int16 unless both weights are −128; a layer with a −128 weight widens
+    every product on its own. The weights are packed to ``[R (even), F]`` (R = KH·KW·C/groups in HWIO
+    order, zero rows and channels padding R to pairs and F to whole `channel_tile`s): one vector load
+    per tap. Output channels beyond F read zero-padded input channels and are dropped. `vector_bytes`:
+    the target's int8 vector (`grouped_channel_tile`)."""
+    attrs = call.attrs
+    data, weight = call.args
+    groups = int(attrs.groups)
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") or groups == 1 \
+            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
+            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    kh, kw, g_in, f = w.shape
+    c = int(data.ty.shape[-1])
+    taps = kh * kw * g_in
+    if taps > GROUPED_MAX_REDUCTION or c != g_in * groups or f % groups:
+        return None
+    g_out = f // groups
+    pair = 2 if int(w.min(initial=0)) > -128 else 1
+    tile = grouped_channel_tile(f, g_out, vector_bytes)
+    fp = _ceil(f, tile)
+    packed = np.pad(w.reshape(taps, f), [(0, _ceil(taps, pair) - taps), (0, fp - f)])
+    cp = -(-fp // g_out) * g_in  # input channels the padded output channels read
+    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    padding = [int(v) for v in attrs.padding]
+
+    def compute(x, wp):
+        pt, pl, pb, pr = padding
+        if any(padding) or cp != c:
+            x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, cp - c], name="pad_temp")
+        n, h, wd, _ = (int(d) for d in x.shape)
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+        p = te.reduce_axis((0, packed.shape[0] // pair), "p")
+
+        def product(b, y, xx, ff, t):
+            tap = tvm.tirx.min(t, taps - 1)  # the odd pair's second half: weight 0, any valid tap
+            ry, rx, rc = tap // (kw * g_in), tap // g_in % kw, tap % g_in
+            return x[b, y * sh + ry * dh, xx * sw + rx * dw, ff // g_out * g_in + rc].astype("int16") \
+                * wp[t, ff].astype("int16")
+
+        def body(b, y, xx, ff):
+            prods = [product(b, y, xx, ff, pair * p + i) for i in range(pair)]
+            return te.sum((prods[0] + prods[1] if pair == 2 else prods[0]).astype("int32"), axis=p)
+
+        acc = te.compute((n, oh, ow, fp), body, name="conv2d_int8_grouped", attrs={GROUPED_ATTR: tile})
+        return _finish(acc, f, ())
+
+    return bb.call_te(compute, data, relax.const(packed, "int8"), primfunc_name_hint="conv2d_int8_grouped")
 
 
 def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):

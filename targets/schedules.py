@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 import tvm_ffi
-from graphopt.targets.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
+from graphopt.targets.int8 import (
+    DOT_ATTR,
+    GROUPED_ATTR,
+    DotKernel,
+    by_intrin,
+    dot_kernels,
+    legalize_conv2d,
+    legalize_grouped_conv2d,
+    legalize_matmul,
+)
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
@@ -51,12 +60,13 @@ class CpuParams:
     vector_regs: int  # architectural vector registers (bounds the accumulator tile)
     cores: int  # threads parallel loops are sized for
     dots: tuple[DotKernel, ...] = ()  # int8 dot-product instructions of the target, preferred first
+    int8_vectors: bool = False  # SIMD integer vectors (NEON, AVX2): grouped int8 convs take `GroupedInt8`
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> "CpuParams":
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
-                   dots=dot_kernels(spec))
+                   dots=dot_kernels(spec), int8_vectors=any(spec.has(f) for f, _ in _VECTOR_REGISTERS))
 
 
 def _int(expr) -> int | None:
@@ -104,6 +114,8 @@ def conv2d_legalizer(params: "CpuParams"):
 
     def legalize(bb, call):
         packed = legalize_conv2d(bb, call, params.dots) if params.dots else None
+        if packed is None and params.int8_vectors:
+            packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
         if packed is not None:
             return packed
         attrs = call.attrs
@@ -442,6 +454,63 @@ class ChannelLastReduction(dlight.ScheduleRule):
         return sch
 
 
+
+# int32 accumulator vectors a `GroupedInt8` tile may hold: with the unrolled taps' weight vectors and the
+# int16 products beside them, 16 of NEON's 32 q registers (more spilled on a 64-channel depthwise 3×3)
+_GROUPED_ACCUMULATORS = 16
+
+
+class GroupedInt8(dlight.ScheduleRule):
+    """Schedules a PrimFunc built around the `GROUPED_ATTR` compute of `int8.legalize_grouped_conv2d`
+    (grouped / depthwise int8 conv, with fused prologue and epilogue):
+
+        parallel(rows · pixel tiles) · channel vectors · unrolled(tap pairs · pixels) · vector(channels)
+
+    The whole reduction and a tile of one row's pixels are unrolled, so neighbouring pixels share the
+    input vectors of their common taps (stride 1) and the accumulators stay in registers; the epilogue
+    (bias, requantize, activation) is applied per tile while it is hot."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        idx = next((i for i, b in enumerate(infos) if GROUPED_ATTR in sch.get(b.block_rv).annotations), None)
+        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
+            return None
+        main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
+        kinds = infos[idx].dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        loops = sch.get_loops(main)
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        p = self.params
+        f_tile = int(sch.get(main).annotations[GROUPED_ATTR])
+        fo, fi = sch.split(spatial[-1], [None, f_tile])
+        if len(spatial) >= 2:  # pixels of one row per tile: as many as the accumulator budget allows
+            width = _loop_extent(sch, spatial[-2])
+            xo, xi = sch.split(spatial[-2], [None, _largest_divisor(width, _GROUPED_ACCUMULATORS * p.lanes // f_tile)])
+            outer, tile = spatial[:-2] + [xo], [xi]
+        else:
+            outer, tile = [], []
+        sch.reorder(*outer, fo, *reduce, *tile, fi)
+        if outer:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes)
+        for lp in [*reduce, *tile]:
+            sch.unroll(lp)
+        sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
+        sch.decompose_reduction(main, reduce[0])
+        for b in producers:  # channel / spatial padding: a select in the vector loads
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001  TVM refused: the producer keeps its own loop nest
+                _schedule_spatial(sch, b.block_rv, p.lanes)
+        return sch
+
+
 class TensorizedDot(dlight.ScheduleRule):
     """Schedules a PrimFunc built around one compute annotated with `DOT_ATTR` (with fused prologue and epilogue):
 
@@ -674,7 +743,8 @@ def _try(step) -> None:
 def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     """The rules, in priority order, as (name reported in stats, rule)."""
     tensorized = [("tensorized_dot", TensorizedDot(params.dots, params.cores, params.lanes))] if params.dots else []
-    return tensorized + [
+    grouped = [("grouped_int8", GroupedInt8(params))] if params.int8_vectors else []
+    return tensorized + grouped + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
         ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
         ("injective", Injective(params)),  # elementwise/transpose/pad chains
