@@ -11,7 +11,9 @@ figures are honest only relative to each other.
 
 aarch64 (``--arm-size``, default 64, emulated): instructions per inference under qemu-aarch64 (a
 PROXY, not a speed) of the same ResNet-18 fp32 vs int8 on arm-a53 (NEON), arm-a55 (dotprod) and
-arm-a76 (i8mm); requirement int8/fp32 <= 0.35.
+arm-a76 (i8mm); requirement int8/fp32 <= 0.35. The zoo models of ``--arm-models`` (default
+mobilenet_blocks: MobileNetV2-style inverted residuals, depthwise 3x3, a grouped conv) the same way; issue 16
+requires mobilenet_blocks int8/fp32 <= 0.45 on arm-a55 and <= 0.75 on arm-a53.
 
 Cortex-M4 (zoo models, bare metal under qemu-system-arm): per model fp32, int8 (default,
 optimize_for="balanced") and int8 with optimize_for="size": instructions per inference, flash (kernels +
@@ -58,6 +60,7 @@ from graphopt import torchvision_style
 from graphopt.zoo import ZOO, ResNet18
 
 ARM_TARGETS = ("arm-a53", "arm-a55", "arm-a76")
+ARM_ZOO_RATIO = {"mobilenet_blocks": {"arm-a53": 0.75, "arm-a55": 0.45}}  # issue 16
 HOST_SPEEDUP, ARM_RATIO, M4_INSTR_RATIO, M4_ARENA_RATIO = 2.5, 0.35, 0.5, 0.3
 # CMSIS-NN on cortex-m4 (issue 16; flash = kernels + weights + glue, RAM = arena + scratch); instructions
 # from the measured ratios to graphopt's default build of that day (plain_cnn 1,798,783 / 0.51,
@@ -292,6 +295,32 @@ def arm(args, results: dict) -> None:
         _check(results, f"{target}: instructions int8 / fp32", ratio, "<=", ARM_RATIO)
 
 
+def arm_zoo(args, results: dict) -> None:
+    r = results["arm_zoo"] = {}
+    print("\naarch64 zoo models: instructions per inference under qemu-aarch64 (PROXY, not time)", flush=True)
+    for name in filter(None, args.arm_models.split(",")):
+        model, inputs = ZOO[name].factory()
+        shape = tuple(inputs[0].shape)
+        q = graphopt.quantize(model, inputs, [(torch.randn(shape, generator=torch.Generator().manual_seed(i)),)
+                                              for i in range(args.calib)])
+        print(f"  zoo {name} {shape}:", flush=True)
+        for target in ARM_TARGETS:
+            limit = ARM_ZOO_RATIO.get(name, {}).get(target)
+            try:
+                fp32, _ = _instructions(model, inputs, target)
+                int8, _ = _instructions(q, inputs, target)
+            except Exception as exc:  # noqa: BLE001
+                r[f"{name} {target}"] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"    {target}: FAILED {r[f'{name} {target}']['error']}", flush=True)
+                continue
+            ratio = int8 / fp32 if int8 and fp32 else None
+            r[f"{name} {target}"] = {"fp32": fp32, "int8": int8, "ratio": ratio}
+            print(f"    {target}: fp32 {fp32 or 0:,}  int8 {int8 or 0:,}  int8 / fp32 {ratio or float('nan'):.3f}",
+                  flush=True)
+            if limit is not None:
+                _check(results, f"{target} {name}: instructions int8 / fp32", ratio, "<=", limit)
+
+
 def m4(args, results: dict) -> None:
     r = results["m4"] = {}
     print("\nCortex-M4 (qemu-system-arm mps2-an386): instructions per inference, flash, RAM arena (activations "
@@ -362,6 +391,8 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=8, help="inputs for the accuracy figures")
     p.add_argument("--arm-size", type=int, default=64, help="aarch64 input height and width (emulated: keep small)")
     p.add_argument("--arm", action=argparse.BooleanOptionalAction, default=True, help="aarch64 instruction counts")
+    p.add_argument("--arm-models", default="mobilenet_blocks",
+                   help=f"zoo models measured on aarch64, fp32 vs int8 (from {', '.join(ZOO)}; empty: none)")
     p.add_argument("--m4", action=argparse.BooleanOptionalAction, default=True,
                    help="Cortex-M4 instructions, flash and RAM (fp32, int8, int8 size) vs CMSIS-NN")
     p.add_argument("--m4-models", default="plain_cnn,residual_cnn,mobilenet_blocks",
@@ -375,7 +406,8 @@ def main() -> None:
     results: dict = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"load average at start: {results['load_average_start'][0]:.2f} on {os.cpu_count()} CPUs "
           "(shared machine: latencies are noisy)", flush=True)
-    for section, enabled in ((host, args.host), (arm, args.arm), (m4, args.m4), (real_code, args.real_code)):
+    for section, enabled in ((host, args.host), (arm, args.arm), (arm_zoo, bool(args.arm_models)), (m4, args.m4),
+                             (real_code, args.real_code)):
         if not enabled:
             continue
         start = time.perf_counter()
