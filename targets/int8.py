@@ -26,7 +26,7 @@ Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non
 targets without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling)
 becomes a weightless window sum instead; other grouped and depthwise convs with few taps × channels
 per group take `legalize_grouped_conv2d` (int16 pair products vectorized over output channels,
-scheduled by `schedules.GroupedInt8`) on targets with SIMD integer vectors.
+scheduled by `schedules.GroupedInt8`) on NEON targets.
 """
 from __future__ import annotations
 

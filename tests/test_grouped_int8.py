@@ -1,7 +1,8 @@
 """Grouped and depthwise int8 convs (`int8.legalize_grouped_conv2d` + `schedules.GroupedInt8`): the weight
 packing against a float64 oracle, bit-exact outputs against the folded integer graph and `graphopt.qref`
-on the host and emulated ARM (int16 pair products, and single products for layers with −128 weights),
-and an instruction count showing the kernel path is taken on aarch64."""
+on emulated ARM (int16 pair products, and single products for layers with −128 weights),
+and an instruction count showing the kernel path is taken on aarch64. x86 keeps the generic kernel
+(it has no int8×int8→int16 widening multiply) and stays exact."""
 from __future__ import annotations
 
 import numpy as np
@@ -73,10 +74,10 @@ def quantized(request):
     return q, ig, x
 
 
-def _assert_exact(cm, ig):
-    # every grouped and depthwise conv but the last: on a 1×1 map only its centre tap sees data, and it
-    # lowers as a per-channel scale fused with its neighbours
-    assert cm.report.lowering["scheduled"].get("grouped_int8", 0) == 7
+def _assert_exact(cm, ig, kernels: int = 7):
+    # NEON: every grouped and depthwise conv but the last, which on a 1×1 map sees data at its centre
+    # tap only and lowers as a per-channel scale fused with its neighbours; x86: the generic kernel
+    assert cm.report.lowering["scheduled"].get("grouped_int8", 0) == kernels
     for inp in _inputs():
         want = ig(inp)
         got = cm(inp)
@@ -90,12 +91,11 @@ def test_channel_tile():
     assert grouped_channel_tile(13, 1, 16) == 16  # padded to 16
     assert grouped_channel_tile(32, 8, 16) == 8  # a group's 8 outputs share one input channel per tap
     assert grouped_channel_tile(28, 4, 16) == 16  # 4 outputs per group: padded, lanes read 4 channels
-    assert grouped_channel_tile(128, 1, 64) == 64 and grouped_channel_tile(96, 1, 64) == 32  # AVX-512
 
 
 def test_host_is_bit_exact(quantized):
     q, ig, x = quantized
-    _assert_exact(graphopt.compile(q, (x,), "host", progress=False), ig)
+    _assert_exact(graphopt.compile(q, (x,), "host", progress=False), ig, kernels=0)
 
 
 @pytest.mark.emulation
