@@ -61,7 +61,7 @@ def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
 def bench(name: str, runs: int, thread_counts: list[int], workdir: pathlib.Path) -> dict:
     import tvm
     from graphopt.targets import get_target
-    from graphopt.targets.lowering import export_library, lower
+    from graphopt.targets.lowering.phases import export_library, lower
     from tvm import relax
 
     torch.manual_seed(0)

@@ -9,17 +9,17 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 from graphopt.api import GraphoptWarning, compile  # noqa: E402
-from graphopt.capture import CaptureMethod, capture  # noqa: E402
+from graphopt.passes.capture import CaptureMethod, capture  # noqa: E402
 from graphopt.compiled import CompiledModel  # noqa: E402
-from graphopt.distill import DistillationLoss, Ensemble, SoftLoss, distill, pseudo_label  # noqa: E402
+from graphopt.distillation import DistillationLoss, Ensemble, SoftLoss, distill, pseudo_label  # noqa: E402
 from graphopt.errors import (  # noqa: E402
     ArtifactError, CaptureError, ConfigError, GraphoptError, InputError, LoweringError, NumericsError, PassError,
     QuantizationError, ToolchainError, UnknownTargetError, UnsupportedModelError)
-from graphopt.legalize import CheckResult, OperatorSetError, check  # noqa: E402
-from graphopt.pipeline import PassManager, default_passes  # noqa: E402
-from graphopt.prune import (  # noqa: E402
+from graphopt.passes.legalization import CheckResult, OperatorSetError, check  # noqa: E402
+from graphopt.passes.manager import PassManager, default_passes  # noqa: E402
+from graphopt.pruning import (  # noqa: E402
     Criterion, PruneConfig, PruneReport, apply_plan, prunable_groups, prune, prune_iteratively)
-from graphopt.quantize import (  # noqa: E402
+from graphopt.quantization import (  # noqa: E402
     LayerQuant, Observer, QuantScheme, binarize, convert, prepare_qat, quantize, to_integer)
 from graphopt.recipe import OptimizeResult, PruneStage, QuantStage, Recipe, Stop, optimize  # noqa: E402
 from graphopt.regularize import Norm, filter_norm_penalty, weight_penalty  # noqa: E402
@@ -28,7 +28,7 @@ from graphopt.sparsity import Scope, load_sparse, magnitude_prune, remove_masks,
 from graphopt.targets import Feature, Runtime, TargetSpec, get_target, list_targets, register_target  # noqa: E402
 from graphopt.targets.opset import OperatorSet, OpRule  # noqa: E402
 from graphopt.training import TrainConfig, evaluate, fit  # noqa: E402
-from graphopt.tune import RPCRunner, TuningError, TuningSummary, tune  # noqa: E402
+from graphopt.tuning import RPCRunner, TuningError, TuningSummary, tune  # noqa: E402
 
 __version__ = "0.1.0"
 

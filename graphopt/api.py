@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from graphopt.analysis import analyze
+from graphopt.passes.analysis import analyze
 from graphopt.artifact import TensorSpec, write_manifest
-from graphopt.capture import (
+from graphopt.passes.capture import (
     CaptureMethod,
     capture,
     check_example_inputs,
@@ -30,17 +30,17 @@ from graphopt.capture import (
 )
 from graphopt.compiled import CompiledModel, new_build_dir
 from graphopt.errors import ConfigError, InputError, LoweringError, NumericsError
-from graphopt.legalize import raise_if_unfit, run_legalization
+from graphopt.passes.legalization import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
-from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
+from graphopt.passes.manager import PassManager, default_passes, flat_outputs, max_rel_error
 from graphopt.progress import Steps
 from graphopt.report import Report
-from graphopt.support import unsupported_ops
+from graphopt.targets.lowering.support import unsupported_ops
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.backend import backend_for
+from graphopt.targets.backends.base import backend_for
 
 if TYPE_CHECKING:
-    from graphopt.prune import PruneConfig
+    from graphopt.pruning import PruneConfig
 
 
 class GraphoptWarning(UserWarning):
@@ -105,7 +105,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     steps = Steps(progress)
     report = Report(model=type(model).__name__, target=spec.to_dict())
     if prune is not None:
-        from graphopt.prune import prune_for_compile
+        from graphopt.pruning import prune_for_compile
 
         model, report.pruning = prune_for_compile(model, args, prune, spec)
 
@@ -148,8 +148,8 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     backend = backend_for(spec)
     tuning = contextlib.nullcontext()
     if database is not None:
-        from graphopt.targets.tuning import applying
-        from graphopt.targets.tuning_db import open_database
+        from graphopt.targets.tuning.metaschedule import applying
+        from graphopt.targets.tuning.database import open_database
 
         db = open_database(database, writable=False)
         report.warnings += [f"tuning database line skipped: {d}" for d in db.damaged]

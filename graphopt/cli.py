@@ -29,7 +29,7 @@ def _user_code_error(what: str, exc: Exception) -> ConfigError:
     if isinstance(exc, SyntaxError):
         return ConfigError(f"{what}: SyntaxError: {exc.msg} at {exc.filename}:{exc.lineno}: "
                            f"{(exc.text or '').strip()}; fix the file and run again")
-    from graphopt.capture import _first_line, _user_frame
+    from graphopt.passes.capture import _first_line, _user_frame
 
     return ConfigError(f"{what} raised {_first_line(exc)} at {_user_frame(exc)}; fix it and run again")
 
@@ -103,7 +103,7 @@ def _cmd_optimize(a) -> int:
 
     from graphopt.artifact import check_destination
     from graphopt.datasets import fashion_mnist
-    from graphopt.distill import loader
+    from graphopt.distillation import loader
     from graphopt.recipe import Recipe, optimize
 
     out = Path(a.out)
@@ -161,7 +161,7 @@ def _cmd_targets(a) -> int:
 
 
 def _cmd_setup_runtime(a) -> int:
-    from graphopt.toolchain import ensure_qemu_plugin, ensure_runtime
+    from graphopt.targets.backends.toolchain import ensure_qemu_plugin, ensure_runtime
 
     print(f"aarch64 TVM runtime: {ensure_runtime(progress=print)}")
     print(f"QEMU instruction-count plugin: {ensure_qemu_plugin(progress=print)}")
@@ -170,7 +170,7 @@ def _cmd_setup_runtime(a) -> int:
 
 def _cmd_rpc_device(a) -> int:
     from graphopt.targets import get_target
-    from graphopt.targets.rpc import EMULATED_NOTE, serve
+    from graphopt.targets.tuning.rpc import EMULATED_NOTE, serve
 
     spec = get_target(a.target)
     serve(spec, a.tracker, a.key, host=a.host, ready=lambda port: print(

@@ -27,7 +27,7 @@ from graphopt.artifact import MANIFEST, TensorSpec, pid_alive, publish, read_man
 from graphopt.errors import ArtifactError, ConfigError, GraphoptError, InputError
 from graphopt.report import Report
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.backend import backend_for
+from graphopt.targets.backends.base import backend_for
 
 
 class CompiledModel:

@@ -10,7 +10,7 @@ import sys
 import torch
 
 import graphopt
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 from graphopt.zoo import ZOO
 
 

@@ -138,7 +138,7 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module], train_
     penalty:      optional ``penalty(student) -> tensor`` added to every batch's loss (e.g.
                   `graphopt.filter_norm_penalty`).
     """
-    from graphopt.capture import check_model
+    from graphopt.passes.capture import check_model
 
     check_model(student, "student")
     _check_teacher(teacher)

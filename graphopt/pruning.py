@@ -40,9 +40,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from graphopt.analysis import analyze
+from graphopt.passes.analysis import analyze
 from graphopt.api import GraphoptWarning
-from graphopt.capture import capture, check_example_inputs, check_model
+from graphopt.passes.capture import capture, check_example_inputs, check_model
 from graphopt.errors import ConfigError
 from graphopt.passes.base import Decline
 from graphopt.passes.dependency import (
@@ -51,7 +51,7 @@ from graphopt.passes.dependency import (
     Role,
     analyze_dependencies,
 )
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

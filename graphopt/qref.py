@@ -15,7 +15,7 @@ from torch import fx
 
 from graphopt import qops
 from graphopt.errors import QuantizationError
-from graphopt.passes._graph import get_attr_value
+from graphopt.passes.graph import get_attr_value
 
 aten, qd, g = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.graphopt
 

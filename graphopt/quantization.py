@@ -33,9 +33,9 @@ import torch
 from torch import fx, nn
 
 from graphopt import qops  # noqa: F401  registers torch.ops.graphopt and quantized_decomposed
-from graphopt.capture import capture, check_example_inputs
+from graphopt.passes.capture import capture, check_example_inputs
 from graphopt.errors import QuantizationError
-from graphopt.passes._graph import get_attr_value, is_op
+from graphopt.passes.graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
 from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH
 from graphopt.source import node_module
@@ -338,7 +338,7 @@ def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     """Capture with a dynamic batch dimension (calibration/training batches vary), else as `capture`
     does; either way in canonical (functional) form. The graph is the eval-mode one (BN statistics,
     no dropout); train()/eval() only flip flags."""
-    from graphopt.capture import _strip_guards, canonicalize
+    from graphopt.passes.capture import _strip_guards, canonicalize
 
     try:
         ep = torch.export.export(model, args, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in args],
@@ -364,7 +364,7 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
     from graphopt.passes.dead_code import DeadCodeElimination
     from graphopt.passes.fold_batchnorm import FoldBatchNorm
     from graphopt.passes.remove_identity import RemoveIdentity
-    from graphopt.pipeline import PassManager
+    from graphopt.passes.manager import PassManager
 
     args = check_example_inputs(example_inputs)
     was_training = model.training
@@ -570,7 +570,7 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     for name in [name for name, m in gm.named_children() if isinstance(m, FakeQuantize)]:
         delattr(gm, name)
-    from graphopt.passes._graph import delete_unused_attributes
+    from graphopt.passes.graph import delete_unused_attributes
 
     delete_unused_attributes(gm)
     graph.lint()

@@ -25,9 +25,9 @@ from typing import Iterable
 
 from torch import nn
 
-from graphopt.analysis import analyze
-from graphopt.capture import capture
-from graphopt.distill import DistillationLoss, distill
+from graphopt.passes.analysis import analyze
+from graphopt.passes.capture import capture
+from graphopt.distillation import DistillationLoss, distill
 from graphopt.errors import ConfigError
 from graphopt.training import TrainConfig, evaluate, fit
 
@@ -51,7 +51,7 @@ class QuantStage:
     calibration_batches: int = 8
 
     def __post_init__(self):
-        from graphopt.quantize import LayerQuant
+        from graphopt.quantization import LayerQuant
 
         LayerQuant(self.weights, self.activations)  # the bit widths QuantScheme accepts, checked now
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.qat_epochs, self.calibration_batches)):
@@ -187,10 +187,10 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
     """Run ``recipe`` on a copy of ``model``; see the module docstring. ``train_data``/``val_data``
     yield ``(x, y)`` batches; the first training batch's inputs are the example inputs."""
     import graphopt
-    from graphopt.prune import PruneConfig, prune_iteratively
-    from graphopt.quantize import QuantScheme, convert, prepare_qat, quantize
+    from graphopt.pruning import PruneConfig, prune_iteratively
+    from graphopt.quantization import QuantScheme, convert, prepare_qat, quantize
 
-    from graphopt.capture import check_model
+    from graphopt.passes.capture import check_model
     from graphopt.training import check_batches
 
     spec = graphopt.get_target(target)

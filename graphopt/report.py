@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from graphopt.pipeline import PassRecord
+from graphopt.passes.manager import PassRecord
 
 SCHEMA_VERSION = 1
 

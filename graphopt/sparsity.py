@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from graphopt.capture import check_model
+from graphopt.passes.capture import check_model
 from graphopt.errors import ArtifactError, ConfigError
-from graphopt.prune import as_enum
+from graphopt.pruning import as_enum
 
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from graphopt.capture import check_model
+from graphopt.passes.capture import check_model
 from graphopt.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"

@@ -31,7 +31,7 @@ import torch
 from graphopt.errors import ConfigError
 from graphopt.progress import Steps
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.tuning import TaskResult, TuningError
+from graphopt.targets.tuning.metaschedule import TaskResult, TuningError
 
 __all__ = ["RPCRunner", "TuningError", "TuningSummary", "tune", "exported_for_tuning"]
 
@@ -93,7 +93,7 @@ class TuningSummary:
         return not any(t.planned for t in self.tasks)
 
     def to_markdown(self) -> str:
-        from graphopt.targets.rpc import EMULATED_NOTE
+        from graphopt.targets.tuning.rpc import EMULATED_NOTE
 
         what = "instructions (PROXY, qemu)" if self.proxy else "best time (EMULATED)" if self.emulated else "best time"
         lines = [f"## Tuning: {self.target} via {self.runner}", "",
@@ -125,10 +125,10 @@ def _unit(seconds: float | None, proxy: bool, emulated: bool = False) -> str:
 def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):
     """The ExportedProgram `graphopt.compile` lowers for `model` with default passes."""
     from graphopt.api import _eval_mode
-    from graphopt.capture import CaptureMethod, capture, check_model, to_exported_program
-    from graphopt.legalize import raise_if_unfit, run_legalization
+    from graphopt.passes.capture import CaptureMethod, capture, check_model, to_exported_program
+    from graphopt.passes.legalization import raise_if_unfit, run_legalization
     from graphopt.passes.base import PassContext, Property
-    from graphopt.pipeline import PassManager, default_passes
+    from graphopt.passes.manager import PassManager, default_passes
 
     check_model(model)
     with _eval_mode(model, []):
@@ -147,7 +147,7 @@ def _runner(runner, spec: TargetSpec):
 
     if isinstance(runner, RPCRunner):
         from graphopt.errors import ToolchainError
-        from graphopt.targets.rpc import emulated_devices
+        from graphopt.targets.tuning.rpc import emulated_devices
 
         try:
             emulated = emulated_devices(runner.tracker, runner.key)
@@ -166,7 +166,7 @@ def _runner(runner, spec: TargetSpec):
         ev = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=10, enable_cpu_cache_flush=False)
         return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ev), "local", False, False
     if runner == "emulated-icount":
-        from graphopt.targets.icount import IcountRunner
+        from graphopt.targets.tuning.icount import IcountRunner
 
         return IcountRunner.create(spec), f"emulated-icount (qemu -cpu {spec.qemu_cpu}, PROXY)", True, False
     raise ConfigError(f"runner must be 'local', 'emulated-icount' or a graphopt.RPCRunner, got {runner!r}")
@@ -180,15 +180,15 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
     database: the folder (default ``tuning/<target>/``); created if missing, reused if present.
     Ctrl-C stops the session; every record measured so far is kept and the next call resumes.
     """
-    from graphopt.capture import check_example_inputs, check_model
-    from graphopt.targets.tuning import (
+    from graphopt.passes.capture import check_example_inputs, check_model
+    from graphopt.targets.tuning.metaschedule import (
         budget,
         check_tunable,
         extract,
         fused_module,
         tune_tasks,
     )
-    from graphopt.targets.tuning_db import check_folder, open_database
+    from graphopt.targets.tuning.database import check_folder, open_database
 
     spec = get_target(target)
     check_tunable(spec)

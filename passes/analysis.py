@@ -14,7 +14,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from graphopt.pipeline import GraphRun
+from graphopt.passes.manager import GraphRun
 from graphopt.source import node_module
 
 aten = torch.ops.aten

@@ -24,8 +24,8 @@ import functools
 import math
 
 import torch
-from graphopt.passes._graph import arg
-from graphopt.passes._legalize import LegalizePass, Rewrite, TensorEmitter, unfit
+from graphopt.passes.graph import arg
+from graphopt.passes.rewrite import LegalizePass, Rewrite, TensorEmitter, unfit
 
 aten = torch.ops.aten
 

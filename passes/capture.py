@@ -24,7 +24,7 @@ from torch import fx
 
 from graphopt.errors import CaptureError, ConfigError, InputError, Unsupported
 from graphopt.passes.base import PassContext, Property
-from graphopt.pipeline import PassManager, PassRecord
+from graphopt.passes.manager import PassManager, PassRecord
 
 
 class CaptureMethod(str, enum.Enum):
@@ -70,7 +70,11 @@ def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch/graphopt: where the user's code broke capture."""
     import os
 
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), "<")
+    import graphopt
+    import graphopt.targets
+
+    own = (graphopt.__file__, __file__, graphopt.targets.__file__)  # graphopt's three source folders
+    skip = (os.path.dirname(torch.__file__), *(os.path.dirname(f) + os.sep for f in own), "<")
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
     if not frames:
         return "unknown location"

@@ -10,7 +10,7 @@ and BN with no conv/linear producer (it stays a per-channel scale and shift).
 from __future__ import annotations
 
 import torch
-from graphopt.passes._graph import add_constant, arg, constant_of, is_op
+from graphopt.passes.graph import add_constant, arg, constant_of, is_op
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
 

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from graphopt import qops
-from graphopt.passes._graph import add_constant, constant_of, delete_unused_attributes, is_op
+from graphopt.passes.graph import add_constant, constant_of, delete_unused_attributes, is_op
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 
 aten = torch.ops.aten

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from graphopt.passes._graph import alias_roots
+from graphopt.passes.graph import alias_roots
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
 

@@ -19,7 +19,7 @@ import operator
 import re
 
 import torch
-from graphopt.passes._graph import get_attr_value
+from graphopt.passes.graph import get_attr_value
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from graphopt.source import node_source
 from torch import fx

@@ -17,7 +17,7 @@ from torch import fx
 
 from graphopt.errors import Unsupported, UnsupportedModelError
 from graphopt.passes.base import GraphPass, PassContext, Property
-from graphopt.pipeline import PassManager, PassRecord
+from graphopt.passes.manager import PassManager, PassRecord
 from graphopt.source import node_source
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.opset import DATA_MOVEMENT, OperatorSet, op_kind
@@ -144,9 +144,9 @@ def check(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "ar
     """Dry run of compile's graph side for ``target``: capture, default passes, legalization, op-set
     and TVM support checks. Nothing is built; the model is left in the mode it came in."""
     from graphopt.api import _eval_mode
-    from graphopt.capture import capture, check_example_inputs, check_model, to_exported_program
-    from graphopt.pipeline import default_passes
-    from graphopt.support import unsupported_ops
+    from graphopt.passes.capture import capture, check_example_inputs, check_model, to_exported_program
+    from graphopt.passes.manager import default_passes
+    from graphopt.targets.lowering.support import unsupported_ops
 
     spec = get_target(target)
     check_model(model)

@@ -10,8 +10,8 @@ the other conv rewrites or the operator-set check.
 from __future__ import annotations
 
 import torch
-from graphopt.passes._graph import constant_of
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
+from graphopt.passes.graph import constant_of
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 from graphopt.passes.legalize_conv import conv_args
 from graphopt.targets.opset import conv_params
 

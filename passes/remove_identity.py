@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from graphopt.passes._graph import alias_roots, arg
+from graphopt.passes.graph import alias_roots, arg
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
 

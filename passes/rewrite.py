@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
-from graphopt.passes._graph import add_constant, constant_of
+from graphopt.passes.graph import add_constant, constant_of
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from graphopt.targets.opset import EVERYTHING, OperatorSet
 from torch import fx

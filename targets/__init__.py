@@ -12,5 +12,5 @@ from graphopt.targets.registry import (
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
 __all__ = ["Feature", "Runtime", "TargetSpec", "aliases_of", "get_target", "list_targets", "register_target"]
-from graphopt.targets import c_library as _c_library  # noqa: F401,E402  (registers the C library backend)
-from graphopt.targets import tvm_vm as _tvm_vm  # noqa: F401,E402  (registers the TVM VM backends)
+from graphopt.targets.backends import c_library as _c_library  # noqa: F401,E402  (registers the C library backend)
+from graphopt.targets.backends import tvm_vm as _tvm_vm  # noqa: F401,E402  (registers the TVM VM backends)

@@ -207,7 +207,7 @@ def _value(node, gm: fx.GraphModule) -> torch.Tensor | None:
     if isinstance(v, torch.Tensor):
         return v
     if node.op == "get_attr":
-        from graphopt.passes._graph import get_attr_value
+        from graphopt.passes.graph import get_attr_value
 
         v = get_attr_value(gm, node.target)
         return v if isinstance(v, torch.Tensor) else None

@@ -27,7 +27,7 @@ from prune_oracle import zero_consumers
 from torch import nn
 
 import graphopt
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 
 RTOL = 1e-4  # compiled vs eager, relative to the output's scale
 WITHIN_ONE_LSB = 0.98  # the quantized contract, end to end

@@ -29,7 +29,7 @@ from torch import nn
 
 import graphopt
 from graphopt.cli import build_parser, main
-from graphopt.targets.tuning_db import TuningDatabaseError
+from graphopt.targets.tuning.database import TuningDatabaseError
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -334,7 +334,7 @@ def test_tmpdir_with_metacharacters_compiles_runs_and_counts(target, tools, tmp_
 
 
 def test_a_failing_tool_reports_its_own_error_line_and_a_pasteable_command(tmp_path):
-    from graphopt.toolchain import run_tool
+    from graphopt.targets.backends.toolchain import run_tool
 
     require_tools("gcc")
     src = tmp_path / WEIRD / "bad.c"

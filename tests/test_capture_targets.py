@@ -13,7 +13,7 @@ from graphopt.targets import (
 )
 from torch import nn
 
-from graphopt.capture import CaptureMethod, capture
+from graphopt.passes.capture import CaptureMethod, capture
 from graphopt.errors import CaptureError, ConfigError, InputError, UnknownTargetError
 
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import c_emitter, get_target
-from graphopt.targets.c_library import RUNTIME_SRC, linker_script, run_firmware
-from graphopt.targets.int8 import dot_kernel, dot_kernels
-from graphopt.targets.intrin_cortex_m import (
+from graphopt.targets.backends import c_emitter, get_target
+from graphopt.targets.backends.c_library import RUNTIME_SRC, linker_script, run_firmware
+from graphopt.targets.lowering.int8 import dot_kernel, dot_kernels
+from graphopt.targets.lowering.intrin_cortex_m import (
     DEPTH,
     DSP16_KERNEL,
     DSP_KERNEL,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from graphopt.distill import (
+from graphopt.distillation import (
     DistillationLoss,
     Ensemble,
     SoftLoss,

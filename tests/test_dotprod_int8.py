@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import int8, intrin_dotprod
-from graphopt.targets.int8 import _pack_conv_weight, _pack_dense_weight
+from graphopt.targets.lowering import int8, intrin_dotprod
+from graphopt.targets.lowering.int8 import _pack_conv_weight, _pack_dense_weight
 from torch import nn
 
 import graphopt

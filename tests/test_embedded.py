@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import require_tools
 from graphopt.targets import Runtime, c_emitter, c_library, get_target
-from graphopt.targets.c_library import (
+from graphopt.targets.backends.c_library import (
     RUNTIME_SRC,
     compile_program,
     linker_script,
@@ -30,7 +30,7 @@ from graphopt.targets.c_library import (
 import graphopt
 from graphopt import zoo
 from graphopt.errors import ConfigError, LoweringError, ToolchainError
-from graphopt.legalize import OperatorSetError
+from graphopt.passes.legalization import OperatorSetError
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")

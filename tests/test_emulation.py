@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import IN_CI, require_tools
-from graphopt.targets import emulation as emu
+from graphopt.targets.backends import emulation as emu
 from graphopt.targets import get_target
 
-from graphopt import toolchain
+from graphopt.targets.backends import toolchain
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
 
 SPEC = get_target("arm-a53")

@@ -8,7 +8,7 @@ from graphopt.passes.functionalize import Functionalize, functional_form
 from torch import fx, nn
 
 import graphopt
-from graphopt.capture import CaptureMethod, capture
+from graphopt.passes.capture import CaptureMethod, capture
 from graphopt.zoo import recalibrate_bn
 
 aten = torch.ops.aten

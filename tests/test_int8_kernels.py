@@ -10,9 +10,9 @@ from conftest import require_tools
 from torch import nn
 
 import graphopt
-from graphopt.quantize import to_integer
+from graphopt.quantization import to_integer
 from graphopt.targets import get_target
-from graphopt.targets.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels, reduction
+from graphopt.targets.lowering.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels, reduction
 from graphopt.targets.spec import Feature
 
 X = torch.randn(1, 3, 14, 14, generator=torch.Generator().manual_seed(1))
@@ -156,7 +156,7 @@ def test_few_channel_stems_reduce_over_window_rows_exactly(target):
     for inp in (x, 3 * torch.randn(1, 1, 15, 15, generator=torch.Generator().manual_seed(6))):
         assert torch.equal(cm(inp), integer_graph(inp))
     if target == "host":  # the 7×7×3 stem reads [n, h, w·c] rows, not channel-padded pixels
-        from graphopt.targets.lowering import lower
+        from graphopt.targets.lowering.phases import lower
 
         mod = lower(torch.export.export(integer_graph, (x,)).run_decompositions(), get_target(target)).ir_module
         assert sum('T.sblock("rows")' in f.script() for _, f in mod.functions_items()) == 1
@@ -164,7 +164,7 @@ def test_few_channel_stems_reduce_over_window_rows_exactly(target):
 
 def test_conv_kernels_write_int8_not_int32(quantized):
     """requantize fused into the conv epilogue: no int32 accumulator tensor between kernels."""
-    from graphopt.targets.lowering import lower
+    from graphopt.targets.lowering.phases import lower
     from tvm import relax
 
     _, integer_graph = quantized
@@ -183,8 +183,8 @@ def test_conv_kernels_write_int8_not_int32(quantized):
 def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
     """MetaSchedule cannot express the packed-weight register tile around the intrinsic: those kernels
     are not tuning tasks (the depthwise and data-movement kernels are)."""
-    from graphopt.targets.int8 import DOT_ATTR
-    from graphopt.targets.tuning import extract, fused_module
+    from graphopt.targets.lowering.int8 import DOT_ATTR
+    from graphopt.targets.tuning.metaschedule import extract, fused_module
 
     _, integer_graph = quantized
     spec = get_target("host")

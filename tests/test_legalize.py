@@ -15,8 +15,8 @@ from torch.nn import functional as F
 
 import graphopt
 from graphopt import qref
-from graphopt.capture import capture
-from graphopt.legalize import legalization_passes, run_legalization, unfit_nodes
+from graphopt.passes.capture import capture
+from graphopt.passes.legalization import legalization_passes, run_legalization, unfit_nodes
 
 BROAD = ("conv2d", "linear", "matmul", "add", "sub", "mul", "div", "relu", "clamp", "mean", "rsqrt", "softmax",
          "where", "sum", "gt", "any", "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "hardtanh", "relu6",

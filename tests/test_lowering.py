@@ -15,7 +15,7 @@ import torch.nn.functional as F
 torch.manual_seed(0)
 tvm = pytest.importorskip("tvm")
 from graphopt.targets import get_target  # noqa: E402
-from graphopt.targets.lowering import LoweringResult, export_library, lower  # noqa: E402
+from graphopt.targets.lowering.phases import LoweringResult, export_library, lower  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from graphopt.errors import LoweringError  # noqa: E402
@@ -215,7 +215,7 @@ def _te_two_reductions():
 @pytest.mark.parametrize("make,rule", [(_te_matmul_flipped, "channel_last_reduction"),
                                        (_te_two_reductions, "fallback")])
 def test_schedule_rules_on_primfuncs(make, rule):
-    from graphopt.targets.schedules import schedule_module
+    from graphopt.targets.lowering.schedules import schedule_module
 
     func, in_shapes, out_shape, ref = make()
     spec = get_target("host")

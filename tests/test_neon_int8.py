@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import int8, intrin_neon
+from graphopt.targets.lowering import int8, intrin_neon
 from graphopt.targets.spec import Feature
 from torch import nn
 

@@ -7,9 +7,9 @@ from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.remove_identity import RemoveIdentity
 from torch import nn
 
-from graphopt.capture import capture
+from graphopt.passes.capture import capture
 from graphopt.errors import NumericsError, PassError
-from graphopt.pipeline import PassManager, default_passes
+from graphopt.passes.manager import PassManager, default_passes
 from graphopt.zoo import recalibrate_bn
 
 aten = torch.ops.aten

@@ -10,7 +10,7 @@ from torch import nn
 
 import graphopt
 from graphopt.errors import ConfigError
-from graphopt.prune import apply_plan
+from graphopt.pruning import apply_plan
 from graphopt.zoo import MobileNetBlocks, PlainCNN, ResidualCNN, recalibrate_bn
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import graphopt
 from graphopt import qops, qref
-from graphopt.capture import capture
+from graphopt.passes.capture import capture
 from graphopt.passes.base import PassContext, Property
 from graphopt.passes.fold_qdq import FoldQDQ
 from quant_models import PATTERNS, ConvBnRelu, Residual, calibration, ready
@@ -200,7 +200,7 @@ def test_qat_trains_with_learnable_scales():
 def test_per_layer_override_and_first_last_default():
     scheme = graphopt.QuantScheme(weights=4, overrides={"c2": graphopt.LayerQuant(weights=2)})
     prepared = graphopt.prepare_qat(ready(Residual()), (X,), scheme=scheme)
-    from graphopt.quantize import FakeQuantize
+    from graphopt.quantization import FakeQuantize
 
     bits = {fq.what: fq.bits for fq in prepared.modules() if isinstance(fq, FakeQuantize) and fq.weight}
     assert bits == {"weight of c1": 8, "weight of c2": 2, "weight of c3": 8}

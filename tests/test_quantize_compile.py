@@ -75,7 +75,7 @@ def _relax_fixed_point_multiply(acc, m0, shift, bound=None):
     import tvm
     from tvm import relax
 
-    from graphopt.targets.converters import _constants_along, _fixed_point_multiply
+    from graphopt.targets.lowering.converters import _constants_along, _fixed_point_multiply
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(acc.shape, "int32"))

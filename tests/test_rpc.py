@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets.rpc import EMULATED_NOTE, EmulatedDevice, LocalTracker
-from graphopt.targets.tuning_db import RECORDS
+from graphopt.targets.tuning.rpc import EMULATED_NOTE, EmulatedDevice, LocalTracker
+from graphopt.targets.tuning.database import RECORDS
 
 import graphopt
 

@@ -11,10 +11,10 @@ from graphopt.passes.remove_identity import RemoveIdentity
 from torch import nn
 
 import graphopt
-from graphopt.analysis import analyze
-from graphopt.capture import capture
+from graphopt.passes.analysis import analyze
+from graphopt.passes.capture import capture
 from graphopt.errors import PassError
-from graphopt.pipeline import PassManager, default_passes
+from graphopt.passes.manager import PassManager, default_passes
 from graphopt.zoo import recalibrate_bn
 
 aten = torch.ops.aten

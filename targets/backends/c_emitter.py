@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 from graphopt.targets.spec import TargetSpec
 
-from graphopt import toolchain
+from graphopt.targets.backends import toolchain
 from graphopt.errors import ConfigError, GraphoptError, LoweringError, Unsupported
 
 ALIGN = 64  # arena, workspace and weight alignment (TVM's kernels assume 64-byte aligned buffers)
@@ -128,7 +128,7 @@ def _phase(name: str, fn: Callable, phases: dict, progress: Callable[[str], None
 
 def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress):
     import tvm
-    from graphopt.targets.lowering import PHASES
+    from graphopt.targets.lowering.phases import PHASES
     from tvm import relax
 
     ir = ep

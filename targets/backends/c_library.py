@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from graphopt.targets.backend import Backend, BuildResult, Measurement, register_backend
-from graphopt.targets.c_emitter import ALIGN, CLibrary, emit_library
+from graphopt.targets.backends.base import Backend, BuildResult, Measurement, register_backend
+from graphopt.targets.backends.c_emitter import ALIGN, CLibrary, emit_library
 from graphopt.targets.spec import Runtime, TargetSpec
 
-from graphopt import toolchain
+from graphopt.targets.backends import toolchain
 from graphopt.errors import ConfigError, LoweringError, ToolchainError, Unsupported
 
 RUNTIME_SRC = Path(__file__).resolve().parent / "runtime"

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from graphopt.targets.spec import Runtime, TargetSpec
 
-from graphopt import toolchain
+from graphopt.targets.backends import toolchain
 from graphopt.artifact import write_manifest
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
 

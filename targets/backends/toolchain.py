@@ -278,9 +278,7 @@ def _extract_runtime(wheels: list[Path], out: Path) -> None:
 
 def plugin_source() -> Path:
     """The instruction-counting plugin's C source shipped with graphopt."""
-    import graphopt.targets
-
-    return Path(graphopt.targets.__file__).resolve().parent / "runtime" / "insncount.c"
+    return Path(__file__).resolve().parent / "runtime" / "insncount.c"
 
 
 def _qemu_source_version() -> str:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from graphopt.targets.backend import Backend, BuildResult, Measurement, register_backend
+from graphopt.targets.backends.base import Backend, BuildResult, Measurement, register_backend
 from graphopt.targets.spec import Runtime, TargetSpec
 
 
@@ -19,7 +19,7 @@ def _flatten(value) -> list:
 
 class NativeVM(Backend):
     def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
-        from graphopt.targets.lowering import export_library, lower
+        from graphopt.targets.lowering.phases import export_library, lower
 
         lowered = lower(ep, spec, progress=progress)
         export_library(lowered, spec, build_dir / "model.so")
@@ -52,8 +52,8 @@ def _borrow(a: np.ndarray):
 
 class EmulatedVM(Backend):
     def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
-        from graphopt.targets.emulation import package_arm_artifact
-        from graphopt.targets.lowering import export_library, lower
+        from graphopt.targets.backends.emulation import package_arm_artifact
+        from graphopt.targets.lowering.phases import export_library, lower
 
         from graphopt.artifact import read_manifest
 
@@ -63,12 +63,12 @@ class EmulatedVM(Backend):
         return BuildResult({**read_manifest(build_dir), "library": "model.so"}, lowered.stats)
 
     def run(self, build_dir, spec, arrays, manifest, cache) -> list[np.ndarray]:
-        from graphopt.targets.emulation import run_emulated
+        from graphopt.targets.backends.emulation import run_emulated
 
         return run_emulated(build_dir, spec, arrays).outputs
 
     def measure(self, build_dir, spec: TargetSpec, arrays) -> Measurement:
-        from graphopt.targets.emulation import run_emulated
+        from graphopt.targets.backends.emulation import run_emulated
 
         from graphopt.errors import ToolchainError
 

@@ -245,7 +245,7 @@ def _add_offset(imp, node, acc, w, bias, x_zp: int, axes: list[int], shape: list
 def _qconv2d(node, imp):
     from tvm import relax
 
-    from graphopt.targets import lowbit
+    from graphopt.targets.lowering import lowbit
 
     if (packed := lowbit.qconv2d(node, imp)) is not None:  # weights from unpack_bits: packed kernels
         return packed
@@ -262,7 +262,7 @@ def _qconv2d(node, imp):
 def _qlinear(node, imp):
     from tvm import relax
 
-    from graphopt.targets import lowbit
+    from graphopt.targets.lowering import lowbit
 
     if (packed := lowbit.qlinear(node, imp)) is not None:  # weights from unpack_bits: packed kernels
         return packed

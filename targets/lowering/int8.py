@@ -166,10 +166,10 @@ _REGISTERED = False
 def _register_intrinsics() -> None:
     global _REGISTERED
     if not _REGISTERED:
-        from graphopt.targets.tuning import prepare_tvm
+        from graphopt.targets.tuning.metaschedule import prepare_tvm
 
         prepare_tvm()  # registers TVM's CPU intrinsics, with the VNNI one fixed for LLVM 22
-        from graphopt.targets import (  # noqa: F401  importing registers the kernels
+        from graphopt.targets.lowering import (  # noqa: F401  importing registers the kernels
             intrin_cortex_m,  # the Cortex-M DSP kernel
             intrin_dotprod,  # the aarch64 indexed-sdot 4×16 kernel
             intrin_neon,  # the NEON 4×64/4×32/4×16 kernels

@@ -25,7 +25,7 @@ with `graphopt.targets.int8`, the int16-weight one first (`choose` prefers it wh
 """
 from __future__ import annotations
 
-from graphopt.targets.int8 import DotKernel, dot_desc, register_dot_kernel
+from graphopt.targets.lowering.int8 import DotKernel, dot_desc, register_dot_kernel
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T

@@ -16,7 +16,7 @@ Importing the module registers it for `Feature.DOTPROD` targets ahead of TVM's 4
 """
 from __future__ import annotations
 
-from graphopt.targets.int8 import DotKernel, dot_desc, register_dot_kernel
+from graphopt.targets.lowering.int8 import DotKernel, dot_desc, register_dot_kernel
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T

@@ -21,7 +21,7 @@ TVM's 4×4 one (layers whose channels are not a multiple of 16, e.g. an RGB stem
 """
 from __future__ import annotations
 
-from graphopt.targets.int8 import DotKernel, dot_desc, register_dot_kernel
+from graphopt.targets.lowering.int8 import DotKernel, dot_desc, register_dot_kernel
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T

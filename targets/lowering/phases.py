@@ -36,7 +36,7 @@ class LoweringResult:
 def _import(ep, spec, state):
     from tvm.relax.frontend.torch import from_exported_program
 
-    from graphopt.targets.converters import converters, importing
+    from graphopt.targets.lowering.converters import converters, importing
 
     with importing(ep, spec):
         return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=converters())
@@ -135,7 +135,7 @@ def _pad_between_transposes(call, bound):
 
 def _layout(mod, spec, state):
     import tvm
-    from graphopt.targets.schedules import CONV_LAYOUT
+    from graphopt.targets.lowering.schedules import CONV_LAYOUT
     from tvm import relax
 
     state["layout"] = "as imported"
@@ -152,7 +152,7 @@ def _layout(mod, spec, state):
 
 def _legalize(mod, spec, state):
     import tvm
-    from graphopt.targets.schedules import legalize_map
+    from graphopt.targets.lowering.schedules import legalize_map
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -175,8 +175,8 @@ def _fuse(mod, spec, state):
 
 
 def _schedule(mod, spec, state):
-    from graphopt.targets.schedules import schedule_module
-    from graphopt.targets.tuning import active_database, apply_database
+    from graphopt.targets.lowering.schedules import schedule_module
+    from graphopt.targets.tuning.metaschedule import active_database, apply_database
 
     database = active_database()  # set by compile(database=...): tuned kernels first, rules for the rest
     if database is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from graphopt.targets.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
+from graphopt.targets.lowering.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight

@@ -16,7 +16,7 @@ def _importer_ops() -> set[str]:
         ExportedProgramImporter,
     )
 
-    from graphopt.targets.converters import converters
+    from graphopt.targets.lowering.converters import converters
 
     return {k for k in ExportedProgramImporter().convert_map if isinstance(k, str)} | set(converters())
 

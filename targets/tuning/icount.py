@@ -23,10 +23,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from graphopt.targets.emulation import RUNTIME_SRC, _check_spec, _execute, _read_count
+from graphopt.targets.backends.emulation import RUNTIME_SRC, _check_spec, _execute, _read_count
 from graphopt.targets.spec import TargetSpec
 
-from graphopt import toolchain
+from graphopt.targets.backends import toolchain
 from graphopt.errors import ConfigError, ToolchainError
 
 _REPEAT = 2

@@ -113,7 +113,7 @@ def make_builder(spec: TargetSpec, timeout_sec: float = 180):
 
 def fused_module(ep, spec: TargetSpec):
     """Run `lowering.PHASES` from import through fuse on `ep` (the module compile schedules)."""
-    from graphopt.targets.lowering import PHASES, _error_line
+    from graphopt.targets.lowering.phases import PHASES, _error_line
 
     from graphopt.errors import LoweringError, Unsupported
 
@@ -141,7 +141,7 @@ def extract(mod, spec: TargetSpec) -> list:
     """MetaSchedule tasks of `mod`, without the kernels graphopt schedules itself: tensorized int8
     dot kernels (their packed-weight register tiles around the intrinsic are `schedules.TensorizedDot`'s)
     and kernels emitted already scheduled (e.g. the binary XNOR-popcount ones)."""
-    from graphopt.targets.int8 import DOT_ATTR
+    from graphopt.targets.lowering.int8 import DOT_ATTR
     from tvm.s_tir import meta_schedule as ms
 
     prepare_tvm()

@@ -38,10 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from graphopt.targets.emulation import RUNTIME_SRC, _check_spec
+from graphopt.targets.backends.emulation import RUNTIME_SRC, _check_spec
 from graphopt.targets.spec import TargetSpec
 
-from graphopt import toolchain
+from graphopt.targets.backends import toolchain
 from graphopt.errors import ConfigError, ToolchainError
 
 EMULATED_NOTE = "EMULATED under qemu: timings prove the RPC path, they are not the board's real speed"
