@@ -29,7 +29,7 @@ from graphopt.passes.capture import (
     to_exported_program,
 )
 from graphopt.compiled import CompiledModel, new_build_dir
-from graphopt.errors import ConfigError, InputError, LoweringError, NumericsError
+from graphopt.errors import ConfigError, GraphoptWarning, InputError, LoweringError, NumericsError
 from graphopt.passes.legalization import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.passes.manager import PassManager, default_passes, flat_outputs, max_rel_error
@@ -41,10 +41,6 @@ from graphopt.targets.backends.base import backend_for
 
 if TYPE_CHECKING:
     from graphopt.pruning import PruneConfig
-
-
-class GraphoptWarning(UserWarning):
-    pass
 
 
 def c_identifier(name: str, *, explicit: bool) -> str:

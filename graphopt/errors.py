@@ -1,4 +1,8 @@
-"""graphopt's exceptions. Every user-facing failure is one of these, with what to do next."""
+"""graphopt's exceptions and warnings. Every user-facing failure is one of these, with what to do next.
+
+The base of the house: this module imports nothing of graphopt, and no other module defines an
+error or warning class a user can see.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,6 +59,10 @@ class LoweringError(UnsupportedModelError):
     """TVM could not import or build the captured graph."""
 
 
+class OperatorSetError(UnsupportedModelError):
+    """Nodes that no rewrite fits into the target's operator set; ``items`` lists each one."""
+
+
 class ToolchainError(GraphoptError):
     """A cross compiler, emulator or runtime library is missing or failed."""
 
@@ -73,3 +81,16 @@ class PassError(GraphoptError):
 
 class QuantizationError(GraphoptError, ValueError):
     """A quantization scheme, calibration set or model state that graphopt cannot quantize."""
+
+
+class TuningError(GraphoptError):
+    """Tuning cannot start or continue (bad target, runner, or budget)."""
+
+
+class TuningDatabaseError(ConfigError):
+    """A tuning database folder that cannot be opened as asked."""
+
+
+class GraphoptWarning(UserWarning):
+    """Something graphopt did differently from what was asked (eval mode instead of training mode,
+    a pruning budget not met); the report records the same fact."""

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from graphopt.passes.analysis import analyze
-from graphopt.api import GraphoptWarning
 from graphopt.passes.capture import capture, check_example_inputs, check_model
-from graphopt.errors import ConfigError
+from graphopt.config import coerce_enum
+from graphopt.errors import ConfigError, GraphoptWarning
 from graphopt.passes.base import Decline
 from graphopt.passes.dependency import (
     DependencyGraph,
@@ -60,16 +60,6 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class Criterion(str, enum.Enum):
     L1 = "l1"  # sum of absolute weights of a filter
     L2 = "l2"  # Euclidean norm of a filter
-
-
-def as_enum(cls: type[enum.Enum], value, what: str):
-    """``value`` as a member of ``cls`` (members, values and names accepted, case-insensitive)."""
-    if isinstance(value, cls):
-        return value
-    for m in cls:
-        if isinstance(value, str) and value.lower() in (m.value.lower(), m.name.lower()):
-            return m
-    raise ConfigError(f"unknown {what} {value!r}; choose one of {[m.value for m in cls]}")
 
 
 def _fraction(name: str, value, upper_inclusive: bool = False) -> None:
@@ -111,7 +101,7 @@ class PruneConfig:
     sparse_storage: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "criterion", as_enum(Criterion, self.criterion, "criterion"))
+        object.__setattr__(self, "criterion", coerce_enum(Criterion, self.criterion, "criterion"))
         budgets = [n for n in ("target_macs", "target_params", "ratio") if getattr(self, n) is not None]
         if len(budgets) > 1:
             raise ConfigError(f"give one structured budget, not {budgets}")

@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from graphopt import qops  # noqa: F401  registers torch.ops.graphopt and quantized_decomposed
 from graphopt.passes.capture import capture, check_example_inputs
+from graphopt.config import coerce_enum
 from graphopt.errors import QuantizationError
 from graphopt.passes.graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
@@ -119,11 +120,7 @@ class QuantScheme:
             raise QuantizationError(f"overrides must map module paths (str) to LayerQuant, e.g. "
                                     f"{{'features.0': LayerQuant(weights=8)}}; got {self.overrides!r}")
         for name in ("observer", "weight_observer"):
-            try:
-                object.__setattr__(self, name, Observer(getattr(self, name)))
-            except ValueError:
-                raise QuantizationError(f"{name}={getattr(self, name)!r}; use one of "
-                                        f"{[o.value for o in Observer]}") from None
+            object.__setattr__(self, name, coerce_enum(Observer, getattr(self, name), name, QuantizationError))
         if not 50.0 < self.percentile <= 100.0:
             raise QuantizationError(f"percentile={self.percentile} must be in (50, 100]")
         if not 0.0 < self.averaging_constant <= 1.0:

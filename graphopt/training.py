@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from graphopt.passes.capture import check_model
+from graphopt.config import coerce_enum
 from graphopt.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,7 +43,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "optimizer", _enum(Optimizer, self.optimizer, "optimizer"))
+        object.__setattr__(self, "optimizer", coerce_enum(Optimizer, self.optimizer, "optimizer"))
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int):
             raise ConfigError(f"epochs={self.epochs!r} must be an int, e.g. epochs=3")
         for name in ("lr", "momentum", "weight_decay"):
@@ -66,13 +67,6 @@ def check_batches(data, what: str = "data") -> None:
         got = "a single tensor" if isinstance(data, torch.Tensor) else type(data).__name__
         raise ConfigError(f"{what} must be an iterable of batches, e.g. a DataLoader or a list of (x, y) tuples; "
                           f"got {got}")
-
-
-def _enum(cls, value, what: str):
-    try:
-        return cls(value)
-    except ValueError:
-        raise ConfigError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
 @dataclass

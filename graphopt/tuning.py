@@ -31,7 +31,8 @@ import torch
 from graphopt.errors import ConfigError
 from graphopt.progress import Steps
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.tuning.metaschedule import TaskResult, TuningError
+from graphopt.errors import TuningError
+from graphopt.targets.tuning.metaschedule import TaskResult
 
 __all__ = ["RPCRunner", "TuningError", "TuningSummary", "tune", "exported_for_tuning"]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from graphopt.config import coerce_enum
 from graphopt.errors import CaptureError, ConfigError, InputError, Unsupported
 from graphopt.passes.base import PassContext, Property
 from graphopt.passes.manager import PassManager, PassRecord
@@ -125,10 +126,7 @@ def _via_symbolic_trace(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
 def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = CaptureMethod.AUTO) -> Captured:
     """Capture ``model`` on ``example_inputs``; see the module docstring."""
     check_model(model)
-    try:
-        method = CaptureMethod(method)
-    except ValueError:
-        raise ConfigError(f"capture_method={method!r}; use one of {[m.value for m in CaptureMethod]}") from None
+    method = coerce_enum(CaptureMethod, method, "capture_method")
     args = check_example_inputs(example_inputs)
     try:
         with torch.no_grad():

@@ -15,16 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from graphopt.errors import Unsupported, UnsupportedModelError
+from graphopt.errors import OperatorSetError, Unsupported
 from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.passes.manager import PassManager, PassRecord
 from graphopt.source import node_source
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.opset import DATA_MOVEMENT, OperatorSet, op_kind
-
-
-class OperatorSetError(UnsupportedModelError):
-    """Nodes that no rewrite fits into the target's operator set; ``items`` lists each one."""
 
 
 def legalization_passes(approximate: bool = False) -> list[GraphPass]:

@@ -29,7 +29,7 @@ from torch import nn
 
 import graphopt
 from graphopt.cli import build_parser, main
-from graphopt.targets.tuning.database import TuningDatabaseError
+from graphopt.errors import TuningDatabaseError
 
 X = torch.randn(1, 3, 8, 8)
 

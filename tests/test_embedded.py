@@ -30,7 +30,7 @@ from graphopt.targets.backends.c_library import (
 import graphopt
 from graphopt import zoo
 from graphopt.errors import ConfigError, LoweringError, ToolchainError
-from graphopt.passes.legalization import OperatorSetError
+from graphopt.errors import OperatorSetError
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")

@@ -33,16 +33,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphopt.errors import ConfigError
+from graphopt.errors import TuningDatabaseError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 SPENT = "graphopt_trials_spent.json"
 _LOCK = ".lock"
-
-
-class TuningDatabaseError(ConfigError):
-    """A tuning database folder that cannot be opened as asked."""
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,7 @@ from typing import Callable
 
 from graphopt.targets.spec import TargetSpec
 
-from graphopt.errors import GraphoptError
-
-
-class TuningError(GraphoptError):
-    """Tuning cannot start or continue (bad target, runner, or budget)."""
+from graphopt.errors import GraphoptError, TuningError
 
 
 # --------------------------------------------------------------------------- TVM start-up traps

@@ -1,0 +1,27 @@
+"""The one coercion rule for enum-valued options.
+
+Every option typed as a `str`-valued `enum.Enum` (capture method, criterion, norm, scope, observer,
+optimizer, soft loss) accepts a member, its value or its name, case-insensitively — ``"l1"``,
+``"L1"`` and ``Criterion.L1`` are the same — and anything else is refused with one message naming
+the choices. Imports nothing of graphopt but its errors.
+"""
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from graphopt.errors import ConfigError, GraphoptError
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def coerce_enum(cls: type[E], value: object, what: str, error: type[GraphoptError] = ConfigError) -> E:
+    """``value`` as a member of ``cls``; ``error`` (default `ConfigError`) names ``what`` and the choices."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        for member in cls:
+            if key in (str(member.value).lower(), member.name.lower()):
+                return member
+    raise error(f"{what}={value!r} is not a known {what}; use one of {[m.value for m in cls]}")
