@@ -6,7 +6,6 @@ work is not counted (it is reported as zero, by convention of the field).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,60 +13,9 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from graphopt import ops
 from graphopt.passes.manager import GraphRun
 from graphopt.source import node_module
-
-aten = torch.ops.aten
-
-
-def _shape(n) -> tuple[int, ...] | None:
-    tm = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
-
-def _numel(shape) -> int:
-    return math.prod(shape) if shape is not None else 0
-
-
-def _conv(n):  # out · (Cin/groups) · prod(kernel)
-    w = _shape(n.args[1])
-    return _numel(_shape(n)) * _numel(w[1:]) if w else 0
-
-
-def _conv_transpose(n):  # every input element scatters Cout/groups · prod(kernel)
-    w = _shape(n.args[1])
-    return _numel(_shape(n.args[0])) * _numel(w[1:]) if w else 0
-
-
-def _linear(n):  # out · in_features
-    w = _shape(n.args[1])
-    return _numel(_shape(n)) * w[-1] if w else 0
-
-
-def _matmul(n):  # out · K, K = last dim of the first operand
-    a = _shape(n.args[0])
-    return _numel(_shape(n)) * a[-1] if a else 0
-
-
-def _addmm(n):  # addmm(bias, a, b): out · K
-    a = _shape(n.args[1])
-    return _numel(_shape(n)) * a[-1] if a else 0
-
-
-def _sdpa(n):  # QKᵀ and PV: 2 · B·H·L·S·D
-    q, k = _shape(n.args[0]), _shape(n.args[1])
-    return 2 * _numel(q) * k[-2] if q and k else 0
-
-
-MAC_RULES = {
-    aten.conv1d.default: _conv, aten.conv2d.default: _conv, aten.conv3d.default: _conv,
-    aten.convolution.default: _conv,
-    aten.conv_transpose1d.default: _conv_transpose, aten.conv_transpose2d.input: _conv_transpose,
-    aten.linear.default: _linear,
-    aten.matmul.default: _matmul, aten.mm.default: _matmul, aten.bmm.default: _matmul,
-    aten.addmm.default: _addmm, aten.baddbmm.default: _addmm,
-    aten.scaled_dot_product_attention.default: _sdpa,
-}
 
 
 @dataclass
@@ -119,9 +67,8 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
                 nbytes += t.numel() * t.element_size()
     macs, by_module = 0, {}
     for n in gm.graph.nodes:
-        rule = MAC_RULES.get(n.target) if n.op == "call_function" else None
-        if rule is not None:
-            m = int(rule(n))
+        m = ops.macs(n)
+        if m is not None:
             macs += m
             key = node_module(n) or n.name
             by_module[key] = by_module.get(key, 0) + m

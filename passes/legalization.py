@@ -20,7 +20,8 @@ from graphopt.passes.base import GraphPass, PassContext, Property
 from graphopt.passes.manager import PassManager, PassRecord
 from graphopt.source import node_source
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.opset import DATA_MOVEMENT, OperatorSet, op_kind
+from graphopt.ops import DATA_MOVEMENT, op_kind
+from graphopt.targets.opset import OperatorSet
 
 
 def legalization_passes(approximate: bool = False) -> list[GraphPass]:

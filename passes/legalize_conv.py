@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
-from graphopt.targets.opset import conv_params
+from graphopt.ops import conv_params
 
 aten = torch.ops.aten
 CONV = aten.conv2d.default

@@ -13,7 +13,7 @@ import torch
 from graphopt.passes.graph import constant_of
 from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 from graphopt.passes.legalize_conv import conv_args
-from graphopt.targets.opset import conv_params
+from graphopt.ops import conv_params
 
 aten = torch.ops.aten
 
