@@ -85,7 +85,7 @@ def host(name: str, args) -> None:
 def arm(name: str, args) -> None:
     from graphopt.targets.tuning.icount import kernel_counts
     from graphopt.targets.lowering.phases import lower
-    from graphopt.targets.tuning.metaschedule import applying
+    from graphopt.targets.lowering.tuned import applying
     from graphopt.targets.tuning.database import open_database
 
     from graphopt.tuning import exported_for_tuning

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from graphopt.errors import ConfigError, GraphoptError
+from graphopt.errors import ConfigError, GraphoptError, first_line
 
 
 def _user_code_error(what: str, exc: Exception) -> ConfigError:
@@ -29,9 +29,9 @@ def _user_code_error(what: str, exc: Exception) -> ConfigError:
     if isinstance(exc, SyntaxError):
         return ConfigError(f"{what}: SyntaxError: {exc.msg} at {exc.filename}:{exc.lineno}: "
                            f"{(exc.text or '').strip()}; fix the file and run again")
-    from graphopt.passes.capture import _first_line, _user_frame
+    from graphopt.passes.capture import user_frame
 
-    return ConfigError(f"{what} raised {_first_line(exc)} at {_user_frame(exc)}; fix it and run again")
+    return ConfigError(f"{what} raised {first_line(exc)} at {user_frame(exc)}; fix it and run again")
 
 
 def load_factory(spec: str):
@@ -84,16 +84,19 @@ def build_model(spec: str, *, inputs_required: bool = True):
 
 
 def _cmd_compile(a) -> int:
-    import graphopt
+    from graphopt.api import compile
     from graphopt.artifact import check_destination
+    from graphopt.targets import get_target
 
-    spec = graphopt.get_target(a.target)
+    spec = get_target(a.target)
     out = check_destination(a.out, overwrite=a.overwrite)
     model, inputs = build_model(a.model)
-    cm = graphopt.compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
-                          count_instructions=not a.no_count_instructions)
+    cm = compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
+                 count_instructions=not a.no_count_instructions)
     path = cm.save(out, overwrite=a.overwrite)
-    print(cm.report.to_json() if a.json else cm.report.to_markdown())
+    report = cm.report
+    assert report is not None  # compile always reports
+    print(report.to_json() if a.json else report.to_markdown())
     print(f"artifact written to {path}", file=sys.stderr)
     return 0
 
@@ -126,12 +129,12 @@ def _cmd_optimize(a) -> int:
 
 
 def _cmd_tune(a) -> int:
-    import graphopt
+    from graphopt.tuning import RPCRunner, tune
 
     model, inputs = build_model(a.model)
-    runner = graphopt.RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
+    runner = RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
     try:
-        graphopt.tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
+        tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
                       database=a.db, runner=runner, progress=True)
     except KeyboardInterrupt:
         print(f"graphopt: tuning interrupted; every record measured so far is kept in {a.db or 'tuning/' + a.target}; "
@@ -161,10 +164,12 @@ def _cmd_targets(a) -> int:
 
 
 def _cmd_setup_runtime(a) -> int:
+    from graphopt.progress import shown
     from graphopt.targets.backends.toolchain import ensure_qemu_plugin, ensure_runtime
 
-    print(f"aarch64 TVM runtime: {ensure_runtime(progress=print)}")
-    print(f"QEMU instruction-count plugin: {ensure_qemu_plugin(progress=print)}")
+    with shown(True):
+        print(f"aarch64 TVM runtime: {ensure_runtime()}")
+        print(f"QEMU instruction-count plugin: {ensure_qemu_plugin()}")
     return 0
 
 

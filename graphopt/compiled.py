@@ -27,7 +27,7 @@ from graphopt.artifact import MANIFEST, TensorSpec, pid_alive, publish, read_man
 from graphopt.errors import ArtifactError, ConfigError, GraphoptError, InputError
 from graphopt.report import Report
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.backends.base import backend_for
+from graphopt.targets.backends.registry import backend_for
 
 
 class CompiledModel:
@@ -55,7 +55,7 @@ class CompiledModel:
         return cls(get_target(manifest["target"]["name"]), folder, manifest, None, owns_build_dir=False)
 
     def __call__(self, *inputs: torch.Tensor):
-        arrays = self._check_inputs(inputs)
+        arrays = self.check_inputs(inputs)
         if not (self.build_dir / MANIFEST).is_file():
             raise ArtifactError(f"the artifact folder {self.build_dir} no longer exists or lost its {MANIFEST} "
                                 "(deleted after compile?). Recompile the model, or CompiledModel.load a saved copy.")
@@ -82,7 +82,7 @@ class CompiledModel:
                                 "recompile the model. Nothing was written.")
         return publish(self.build_dir, path, overwrite=overwrite)
 
-    def _check_inputs(self, inputs) -> list[np.ndarray]:
+    def check_inputs(self, inputs) -> list[np.ndarray]:
         if len(inputs) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input(s) "
                              f"{[(s.name, s.shape, s.dtype) for s in self.inputs]}, got {len(inputs)}")

@@ -33,17 +33,16 @@ import enum
 import fnmatch
 import heapq
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from graphopt.passes.analysis import analyze
-from graphopt.passes.capture import capture, check_example_inputs, check_model
+from graphopt.passes.analysis import cost as graph_cost
+from graphopt.passes.capture import capture, check_example_inputs, check_model, eval_mode
 from graphopt.config import coerce_enum
-from graphopt.errors import ConfigError, GraphoptWarning
+from graphopt.errors import ConfigError, warn
 from graphopt.passes.base import Decline
 from graphopt.passes.dependency import (
     DependencyGraph,
@@ -137,9 +136,9 @@ class PruneReport:
 
     config: dict
     macs_before: int
-    macs_after: int
+    macs_after: int | None  # None until measured (compile measures its own capture of the pruned model)
     params_before: int
-    params_after: int
+    params_after: int | None
     target: dict  # {"metric", "fraction", "tolerance", "achieved", "within_tolerance"[, "limit"]} or {"ratio": r}
     groups: list[dict]
     layers: dict[str, dict]
@@ -180,25 +179,26 @@ def prune(model: nn.Module, example_inputs, config: PruneConfig | None = None, *
     return pruned
 
 
-def prune_for_compile(model: nn.Module, args: tuple, config: PruneConfig, spec) -> tuple[nn.Module, dict]:
+def prune_for_compile(model: nn.Module, args: tuple, config: PruneConfig, spec) -> tuple[nn.Module, PruneReport]:
     """``compile(prune=config)``: a pruned copy (channels rounded to ``spec.channel_multiple`` unless the config
-    sets one; magnitude zeros baked in, no masks) and the report as a dict."""
+    sets one; magnitude zeros baked in, no masks) and its report, whose ``macs_after``/``params_after`` the
+    caller fills from its own capture of the pruned model (None until then: it is not captured twice)."""
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune= takes a graphopt.PruneConfig, got {type(config).__name__}")
-    pruned, report = _prune(model, args, config, config.channel_multiple or spec.channel_multiple)
+    pruned, report = _prune(model, args, config, config.channel_multiple or spec.channel_multiple, measure=False)
     if config.sparsity is not None:
         from graphopt.sparsity import magnitude_prune, remove_masks
 
         report.sparsity = magnitude_prune(pruned, config.sparsity)
         remove_masks(pruned)
-    return pruned, report.to_dict()
+    return pruned, report
 
 
 def prunable_groups(model: nn.Module, example_inputs) -> DependencyGraph:
     """The channel dependency groups of ``model`` (for `graphopt.filter_norm_penalty` or inspection)."""
     check_model(model)
     args = check_example_inputs(example_inputs)
-    with _eval(model):
+    with eval_mode(model):
         return analyze_dependencies(capture(model, args).graph_module, model, args)
 
 
@@ -218,8 +218,8 @@ def prune_iteratively(model: nn.Module, example_inputs, config: PruneConfig, *, 
                           "for sparsity call graphopt.magnitude_prune with increasing sparsity instead")
     args = check_example_inputs(example_inputs)
     multiple = config.channel_multiple or (_target_multiple(target) if target is not None else 1)
-    with _eval(model):
-        start = analyze(capture(model, args).graph_module, args)
+    with eval_mode(model):
+        start = graph_cost(capture(model, args).graph_module, args)
     history, current = [], model
     for step in range(1, steps + 1):
         step_config = _step_config(config, step, steps, current, args, start)
@@ -280,28 +280,13 @@ def _target_multiple(target) -> int:
     return get_target(target).channel_multiple
 
 
-class _eval:
-    """Run a block with ``model`` in eval mode; restore every submodule's mode afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.modes = {m: m.training for m in model.modules()}
-        self.model = model
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, training in self.modes.items():
-            m.training = training
-
-
 def _step_config(config: PruneConfig, step: int, steps: int, current: nn.Module, args, start) -> PruneConfig | None:
     if config.ratio is not None:
         return dataclasses.replace(config, ratio=1 - (1 - config.ratio) ** (1 / steps))
     metric = "target_macs" if config.target_macs is not None else "target_params"
     goal = getattr(config, metric) ** (step / steps) * (start.macs if metric == "target_macs" else start.params)
-    with _eval(current):
-        now = analyze(capture(current, args).graph_module, args)
+    with eval_mode(current):
+        now = graph_cost(capture(current, args).graph_module, args)
     relative = goal / (now.macs if metric == "target_macs" else now.params)
     return dataclasses.replace(config, **{metric: relative}) if relative < 1 - 1e-9 else None
 
@@ -606,7 +591,7 @@ def _zero_removed_inputs(model: nn.Module, plan: dict) -> nn.Module:
 
 def _matches(model: nn.Module, pruned: nn.Module, plan: dict, args: tuple) -> bool:
     reference = _zero_removed_inputs(copy.deepcopy(model), plan)
-    with _eval(reference), _eval(pruned), torch.no_grad():
+    with eval_mode(reference), eval_mode(pruned), torch.no_grad():
         want = reference(*args)
         try:
             got = pruned(*args)
@@ -628,10 +613,13 @@ def _group_row(g: Group, removed: int, costs_before: dict, costs_after: dict) ->
     return row
 
 
-def _prune(model: nn.Module, args: tuple, config: PruneConfig, multiple: int) -> tuple[nn.Module, PruneReport]:
-    with _eval(model):
+def _prune(model: nn.Module, args: tuple, config: PruneConfig, multiple: int,
+           measure: bool = True) -> tuple[nn.Module, PruneReport]:
+    """The pruned copy and its report; ``measure=False`` leaves the report's after-costs None (the
+    caller captures the pruned model anyway)."""
+    with eval_mode(model):
         gm = capture(model, args).graph_module
-        before = analyze(gm, args)
+        before = graph_cost(gm, args)
         deps = analyze_dependencies(gm, model, args)
     if not config.structured:
         return copy.deepcopy(model), _unchanged_report(model, args, config, before)
@@ -653,8 +641,10 @@ def _prune(model: nn.Module, args: tuple, config: PruneConfig, multiple: int) ->
         for g in failing or [g for g in deps.prunable_groups if removed.get(g.id)]:
             g.reasons.append(reason)
             notes.append(f"group {g.id} ({', '.join(g.producers)}): {reason}")
-    with _eval(pruned):
-        after = analyze(capture(pruned, args).graph_module, args)
+    after = None
+    if measure:
+        with eval_mode(pruned):
+            after = graph_cost(capture(pruned, args).graph_module, args)
     said = len(notes)
     if not deps.prunable_groups:
         notes.append(f"nothing could be pruned in {type(model).__name__}: every channel group is unprunable "
@@ -662,16 +652,16 @@ def _prune(model: nn.Module, args: tuple, config: PruneConfig, multiple: int) ->
     if target.get("within_tolerance") is False:
         notes.append(_shortfall(target, config, multiple))
     if len(notes) > said:
-        warnings.warn("graphopt.prune: " + "; ".join(notes[said:]) + " (see result.graphopt_pruning)",
-                      GraphoptWarning, stacklevel=3)
+        warn("graphopt.prune: " + "; ".join(notes[said:]) + " (see result.graphopt_pruning)")
     cost_after = {p: costs.module(p) for p in deps.modules}
     layers = {p: {"out_before": i.out_channels, "out_after": costs.kept[p][0], "in_before": i.in_channels,
                   "in_after": costs.kept[p][1], "macs_before": cost_before[p][0], "macs_after": cost_after[p][0],
                   "params_before": cost_before[p][1], "params_after": cost_after[p][1]}
               for p, i in deps.modules.items()}
     groups = [_group_row(g, removed.get(g.id, 0), cost_before, cost_after) for g in deps.groups]
-    report = PruneReport(config.to_dict() | {"channel_multiple": multiple}, before.macs, after.macs, before.params,
-                         after.params, target, groups, layers, deps.declines, plan, notes)
+    report = PruneReport(config.to_dict() | {"channel_multiple": multiple}, before.macs,
+                         after.macs if after else None, before.params, after.params if after else None, target,
+                         groups, layers, deps.declines, plan, notes)
     return pruned, report
 
 
@@ -693,6 +683,6 @@ def _protect(deps: DependencyGraph, config: PruneConfig) -> None:
 def _unchanged_report(model: nn.Module, args: tuple, config: PruneConfig, cost=None,
                       note: str = "no structured budget given: channels unchanged") -> PruneReport:
     if cost is None:
-        with _eval(model):
-            cost = analyze(capture(model, args).graph_module, args)
+        with eval_mode(model):
+            cost = graph_cost(capture(model, args).graph_module, args)
     return PruneReport(config.to_dict(), cost.macs, cost.macs, cost.params, cost.params, {}, [], {}, [], {}, [note])

@@ -9,13 +9,14 @@ does not know.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch import fx
 
 from graphopt import qops
 from graphopt.errors import QuantizationError
-from graphopt.passes.graph import get_attr_value
 
 aten, qd, g = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.graphopt
 
@@ -200,7 +201,7 @@ def run(gm: fx.GraphModule, inputs) -> list[np.ndarray]:
             t = next(it)
             env[n] = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         elif n.op == "get_attr":
-            env[n] = get_attr_value(gm, n.target).detach().cpu().numpy()
+            env[n] = operator.attrgetter(n.target)(gm).detach().cpu().numpy()
         elif n.op == "call_function":
             fn = OPS.get(n.target)
             if fn is None:

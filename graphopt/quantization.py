@@ -335,7 +335,7 @@ def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     """Capture with a dynamic batch dimension (calibration/training batches vary), else as `capture`
     does; either way in canonical (functional) form. The graph is the eval-mode one (BN statistics,
     no dropout); train()/eval() only flip flags."""
-    from graphopt.passes.capture import _strip_guards, canonicalize
+    from graphopt.passes.capture import canonicalize, strip_guards
 
     try:
         ep = torch.export.export(model, args, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in args],
@@ -343,7 +343,7 @@ def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     except Exception:  # noqa: BLE001  e.g. batch-dependent Python code: capture() reports its own errors
         gm = capture(model, args).graph_module
     else:
-        gm = canonicalize(_strip_guards(ep.module()), args)[0]
+        gm = canonicalize(strip_guards(ep.module()), args)[0]
     gm._forward_pre_hooks.clear()  # export's input-shape check; graphopt checks batches itself
     for name in ("train", "eval"):  # torch.export's unlifted modules refuse both
         vars(gm).pop(name, None)

@@ -25,10 +25,11 @@ from typing import Iterable
 
 from torch import nn
 
-from graphopt.passes.analysis import analyze
-from graphopt.passes.capture import capture
 from graphopt.distillation import DistillationLoss, distill
 from graphopt.errors import ConfigError
+from graphopt.passes.analysis import cost as graph_cost
+from graphopt.passes.capture import capture, eval_mode
+from graphopt.progress import LOG, shown
 from graphopt.training import TrainConfig, evaluate, fit
 
 
@@ -165,7 +166,8 @@ def _first_batch(data: Iterable) -> tuple:
 
 
 def _cost(model: nn.Module, x: tuple) -> tuple[int, int]:
-    c = analyze(capture(model.eval(), x).graph_module, x)
+    with eval_mode(model):
+        c = graph_cost(capture(model, x).graph_module, x)
     return c.macs, c.params
 
 
@@ -185,15 +187,22 @@ def _latency(cm, x: tuple) -> float:
 def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target: str = "arm", *,
              recipe: Recipe, out_dir: str | Path | None = None, progress: bool = True) -> OptimizeResult:
     """Run ``recipe`` on a copy of ``model``; see the module docstring. ``train_data``/``val_data``
-    yield ``(x, y)`` batches; the first training batch's inputs are the example inputs."""
-    import graphopt
+    yield ``(x, y)`` batches; the first training batch's inputs are the example inputs. ``progress``
+    logs every step (`graphopt.progress`) and shows training bars."""
+    with shown(progress):
+        return _optimize(model, train_data, val_data, target, recipe=recipe, out_dir=out_dir, progress=progress)
+
+
+def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target: str, *,
+              recipe: Recipe, out_dir: str | Path | None, progress: bool) -> OptimizeResult:
+    from graphopt.api import compile
+    from graphopt.passes.capture import check_model
     from graphopt.pruning import PruneConfig, prune_iteratively
     from graphopt.quantization import QuantScheme, convert, prepare_qat, quantize
-
-    from graphopt.passes.capture import check_model
+    from graphopt.targets import get_target
     from graphopt.training import check_batches
 
-    spec = graphopt.get_target(target)
+    spec = get_target(target)
     check_model(model)
     check_batches(train_data, "train_data")
     check_batches(val_data, "val_data")
@@ -204,7 +213,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
     teacher = copy.deepcopy(model).eval()
     stop, cfg = recipe.stop, recipe.train
     report = OptimizeReport(spec.name, latency_unit="instructions" if spec.is_emulated else "ms")
-    say = (lambda m: print(f"[graphopt optimize] {m}", flush=True)) if progress else (lambda m: None)
+    say = LOG.getChild("optimize").info
     measure_latency = stop.max_latency_ms is not None or stop.max_instructions is not None
 
     def train(student: nn.Module, epochs: int) -> None:
@@ -220,7 +229,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
         macs, params = _cost(m, x)
         rec = StepRecord(name, evaluate(m, val_data), macs, params, bits, None, kept, note)
         if measure_latency and bits == 32:
-            rec.latency = _latency(graphopt.compile(m, x, spec, progress=False), x)
+            rec.latency = _latency(compile(m, x, spec, progress=False), x)
         report.steps.append(rec)
         say(f"{name}: accuracy {rec.accuracy:.4f}, MACs {macs:,}, params {params:,}"
             + (f", latency {rec.latency:.4g} {report.latency_unit}" if rec.latency is not None else ""))
@@ -269,7 +278,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
             rec.kept, rec.note = False, f"below the floor {floor:g}: the float model is compiled instead"
 
     say(f"compiling the kept model for {spec.name}")
-    compiled = graphopt.compile(final, x, spec, progress=progress)
+    compiled = compile(final, x, spec, progress=progress)
     if out_dir is not None:
         report.plot = str(write_outputs(report, Path(out_dir), base))
     return OptimizeResult(final, compiled, report)

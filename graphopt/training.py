@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from graphopt.passes.capture import check_model
+from graphopt import progress
 from graphopt.config import coerce_enum
 from graphopt.errors import ConfigError
 
@@ -113,6 +114,13 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
         n_batches = None
     if n_batches == 0:
         raise ConfigError("training data is empty")
+    with progress.shown(config.progress):
+        return _train(model, data, loss_fn, config, on_epoch_end, n_batches)
+
+
+def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
+           config: TrainConfig, on_epoch_end: Callable[[int, nn.Module], dict] | None,
+           n_batches: int | None) -> TrainResult:
     opt = _make_optimizer(model, config)
     start, history = 0, []
     ckpt = config.checkpoint_dir / CHECKPOINT if config.checkpoint_dir else None
@@ -130,7 +138,7 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
     for epoch in range(start, config.epochs):
         model.train()
         total, count = 0.0, 0
-        bar = _progress(data, n_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
+        bar = progress.bar(data, n_batches, f"epoch {epoch + 1}/{config.epochs}")
         for batch in bar:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
@@ -157,14 +165,6 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
                               "data_rng": data_rng}, ckpt)
     model.eval()
     return TrainResult(config.epochs - start, start, history)
-
-
-def _progress(data, total, desc, enabled):
-    if not enabled:
-        return data
-    from tqdm.auto import tqdm
-
-    return tqdm(data, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()

@@ -28,11 +28,14 @@ from pathlib import Path
 
 import torch
 
-from graphopt.errors import ConfigError
-from graphopt.progress import Steps
+from graphopt.errors import ConfigError, ToolchainError, TuningError
+from graphopt.passes.capture import check_example_inputs, check_model
+from graphopt.passes.legalization import raise_if_unfit
+from graphopt.passes.pipeline import Pipeline
+from graphopt.progress import LOG, phase, shown
 from graphopt.targets import TargetSpec, get_target
-from graphopt.errors import TuningError
-from graphopt.targets.tuning.metaschedule import TaskResult
+from graphopt.targets.tuning.database import check_folder, open_database
+from graphopt.targets.tuning.metaschedule import TaskResult, budget, check_tunable, extract, fused_module, tune_tasks
 
 __all__ = ["RPCRunner", "TuningError", "TuningSummary", "tune", "exported_for_tuning"]
 
@@ -124,22 +127,10 @@ def _unit(seconds: float | None, proxy: bool, emulated: bool = False) -> str:
 
 
 def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):
-    """The ExportedProgram `graphopt.compile` lowers for `model` with default passes."""
-    from graphopt.api import _eval_mode
-    from graphopt.passes.capture import CaptureMethod, capture, check_model, to_exported_program
-    from graphopt.passes.legalization import raise_if_unfit, run_legalization
-    from graphopt.passes.base import PassContext, Property
-    from graphopt.passes.manager import PassManager, default_passes
-
-    check_model(model)
-    with _eval_mode(model, []):
-        gm = capture(model, args, CaptureMethod.AUTO).graph_module
-    ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
-    gm, _ = PassManager(default_passes()).run(gm, ctx)
-    if not spec.ops.unrestricted:
-        gm, _, _, unfit = run_legalization(gm, ctx)
-        raise_if_unfit(unfit, type(model).__name__, spec)
-    return to_exported_program(gm, args).run_decompositions()
+    """The ExportedProgram `graphopt.compile` lowers for `model` with default passes (the same `Pipeline`)."""
+    pipe = Pipeline(model, args, spec)
+    raise_if_unfit(pipe.legalized.unfit, type(model).__name__, spec)
+    return pipe.exported
 
 
 def _runner(runner, spec: TargetSpec):
@@ -147,7 +138,6 @@ def _runner(runner, spec: TargetSpec):
     from tvm.s_tir import meta_schedule as ms
 
     if isinstance(runner, RPCRunner):
-        from graphopt.errors import ToolchainError
         from graphopt.targets.tuning.rpc import emulated_devices
 
         try:
@@ -181,43 +171,30 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
     database: the folder (default ``tuning/<target>/``); created if missing, reused if present.
     Ctrl-C stops the session; every record measured so far is kept and the next call resumes.
     """
-    from graphopt.passes.capture import check_example_inputs, check_model
-    from graphopt.targets.tuning.metaschedule import (
-        budget,
-        check_tunable,
-        extract,
-        fused_module,
-        tune_tasks,
-    )
-    from graphopt.targets.tuning.database import check_folder, open_database
-
     spec = get_target(target)
     check_tunable(spec)
     budget(trials, 1, trials_per_task)  # refuse a bad budget, model or folder before the slow steps
     check_model(model)
     args = check_example_inputs(example_inputs)
     folder = check_folder(database if database is not None else Path("tuning") / spec.name)
-    steps = Steps(progress)
-    start = time.perf_counter()
-    ms_runner, label, proxy, emulated = _runner(runner, spec)
-    with steps.phase("capture and export"):
+    with shown(progress):
+        start = time.perf_counter()
+        ms_runner, label, proxy, emulated = _runner(runner, spec)
         ep = exported_for_tuning(model, args, spec)
-    with steps.phase("lower to fused kernels", f"for {spec.name}"):
-        tasks = extract(fused_module(ep, spec), spec)
-    if not tasks:
-        raise TuningError(f"{type(model).__name__} has no kernels to tune on {spec.name}")
-    bud = budget(trials, len(tasks), trials_per_task)
-    db = open_database(folder, writable=True)
-    try:
-        for d in db.damaged:
-            steps.say(f"database damage skipped: {d}")
-        with steps.phase("tune", f"via {label}"):
-            results = tune_tasks(tasks, spec, db, bud, ms_runner, say=steps.say,
-                                 unit=lambda s: _unit(s, proxy, emulated), seed=seed)
-    finally:
-        db.close()
-    summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,
-                            time.perf_counter() - start, [str(d) for d in db.damaged], proxy, emulated)
-    if progress:
-        print(summary.to_markdown(), flush=True)
+        with phase("lower to fused kernels", f"for {spec.name}"):
+            tasks = extract(fused_module(ep, spec), spec)
+        if not tasks:
+            raise TuningError(f"{type(model).__name__} has no kernels to tune on {spec.name}")
+        bud = budget(trials, len(tasks), trials_per_task)
+        db = open_database(folder, writable=True)
+        try:
+            for d in db.damaged:
+                LOG.info("database damage skipped: %s", d)
+            with phase("tune", f"via {label}"):
+                results = tune_tasks(tasks, spec, db, bud, ms_runner, unit=lambda s: _unit(s, proxy, emulated), seed=seed)
+        finally:
+            db.close()
+        summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,
+                                time.perf_counter() - start, [str(d) for d in db.damaged], proxy, emulated)
+        LOG.info("%s", summary.to_markdown())
     return summary

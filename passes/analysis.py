@@ -1,8 +1,12 @@
 """Static cost model of a captured graph: parameters, MACs per op, per module.
 
 MACs (multiply-accumulates) are counted for the ops that dominate compute — convolutions,
-linear/matmul family, attention — from shapes propagated on the example inputs. Elementwise
-work is not counted (it is reported as zero, by convention of the field).
+linear/matmul family, attention — by the rules of `graphopt.ops`, from the shapes on the nodes.
+Elementwise work is not counted (it is reported as zero, by convention of the field).
+
+`cost(gm)` reads the shapes a graph already carries (a fresh capture's ``val``) and runs nothing;
+`analyze(gm, args)` first propagates shapes by running the graph once (`propagate_shapes`: after
+passes rewrote it), which also proves it still runs.
 """
 from __future__ import annotations
 
@@ -49,12 +53,26 @@ class _ShapeProp(GraphRun):
         return result
 
 
-def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
-    """Parameters read by the graph and MACs on ``example_inputs``. A graph that does not run on
-    them is a `PassError` naming the node and its source line."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Run ``gm`` once on ``example_inputs``, recording every node's ``tensor_meta``. A graph that does
+    not run on them is a `PassError` naming the node and its source line."""
     with torch.no_grad():
         _ShapeProp(gm, "the graph does not run on the example inputs (a graphopt bug when the model itself "
                         "does: please report it with the model)").run(*example_inputs)
+
+
+def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
+    """Parameters read by the graph and MACs on ``example_inputs`` (shapes propagated first)."""
+    propagate_shapes(gm, example_inputs)
+    return cost(gm, example_inputs)
+
+
+def cost(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
+    """Parameters read by the graph and MACs from the shapes its nodes carry; only a graph where some
+    MAC-counted node lacks them is run (`propagate_shapes`) first."""
+    if any(n.op == "call_function" and n.target in ops.MAC_RULES
+           and any(ops.shape(a) is None for a in (n, *n.all_input_nodes)) for n in gm.graph.nodes):
+        propagate_shapes(gm, example_inputs)
     seen, params, nbytes = set(), 0, 0
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in seen:

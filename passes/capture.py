@@ -10,20 +10,31 @@ Refuses: models that neither method captures (one `CaptureError` with both reaso
 user's source lines), a model that is not an `nn.Module` or an unknown capture method
 (`ConfigError`), inputs that are not tensors or have a dimension of size 0, and example inputs
 that the model rejects (`InputError`).
-`to_exported_program` turns a (rewritten) GraphModule back into an `ExportedProgram` for lowering.
+`to_exported_program` turns a (rewritten) GraphModule back into an `ExportedProgram` for lowering;
+`eval_mode` is how every entry point runs a model in eval mode and gives it back as it came.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from graphopt.config import coerce_enum
-from graphopt.errors import CaptureError, ConfigError, InputError, Unsupported
+from graphopt.errors import (
+    CaptureError,
+    ConfigError,
+    InputError,
+    Unsupported,
+    first_line,
+    quiet_torch_deprecations,
+    warn,
+)
 from graphopt.passes.base import PassContext, Property
 from graphopt.passes.manager import PassManager, PassRecord
 
@@ -67,28 +78,27 @@ def check_example_inputs(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch/graphopt: where the user's code broke capture."""
-    import os
-
-    import graphopt
-    import graphopt.targets
-
-    own = (graphopt.__file__, __file__, graphopt.targets.__file__)  # graphopt's three source folders
-    skip = (os.path.dirname(torch.__file__), *(os.path.dirname(f) + os.sep for f in own), "<")
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
-    if not frames:
+def user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and graphopt: where the user's code broke capture."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "").partition(".")[0]
+        if module not in ("torch", "graphopt") and not tb.tb_frame.f_code.co_filename.startswith("<"):
+            found = tb
+        tb = tb.tb_next
+    if found is None:
         return "unknown location"
-    f = frames[-1]
+    f = traceback.extract_tb(found, limit=1)[0]
     return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+def export(model: torch.nn.Module, args: tuple, **kwargs) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, args, strict=False)``, quietly (`quiet_torch_deprecations`)."""
+    with quiet_torch_deprecations():
+        return torch.export.export(model, tuple(args), strict=False, **kwargs)
 
 
-def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
+def strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop the `_guards_fn` shape-guard call that `ep.module()` inserts; graphopt checks inputs itself."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -98,6 +108,27 @@ def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module, report_warnings: list[str] | None = None) -> Iterator[None]:
+    """``model`` in eval mode for the duration (a `GraphoptWarning`, also appended to
+    ``report_warnings``, if it came in training mode); every submodule's mode is restored after."""
+    modes = {m: m.training for m in model.modules()}
+    if model.training and report_warnings is not None:
+        msg = ("model was in training mode; graphopt compiles its eval-mode behaviour (dropout off, BatchNorm "
+               "running statistics). Call model.eval() before compile to silence this.")
+        warn(msg)
+        report_warnings.append(msg)
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export'ed modules (e.g. PT2E-converted) refuse eval(); export fixed their mode
+        pass
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def canonicalize(gm: fx.GraphModule, args: tuple) -> tuple[fx.GraphModule, list[PassRecord], frozenset[str]]:
@@ -113,8 +144,7 @@ def canonicalize(gm: fx.GraphModule, args: tuple) -> tuple[fx.GraphModule, list[
 
 
 def _via_export(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
-    ep = torch.export.export(model, args, strict=False)
-    return _strip_guards(ep.module())
+    return strip_guards(export(model, args).module())
 
 
 def _via_symbolic_trace(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
@@ -132,7 +162,7 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
         with torch.no_grad():
             outputs = model(*args)
     except Exception as exc:  # the model itself rejects the inputs: say so, not "capture failed"
-        raise InputError(f"the model raised on the example inputs ({_first_line(exc)}) at {_user_frame(exc)}. "
+        raise InputError(f"the model raised on the example inputs ({first_line(exc)}) at {user_frame(exc)}. "
                          f"Check the number, shapes and dtypes of example_inputs: got "
                          f"{[(tuple(t.shape), str(t.dtype)) for t in args]}.") from exc
 
@@ -141,7 +171,7 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
         try:
             gm = _via_export(model, args)
         except Exception as exc:
-            failures.append(Unsupported(f"torch.export: {_first_line(exc)}", _user_frame(exc),
+            failures.append(Unsupported(f"torch.export: {first_line(exc)}", user_frame(exc),
                                         "remove data-dependent Python control flow (use torch.where / torch.cond)"))
         else:
             return _captured(gm, args, CaptureMethod.EXPORT, None, outputs)
@@ -151,7 +181,7 @@ def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = Capt
                 warnings.simplefilter("ignore")
                 gm = _via_symbolic_trace(model, args)
         except Exception as exc:
-            failures.append(Unsupported(f"fx.symbolic_trace: {_first_line(exc)}", _user_frame(exc),
+            failures.append(Unsupported(f"fx.symbolic_trace: {first_line(exc)}", user_frame(exc),
                                         "avoid Python control flow on tensor values and calls like int(tensor)"))
         else:
             reason = failures[0].what if failures else None
@@ -165,6 +195,12 @@ def _captured(gm: fx.GraphModule, args: tuple, method: CaptureMethod, reason: st
     return Captured(gm, method, reason, outputs, records, properties)
 
 
-def to_exported_program(gm: fx.GraphModule, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """Re-export a captured (and rewritten) GraphModule for lowering."""
-    return torch.export.export(gm, tuple(example_inputs), strict=False)
+def to_exported_program(gm: fx.GraphModule, example_inputs: tuple, *,
+                        decompose: bool = False) -> torch.export.ExportedProgram:
+    """Re-export a captured (and rewritten) GraphModule for lowering (``decompose``: with
+    `run_decompositions`, the form TVM's importer takes)."""
+    ep = export(gm, tuple(example_inputs))
+    if not decompose:
+        return ep
+    with quiet_torch_deprecations():
+        return ep.run_decompositions()

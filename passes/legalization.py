@@ -1,27 +1,23 @@
-"""Fit a captured graph to the target's operator set: legalize, then check; `graphopt.check` as a dry run.
+"""Fit a captured graph to the target's operator set: legalize, then list what still does not fit.
 
-After the default passes, `legalize` runs the legalization passes (exact rewrites, then — only
-with ``approximate=True`` — declared approximations; each pass documents its numerics contract)
-and checks every remaining node against ``spec.ops``. `compile` raises `OperatorSetError` before
-anything is built, listing every node that still does not fit with its source line and the
-rewrite that would be needed; `check` returns the same facts as a `CheckResult` instead.
-Targets whose set is unrestricted (host, Cortex-A, armv7) skip legalization entirely.
+After the default passes, `run_legalization` runs the legalization passes (exact rewrites, then —
+only with ``approximate=True`` — declared approximations; each pass documents its numerics
+contract) and checks every remaining node against ``spec.ops``. `compile` raises
+`OperatorSetError` (`raise_if_unfit`) before anything is built, listing every node that still does
+not fit with its source line and the rewrite that would be needed; `graphopt.check` returns the
+same facts instead. Targets whose set is unrestricted (host, Cortex-A, armv7) skip legalization.
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-
-import torch
 from torch import fx
 
 from graphopt.errors import OperatorSetError, Unsupported
-from graphopt.passes.base import GraphPass, PassContext, Property
+from graphopt.ops import op_kind
+from graphopt.passes.base import GraphPass, PassContext
 from graphopt.passes.manager import PassManager, PassRecord
 from graphopt.source import node_source
-from graphopt.targets import TargetSpec, get_target
-from graphopt.ops import DATA_MOVEMENT, op_kind
 from graphopt.targets.opset import OperatorSet
+from graphopt.targets.spec import TargetSpec
 
 
 def legalization_passes(approximate: bool = False) -> list[GraphPass]:
@@ -59,8 +55,8 @@ def _hint(node: fx.Node, reason: str, ops: OperatorSet, declines: dict, passes: 
            "or register a target whose operator set has it"
 
 
-def unfit_nodes(gm: fx.GraphModule, ops: OperatorSet, records: list[PassRecord] = (),
-                passes: list[GraphPass] = ()) -> list[Unsupported]:
+def unfit_nodes(gm: fx.GraphModule, ops: OperatorSet, records: list[PassRecord] | tuple = (),
+                passes: list[GraphPass] | tuple = ()) -> list[Unsupported]:
     """Every node ``ops`` rejects, with its source line and the rewrite that would be needed."""
     declines = {d.node: d.reason for r in records for d in r.declined}
     items = []
@@ -79,8 +75,8 @@ def run_legalization(gm: fx.GraphModule, ctx: PassContext, *, approximate: bool 
     Per-node rewrite records move from the passes' stats into the returned ``legalized`` list:
     dicts with node, where, rewrite, exact and max_error (measured for approximations, 0 if exact).
     """
-    ops = ctx.target.ops
-    if ops.unrestricted:
+    ops = ctx.target.ops if isinstance(ctx.target, TargetSpec) else None
+    if ops is None or ops.unrestricted:
         return gm, [], [], []
     passes = legalization_passes(approximate)
     gm, records = PassManager(passes, verify=verify, rtol=rtol).run(gm, ctx)
@@ -95,65 +91,3 @@ def raise_if_unfit(unfit: list[Unsupported], model: str, spec: TargetSpec) -> No
             f"{len(unfit)} node(s) of {model} do not fit the {spec.ops.name} operator set of {spec.name}:", unfit,
             f"Nothing was built. `graphopt targets --ops {spec.name}` lists the operator set; "
             "graphopt.check(model, example_inputs, target=...) shows the full dry run.")
-
-
-@dataclass
-class CheckResult:
-    """`graphopt.check`'s answer: what runs as is, what would change, and what cannot run."""
-
-    model: str
-    target: str
-    ops: str
-    approximate: bool
-    kinds: dict = field(default_factory=dict)  # op kind -> count in the legalized graph (what would run)
-    legalized: list = field(default_factory=list)  # rewrites compile would make (dicts as in Report.legalized)
-    unsupported: list = field(default_factory=list)  # Unsupported items: nodes that cannot run
-
-    @property
-    def fits(self) -> bool:
-        return not self.unsupported
-
-    @property
-    def approximations(self) -> list:
-        return [r for r in self.legalized if not r["exact"]]
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "target": self.target, "ops": self.ops, "approximate": self.approximate,
-                "fits": self.fits, "kinds": dict(self.kinds), "legalized": list(self.legalized),
-                "unsupported": [{"what": u.what, "where": u.where, "hint": u.hint} for u in self.unsupported]}
-
-    def __str__(self) -> str:
-        verdict = "fits" if self.fits else f"does NOT fit ({len(self.unsupported)} node(s))"
-        lines = [f"{self.model} on {self.target} ({self.ops} operator set, approximate={self.approximate}): {verdict}",
-                 "runs: " + (", ".join(f"{k}×{n}" for k, n in sorted(self.kinds.items())) or "-")]
-        lines.append(f"would change ({len(self.legalized)}):" if self.legalized else "would change: nothing")
-        for r in self.legalized:
-            err = "exact" if r["exact"] else f"max error {r['max_error']:.1e}"
-            lines.append(f"  - {r['node']}: {r['rewrite']} ({err})  [{r['where']}]")
-        if self.unsupported:
-            lines.append(f"cannot run ({len(self.unsupported)}):")
-            lines += [str(u) for u in self.unsupported]
-        return "\n".join(lines)
-
-
-def check(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
-          approximate: bool = False) -> CheckResult:
-    """Dry run of compile's graph side for ``target``: capture, default passes, legalization, op-set
-    and TVM support checks. Nothing is built; the model is left in the mode it came in."""
-    from graphopt.api import _eval_mode
-    from graphopt.passes.capture import capture, check_example_inputs, check_model, to_exported_program
-    from graphopt.passes.manager import default_passes
-    from graphopt.targets.lowering.support import unsupported_ops
-
-    spec = get_target(target)
-    check_model(model)
-    args = check_example_inputs(example_inputs)
-    with _eval_mode(model, []):
-        gm = capture(model, args).graph_module
-    ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE})
-    gm, _ = PassManager(default_passes()).run(gm, ctx)
-    gm, _, legalized, unfit = run_legalization(gm, ctx, approximate=approximate)
-    if not unfit:
-        unfit = unsupported_ops(to_exported_program(gm, args).run_decompositions())
-    kinds = Counter(k for n in gm.graph.nodes if (k := op_kind(n)) and k not in DATA_MOVEMENT)
-    return CheckResult(type(model).__name__, spec.name, spec.ops.name, approximate, dict(kinds), legalized, unfit)

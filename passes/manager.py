@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from graphopt.errors import ConfigError, GraphoptError, NumericsError, PassError
+from graphopt.errors import ConfigError, GraphoptError, NumericsError, PassError, first_line
 from graphopt.passes.base import Decline, GraphPass, PassContext
 from graphopt.source import node_source
 
@@ -58,11 +58,6 @@ def max_rel_error(got, want) -> float:
     return err
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
-
-
 class GraphRun(fx.Interpreter):
     """Runs a GraphModule node by node; a node that raises becomes a `PassError` saying ``what``
     failed, at which node and user source line."""
@@ -79,7 +74,7 @@ class GraphRun(fx.Interpreter):
             raise
         except Exception as exc:
             raise PassError(f"{self.what}: node {n.name} ({n.target}) at {node_source(n)} raised "
-                            f"{_first_line(exc)}") from exc
+                            f"{first_line(exc)}") from exc
 
 
 def run_graph(gm: fx.GraphModule, args: tuple, what: str):
@@ -145,7 +140,7 @@ class PassManager:
         except Exception as exc:
             named = [nodes[m] for m in re.findall(r"\w+", str(exc)) if m in nodes]
             where = f" at node {named[0].name} ({node_source(named[0])})" if named else ""
-            raise PassError(f"pass {p.name} failed{where}: {_first_line(exc)}. This is a graphopt bug: please "
+            raise PassError(f"pass {p.name} failed{where}: {first_line(exc)}. This is a graphopt bug: please "
                             "report it with the model; meanwhile leave the pass out (compile(passes=[...]))") from exc
 
     @staticmethod

@@ -5,7 +5,6 @@ QEMU CPUs are pinned per target. QEMU 7.2 has no Cortex-A55 model, so `arm-a55` 
 `cortex-a76` (the same ARMv8.2 + dotprod ISA, no SVE); its `cortex-a76` lacks i8mm, so `arm-a76`
 runs on `max` — the only place `max` is used, because i8mm is meant there.
 """
-from graphopt.targets.registry import register_target
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
 _COMMON = dict(
@@ -22,7 +21,7 @@ def _aarch64(mcpu: str, mattr: list[str]) -> dict:
     return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr, "num-cores": 4}
 
 
-for _spec in (
+SPECS = (
     TargetSpec(name="arm-a72", description="Cortex-A72 aarch64 Linux, NEON (Raspberry Pi 4 class)",
                tvm_target=_aarch64("cortex-a72", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON}, num_cores=4,
                qemu_cpu="cortex-a72", aliases=("arm",), **_COMMON),
@@ -37,5 +36,4 @@ for _spec in (
                tvm_target=_aarch64("cortex-a76", ["+neon", "+dotprod", "+i8mm"]),
                features={Feature.A64, Feature.FP_ROUND, Feature.NEON, Feature.DOTPROD, Feature.I8MM, Feature.FP16}, num_cores=4,
                qemu_cpu="max", **_COMMON),
-):
-    register_target(_spec)
+)

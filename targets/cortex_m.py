@@ -16,7 +16,6 @@ on tensors of rank ≤ 4. Integer convolutions (`qconv2d`) are admitted with any
 dilation, since graphopt has no integer split/densify rewrite to offer instead.
 """
 from graphopt.targets.opset import OperatorSet, OpRule
-from graphopt.targets.registry import register_target
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
 _INDEX = "index/mask arithmetic (positions, attention masks)"
@@ -50,7 +49,7 @@ def _thumb(triple: str, mcpu: str) -> dict:
     return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "mfloat-abi": "hard"}
 
 
-for _spec in (
+SPECS = (
     TargetSpec(name="cortex-m4", description="Cortex-M4F bare metal, FPv4-SP + DSP (QEMU mps2-an386)",
                tvm_target=_thumb("thumbv7em-none-eabihf", "cortex-m4"), vector_bits=0,
                features={Feature.DSP, Feature.FPU_SP}, qemu_cpu="cortex-m4", qemu_machine="mps2-an386",
@@ -68,5 +67,4 @@ for _spec in (
                qemu_cpu="cortex-m55",
                qemu_machine="mps3-an547", cflags=("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"),
                flash_bytes=512 << 10, ram_bytes=512 << 10, aliases=("m55",), **_COMMON),
-):
-    register_target(_spec)
+)

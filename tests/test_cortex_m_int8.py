@@ -18,7 +18,7 @@ import torch
 from conftest import require_tools
 from graphopt.targets.backends import c_emitter, get_target
 from graphopt.targets.backends.c_library import RUNTIME_SRC, linker_script, run_firmware
-from graphopt.targets.lowering.int8 import dot_kernel, dot_kernels
+from graphopt.targets.lowering.kernels import dot_kernel, dot_kernels
 from graphopt.targets.lowering.intrin_cortex_m import (
     DEPTH,
     DSP16_KERNEL,

@@ -178,7 +178,7 @@ def test_instruction_count_is_exact_on_bare_metal_and_stack_within_estimate():
     require_tools(*TOOLS["cortex-m4"])
     cm, _, inputs = _compile("plain_cnn", "cortex-m4")
     backend = c_library.CLibraryBackend()
-    arrays = cm._check_inputs(inputs)
+    arrays = cm.check_inputs(inputs)
     first, second = (backend.measure(cm.build_dir, M4, arrays) for _ in range(2))
     assert first.instructions_per_inference and first.instructions_per_inference == second.instructions_per_inference
     used, estimate = (int(x) for x in

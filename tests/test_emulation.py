@@ -136,7 +136,7 @@ def _flat(out):
 def arm_runtime():
     require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
     try:
-        return toolchain.ensure_runtime(progress=lambda msg: None)
+        return toolchain.ensure_runtime()
     except ToolchainError as e:
         _unavailable(f"cannot harvest the aarch64 TVM runtime: {e}")
 

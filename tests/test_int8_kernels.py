@@ -12,7 +12,9 @@ from torch import nn
 import graphopt
 from graphopt.quantization import to_integer
 from graphopt.targets import get_target
-from graphopt.targets.lowering.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels, reduction
+from graphopt.targets.lowering.dot import DotKernel
+from graphopt.targets.lowering.int8 import _pack_conv_weight, _pack_dense_weight, choose, reduction
+from graphopt.targets.lowering.kernels import dot_kernels
 from graphopt.targets.spec import Feature
 
 X = torch.randn(1, 3, 14, 14, generator=torch.Generator().manual_seed(1))
@@ -183,7 +185,7 @@ def test_conv_kernels_write_int8_not_int32(quantized):
 def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
     """MetaSchedule cannot express the packed-weight register tile around the intrinsic: those kernels
     are not tuning tasks (the depthwise and data-movement kernels are)."""
-    from graphopt.targets.lowering.int8 import DOT_ATTR
+    from graphopt.targets.lowering.dot import DOT_ATTR
     from graphopt.targets.tuning.metaschedule import extract, fused_module
 
     _, integer_graph = quantized

@@ -1,20 +1,14 @@
-"""Backends: how artifacts for a `Runtime` are built from an `ExportedProgram`, run, and measured.
-
-`graphopt.compile` and `CompiledModel` only talk to the backend registered for the target's
-runtime, so a new kind of artifact (e.g. a runtime-free C library) plugs in with
-`register_backend` and no change to the API. Refuses: a runtime with no registered backend.
-"""
+"""The backend contract: how artifacts for a `Runtime` are built from an `ExportedProgram`, run, and
+measured. `graphopt.targets.backends.registry` maps each runtime to its backend."""
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from graphopt.targets.spec import Runtime, TargetSpec
 
-from graphopt.errors import ConfigError
+from graphopt.targets.spec import TargetSpec
 
 
 @dataclass
@@ -31,8 +25,7 @@ class Measurement:
 
 class Backend(abc.ABC):
     @abc.abstractmethod
-    def build(self, ep, spec: TargetSpec, build_dir: Path, inputs: list, outputs: list,
-              progress: Callable[[str], None], name: str) -> BuildResult:
+    def build(self, ep, spec: TargetSpec, build_dir: Path, inputs: list, outputs: list, name: str) -> BuildResult:
         """Lower ``ep`` and write a complete artifact into ``build_dir`` (inputs/outputs: TensorSpecs;
         ``name``: the model's C identifier, for symbols such as ``graphopt_<name>_run``)."""
 
@@ -45,20 +38,3 @@ class Backend(abc.ABC):
     def measure(self, build_dir: Path, spec: TargetSpec, arrays: list[np.ndarray]) -> Measurement:
         """Instructions per inference where the backend can count them (emulated targets)."""
         return Measurement(None, "not an emulated target")
-
-
-_BACKENDS: dict[Runtime, Backend | Callable[[], Backend]] = {}
-
-
-def register_backend(runtime: Runtime, backend: Backend | Callable[[], Backend]) -> None:
-    _BACKENDS[runtime] = backend
-
-
-def backend_for(spec: TargetSpec) -> Backend:
-    entry = _BACKENDS.get(spec.runtime)
-    if entry is None:
-        raise ConfigError(f"target {spec.name!r} uses runtime {spec.runtime.value!r}, for which no backend is "
-                          f"registered (have: {sorted(r.value for r in _BACKENDS)}).")
-    if not isinstance(entry, Backend):
-        entry = _BACKENDS[spec.runtime] = entry()
-    return entry

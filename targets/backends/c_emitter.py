@@ -1,7 +1,7 @@
 """Runtime-free C emitter: a captured model as a self-contained C library (no TVM runtime, no malloc).
 
-`emit_library(ep, spec, out_dir, progress, name)` runs graphopt's Relax phases up to scheduling
-(import → decompose → layout → legalize → fuse → schedule, reused from `targets/lowering.py`),
+`emit_library(ep, spec, out_dir, name)` runs graphopt's Relax phases up to scheduling
+(import → decompose → layout → legalize → fuse → schedule, with `lowering.phases.run_phases`),
 then Relax's static memory planner (`StaticPlanBlockMemory`), builds every PrimFunc into one
 LLVM object for the target (argument asserts skipped: the generated caller always passes the
 right tensors) and writes, into `out_dir`, with ``P = graphopt_<name>`` (so several libraries
@@ -31,19 +31,17 @@ kernels calling runtime functions this library does not provide.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from graphopt.errors import ConfigError, LoweringError, Unsupported
+from graphopt.targets.backends import toolchain
+from graphopt.targets.lowering.phases import run_phase, run_phases
 from graphopt.targets.spec import TargetSpec
 
-from graphopt.targets.backends import toolchain
-from graphopt.errors import ConfigError, GraphoptError, LoweringError, Unsupported
-
 ALIGN = 64  # arena, workspace and weight alignment (TVM's kernels assume 64-byte aligned buffers)
-RELAX_PHASES = ("import", "decompose", "layout", "legalize", "fuse", "schedule")  # from lowering.PHASES
 # runtime hooks the LLVM kernels call through weak function pointers -> the P.c function
 _HOOKS = {
     "__TVMBackendAllocWorkspace": "gm_ws_alloc",
@@ -104,43 +102,19 @@ def _round(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _error_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    msg = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "")
-    return f"{type(exc).__name__}: {msg}"[:400]
-
-
-def _phase(name: str, fn: Callable, phases: dict, progress: Callable[[str], None], spec: TargetSpec):
-    progress(name)
-    start = time.perf_counter()
-    try:
-        out = fn()
-    except GraphoptError:
-        raise
-    except Exception as exc:  # TVM raises many types; none may reach the user raw
-        raise LoweringError(f"TVM could not lower the model for target {spec.name!r} (phase {name!r})",
-                            [Unsupported(_error_line(exc), f"C library phase {name!r}")]) from exc
-    phases[name] = round(time.perf_counter() - start, 3)
-    return out
-
-
 # --------------------------------------------------------------------------- Relax: plan
 
-def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress):
+def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict):
     import tvm
-    from graphopt.targets.lowering.phases import PHASES
     from tvm import relax
 
-    ir = ep
-    table = dict(PHASES)
-    for name in RELAX_PHASES:
-        if name == "layout" and not _calls_op(ir["main"], "relax.nn.conv2d"):
-            continue  # the layout phase only converts convolutions (and TVM's ConvertLayout crashes on some
-            # conv-free graphs: std::bad_alloc on the tiny transformer)
-        ir = _phase(name, lambda: table[name](ir, spec, state), phases, progress, spec)
+    # the layout phase only converts convolutions (and TVM's ConvertLayout crashes on some conv-free
+    # graphs: std::bad_alloc on the tiny transformer)
+    ir = run_phases(ep, spec, state, phases, until="schedule",
+                    skip=lambda name, ir: name == "layout" and not _calls_op(ir["main"], "relax.nn.conv2d"))
     plan = tvm.transform.Sequential([relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
                                      relax.transform.CallTIRRewrite(), relax.transform.StaticPlanBlockMemory()])
-    return _phase("plan memory", lambda: plan(ir), phases, progress, spec)
+    return run_phase("plan memory", lambda: plan(ir), spec, phases)
 
 
 def _calls_op(func, op_name: str) -> bool:
@@ -343,7 +317,8 @@ def lower_host(funcs: dict, spec: TargetSpec):
         pipeline, finalize_host, _ = tirx.get_default_tir_pipeline(target)
         host, device = split_host_device_mods(pipeline(tmod))
     if any(len(m.functions) for m in device.values()):
-        raise LoweringError("some kernels target a device other than the CPU", [Unsupported(str(t), "TIR build")])
+        raise LoweringError("some kernels target a device other than the CPU",
+                            [Unsupported(str(t), "TIR build") for t, m in device.items() if len(m.functions)])
     return tirx.transform.SkipAssert()(finalize_host()(host))
 
 
@@ -636,8 +611,7 @@ def _makefile(spec: TargetSpec, libs: list[str], prefix: str) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
-def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], None] = lambda _: None,
-                 name: str = "model") -> CLibrary:
+def emit_library(ep, spec: TargetSpec, out_dir: Path, name: str = "model") -> CLibrary:
     """Lower `ep` for `spec` and write the C library ``graphopt_<name>`` into `out_dir` (see the module
     docstring); `name` is a C identifier."""
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
@@ -646,11 +620,10 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     phases, state = {}, {}
-    planned = _relax_to_planned(ep, spec, phases, state, progress)
-    g = _phase("emit graph", lambda: _walk_main(planned), phases, progress, spec)
+    planned = _relax_to_planned(ep, spec, phases, state)
+    g = run_phase("emit graph", lambda: _walk_main(planned), spec, phases)
     raw = out / ".kernels.llvm.o"
-    kernels, ws, kstack = _phase("build kernels", lambda: _build_kernels(planned, spec, raw, prefix), phases,
-                                 progress, spec)
+    kernels, ws, kstack = run_phase("build kernels", lambda: _build_kernels(planned, spec, raw, prefix), spec, phases)
     try:
         hooks = _finish_object(raw, out / "kernels.o", spec, prefix)
     finally:

@@ -70,7 +70,7 @@ class EmulatedRun:
 
 # --------------------------------------------------------------------------- specs and checks
 
-def _check_spec(spec: TargetSpec) -> str:
+def vm_arch(spec: TargetSpec) -> str:
     """The target's arch (e.g. "aarch64") if it runs TVM VM artifacts under qemu-user."""
     if spec.runtime is not Runtime.TVM_VM_QEMU_USER:
         raise ConfigError(f"target {spec.name} runs as {spec.runtime.value}, not as a TVM VM library under "
@@ -111,7 +111,7 @@ def _itemsize(dtype: str) -> int | None:
 
 def build_runner(spec: TargetSpec, out_dir: str | os.PathLike) -> Path:
     """Cross-compile the runner for `spec` (cached) and copy it to ``out_dir/runner``."""
-    arch = _check_spec(spec)
+    arch = vm_arch(spec)
     cxx = toolchain.require_tool(spec.cross_compiler)
     rt = toolchain.runtime_dir(arch)
     src = RUNTIME_SRC / "runner.cc"
@@ -205,7 +205,7 @@ def write_header(path: str | os.PathLike, inputs: Sequence[Any], outputs: Sequen
 def package_arm_artifact(model_so: str | os.PathLike, spec: TargetSpec, inputs_spec: Sequence[Any],
                          outputs_spec: Sequence[Any], out_dir: str | os.PathLike) -> Path:
     """Assemble a deployable folder in `out_dir` (created if needed; the caller renames it into place)."""
-    arch = _check_spec(spec)
+    arch = vm_arch(spec)
     model_so, out = Path(model_so), Path(out_dir)
     if not model_so.is_file():
         raise ArtifactError(f"model library {model_so} does not exist")
@@ -260,7 +260,8 @@ def _check_inputs(inputs: Sequence[Any], manifest: dict | None) -> list[np.ndarr
     return arrays
 
 
-def _execute(cmd: list[str], cwd: Path, timeout: float, what: str) -> tuple[str, float]:
+def run_runner(cmd: list[str], cwd: Path, timeout: float, what: str) -> tuple[str, float]:
+    """Run a runner program (`toolchain.run_bounded`), its exit codes explained."""
     return toolchain.run_bounded(cmd, cwd, timeout, what, _RUNNER_EXITS)
 
 
@@ -281,7 +282,8 @@ def _parse_outputs(stdout: str) -> tuple[list[np.ndarray], float | None]:
     return outputs, per_ms
 
 
-def _read_count(path: Path) -> int:
+def read_count(path: Path) -> int:
+    """The instruction count the QEMU plugin wrote to ``path``."""
     try:
         m = re.search(r"insns:\s*(\d+)", path.read_text())
     except OSError:
@@ -300,7 +302,7 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
     cached runner and harvested runtime. ``manifest.json``, if present, is checked against `inputs`.
     `timeout` applies to each QEMU process. Raises ToolchainError on a failed or hung run.
     """
-    arch = _check_spec(spec)
+    arch = vm_arch(spec)
     if repeat < 1 or threads < 1:
         raise ConfigError(f"repeat and threads must be >= 1, got repeat={repeat}, threads={threads}")
     if count_instructions and threads != 1:
@@ -339,7 +341,7 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
         plugin, unavailable = None, None
         if count_instructions:
             try:
-                plugin = toolchain.ensure_qemu_plugin(progress=_log.info)
+                plugin = toolchain.ensure_qemu_plugin()
             except ToolchainError as e:
                 unavailable = f"instruction counting unavailable: {e}"
                 _log.warning(unavailable)
@@ -348,14 +350,14 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
             return ["-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(tmp / name)}"] if plugin else []
 
         warmup = ["--warmup", "1"] if plugin else []
-        stdout, seconds = _execute([*base, *plugin_args("count_run"), *tail, *warmup, "--repeat", str(repeat)],
+        stdout, seconds = run_runner([*base, *plugin_args("count_run"), *tail, *warmup, "--repeat", str(repeat)],
                                    tmp, timeout, f"emulated run of {model}")
         outputs, per_ms = _parse_outputs(stdout)
         per_inference = None
         if plugin:
-            _execute([*base, *plugin_args("count_base"), *tail, "--warmup", "1", "--repeat", "0"], tmp, timeout,
+            run_runner([*base, *plugin_args("count_base"), *tail, "--warmup", "1", "--repeat", "0"], tmp, timeout,
                      f"emulated baseline (0 inferences) of {model}")
-            delta = _read_count(tmp / "count_run") - _read_count(tmp / "count_base")
+            delta = read_count(tmp / "count_run") - read_count(tmp / "count_base")
             per_inference = round(delta / repeat)
     return EmulatedRun(outputs=outputs, instructions_per_inference=per_inference, wall_seconds=seconds,
                        emulated_ms_per_inference=per_ms, instructions_unavailable=unavailable)

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shlex
@@ -36,9 +37,11 @@ import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from graphopt.errors import ConfigError, ToolchainError
+
+_LOG = logging.getLogger(__name__)
 
 # executable -> Debian package that provides it
 TOOL_PACKAGES = {
@@ -219,7 +222,7 @@ def runtime_dir(arch: str = "aarch64") -> Path:
     return path
 
 
-def ensure_runtime(arch: str = "aarch64", progress: Callable[[str], None] = print) -> Path:
+def ensure_runtime(arch: str = "aarch64") -> Path:
     """Harvest the target TVM runtime from PyPI's wheels if needed; return `runtime_dir(arch)`.
 
     Idempotent: returns at once when the stamp matches the installed versions.
@@ -232,7 +235,7 @@ def ensure_runtime(arch: str = "aarch64", progress: Callable[[str], None] = prin
         if _stamp_ok(path, versions):
             return path
         pins = [f"{dist}=={ver}" for dist, ver in versions.items()]
-        progress(f"harvesting the {arch} TVM runtime from PyPI wheels: {' '.join(pins)}")
+        _LOG.info(f"harvesting the {arch} TVM runtime from PyPI wheels: {' '.join(pins)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=path.parent))
         try:
@@ -247,7 +250,7 @@ def ensure_runtime(arch: str = "aarch64", progress: Callable[[str], None] = prin
             _install_dir(out, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        progress(f"{arch} TVM runtime ready in {path}")
+        _LOG.info(f"{arch} TVM runtime ready in {path}")
     return path
 
 
@@ -310,7 +313,7 @@ def _deb_src_entries() -> tuple[str, str]:
     return "\n".join(lines) + "\n", "\n\n".join(blocks) + "\n"
 
 
-def _fetch_plugin_header(dest: Path, version: str, progress: Callable[[str], None]) -> None:
+def _fetch_plugin_header(dest: Path, version: str) -> None:
     """Download Debian's qemu source with a private apt configuration; copy qemu-plugin.h to `dest`."""
     apt_get = require_tool("apt-get")
     with tempfile.TemporaryDirectory(prefix="graphopt-apt-") as tmp:
@@ -325,12 +328,12 @@ def _fetch_plugin_header(dest: Path, version: str, progress: Callable[[str], Non
                 "-o", f"Dir::State::Lists={t / 'lists'}", "-o", f"Dir::Cache={t / 'cache'}"]
         if os.geteuid() == 0:  # the private folders are root's: download as root, not as _apt
             opts += ["-o", "APT::Sandbox::User=root"]
-        progress(f"fetching Debian's qemu {version} source for qemu-plugin.h (private apt configuration)")
+        _LOG.info(f"fetching Debian's qemu {version} source for qemu-plugin.h (private apt configuration)")
         run_tool([apt_get, *opts, "update"], "apt-get update (private deb-src lists)")
         try:
             run_tool([apt_get, *opts, "source", "--download-only", f"qemu={version}"], "apt-get source qemu", cwd=t / "src")
         except ToolchainError:
-            progress(f"qemu {version} source not available; taking the newest qemu source")
+            _LOG.info(f"qemu {version} source not available; taking the newest qemu source")
             run_tool([apt_get, *opts, "source", "--download-only", "qemu"], "apt-get source qemu", cwd=t / "src")
         origs = sorted((t / "src").glob("qemu_*.orig.tar.*"))
         if not origs:
@@ -342,7 +345,7 @@ def _fetch_plugin_header(dest: Path, version: str, progress: Callable[[str], Non
             dest.write_bytes(tf.extractfile(member).read())
 
 
-def ensure_qemu_plugin(progress: Callable[[str], None] = print) -> Path:
+def ensure_qemu_plugin() -> Path:
     """Build (once) and return the instruction-counting plugin ``libinsncount.so``.
 
     Cached in ``graphopt_home()/qemu-plugin/`` keyed by the qemu source version, the plugin
@@ -362,7 +365,7 @@ def ensure_qemu_plugin(progress: Callable[[str], None] = print) -> Path:
         if not (stamp.exists() and stamp.read_text() == version and (header_dir / "qemu-plugin.h").exists()):
             tmp = Path(tempfile.mkdtemp(prefix=".include-", dir=base))
             try:
-                _fetch_plugin_header(tmp / "qemu-plugin.h", version, progress)
+                _fetch_plugin_header(tmp / "qemu-plugin.h", version)
                 (tmp / "qemu-version").write_text(version)
                 _install_dir(tmp, header_dir)
             finally:

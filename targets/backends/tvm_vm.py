@@ -7,8 +7,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from graphopt.targets.backends.base import Backend, BuildResult, Measurement, register_backend
-from graphopt.targets.spec import Runtime, TargetSpec
+
+from graphopt.artifact import read_manifest
+from graphopt.errors import ToolchainError
+from graphopt.targets.backends.base import Backend, BuildResult, Measurement
+from graphopt.targets.backends.emulation import package_arm_artifact, run_emulated
+from graphopt.targets.lowering.phases import export_library, lower
+from graphopt.targets.spec import TargetSpec
 
 
 def _flatten(value) -> list:
@@ -18,10 +23,8 @@ def _flatten(value) -> list:
 
 
 class NativeVM(Backend):
-    def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
-        from graphopt.targets.lowering.phases import export_library, lower
-
-        lowered = lower(ep, spec, progress=progress)
+    def build(self, ep, spec, build_dir, inputs, outputs, name) -> BuildResult:
+        lowered = lower(ep, spec)
         export_library(lowered, spec, build_dir / "model.so")
         return BuildResult({"format": "graphopt-tvm-vm-artifact", "format_version": 1, "library": "model.so"},
                            lowered.stats)
@@ -51,33 +54,19 @@ def _borrow(a: np.ndarray):
 
 
 class EmulatedVM(Backend):
-    def build(self, ep, spec, build_dir, inputs, outputs, progress, name) -> BuildResult:
-        from graphopt.targets.backends.emulation import package_arm_artifact
-        from graphopt.targets.lowering.phases import export_library, lower
-
-        from graphopt.artifact import read_manifest
-
-        lowered = lower(ep, spec, progress=progress)
+    def build(self, ep, spec, build_dir, inputs, outputs, name) -> BuildResult:
+        lowered = lower(ep, spec)
         so = export_library(lowered, spec, build_dir / "model.so")
         package_arm_artifact(so, spec, inputs, outputs, build_dir)
         return BuildResult({**read_manifest(build_dir), "library": "model.so"}, lowered.stats)
 
     def run(self, build_dir, spec, arrays, manifest, cache) -> list[np.ndarray]:
-        from graphopt.targets.backends.emulation import run_emulated
-
         return run_emulated(build_dir, spec, arrays).outputs
 
     def measure(self, build_dir, spec: TargetSpec, arrays) -> Measurement:
-        from graphopt.targets.backends.emulation import run_emulated
-
-        from graphopt.errors import ToolchainError
-
         try:
             run = run_emulated(build_dir, spec, arrays, count_instructions=True)
         except ToolchainError as exc:
             return Measurement(None, str(exc).splitlines()[0])
         return Measurement(run.instructions_per_inference, run.instructions_unavailable)
 
-
-register_backend(Runtime.TVM_VM_NATIVE, NativeVM)
-register_backend(Runtime.TVM_VM_QEMU_USER, EmulatedVM)

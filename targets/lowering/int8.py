@@ -1,12 +1,9 @@
 """Tensorized int8 conv2d and dense: weights packed at compile time for a CPU's dot-product instruction.
 
-A `DotKernel` names a registered TVM tensor intrinsic with the contract
-
-    C[i] += Σ_k int32(A[k]) · int32(B[i, k])        i < lanes, k < depth      (A: activations, B: weights)
-
-— AVX-512 VNNI ``vpdpbusd`` (16×4, unsigned activations), aarch64 ``sdot`` (4×4), plain NEON
-widening multiply-accumulate (4×4) — and which target feature enables it; `dot_kernel(spec)` picks
-the first registered kernel whose feature the target has (data, never target names).
+A `graphopt.targets.lowering.dot.DotKernel` names a registered TVM tensor intrinsic — AVX-512 VNNI
+``vpdpbusd`` (16×4, unsigned activations), aarch64 ``sdot``, NEON widening multiply-accumulate,
+Cortex-M ``SMLAD`` — and the target feature that enables it; `graphopt.targets.lowering.kernels`
+lists them and picks those the target has (data, never target names); `choose` takes one per layer.
 
 `legalize_conv2d` / `legalize_matmul` replace LegalizeOps for int8 × int8 → int32 ``conv2d``
 (NHWC/HWIO, any stride/dilation, not grouped) and ``matmul`` against a constant weight: the weight
@@ -23,112 +20,11 @@ targets without a dot kernel.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import tvm
-from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, te, tirx, topi
 
-DOT_ATTR = "graphopt.dot_intrin"  # block annotation: the intrinsic the tensorizing rule applies
-
-
-@dataclass(frozen=True)
-class DotKernel:
-    """A dot-product tensor intrinsic and the target feature that enables it."""
-
-    feature: Feature
-    intrin: str  # registered TensorIntrin name
-    lanes: int  # output channels per call (int32 results)
-    depth: int  # reduction elements per output per call
-    data_dtype: str  # "int8", or "uint8": activations are shifted by +128
-    accumulators: int  # vector registers the accumulator tile may use
-    weight_dtype: str = "int8"  # "int16": weights widened when packed (e.g. for 16-bit MAC pairs)
-    min_weight: int = -128  # e.g. −127 for kernels summing two int8 products in an int16 lane
-    max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
-    chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
-    even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
-
-    def __post_init__(self):
-        if self.data_dtype not in ("int8", "uint8"):
-            raise ValueError(f"DotKernel.data_dtype must be 'int8' or 'uint8', not {self.data_dtype!r}")
-        if self.weight_dtype not in ("int8", "int16"):
-            raise ValueError(f"DotKernel.weight_dtype must be 'int8' or 'int16', not {self.weight_dtype!r}")
-        if min(self.lanes, self.depth, self.accumulators) < 1:
-            raise ValueError("DotKernel lanes, depth and accumulators must be positive")
-        if self.chunk < 0 or (self.chunk and self.depth % self.chunk):
-            raise ValueError("DotKernel.chunk must be 0 or divide depth")
-        if self.even_odd and (self.chunk or self.depth % 2):
-            raise ValueError("DotKernel.even_odd needs an even depth and no chunk")
-
-    def tile_layout(self, w: np.ndarray) -> np.ndarray:
-        """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or
-        [..., lanes, 2, depth/2])."""
-        if self.even_odd:
-            return np.swapaxes(w.reshape(*w.shape[:-1], self.depth // 2, 2), -1, -2)
-        if not self.chunk:
-            return w
-        return np.moveaxis(w.reshape(*w.shape[:-1], self.depth // self.chunk, self.chunk), -2, -3)
-
-    def weight(self, wp, outer: tuple, lane, r):
-        """The packed weight of output lane `lane`, reduction index `r`, in the tile at `outer`."""
-        return wp[(*outer, *_tile(self.lanes, self.depth, self.chunk, self.even_odd)[1](lane, r % self.depth))]
-
-
-def _tile(lanes: int, depth: int, chunk: int = 0, even_odd: bool = False):
-    """(shape, index(lane, k)) of one packed weight tile: ``[lanes, depth]``, ``[depth/chunk, lanes,
-    chunk]`` when `chunk` is set, ``[lanes, 2, depth/2]`` with `even_odd` (`DotKernel.tile_layout`)."""
-    if even_odd:
-        return (lanes, 2, depth // 2), lambda i, k: (i, k % 2, k // 2)
-    if chunk:
-        return (depth // chunk, lanes, chunk), lambda i, k: (k // chunk, i, k % chunk)
-    return (lanes, depth), lambda i, k: (i, k)
-
-
-def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0, even_odd: bool = False):
-    """The TensorIntrin description every dot kernel shares (``C[i] += Σ_k A[k]·B[i, k]``), with B in
-    the packed tile layout of `_tile`. An intrinsic registers it beside its own implementation."""
-    from tvm.script import tirx as T
-
-    shape, at = _tile(lanes, depth, chunk, even_odd)
-    whole = tuple(slice(0, d) for d in shape)
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (depth,), "int8", offset_factor=1)
-        B = T.match_buffer(b, shape, weight_dtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:depth], B[whole])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, depth):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[at(vi, vk)], "int32")
-
-    return desc
-
-
-_KERNELS: list[DotKernel] = []
-
-
-def register_dot_kernel(kernel: DotKernel, before: str | None = None) -> DotKernel:
-    """Add `kernel` (before the kernel whose intrinsic is `before`, else last); earlier kernels are
-    preferred where several fit a layer equally well."""
-    at = next((i for i, k in enumerate(_KERNELS) if k.intrin == before), len(_KERNELS))
-    _KERNELS.insert(at, kernel)
-    return kernel
-
-
-def dot_kernels(spec: TargetSpec) -> tuple[DotKernel, ...]:
-    """The dot kernels int8 layers may use on `spec`, preferred first (empty: the generic int8 path)."""
-    _register_intrinsics()
-    return tuple(k for k in _KERNELS if spec.has(k.feature))
-
-
-def dot_kernel(spec: TargetSpec) -> DotKernel | None:
-    """The preferred dot kernel on `spec`, if any."""
-    return next(iter(dot_kernels(spec)), None)
+from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 
 
 def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotKernel | None:
@@ -150,31 +46,6 @@ def reduction(k: DotKernel, channels: int, window: int = 1) -> tuple[int, bool]:
     e.g. a 1-channel 3×3 conv reduces 4 values per row instead of 12)."""
     by_channel, flat = window * _ceil(channels, k.depth), _ceil(window * channels, k.depth)
     return (flat, True) if flat < by_channel else (by_channel, False)
-
-
-def by_intrin(kernels, name: str) -> DotKernel | None:
-    return next((k for k in kernels if k.intrin == name), None)
-
-
-register_dot_kernel(DotKernel(Feature.AVX512_VNNI, "dot_16x4_vnni", 16, 4, "uint8", 16))
-register_dot_kernel(DotKernel(Feature.DOTPROD, "dot_4x4_i8i8s32_sdot", 4, 4, "int8", 24))
-register_dot_kernel(DotKernel(Feature.A64, "dot_4x4_i8i8s32_neon", 4, 4, "int8", 16))  # aarch64 NEON intrinsics
-
-_REGISTERED = False
-
-
-def _register_intrinsics() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        from graphopt.targets.tuning.metaschedule import prepare_tvm
-
-        prepare_tvm()  # registers TVM's CPU intrinsics, with the VNNI one fixed for LLVM 22
-        from graphopt.targets.lowering import (  # noqa: F401  importing registers the kernels
-            intrin_cortex_m,  # the Cortex-M DSP kernel
-            intrin_dotprod,  # the aarch64 indexed-sdot 4×16 kernel
-            intrin_neon,  # the NEON 4×64/4×32/4×16 kernels
-        )
-        _REGISTERED = True
 
 
 def _ceil(n: int, m: int) -> int:

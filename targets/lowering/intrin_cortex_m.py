@@ -20,12 +20,13 @@ word rotated by 8: bytes 0,2 and 1,3); per output lane the 4 weight bytes are lo
 extended the same way and accumulated with two ``SMLAD``s. Per 4 MACs: 1 LDR, 2 SXTB16, 2 SMLAD,
 plus (1 LDR + 2 SXTB16) / lanes for the activation.
 
-Importing the module registers both intrinsics and their `DotKernel`s for `Feature.DSP` targets
-with `graphopt.targets.int8`, the int16-weight one first (`choose` prefers it where both fit).
+Importing the module registers both TVM intrinsics; `KERNELS` are their `DotKernel`s for
+`Feature.DSP` targets, the int16-weight one first (`int8.choose` prefers it where both fit), which
+`graphopt.targets.lowering.kernels` lists.
 """
 from __future__ import annotations
 
-from graphopt.targets.lowering.int8 import DotKernel, dot_desc, register_dot_kernel
+from graphopt.targets.lowering.dot import DotKernel, dot_desc
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -107,9 +108,8 @@ def dsp_dot_intrin(lanes: int = LANES, weight_dtype: str = "int8") -> str:
 INTRIN = dsp_dot_intrin()
 INTRIN_16 = dsp_dot_intrin(weight_dtype="int16")
 
-DSP_KERNEL = register_dot_kernel(DotKernel(feature=Feature.DSP, intrin=INTRIN, lanes=LANES, depth=DEPTH,
-                                            data_dtype="int8", accumulators=ACCUMULATORS))
-DSP16_KERNEL = register_dot_kernel(DotKernel(feature=Feature.DSP, intrin=INTRIN_16, lanes=LANES, depth=DEPTH,
-                                              data_dtype="int8", accumulators=ACCUMULATORS_16,
-                                              weight_dtype="int16", max_weights=MAX_WEIGHTS_16, even_odd=True),
-                                   before=INTRIN)
+DSP_KERNEL = DotKernel(feature=Feature.DSP, intrin=INTRIN, lanes=LANES, depth=DEPTH, data_dtype="int8",
+                       accumulators=ACCUMULATORS)
+DSP16_KERNEL = DotKernel(feature=Feature.DSP, intrin=INTRIN_16, lanes=LANES, depth=DEPTH, data_dtype="int8",
+                         accumulators=ACCUMULATORS_16, weight_dtype="int16", max_weights=MAX_WEIGHTS_16, even_odd=True)
+KERNELS = (DSP16_KERNEL, DSP_KERNEL)  # int16 weights first: small layers take them

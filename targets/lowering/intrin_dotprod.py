@@ -11,12 +11,13 @@ output lanes' 4 channels of chunk j. Its weights are therefore packed chunk-majo
 
     C[i] += Σ_k int32(A[k]) · int32(B[k / 4, i, k % 4])        i < 4, k < 16
 
-Importing the module registers it for `Feature.DOTPROD` targets ahead of TVM's 4×4 ``sdot`` kernel
-(layers whose channels are not a multiple of 16, e.g. an RGB stem, keep using that one).
+Importing the module registers the TVM intrinsic; `KERNEL` (for `Feature.DOTPROD` targets) is listed
+by `graphopt.targets.lowering.kernels` ahead of TVM's 4×4 ``sdot`` kernel (layers whose channels are
+not a multiple of 16, e.g. an RGB stem, keep using that one).
 """
 from __future__ import annotations
 
-from graphopt.targets.lowering.int8 import DotKernel, dot_desc, register_dot_kernel
+from graphopt.targets.lowering.dot import DotKernel, dot_desc
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -57,5 +58,4 @@ def _sdots(a, b, c):
 if s_tir.TensorIntrin.get(NAME, allow_missing=True) is None:
     s_tir.TensorIntrin.register(NAME, *_functions())
 
-KERNEL = register_dot_kernel(DotKernel(Feature.DOTPROD, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK),
-                             before="dot_4x4_i8i8s32_sdot")
+KERNEL = DotKernel(Feature.DOTPROD, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK)

@@ -16,12 +16,13 @@ outputs, added to C. That is depth + 4 instructions per 4·depth MACs plus the a
 Each int16 lane sums two int8 products, which cannot overflow only if no weight is −128: the kernels
 carry ``min_weight=-127`` so `int8.choose` gives layers with a −128 weight to another kernel.
 
-Importing the module registers the 4×64, 4×32 and 4×16 kernels for `Feature.A64` (AArch64 NEON) targets ahead of
-TVM's 4×4 one (layers whose channels are not a multiple of 16, e.g. an RGB stem, keep using it).
+Importing the module registers the 4×64, 4×32 and 4×16 TVM intrinsics; `KERNELS` (for `Feature.A64`,
+AArch64 NEON, targets) are listed by `graphopt.targets.lowering.kernels` ahead of TVM's 4×4 one
+(layers whose channels are not a multiple of 16, e.g. an RGB stem, keep using it).
 """
 from __future__ import annotations
 
-from graphopt.targets.lowering.int8 import DotKernel, dot_desc, register_dot_kernel
+from graphopt.targets.lowering.dot import DotKernel, dot_desc
 from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
@@ -85,6 +86,5 @@ def neon_dot_intrin(depth: int) -> str:
 
 
 KERNELS = tuple(  # longest reduction first: `int8.choose` takes the first kernel needing no channel padding
-    register_dot_kernel(DotKernel(Feature.A64, neon_dot_intrin(depth), LANES, depth, "int8",
-                                  accumulators=acc, min_weight=-127), before="dot_4x4_i8i8s32_neon")
+    DotKernel(Feature.A64, neon_dot_intrin(depth), LANES, depth, "int8", accumulators=acc, min_weight=-127)
     for depth, acc in ACCUMULATORS.items())

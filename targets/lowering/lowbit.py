@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from graphopt.targets.lowering.converters import constant_value, import_target
+from graphopt.targets.lowering.importing import constant_value, import_target
 from graphopt.targets.spec import Feature
 
 
@@ -272,11 +272,11 @@ def _pack_activation_func(shape, dtype: str, sign, pad: tuple[int, int], word: W
     words = te.compute((n, h, word.count(c), w),
                        lambda i, y, j, xx: _pack_bits_expr(lambda ch: x[i, ch, y, xx], c, j, sign, word), name="pack_bits")
     out = topi.nn.pad(words, [0, ph, 0, pw], [0, ph, 0, pw], pad_value=0, name="pad_words")
-    from graphopt.targets.lowering.schedules import _schedule_spatial
+    from graphopt.targets.lowering.schedules import schedule_spatial
 
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
     for name in ("pack_bits", "pad_words"):
-        _schedule_spatial(sch, sch.get_sblock(name), 8)  # vectors of up to 16 words
+        schedule_spatial(sch, sch.get_sblock(name), 8)  # vectors of up to 16 words
     return sch.mod["main"]
 
 

@@ -1,10 +1,12 @@
 """Lower a captured `torch.export.ExportedProgram` through TVM Relax to a VM executable.
 
-`lower` runs the named phases in `PHASES` (import → decompose → layout → legalize → fuse →
-schedule → build), times each into ``stats["phases"]``, and schedules every fused PrimFunc with
-graphopt's CPU rules (`graphopt.targets.schedules`) — after applying a MetaSchedule tuning database
-when one is active (`graphopt.targets.tuning.applying`; the kernels taken from it are listed in
-``stats["from_database"]``). Weights become constants; convolutions are
+`PHASES` are the named steps (import → decompose → layout → legalize → fuse → schedule → build);
+`run_phases` is the one runner every user of them shares — `lower` (all of them, for the TVM VM),
+the runtime-free C library (through ``schedule``) and tuning (through ``fuse``): it logs and times
+each phase and turns TVM's exceptions into `LoweringError`. ``schedule`` schedules every fused
+PrimFunc with graphopt's CPU rules (`graphopt.targets.lowering.schedules`) — after applying a
+MetaSchedule tuning database when one is active (`graphopt.targets.lowering.tuned.applying`; the
+kernels taken from it are listed in ``stats["from_database"]``). Weights become constants; convolutions are
 converted to channel-last (`schedules.CONV_LAYOUT`) with the weight transposes folded at compile
 time. The executable's ``main`` takes the model's inputs in order and returns a TVM tuple of its
 outputs, even for a single output; callers unpack it.
@@ -15,15 +17,19 @@ Builds TVM VM executables only (the runtimes that load a .so with the TVM runtim
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TypeVar
 
+from graphopt.errors import GraphoptError, LoweringError, ToolchainError, Unsupported, quiet_torch_deprecations
 from graphopt.targets.spec import TargetSpec
 
-from graphopt.errors import GraphoptError, LoweringError, ToolchainError, Unsupported
+_LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,10 @@ class LoweringResult:
 def _import(ep, spec, state):
     from tvm.relax.frontend.torch import from_exported_program
 
-    from graphopt.targets.lowering.converters import converters, importing
+    from graphopt.targets.lowering.converters import converters
+    from graphopt.targets.lowering.importing import importing
 
-    with importing(ep, spec):
+    with importing(ep, spec), quiet_torch_deprecations():
         return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=converters())
 
 
@@ -176,7 +183,7 @@ def _fuse(mod, spec, state):
 
 def _schedule(mod, spec, state):
     from graphopt.targets.lowering.schedules import schedule_module
-    from graphopt.targets.tuning.metaschedule import active_database, apply_database
+    from graphopt.targets.lowering.tuned import active_database, apply_database
 
     database = active_database()  # set by compile(database=...): tuned kernels first, rules for the rest
     if database is not None:
@@ -209,40 +216,60 @@ PHASES: tuple[tuple[str, Callable], ...] = (
     ("build", _build),
 )
 
-_HINTS = {
+HINTS = {
     "import": "the op may need a custom converter (from_exported_program custom_convert_map) or a "
               "rewrite to supported ops before lowering",
     "build": "this is likely a TVM code generation bug; try another target or report the model",
 }
 
 
-def _error_line(exc: BaseException) -> str:
-    """The message of a (possibly multi-line, traceback-carrying) TVM error in one line."""
+def error_line(exc: BaseException) -> str:
+    """The message of a (possibly multi-line, traceback-carrying) TVM error in one line: its first
+    line and its last error line."""
     lines = [ln.strip() for ln in str(exc).splitlines()
              if ln.strip() and not ln.startswith(("  File ", "Traceback"))]
-    msg = " | ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+    last = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "")
+    msg = " | ".join(dict.fromkeys(lines[:1] + [last]))
     return f"{type(exc).__name__}: {msg}"[:400]
 
 
-def lower(ep, spec: TargetSpec, *, progress: Callable[[str], None] | None = None) -> LoweringResult:
-    """Lower `ep` for `spec`. `progress`, if given, is called with each phase name as it starts."""
+def run_phase(name: str, fn: Callable[[], T], spec: TargetSpec, timings: dict[str, float]) -> T:
+    """Run one phase of a lowering: log its name, add its seconds to ``timings[name]``, and turn any
+    exception TVM raises into a `LoweringError` naming the phase (graphopt's own errors pass)."""
+    _LOG.info("  %s", name)
+    start = time.perf_counter()
+    try:
+        out = fn()
+    except GraphoptError:
+        raise
+    except Exception as exc:  # TVM raises many types; none may reach the user raw
+        raise LoweringError(f"TVM could not lower the model for target {spec.name!r} (phase {name!r})",
+                            [Unsupported(error_line(exc), f"lowering phase {name!r}", HINTS.get(name, ""))]) from exc
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+    return out
+
+
+def run_phases(ir, spec: TargetSpec, state: dict, timings: dict[str, float], *, until: str | None = None,
+               skip: Callable[[str, object], bool] = lambda name, ir: False):
+    """Run `PHASES` in order on ``ir`` (an ExportedProgram to begin with) through ``until`` (default:
+    all, ending with a VM executable), leaving out those ``skip(name, ir)`` declines; the one phase
+    runner of compile (`lower`), the C library (`graphopt.targets.backends.c_emitter`) and tuning."""
+    names = [name for name, _ in PHASES]
+    if until is not None and until not in names:
+        raise ValueError(f"no lowering phase {until!r}; phases are {names}")
+    for name, fn in PHASES:
+        if not skip(name, ir):
+            ir = run_phase(name, lambda: fn(ir, spec, state), spec, timings)  # noqa: B023  called at once
+        if name == until:
+            break
+    return ir
+
+
+def lower(ep, spec: TargetSpec) -> LoweringResult:
+    """Lower `ep` for `spec` through every phase (each logged as it starts)."""
     state: dict = {}
     phases: dict[str, float] = {}
-    ir = ep
-    for name, fn in PHASES:
-        if progress is not None:
-            progress(name)
-        start = time.perf_counter()
-        try:
-            ir = fn(ir, spec, state)
-        except GraphoptError:
-            raise
-        except Exception as exc:  # TVM raises many types; none may reach the user raw
-            raise LoweringError(
-                f"TVM could not lower the model for target {spec.name!r} (phase {name!r})",
-                [Unsupported(_error_line(exc), f"lowering phase {name!r}", _HINTS.get(name, ""))],
-            ) from exc
-        phases[name] = round(time.perf_counter() - start, 3)
+    executable = run_phases(ep, spec, state, phases)
     stats = {
         "target": spec.name,
         "phases": phases,
@@ -253,7 +280,7 @@ def lower(ep, spec: TargetSpec, *, progress: Callable[[str], None] | None = None
     }
     if "from_database" in state:
         stats["from_database"] = state["from_database"]
-    return LoweringResult(executable=ir, ir_module=state["ir_module"], stats=stats)
+    return LoweringResult(executable=executable, ir_module=state["ir_module"], stats=stats)
 
 
 def export_library(result: LoweringResult, spec: TargetSpec, path: pathlib.Path) -> pathlib.Path:
@@ -272,5 +299,5 @@ def export_library(result: LoweringResult, spec: TargetSpec, path: pathlib.Path)
     try:
         result.executable.export_library(str(path), fcompile=fcompile)
     except Exception as exc:
-        raise ToolchainError(f"linking the {spec.name} library {path} failed: {_error_line(exc)}") from exc
+        raise ToolchainError(f"linking the {spec.name} library {path} failed: {error_line(exc)}") from exc
     return path

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from graphopt.targets.lowering.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
-from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
+
+from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
+from graphopt.targets.lowering.int8 import legalize_conv2d, legalize_matmul
+from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
+from graphopt.targets.spec import Feature, TargetSpec
 
 # Relax layouts lowering converts conv2d to: channel-last data and HWIO weights, so the output
 # channel axis is innermost and contiguous in both output and weights (the axis rules vectorize).
@@ -210,7 +213,7 @@ def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
     sch.vectorize(loop)
 
 
-def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Parallelize the outer loops of a spatial block and vectorize its innermost loop."""
     loops = sch.get_loops(block)
     if len(loops) > 1:
@@ -245,13 +248,13 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         elif [_int(d) for d in sch.get(block).writes[0].source.shape] != tile_shape:
             # e.g. a fused pad: reverse_compute_at would cover only the elements the tiles produce
             # and leave its border unwritten
-            _schedule_spatial(sch, block, lanes)
+            schedule_spatial(sch, block, lanes)
         else:
             try:
                 sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
                 placed.append(block)
             except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
-                _schedule_spatial(sch, block, lanes)
+                schedule_spatial(sch, block, lanes)
     if not consumers:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
@@ -340,7 +343,7 @@ class ChannelLastReduction(dlight.ScheduleRule):
             if b.block_rv in vector_read:
                 sch.compute_inline(b.block_rv)  # e.g. pooling/depthwise padding: a vector select
             else:
-                _schedule_spatial(sch, b.block_rv, p.lanes)
+                schedule_spatial(sch, b.block_rv, p.lanes)
         return sch
 
 
@@ -411,7 +414,7 @@ class TensorizedDot(dlight.ScheduleRule):
         for b in producers[:-1]:
             sch.compute_inline(b.block_rv)
         if producers:
-            _schedule_spatial(sch, producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
+            schedule_spatial(sch, producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
         return sch
 
 
@@ -453,7 +456,7 @@ class Injective(dlight.ScheduleRule):
         if infos is None or not all(b.is_injective() for b in infos):
             return None
         for b in dlight.base.try_inline(sch, infos):
-            _schedule_spatial(sch, b.block_rv, self.params.lanes)
+            schedule_spatial(sch, b.block_rv, self.params.lanes)
         return sch
 
 
@@ -473,7 +476,7 @@ class Generic(dlight.ScheduleRule):
             if len(loops) != len(kinds):
                 continue
             if n_s == len(loops):
-                _try(lambda: _schedule_spatial(sch, block, self.params.lanes))
+                _try(lambda: schedule_spatial(sch, block, self.params.lanes))
             elif n_s > 0:
                 _try(lambda: sch.parallel(sch.fuse(*loops[:n_s])))
         return sch

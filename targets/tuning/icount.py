@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from graphopt.targets.backends.emulation import RUNTIME_SRC, _check_spec, _execute, _read_count
+from graphopt.targets.backends.emulation import RUNTIME_SRC, read_count, run_runner, vm_arch
 from graphopt.targets.spec import TargetSpec
 
 from graphopt.targets.backends import toolchain
@@ -34,9 +34,9 @@ _REPEAT = 2
 
 def build_kernel_runner(spec: TargetSpec) -> Path:
     """The cross-compiled kernel runner for `spec` (cached by source, compiler and TVM versions)."""
-    arch = _check_spec(spec)
+    arch = vm_arch(spec)
     cxx = toolchain.require_tool(spec.cross_compiler)
-    rt = toolchain.ensure_runtime(arch, progress=lambda m: None)
+    rt = toolchain.ensure_runtime(arch)
     src = RUNTIME_SRC / "kernel_runner.cc"
     key = hashlib.sha256(b"\0".join([src.read_bytes(), cxx.encode(),
                                      json.dumps(toolchain.tvm_versions()).encode()])).hexdigest()[:16]
@@ -54,9 +54,9 @@ def build_kernel_runner(spec: TargetSpec) -> Path:
 def count_kernel(so: str | os.PathLike, func: str, tensors: list[tuple[str, list[int]]], spec: TargetSpec,
                  *, timeout: float = 300) -> int:
     """Guest instructions per call of `func` (a PROXY); `tensors`: (dtype, shape) per argument."""
-    arch = _check_spec(spec)
+    arch = vm_arch(spec)
     qemu = toolchain.require_tool(spec.qemu_binary)
-    plugin = toolchain.ensure_qemu_plugin(progress=lambda m: None)
+    plugin = toolchain.ensure_qemu_plugin()
     runner = build_kernel_runner(spec)
     env_lib = toolchain.runtime_dir(arch) / "lib"
     specs = [f"{dtype}:{','.join(str(int(d)) for d in shape)}" for dtype, shape in tensors]
@@ -65,8 +65,8 @@ def count_kernel(so: str | os.PathLike, func: str, tensors: list[tuple[str, list
         for name, repeat in (("base", 0), ("run", _REPEAT)):
             cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, "-E", f"LD_LIBRARY_PATH={env_lib}",
                    "-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(Path(tmp) / name)}", str(runner), str(so), func, str(repeat), *specs]
-            _execute(cmd, Path(tmp), timeout, f"instruction count (proxy) of {func}")
-            counts.append(_read_count(Path(tmp) / name))
+            run_runner(cmd, Path(tmp), timeout, f"instruction count (proxy) of {func}")
+            counts.append(read_count(Path(tmp) / name))
     return max(0, round((counts[1] - counts[0]) / _REPEAT))
 
 
@@ -144,9 +144,9 @@ class IcountRunner:
 
     @classmethod
     def create(cls, spec: TargetSpec):
-        _check_spec(spec)
+        vm_arch(spec)
         build_kernel_runner(spec)  # fail now, not inside a tuning session
-        toolchain.ensure_qemu_plugin(progress=lambda m: None)
+        toolchain.ensure_qemu_plugin()
         if cls._cls is None:
             cls._cls = _make_runner_class()
         return cls._cls(spec)

@@ -1,74 +1,35 @@
-"""The TVM side of `graphopt.tune`: MetaSchedule tasks, builders, runners, and database application.
+"""The TVM side of `graphopt.tune`: MetaSchedule tasks, builders and the tuning loop.
 
-- `fused_module(ep, spec)`: the lowering `PHASES` up to ``fuse`` — exactly the module `lower`
-  schedules, so tuning records match compile's kernels by structural hash.
+- `fused_module(ep, spec)`: the lowering phases through ``fuse`` (`run_phases`) — exactly the
+  module `lower` schedules, so tuning records match compile's kernels by structural hash.
 - `extract(mod, spec)`: MetaSchedule tasks (one per distinct fused PrimFunc).
 - `tune_tasks(...)`: tunes each task to its budget, counting trials already spent in the database
   (so an interrupted or killed session resumes where it stopped, and a finished one is not run
-  again), with progress lines.
-- `applying(database)` / `apply_database(mod, spec)`: the ``schedule`` phase's database step —
-  `MetaScheduleApplyDatabase` on a COPY of the fused module; the default rules schedule the rest.
+  again), logging progress lines.
 
-Handled here, from the measured traps of apache-tvm 0.27: builder workers no longer import every
-GPU tensor intrinsic (~55 s each; they are stubbed and the build function skips them), and the
-x86 ``dot_16x4_vnni`` intrinsic that LLVM 22 rejects is re-registered with the operand types
-LLVM 22 wants. Refuses (`TuningError`): targets MetaSchedule cannot tune (no LLVM kind), a
-runner that does not fit the target.
+Compile applies the records with `graphopt.targets.lowering.tuned`. Builder workers build
+without importing tensor intrinsics (`_fast_build`: importing every GPU intrinsic costs ~55 s per
+worker in apache-tvm 0.27); the parent registers them with `kernels.prepare_tvm`. Refuses
+(`TuningError`): targets MetaSchedule cannot tune (no LLVM kind), a runner that does not fit the
+target.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import logging
 import math
 import sys
 import time
-import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+from graphopt.errors import TuningError
+from graphopt.targets.lowering.dot import DOT_ATTR
+from graphopt.targets.lowering.kernels import prepare_tvm
+from graphopt.targets.lowering.phases import run_phases
+from graphopt.targets.lowering.tuned import is_scheduled
 from graphopt.targets.spec import TargetSpec
 
-from graphopt.errors import GraphoptError, TuningError
-
-
-# --------------------------------------------------------------------------- TVM start-up traps
-
-_PREPARED = False
-
-
-def prepare_tvm() -> None:
-    """Stub the GPU/DSP tensor-intrinsic modules (CPU tuning never uses them; importing them costs
-    ~1 min CPU per process) and re-register the VNNI intrinsic for LLVM 22. Idempotent."""
-    global _PREPARED
-    if _PREPARED:
-        return
-    for name in ("cuda", "rocm", "hexagon", "metal"):
-        full = f"tvm.s_tir.tensor_intrin.{name}"
-        sys.modules.setdefault(full, types.ModuleType(full))
-    import tvm.s_tir.tensor_intrin  # noqa: F401  registers the CPU intrinsics
-    from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def vnni_impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            A_i8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="int8x64")
-            B_i8x64 = B.vload([0, 0], dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), A_i8x64, B_i8x64, dtype="int32x16")
-
-    # LLVM 22's vpdpbusd takes (<16 x i32>, <64 x i8>, <64 x i8>); TVM 0.27 passes i32 vectors
-    TensorIntrin.register("dot_16x4_vnni", dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
-    _PREPARED = True
+_LOG = logging.getLogger(__name__)
 
 
 def _fast_build(mod, target, _params):
@@ -108,23 +69,8 @@ def make_builder(spec: TargetSpec, timeout_sec: float = 180):
 # --------------------------------------------------------------------------- modules and tasks
 
 def fused_module(ep, spec: TargetSpec):
-    """Run `lowering.PHASES` from import through fuse on `ep` (the module compile schedules)."""
-    from graphopt.targets.lowering.phases import PHASES, _error_line
-
-    from graphopt.errors import LoweringError, Unsupported
-
-    ir, state = ep, {}
-    for name, fn in PHASES:
-        try:
-            ir = fn(ir, spec, state)
-        except GraphoptError:
-            raise
-        except Exception as exc:  # TVM raises many types; none may reach the user raw
-            raise LoweringError(f"TVM could not prepare the model for tuning on {spec.name!r} (phase {name!r})",
-                                [Unsupported(_error_line(exc), f"lowering phase {name!r}")]) from exc
-        if name == "fuse":
-            return ir
-    raise TuningError("lowering has no 'fuse' phase to tune after")
+    """The lowering phases through ``fuse`` on `ep`: the module compile schedules."""
+    return run_phases(ep, spec, {}, {}, until="fuse")
 
 
 def check_tunable(spec: TargetSpec) -> None:
@@ -137,12 +83,11 @@ def extract(mod, spec: TargetSpec) -> list:
     """MetaSchedule tasks of `mod`, without the kernels graphopt schedules itself: tensorized int8
     dot kernels (their packed-weight register tiles around the intrinsic are `schedules.TensorizedDot`'s)
     and kernels emitted already scheduled (e.g. the binary XNOR-popcount ones)."""
-    from graphopt.targets.lowering.int8 import DOT_ATTR
     from tvm.s_tir import meta_schedule as ms
 
     prepare_tvm()
     return [t for t in ms.relax_integration.extract_tasks(mod, spec.tvm())
-            if not _is_scheduled(t.dispatched[0]["main"]) and DOT_ATTR not in t.dispatched[0].script()]
+            if not is_scheduled(t.dispatched[0]["main"]) and DOT_ATTR not in t.dispatched[0].script()]
 
 
 # --------------------------------------------------------------------------- tuning
@@ -172,7 +117,7 @@ def budget(trials: int, n_tasks: int, per_task: int | None) -> Budget:
     return Budget(trials, per_task if per_task is not None else max(1, math.ceil(trials / max(1, n_tasks))))
 
 
-def _progress_callback(say: Callable[[str], None], state: dict, unit: Callable[[float], str]):
+def _progress_callback(state: dict, unit: Callable[[float], str]):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -189,15 +134,15 @@ def _progress_callback(say: Callable[[str], None], state: dict, unit: Callable[[
             left = state["total"] - state["done"]
             eta = elapsed / max(1, state["done"]) * left
             best = unit(state["best"]) if state["best"] is not None else "-"
-            say(f"  [{state['task_index']}/{state['n_tasks']}] {state['task_name']}: "
-                f"{state['task_done']}/{state['task_budget']} trials, best {best} | session "
-                f"{state['done']}/{state['total']} trials, ETA {eta / 60:.1f} min")
+            _LOG.info(f"  [{state['task_index']}/{state['n_tasks']}] {state['task_name']}: "
+                      f"{state['task_done']}/{state['task_budget']} trials, best {best} | session "
+                      f"{state['done']}/{state['total']} trials, ETA {eta / 60:.1f} min")
 
     return _Progress()
 
 
 def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
-               say: Callable[[str], None], unit: Callable[[float], str], seed: int = 0) -> list[TaskResult]:
+               unit: Callable[[float], str], seed: int = 0) -> list[TaskResult]:
     """Tune each task up to ``bud.per_task`` trials within ``bud.total`` trials for the model. Trials
     already spent on these tasks count (`TuningDatabase.trials_spent`: records, and the trials of
     finished sessions the search had no new candidate for), so a finished budget runs nothing."""
@@ -216,11 +161,11 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
         plan[i] = min(want[i], left_total)
         left_total -= plan[i]
     total = sum(plan.values())
-    say(f"{len(tasks)} kernels to tune; {sum(have)} records already in {database.folder} ({sum(spent)} trials "
-        f"spent); {total} trials to run now (budget {bud.total}, at most {bud.per_task} per kernel)"
-        + ("; the budget is already spent, nothing to do (raise trials to tune further)" if not total else ""))
+    _LOG.info(f"{len(tasks)} kernels to tune; {sum(have)} records already in {database.folder} ({sum(spent)} "
+              f"trials spent); {total} trials to run now (budget {bud.total}, at most {bud.per_task} per kernel)"
+              + ("; the budget is already spent, nothing to do (raise trials to tune further)" if not total else ""))
     state = {"done": 0, "total": total, "start": time.perf_counter(), "n_tasks": len(tasks)}
-    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(say, state, unit)]
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(state, unit)]
     builder = make_builder(spec) if total else None  # its worker processes take seconds to start
     results = []
     for n, i in enumerate(order, 1):
@@ -246,42 +191,3 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
                                   database.records_for(mod) - have[i], database.best_seconds(mod), plan[i],
                                   database.trials_spent(mod)))
     return results
-
-
-# --------------------------------------------------------------------------- applying a database
-
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("graphopt_tuning_database", default=None)
-
-
-@contextlib.contextmanager
-def applying(database):
-    """While active, lowering's ``schedule`` phase applies `database` before the default rules."""
-    token = _ACTIVE.set(database)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def active_database():
-    return _ACTIVE.get()
-
-
-def apply_database(mod, spec: TargetSpec, database) -> tuple:
-    """(module, names of PrimFuncs scheduled from `database`). Works on a copy of `mod`."""
-    import tvm
-    from tvm import relax
-
-    prepare_tvm()
-    before = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    with spec.tvm(), database:
-        out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod.clone())
-    applied = sorted(gv.name_hint for gv, f in out.functions_items()
-                     if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in before
-                     and not before[gv.name_hint].same_as(f) and _is_scheduled(f))
-    return out, applied
-
-
-def _is_scheduled(func) -> bool:
-    attrs = func.attrs
-    return attrs is not None and any(k in attrs and bool(attrs[k]) for k in ("tirx.is_scheduled", "tir.is_scheduled"))

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from graphopt.targets.backends.emulation import RUNTIME_SRC, _check_spec
+from graphopt.targets.backends.emulation import RUNTIME_SRC, vm_arch
 from graphopt.targets.spec import TargetSpec
 
 from graphopt.targets.backends import toolchain
@@ -61,9 +61,9 @@ def parse_tracker(tracker: str | tuple[str, int]) -> tuple[str, int]:
 
 def build_rpc_device(spec: TargetSpec) -> Path:
     """The cross-compiled ``rpc_device`` for `spec` (cached by source, compiler and TVM versions)."""
-    arch = _check_spec(spec)
+    arch = vm_arch(spec)
     cxx = toolchain.require_tool(spec.cross_compiler)
-    rt = toolchain.ensure_runtime(arch, progress=lambda m: None)
+    rt = toolchain.ensure_runtime(arch)
     src = RUNTIME_SRC / "rpc_device.cc"
     key = hashlib.sha256(b"\0".join([src.read_bytes(), cxx.encode(), str(rt).encode(),
                                      json.dumps(toolchain.tvm_versions()).encode()])).hexdigest()[:16]
@@ -292,7 +292,7 @@ class EmulatedDevice:
 
     def __init__(self, spec: TargetSpec, tracker: str | tuple[str, int] = ("127.0.0.1", 9190),
                  key: str = "emulated-a53", timeout: float = 120):
-        _check_spec(spec)
+        vm_arch(spec)
         self.spec, self.tracker, self.key, self.timeout = spec, parse_tracker(tracker), key, timeout
         self._proc: subprocess.Popen | None = None
         self._log = None
