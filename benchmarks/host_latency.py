@@ -60,9 +60,10 @@ def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
 
 def bench(name: str, runs: int, thread_counts: list[int], workdir: pathlib.Path) -> dict:
     import tvm
+    from tvm import relax
+
     from graphopt.targets import get_target
     from graphopt.targets.lowering.phases import export_library, lower
-    from tvm import relax
 
     torch.manual_seed(0)
     model = _randomize_bn(MODELS[name]()).eval()

@@ -83,11 +83,10 @@ def host(name: str, args) -> None:
 
 
 def arm(name: str, args) -> None:
-    from graphopt.targets.tuning.icount import kernel_counts
     from graphopt.targets.lowering.phases import lower
     from graphopt.targets.lowering.tuned import applying
     from graphopt.targets.tuning.database import open_database
-
+    from graphopt.targets.tuning.icount import kernel_counts
     from graphopt.tuning import exported_for_tuning
 
     model = _randomize_bn(MODELS[name]()).eval()

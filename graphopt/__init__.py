@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(["ArtifactError", "CaptureError", "ConfigError", "GraphoptError", "GraphoptWarning", "InputError",
                      "LoweringError", "NumericsError", "OperatorSetError", "PassError", "QuantizationError",
-                     "ToolchainError", "TuningError", "UnknownTargetError", "UnsupportedModelError"], "graphopt.errors"),
+                     "ToolchainError", "TuningError", "UnknownTargetError", "UnsupportedModelError"],
+                    "graphopt.errors"),
     **dict.fromkeys(["CheckResult", "check", "compile"], "graphopt.api"),
     **dict.fromkeys(["CaptureMethod", "capture"], "graphopt.passes.capture"),
     "CompiledModel": "graphopt.compiled",
@@ -69,15 +70,43 @@ if TYPE_CHECKING:  # what the lazy table resolves to, for type checkers and IDEs
     from graphopt.compiled import CompiledModel
     from graphopt.distillation import DistillationLoss, Ensemble, SoftLoss, distill, pseudo_label
     from graphopt.errors import (
-        ArtifactError, CaptureError, ConfigError, GraphoptError, GraphoptWarning, InputError, LoweringError,
-        NumericsError, OperatorSetError, PassError, QuantizationError, ToolchainError, TuningError,
-        UnknownTargetError, UnsupportedModelError)
+        ArtifactError,
+        CaptureError,
+        ConfigError,
+        GraphoptError,
+        GraphoptWarning,
+        InputError,
+        LoweringError,
+        NumericsError,
+        OperatorSetError,
+        PassError,
+        QuantizationError,
+        ToolchainError,
+        TuningError,
+        UnknownTargetError,
+        UnsupportedModelError,
+    )
     from graphopt.passes.capture import CaptureMethod, capture
     from graphopt.passes.manager import PassManager, default_passes
     from graphopt.pruning import (
-        Criterion, PruneConfig, PruneReport, apply_plan, prunable_groups, prune, prune_iteratively)
+        Criterion,
+        PruneConfig,
+        PruneReport,
+        apply_plan,
+        prunable_groups,
+        prune,
+        prune_iteratively,
+    )
     from graphopt.quantization import (
-        LayerQuant, Observer, QuantScheme, binarize, convert, prepare_qat, quantize, to_integer)
+        LayerQuant,
+        Observer,
+        QuantScheme,
+        binarize,
+        convert,
+        prepare_qat,
+        quantize,
+        to_integer,
+    )
     from graphopt.recipe import OptimizeResult, PruneStage, QuantStage, Recipe, Stop, optimize
     from graphopt.regularize import Norm, filter_norm_penalty, weight_penalty
     from graphopt.report import Report

@@ -149,8 +149,8 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
         with phase("verify", "(emulated)" if spec.is_emulated else "", timings=report.timings):
             got = cm(*args)
             err = max_rel_error(got, reference)
-            report.verification = {"max_rel_error": err, "rtol": rtol,
-                                   "ran_on": f"qemu {spec.qemu_cpu or spec.qemu_machine}" if spec.is_emulated else "host"}
+            ran_on = f"qemu {spec.qemu_cpu or spec.qemu_machine}" if spec.is_emulated else "host"
+            report.verification = {"max_rel_error": err, "rtol": rtol, "ran_on": ran_on}
             if err > rtol:
                 raise NumericsError(f"the compiled artifact differs from PyTorch by {err:.3g} relative to output "
                                     f"scale (tolerance {rtol:g}) on {spec.name}. Please report this model.")

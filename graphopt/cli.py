@@ -62,7 +62,8 @@ def load_factory(spec: str):
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items()
                        if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
-        raise ConfigError(f"{mod_name} has no callable {attr!r}" + (f"; it defines {', '.join(found)}" if found else ""))
+        defines = f"; it defines {', '.join(found)}" if found else ""
+        raise ConfigError(f"{mod_name} has no callable {attr!r}{defines}")
     return factory
 
 
@@ -156,7 +157,8 @@ def _cmd_targets(a) -> int:
         return 0
     for s in specs:
         alias = f" (alias: {', '.join(aliases_of(s.name))})" if aliases_of(s.name) else ""
-        print(f"{s.name}{alias}\n    {s.description}\n    features: {', '.join(sorted(f.value for f in s.features)) or '-'}"
+        features = ", ".join(sorted(f.value for f in s.features)) or "-"
+        print(f"{s.name}{alias}\n    {s.description}\n    features: {features}"
               f"; vector {s.vector_bits} bit; runtime {s.runtime.value}"
               + (f"; qemu {s.qemu_binary} -cpu {s.qemu_cpu}" if s.qemu_binary else "")
               + f"; ops {s.ops.name}")
@@ -184,6 +186,10 @@ def _cmd_rpc_device(a) -> int:
     return 0
 
 
+OVERWRITE_HELP = ("replace an existing graphopt artifact at --out (folders that are not artifacts are never "
+                  "replaced)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphopt", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="pkg.module:factory or file.py:factory returning (model, example_inputs)")
     c.add_argument("--target", default="arm", help="target name (see `graphopt targets`)")
     c.add_argument("--out", required=True, help="artifact folder (written atomically)")
-    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
+    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True, help=OVERWRITE_HELP)
     c.add_argument("--verify", action="store_true", help="run the artifact (emulated for ARM) and compare to PyTorch")
     c.add_argument("--no-count-instructions", action="store_true", help="skip the QEMU instruction count")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -204,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", required=True, help="recipe.toml with [prune], [quantize], [stop], [train]")
     o.add_argument("--target", default="arm")
     o.add_argument("--out", required=True, help="folder for the artifact, table and plot")
-    o.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
+    o.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True, help=OVERWRITE_HELP)
     o.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
     o.add_argument("--batch-size", type=int, default=128)
     o.add_argument("--quiet", action="store_true")
@@ -227,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_targets)
     s = sub.add_parser("setup-runtime", help="fetch the aarch64 TVM runtime and build the QEMU plugin (idempotent)")
     s.set_defaults(func=_cmd_setup_runtime)
-    r = sub.add_parser("rpc-device", help="serve an emulated ARM board to a TVM RPC tracker (timings are not real speeds)")
+    r = sub.add_parser("rpc-device",
+                       help="serve an emulated ARM board to a TVM RPC tracker (timings are not real speeds)")
     r.add_argument("--target", default="arm-a53", help="an aarch64 target; sessions run under its qemu -cpu")
     r.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the TVM RPC tracker to register with")
     r.add_argument("--key", required=True, help="device key (what graphopt.RPCRunner / --rpc-key asks for)")

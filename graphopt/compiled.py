@@ -44,7 +44,7 @@ class CompiledModel:
             weakref.finalize(self, shutil.rmtree, str(self.build_dir), True)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "CompiledModel":
+    def load(cls, folder: str | Path) -> CompiledModel:
         """Open a saved artifact folder (the target must be registered in this process)."""
         if not isinstance(folder, (str, os.PathLike)):
             raise ConfigError(f"CompiledModel.load takes the path of a saved artifact folder (str or Path), got "
@@ -87,7 +87,7 @@ class CompiledModel:
             raise InputError(f"expected {len(self.inputs)} input(s) "
                              f"{[(s.name, s.shape, s.dtype) for s in self.inputs]}, got {len(inputs)}")
         arrays = []
-        for t, s in zip(inputs, self.inputs):
+        for t, s in zip(inputs, self.inputs, strict=True):
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"input {s.name} must be a torch.Tensor, got {type(t).__name__}")
             got = TensorSpec.of(s.name, t)
@@ -110,6 +110,7 @@ def new_build_dir() -> Path:
     tmp = Path(tempfile.gettempdir())
     for entry in tmp.glob("graphopt-build-*"):
         m = _BUILD_DIR.fullmatch(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and entry.lstat().st_uid == os.getuid() and not pid_alive(int(m[1])):
+        if (m and entry.is_dir() and not entry.is_symlink() and entry.lstat().st_uid == os.getuid()
+                and not pid_alive(int(m[1]))):
             shutil.rmtree(entry, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"graphopt-build-{os.getpid()}-", dir=tmp))

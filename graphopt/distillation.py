@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F

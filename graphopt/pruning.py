@@ -33,17 +33,17 @@ import enum
 import fnmatch
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
-from graphopt.passes.analysis import cost as graph_cost
-from graphopt.passes.capture import capture, check_example_inputs, check_model, eval_mode
 from graphopt.config import coerce_enum
 from graphopt.errors import ConfigError, warn
+from graphopt.passes.analysis import cost as graph_cost
 from graphopt.passes.base import Decline
+from graphopt.passes.capture import capture, check_example_inputs, check_model, eval_mode
 from graphopt.passes.dependency import (
     DependencyGraph,
     Group,
@@ -247,7 +247,8 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, list[int]]]) -> nn.Mo
     """Shrink ``model``'s modules in place to the kept indices of ``plan`` (a `PruneReport.plan`)."""
     check_model(model)
     if not isinstance(plan, dict):
-        raise ConfigError(f"plan must be a PruneReport.plan dict {{module path: kept indices}}, got {type(plan).__name__}")
+        raise ConfigError(f"plan must be a PruneReport.plan dict {{module path: kept indices}}, got "
+                          f"{type(plan).__name__}")
     for path, keep in plan.items():
         try:
             mod = model.get_submodule(path)

@@ -26,19 +26,19 @@ from __future__ import annotations
 
 import copy
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 from torch import fx, nn
 
 from graphopt import qops  # noqa: F401  registers torch.ops.graphopt and quantized_decomposed
-from graphopt.passes.capture import capture, check_example_inputs
 from graphopt.config import coerce_enum
 from graphopt.errors import QuantizationError
-from graphopt.passes.graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
+from graphopt.passes.capture import capture, check_example_inputs
 from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH
+from graphopt.passes.graph import get_attr_value, is_op
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -360,8 +360,8 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
             _check_finite(p, f"model tensor {name!r}")
     from graphopt.passes.dead_code import DeadCodeElimination
     from graphopt.passes.fold_batchnorm import FoldBatchNorm
-    from graphopt.passes.remove_identity import RemoveIdentity
     from graphopt.passes.manager import PassManager
+    from graphopt.passes.remove_identity import RemoveIdentity
 
     args = check_example_inputs(example_inputs)
     was_training = model.training
@@ -434,12 +434,12 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
             shared[n] = name
             with graph.inserting_after(n):
                 obs = graph.call_module(name, (n,))
-            n.replace_all_uses_with(obs, delete_user_cb=lambda u: u is not obs)
+            n.replace_all_uses_with(obs, delete_user_cb=lambda u: u is not obs)  # noqa: B023  called here, at once
     graph.lint()
     gm.recompile()
     gm.meta["graphopt_quant"] = info
     if qat:
-        for name, p in gm.named_parameters():
+        for p in gm.parameters():
             p.requires_grad_(True)
     return gm
 
@@ -453,7 +453,7 @@ def _batches(calibration, example_inputs: tuple) -> Iterable[tuple]:
     for i, batch in enumerate(calibration):
         batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
         batch = batch[:n]  # (inputs..., labels) loaders
-        for b, ex in zip(batch, example_inputs):
+        for b, ex in zip(batch, example_inputs, strict=False):
             if not isinstance(b, torch.Tensor) or b.shape[1:] != ex.shape[1:] or b.dtype != ex.dtype:
                 got = (tuple(b.shape), str(b.dtype)) if isinstance(b, torch.Tensor) else type(b).__name__
                 raise QuantizationError(f"calibration batch {i} has an input {got}; expected shape "

@@ -19,9 +19,9 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from torch import nn
 
@@ -98,7 +98,7 @@ class Recipe:
                               "max_instructions")
 
     @staticmethod
-    def from_dict(d: dict) -> "Recipe":
+    def from_dict(d: dict) -> Recipe:
         """Build from a plain dict (e.g. a parsed recipe.toml with [prune], [quantize], [stop], [train])."""
         known = {"prune", "quantize", "stop", "train", "distill", "distill_loss"}
         unknown = set(d) - known
@@ -264,7 +264,7 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
     if recipe.quantize is not None:
         q = recipe.quantize
         scheme = QuantScheme(weights=q.weights, activations=q.activations)
-        calib = [(b[0],) for _, b in zip(range(q.calibration_batches), train_data)]
+        calib = [(b[0],) for _, b in zip(range(q.calibration_batches), train_data, strict=False)]
         if q.qat_epochs:
             qat = prepare_qat(best, x, scheme, calibration=calib)
             train(qat, q.qat_epochs)

@@ -16,9 +16,9 @@ import enum
 import torch
 from torch import nn
 
-from graphopt.passes.capture import check_model
 from graphopt.config import coerce_enum
 from graphopt.errors import ConfigError
+from graphopt.passes.capture import check_model
 from graphopt.passes.dependency import DependencyGraph, Role
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from graphopt.passes.capture import check_model
 from graphopt import progress
 from graphopt.config import coerce_enum
 from graphopt.errors import ConfigError
+from graphopt.passes.capture import check_model
 
 CHECKPOINT = "checkpoint.pt"
 

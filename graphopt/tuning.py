@@ -15,7 +15,8 @@ cover every kernel the database lacks.
 Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
 TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.rpc.EmulatedDevice` tells the
 tracker it is emulated, and its times are labelled as not real speeds), ``"emulated-icount"`` (a
-PROXY: guest instructions under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses (`TuningError`): untunable
+PROXY: guest instructions under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses
+(`TuningError`): untunable
 targets, a runner that cannot run the target's code, non-positive budgets; a model that is not an
 `nn.Module` (`ConfigError`) and a database folder that cannot be written (`TuningDatabaseError`),
 both before any slow step.
@@ -111,7 +112,8 @@ class TuningSummary:
             lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {t.spent} | "
                          f"{_unit(t.best_seconds, self.proxy, self.emulated)} |")
         if self.damaged_lines:
-            lines += ["", "Damaged database lines skipped (moved to *.damaged):"] + [f"- {d}" for d in self.damaged_lines]
+            lines += ["", "Damaged database lines skipped (moved to *.damaged):"]
+            lines += [f"- {d}" for d in self.damaged_lines]
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
@@ -191,7 +193,8 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
             for d in db.damaged:
                 LOG.info("database damage skipped: %s", d)
             with phase("tune", f"via {label}"):
-                results = tune_tasks(tasks, spec, db, bud, ms_runner, unit=lambda s: _unit(s, proxy, emulated), seed=seed)
+                results = tune_tasks(tasks, spec, db, bud, ms_runner, unit=lambda s: _unit(s, proxy, emulated),
+                                     seed=seed)
         finally:
             db.close()
         summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,

@@ -24,6 +24,7 @@ import functools
 import math
 
 import torch
+
 from graphopt.passes.graph import arg
 from graphopt.passes.rewrite import LegalizePass, Rewrite, TensorEmitter, unfit
 

@@ -38,7 +38,7 @@ class Decline:
     reason: str
 
     @staticmethod
-    def at(pass_name: str, node: fx.Node, reason: str) -> "Decline":
+    def at(pass_name: str, node: fx.Node, reason: str) -> Decline:
         return Decline(pass_name, node.name, node_source(node), reason)
 
     def to_dict(self) -> dict:

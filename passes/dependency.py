@@ -28,10 +28,11 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-from graphopt import ops
-from graphopt.passes.base import Decline
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from graphopt import ops
+from graphopt.passes.base import Decline
 
 aten = torch.ops.aten
 PASS_NAME = "prune-channels"
@@ -214,7 +215,8 @@ class _Analysis:
             self.chan[node] = src[node.args[1]] if isinstance(src, list) else None
             return
         rule = (self.conv if t in ops.CONV else self.linear if t is aten.linear.default
-                else self.batch_norm if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+                else self.batch_norm if t in (aten.batch_norm.default,
+                                              aten._native_batch_norm_legit_no_training.default)
                 else self.passthrough if t in ops.CHANNELWISE or t in ops.SPATIAL
                 else self.binary if t in ops.BINARY
                 else self.reduce if t in ops.REDUCE
@@ -292,7 +294,8 @@ class _Analysis:
 
     def batch_norm(self, node: fx.Node) -> None:
         x, params = node.args[0], node.args[1:5]
-        owners = {self.param_owner(p, _BN, a) for p, a in zip(params, ("weight", "bias", "running_mean", "running_var"))
+        names = ("weight", "bias", "running_mean", "running_var")
+        owners = {self.param_owner(p, _BN, a) for p, a in zip(params, names, strict=False)
                   if p is not None}
         c = self.tracked(x)
         result = (lambda ch: ch) if node.target is aten.batch_norm.default else (lambda ch: [ch, None, None])
@@ -323,7 +326,7 @@ class _Analysis:
         rank = len(out)
         tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         chans = [self.tracked(a) for a in tensors]
-        axes = {c.axis - len(ops.shape(a)) for a, c in zip(tensors, chans) if isinstance(c, _Chan)}
+        axes = {c.axis - len(ops.shape(a)) for a, c in zip(tensors, chans, strict=True) if isinstance(c, _Chan)}
         if not axes:
             return
         if len(axes) > 1:
@@ -332,14 +335,14 @@ class _Analysis:
             return
         neg = axes.pop()
         result = None
-        for a, c in zip(tensors, chans):
+        for a, c in zip(tensors, chans, strict=True):
             s = ops.shape(a)
             size = s[neg] if len(s) >= -neg else 1
             if isinstance(c, _Chan):
                 if result is None:
                     result = c
                 else:
-                    for i, j in zip(result.ids, c.ids):
+                    for i, j in zip(result.ids, c.ids, strict=False):
                         self.union(i, j)
             elif size > 1:  # a constant or untracked tensor indexed by channel: cannot be sliced
                 for c2 in chans:
@@ -402,7 +405,7 @@ class _Analysis:
             self.chan[node] = _Chan(dim, ids)
         elif len(axes) == 1 and all(isinstance(c, _Chan) for c in chans):  # cat along another axis: shared channels
             for c in chans[1:]:
-                for i, j in zip(chans[0].ids, c.ids):
+                for i, j in zip(chans[0].ids, c.ids, strict=False):
                     self.union(i, j)
             self.chan[node] = chans[0]
         else:

@@ -10,10 +10,11 @@ and BN with no conv/linear producer (it stays a per-channel scale and shift).
 from __future__ import annotations
 
 import torch
-from graphopt import ops
-from graphopt.passes.graph import add_constant, arg, constant_of, is_op
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
+
+from graphopt import ops
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import add_constant, arg, constant_of, is_op
 
 aten = torch.ops.aten
 _BN_LEGIT = aten._native_batch_norm_legit_no_training.default

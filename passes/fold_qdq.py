@@ -28,8 +28,8 @@ import torch
 from torch import fx
 
 from graphopt import qops
-from graphopt.passes.graph import add_constant, constant_of, delete_unused_attributes, is_op
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import add_constant, constant_of, delete_unused_attributes, is_op
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -73,7 +73,7 @@ class QParams:
     def z(self) -> int:
         return int(self.zero_point[0])
 
-    def same(self, other: "QParams") -> bool:
+    def same(self, other: QParams) -> bool:
         return self.axis is None and other.axis is None and self.s == other.s and self.z == other.z
 
 

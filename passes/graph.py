@@ -94,7 +94,7 @@ def _alias_source(node: fx.Node) -> fx.Node | None:
     if schema is None or not schema.returns or schema.returns[0].alias_info is None or not node.args:
         return None
     ret = schema.returns[0].alias_info
-    for a, value in zip(schema.arguments, node.args):
+    for a, value in zip(schema.arguments, node.args, strict=False):
         if a.alias_info is not None and a.alias_info.before_set & ret.before_set and isinstance(value, fx.Node):
             return value
     return None

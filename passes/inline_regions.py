@@ -19,10 +19,11 @@ import operator
 import re
 
 import torch
-from graphopt.passes.graph import get_attr_value
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
-from graphopt.source import node_source
 from torch import fx
+
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import get_attr_value
+from graphopt.source import node_source
 
 _hop = torch.ops.higher_order
 # op → (index of the submodule argument, function of the args saying why it is not exact to inline, or None)
@@ -108,7 +109,8 @@ class InlineRegions(GraphPass):
         index, _ = _REGIONS[node.target]
         sub_node, operands = node.args[index], node.args[index + 1:]
         sub = _body(gm, node)
-        env: dict[fx.Node, object] = dict(zip((n for n in sub.graph.nodes if n.op == "placeholder"), operands))
+        placeholders = (n for n in sub.graph.nodes if n.op == "placeholder")
+        env: dict[fx.Node, object] = dict(zip(placeholders, operands, strict=False))
         with graph.inserting_before(node):
             for n in sub.graph.nodes:
                 if n.op in ("placeholder", "output"):

@@ -42,7 +42,7 @@ def _hint(node: fx.Node, reason: str, ops: OperatorSet, declines: dict, passes: 
     if " tensors (" in reason:
         return "cast the model to a dtype the target runs (e.g. model.float()), or quantize it (graphopt.quantize)"
     if "rank-" in reason:
-        return "reshape to rank ≤ {} around this op in the model".format(ops.max_rank)
+        return f"reshape to rank ≤ {ops.max_rank} around this op in the model"
     known = [r for p in passes for r in getattr(p, "REWRITES", ()) if node.target in r.ops]
     missing = [f"{r.name} (needs {', '.join(k for k in r.emits if not ops.has(k))})"
                for r in known if not ops.has(*r.emits)]

@@ -8,6 +8,7 @@ the operator-set check, which names it.
 from __future__ import annotations
 
 import torch
+
 from graphopt.passes.graph import arg
 from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten

@@ -13,8 +13,9 @@ here), convolutions whose weights are not constants.
 from __future__ import annotations
 
 import torch
-from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
+
 from graphopt.ops import conv_params
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 CONV = aten.conv2d.default

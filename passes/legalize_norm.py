@@ -8,6 +8,7 @@ biased variance, as PyTorch's); float results differ by summation-order rounding
 from __future__ import annotations
 
 import torch
+
 from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten

@@ -127,7 +127,8 @@ class PassManager:
             if missing:
                 providers = {m: [q.name for q in self.passes if m in q.establishes] for m in missing}
                 raise PassError(f"pass {p.name} requires {sorted(missing)}, which nothing before it establishes "
-                                f"(passes that do: {providers}). Reorder the pipeline or capture with graphopt.capture.")
+                                f"(passes that do: {providers}). Reorder the pipeline or capture with "
+                                "graphopt.capture.")
             established |= p.establishes
 
     @staticmethod

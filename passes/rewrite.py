@@ -15,16 +15,17 @@ here: `graphopt.legalize` lists every such node at the end.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
-from graphopt.passes.graph import add_constant, constant_of
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
-from graphopt.targets.opset import EVERYTHING, OperatorSet
 from torch import fx
 
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import add_constant, constant_of
 from graphopt.source import node_source
+from graphopt.targets.opset import EVERYTHING, OperatorSet
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node")
 

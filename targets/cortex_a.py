@@ -23,10 +23,12 @@ def _aarch64(mcpu: str, mattr: list[str]) -> dict:
 
 SPECS = (
     TargetSpec(name="arm-a72", description="Cortex-A72 aarch64 Linux, NEON (Raspberry Pi 4 class)",
-               tvm_target=_aarch64("cortex-a72", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON}, num_cores=4,
+               tvm_target=_aarch64("cortex-a72", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON},
+               num_cores=4,
                qemu_cpu="cortex-a72", aliases=("arm",), **_COMMON),
     TargetSpec(name="arm-a53", description="Cortex-A53 aarch64 Linux, NEON, in-order",
-               tvm_target=_aarch64("cortex-a53", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON}, num_cores=4,
+               tvm_target=_aarch64("cortex-a53", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON},
+               num_cores=4,
                qemu_cpu="cortex-a53", **_COMMON),
     TargetSpec(name="arm-a55", description="Cortex-A55 aarch64 Linux, NEON + dotprod",
                tvm_target=_aarch64("cortex-a55", ["+neon", "+dotprod"]),
@@ -34,6 +36,7 @@ SPECS = (
                qemu_cpu="cortex-a76", **_COMMON),
     TargetSpec(name="arm-a76", description="Cortex-A76-class aarch64 Linux, NEON + dotprod + i8mm",
                tvm_target=_aarch64("cortex-a76", ["+neon", "+dotprod", "+i8mm"]),
-               features={Feature.A64, Feature.FP_ROUND, Feature.NEON, Feature.DOTPROD, Feature.I8MM, Feature.FP16}, num_cores=4,
+               features={Feature.A64, Feature.FP_ROUND, Feature.NEON, Feature.DOTPROD, Feature.I8MM, Feature.FP16},
+               num_cores=4,
                qemu_cpu="max", **_COMMON),
 )

@@ -9,7 +9,7 @@ targets register the same way with `register_target`, with no change here.
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from graphopt.errors import ConfigError, UnknownTargetError
 from graphopt.targets import armv7, cortex_a, cortex_m, host

@@ -9,9 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from graphopt.targets.opset import EVERYTHING, OperatorSet
-
 from graphopt.errors import ConfigError
+from graphopt.targets.opset import EVERYTHING, OperatorSet
 
 
 class Feature(str, enum.Enum):

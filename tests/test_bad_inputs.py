@@ -18,9 +18,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -230,7 +230,8 @@ CASES = [
     Case("cli-target-typo", graphopt.UnknownTargetError, r"did you mean 'cortex-m4'",
          argv=("compile", "model.py:make", "--target", "cortex_m4", "--out", "out"), files={"model.py": _GOOD}),
     # saving and loading artifacts
-    Case("save-into-user-folder", graphopt.ArtifactError, r"not a graphopt artifact and is not empty.*new or empty folder",
+    Case("save-into-user-folder", graphopt.ArtifactError,
+         r"not a graphopt artifact and is not empty.*new or empty folder",
          call=lambda work: _fake_compiled(work.parent).save(work), files={"src/mycode.py": "print('mine')\n"}),
     Case("save-onto-a-file", graphopt.ArtifactError, r"not a folder; choose a new folder path",
          call=lambda work: _fake_compiled(work.parent).save(work / "notes.txt"), files={"notes.txt": "mine"}),

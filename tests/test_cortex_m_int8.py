@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
+from quant_models import PATTERNS, calibration, ready
+
+import graphopt
+from graphopt import qref
 from graphopt.targets.backends import c_emitter, get_target
 from graphopt.targets.backends.c_library import RUNTIME_SRC, linker_script, run_firmware
-from graphopt.targets.lowering.kernels import dot_kernel, dot_kernels
 from graphopt.targets.lowering.intrin_cortex_m import (
     DEPTH,
     DSP16_KERNEL,
@@ -26,10 +29,7 @@ from graphopt.targets.lowering.intrin_cortex_m import (
     LANES,
     MAX_WEIGHTS_16,
 )
-from quant_models import PATTERNS, calibration, ready
-
-import graphopt
-from graphopt import qref
+from graphopt.targets.lowering.kernels import dot_kernel, dot_kernels
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")
@@ -183,7 +183,8 @@ def _run_kernel(func, x: np.ndarray, wp: np.ndarray, out_shape: tuple, tmp_path)
         return f"static {ctype} {name}[{a.size}] __attribute__((aligned(64))) = {{{vals}}};"
 
     arrays, tensors = [], []
-    for name, a, ctype, code, bits in (("x", x, "int8_t", 0, 8), ("wp", wp, f"int{wp.itemsize * 8}_t", 0, 8 * wp.itemsize),
+    for name, a, ctype, code, bits in (("x", x, "int8_t", 0, 8),
+                                      ("wp", wp, f"int{wp.itemsize * 8}_t", 0, 8 * wp.itemsize),
                                       ("out", np.zeros(out_shape, np.int32), "int32_t", 0, 32)):
         arrays += [array(name, a, ctype), f"static const int64_t {name}_shape[] = {{{','.join(map(str, a.shape))}}};"]
         tensors.append(f"{{{name}, 1, 0, {a.ndim}, {code}, {bits}, 1, {name}_shape, 0, 0}}")
@@ -226,8 +227,8 @@ def test_tensorized_strided_conv_equals_numpy_under_qemu(weights, tmp_path):
     h, c, f, kernel, stride = 9, 8, 8, 3, 2
     rng = np.random.default_rng(1)
     x, w = _full_range(rng, (1, h, h, c)), _full_range(rng, (kernel, kernel, c, f))  # NHWC, HWIO
-    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // LANES, LANES)
-                                                           .transpose(4, 0, 1, 2, 5, 3))).astype(weights)
+    tiles = w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // LANES, LANES).transpose(4, 0, 1, 2, 5, 3)
+    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(tiles)).astype(weights)
     o = (h - kernel) // stride + 1
     ref = np.zeros((1, o, o, f), np.int64)
     for ry in range(kernel):

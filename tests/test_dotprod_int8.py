@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets.lowering import int8, intrin_dotprod
-from graphopt.targets.lowering.kernels import dot_kernels
-from graphopt.targets.lowering.int8 import _pack_conv_weight, _pack_dense_weight
 from torch import nn
 
 import graphopt
+from graphopt.targets.lowering import int8, intrin_dotprod
+from graphopt.targets.lowering.int8 import _pack_conv_weight, _pack_dense_weight
+from graphopt.targets.lowering.kernels import dot_kernels
 
 SHAPE = (1, 16, 6, 6)
 

@@ -19,6 +19,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
+
+import graphopt
+from graphopt import zoo
+from graphopt.errors import ConfigError, LoweringError, OperatorSetError, ToolchainError
 from graphopt.targets import Runtime, c_emitter, c_library, get_target
 from graphopt.targets.backends.c_library import (
     RUNTIME_SRC,
@@ -26,11 +30,6 @@ from graphopt.targets.backends.c_library import (
     linker_script,
     run_firmware,
 )
-
-import graphopt
-from graphopt import zoo
-from graphopt.errors import ConfigError, LoweringError, ToolchainError
-from graphopt.errors import OperatorSetError
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")

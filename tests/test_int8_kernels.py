@@ -151,7 +151,8 @@ def test_few_channel_stems_reduce_over_window_rows_exactly(target):
         require_tools(*(("arm-none-eabi-gcc", "qemu-system-arm") if target == "cortex-m4"
                         else ("aarch64-linux-gnu-gcc", "qemu-aarch64")))
     x = torch.randn(1, 1, 15, 15, generator=torch.Generator().manual_seed(3))
-    q = graphopt.quantize(Stems().eval(), (x,), [(torch.randn(4, 1, 15, 15, generator=torch.Generator().manual_seed(4)),)])
+    calibration = [(torch.randn(4, 1, 15, 15, generator=torch.Generator().manual_seed(4)),)]
+    q = graphopt.quantize(Stems().eval(), (x,), calibration)
     cm = graphopt.compile(q, (x,), target, progress=False)
     assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) == 2  # the 3-channel stem too
     integer_graph = to_integer(q, (x,))
@@ -166,8 +167,9 @@ def test_few_channel_stems_reduce_over_window_rows_exactly(target):
 
 def test_conv_kernels_write_int8_not_int32(quantized):
     """requantize fused into the conv epilogue: no int32 accumulator tensor between kernels."""
-    from graphopt.targets.lowering.phases import lower
     from tvm import relax
+
+    from graphopt.targets.lowering.phases import lower
 
     _, integer_graph = quantized
     result = lower(torch.export.export(integer_graph, (X,)).run_decompositions(), get_target("host"))

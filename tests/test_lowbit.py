@@ -131,8 +131,9 @@ def test_border_table_matches_direct_padding_correction():
 def test_sign_of_quantized_float_matches_quantize_then_compare(scale, zp, thr):
     """The binary conv's packing tests floats directly (quantize folded away), exact at rounding ties."""
     import tvm
-    from graphopt.targets.lowering.lowbit import _quantized_at_least
     from tvm import te
+
+    from graphopt.targets.lowering.lowbit import _quantized_at_least
 
     inv = np.float32(1.0 / scale)
     ties = (np.arange(-140, 140, dtype=np.float32) + np.float32(0.5)) / inv

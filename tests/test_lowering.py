@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 torch.manual_seed(0)
 tvm = pytest.importorskip("tvm")
-from graphopt.targets import get_target  # noqa: E402
-from graphopt.targets.lowering.phases import LoweringResult, export_library, lower  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from graphopt.errors import LoweringError  # noqa: E402
+from graphopt.targets import get_target  # noqa: E402
+from graphopt.targets.lowering.phases import LoweringResult, export_library, lower  # noqa: E402
 
 
 def _run(result: LoweringResult, *inputs: torch.Tensor) -> list[np.ndarray]:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets.lowering import int8, intrin_neon
-from graphopt.targets.lowering.kernels import dot_kernels
-from graphopt.targets.spec import Feature
 from torch import nn
 
 import graphopt
+from graphopt.targets.lowering import int8, intrin_neon
+from graphopt.targets.lowering.kernels import dot_kernels
+from graphopt.targets.spec import Feature
 
 SHAPE = (1, 16, 4, 4)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import require_tools
+from quant_models import PATTERNS, Residual, calibration, ready
 
 import graphopt
-from conftest import require_tools
 from graphopt import qref
-from quant_models import PATTERNS, Residual, calibration, ready
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
 

@@ -13,8 +13,8 @@ from conftest import IN_CI, require_tools
 
 import graphopt
 from graphopt.passes.analysis import analyze, float_ops_in_quantized
-from graphopt.passes.capture import capture
 from graphopt.passes.base import PassContext, Property
+from graphopt.passes.capture import capture
 from graphopt.passes.manager import PassManager, default_passes, max_rel_error
 from graphopt.zoo import REAL_CODE, Check
 

@@ -359,7 +359,8 @@ def _finish_object(raw: Path, out: Path, spec: TargetSpec, prefix: str) -> list[
                             [Unsupported(n, "kernels.o") for n in unknown])
     renames = [a for h in hooks for a in ("--redefine-sym", f"{h}={prefix}{h}")]
     toolchain.run_tool([_binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
-                        "--remove-section=.rel.ARM.exidx*", "--strip-symbol=__aeabi_unwind_cpp_pr0", *renames, str(raw), str(out)],
+                        "--remove-section=.rel.ARM.exidx*", "--strip-symbol=__aeabi_unwind_cpp_pr0", *renames,
+                        str(raw), str(out)],
                        "post-processing the kernel object")
     return hooks
 
@@ -590,7 +591,8 @@ project({prefix} LANGUAGES C ASM)
 set({prefix.upper()}_TARGET_FLAGS {' '.join(spec.cflags)})
 add_library({prefix} STATIC {prefix}.c {prefix}_weights.S kernels.o)
 target_include_directories({prefix} PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
-set_source_files_properties({prefix}_weights.S PROPERTIES OBJECT_DEPENDS ${{CMAKE_CURRENT_SOURCE_DIR}}/{prefix}_weights.bin)
+set_source_files_properties({prefix}_weights.S PROPERTIES OBJECT_DEPENDS
+                            ${{CMAKE_CURRENT_SOURCE_DIR}}/{prefix}_weights.bin)
 set_source_files_properties(kernels.o PROPERTIES EXTERNAL_OBJECT TRUE){link}
 """
 

@@ -168,7 +168,8 @@ def footprint(spec: TargetSpec, lib: CLibrary, work: Path) -> dict:
            "glue": max(0, parts["glue"]["ram"] - arenas), "libc": parts["libc"]["ram"] + parts["kernels"]["ram"],
            "stack_estimate": lib.stack_estimate_bytes}
     glue = {"code": parts["glue"]["code"], "call_tables": parts["glue"]["flash"] - parts["glue"]["code"]}
-    return {"flash_bytes": sum(flash.values()), "ram_bytes": sum(ram.values()), "flash": flash, "ram": ram, "glue": glue,
+    return {"flash_bytes": sum(flash.values()), "ram_bytes": sum(ram.values()), "flash": flash, "ram": ram,
+            "glue": glue,
             "board": {"flash_bytes": spec.flash_bytes, "ram_bytes": spec.ram_bytes},
             "libc_counted": _bare_metal(spec)}
 
@@ -217,7 +218,8 @@ class CLibraryBackend(Backend):
                     "cflags": list(spec.cflags), "libraries": lib.libraries, "memory": mem}
         lowering = {"target": spec.name, **lib.stats, "kernels": lib.kernels, "kernel_calls": lib.calls,
                     "flash_bytes": mem["flash_bytes"], "ram_bytes": mem["ram_bytes"],
-                    "glue_flash_bytes": mem["flash"]["glue"], "glue": mem["glue"], "flash": mem["flash"], "ram": mem["ram"],
+                    "glue_flash_bytes": mem["flash"]["glue"], "glue": mem["glue"], "flash": mem["flash"],
+                    "ram": mem["ram"],
                     "board": mem["board"]}
         return BuildResult(manifest, lowering)
 

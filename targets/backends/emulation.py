@@ -26,16 +26,17 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from graphopt.targets.spec import Runtime, TargetSpec
 
-from graphopt.targets.backends import toolchain
 from graphopt.artifact import write_manifest
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
+from graphopt.targets.backends import toolchain
+from graphopt.targets.spec import Runtime, TargetSpec
 
 _log = logging.getLogger(__name__)
 
@@ -250,10 +251,11 @@ def _check_inputs(inputs: Sequence[Any], manifest: dict | None) -> list[np.ndarr
     if manifest is not None:
         want = manifest.get("inputs", [])
         if len(want) != len(arrays):
-            raise InputError(f"the model takes {len(want)} inputs ({', '.join(e['name'] for e in want)}), got {len(arrays)}")
-        for i, (a, e) in enumerate(zip(arrays, want)):
+            names = ", ".join(e["name"] for e in want)
+            raise InputError(f"the model takes {len(want)} inputs ({names}), got {len(arrays)}")
+        for i, (a, e) in enumerate(zip(arrays, want, strict=True)):
             dims_ok = len(a.shape) == len(e["shape"]) and all(
-                not isinstance(d, int) or d == n for d, n in zip(e["shape"], a.shape))
+                not isinstance(d, int) or d == n for d, n in zip(e["shape"], a.shape, strict=True))
             if a.dtype.name != e["dtype"] or not dims_ok:
                 raise InputError(f"input #{i} ({e['name']}): got {a.dtype.name}{list(a.shape)}, "
                                  f"the model wants {e['dtype']}{e['shape']}")
@@ -320,8 +322,9 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
     arrays = _check_inputs(inputs, manifest)
     qemu = toolchain.require_tool(spec.qemu_binary)
     if not Path(spec.sysroot).is_dir():
+        package = toolchain.TOOL_PACKAGES.get(spec.cross_compiler, spec.cross_compiler)
         raise ToolchainError(f"the {arch} sysroot {spec.sysroot} is missing; install it with "
-                             f"`apt-get install {toolchain.TOOL_PACKAGES.get(spec.cross_compiler, spec.cross_compiler)}`")
+                             f"`apt-get install {package}`")
 
     with tempfile.TemporaryDirectory(prefix="graphopt-emu-") as tmp_name:
         tmp = Path(tmp_name)
@@ -347,7 +350,9 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
                 _log.warning(unavailable)
 
         def plugin_args(name: str) -> list[str]:
-            return ["-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(tmp / name)}"] if plugin else []
+            if not plugin:
+                return []
+            return ["-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(tmp / name)}"]
 
         warmup = ["--warmup", "1"] if plugin else []
         stdout, seconds = run_runner([*base, *plugin_args("count_run"), *tail, *warmup, "--repeat", str(repeat)],

@@ -35,9 +35,9 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from graphopt.errors import ConfigError, ToolchainError
 
@@ -96,7 +96,8 @@ def tvm_versions() -> dict[str, str]:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            raise ToolchainError(f"{dist} is not installed in this Python ({sys.executable}); run scripts/setup.sh") from None
+            raise ToolchainError(f"{dist} is not installed in this Python ({sys.executable}); run "
+                                 "scripts/setup.sh") from None
     return out
 
 
@@ -274,7 +275,8 @@ def _extract_runtime(wheels: list[Path], out: Path) -> None:
                 found.add(member)
     needed = {"tvm/lib/libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so"}
     if not needed <= found or not (out / "include" / "tvm" / "ffi" / "function.h").exists():
-        raise ToolchainError(f"the downloaded wheels {[w.name for w in wheels]} lack {sorted(needed - found) or 'tvm-ffi headers'}")
+        lacking = sorted(needed - found) or "tvm-ffi headers"
+        raise ToolchainError(f"the downloaded wheels {[w.name for w in wheels]} lack {lacking}")
 
 
 # --------------------------------------------------------------------------- QEMU TCG plugin
@@ -331,7 +333,8 @@ def _fetch_plugin_header(dest: Path, version: str) -> None:
         _LOG.info(f"fetching Debian's qemu {version} source for qemu-plugin.h (private apt configuration)")
         run_tool([apt_get, *opts, "update"], "apt-get update (private deb-src lists)")
         try:
-            run_tool([apt_get, *opts, "source", "--download-only", f"qemu={version}"], "apt-get source qemu", cwd=t / "src")
+            run_tool([apt_get, *opts, "source", "--download-only", f"qemu={version}"], "apt-get source qemu",
+                     cwd=t / "src")
         except ToolchainError:
             _LOG.info(f"qemu {version} source not available; taking the newest qemu source")
             run_tool([apt_get, *opts, "source", "--download-only", "qemu"], "apt-get source qemu", cwd=t / "src")

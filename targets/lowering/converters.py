@@ -5,13 +5,13 @@ importer's op names (``"qconv2d.default"``), values ``fn(node, importer) -> rela
 no qnn ops, so integer compute is plain ops with ``out_dtype`` — ``conv2d(int8, int8) → int32`` on
 input padded with its zero point, plus one folded bias − zx·Σw constant — and requantization is the
 gemmlowp fixed-point arithmetic of `graphopt.qops` written as elementwise int32 ops (one 64-bit
-product), which layout conversion keeps channel-last and FuseOps fuses into the kernel epilogue. Every converter reproduces the
-`graphopt.qops` contract bit for bit (rounding half to even where PyTorch does). Add more with
+product), which layout conversion keeps channel-last and FuseOps fuses into the kernel epilogue. Every
+converter reproduces the `graphopt.qops` contract bit for bit (rounding half to even where PyTorch does). Add more with
 `register_converter`; it refuses (ConfigError) a name that is already registered.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

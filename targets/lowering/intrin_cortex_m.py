@@ -26,10 +26,11 @@ Importing the module registers both TVM intrinsics; `KERNELS` are their `DotKern
 """
 from __future__ import annotations
 
-from graphopt.targets.lowering.dot import DotKernel, dot_desc
-from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
+
+from graphopt.targets.lowering.dot import DotKernel, dot_desc
+from graphopt.targets.spec import Feature
 
 DEPTH = 4  # int8 activations per 32-bit word: one SXTB16 pair feeds two SMLADs
 LANES = 4  # output channels per intrinsic call: the activation word is expanded once for all of them

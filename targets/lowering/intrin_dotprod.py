@@ -17,10 +17,11 @@ not a multiple of 16, e.g. an RGB stem, keep using that one).
 """
 from __future__ import annotations
 
-from graphopt.targets.lowering.dot import DotKernel, dot_desc
-from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
+
+from graphopt.targets.lowering.dot import DotKernel, dot_desc
+from graphopt.targets.spec import Feature
 
 LANES, DEPTH, CHUNK = 4, 16, 4  # int32 outputs per sdot, channels per call, channels per sdot lane
 # accumulator tile budget in int32x4 outputs, measured on int8 ResNet-18 64×64 (arm-a55 instructions):

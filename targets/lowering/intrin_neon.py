@@ -22,10 +22,11 @@ AArch64 NEON, targets) are listed by `graphopt.targets.lowering.kernels` ahead o
 """
 from __future__ import annotations
 
-from graphopt.targets.lowering.dot import DotKernel, dot_desc
-from graphopt.targets.spec import Feature
 from tvm import s_tir
 from tvm.script import tirx as T
+
+from graphopt.targets.lowering.dot import DotKernel, dot_desc
+from graphopt.targets.spec import Feature
 
 LANES = 4  # output channels per call: one addp tree turns 4 lanes' int32x4 partial sums into 4 results
 # depth → accumulator tile in int32x4 outputs (`DotKernel.accumulators`), the fewest instructions per

@@ -12,7 +12,8 @@ Two kernel families, emitted with ``importer.block_builder`` from the converters
   ``qlinear``: a packing kernel turns ``x ≥ zx`` into channel words (`word_for`: 32-bit with
   AVX-512 VPOPCNTDQ, else 16-bit; the sign is fused, the ±1 int8 tensor is never built; when the
   int8 input is a ``quantize_per_tensor`` used only there, the quantize is folded too and the
-  packing compares the float input with the exact rounding edge), weights are packed into the same words in numpy, and the kernel computes
+  packing compares the float input with the exact rounding edge), weights are packed into the same words
+  in numpy, and the kernel computes
   ``T − 2·popcount(a XOR w)``. Padded channel bits are 0 in both operands (XOR 0: they add
   nothing); spatial padding is packed as bit 0 (−1) and corrected exactly by the compile-time table
   ``T[row class, column class, f] = C·KH·KW + bias[f] + Σ_{window taps in the padding} Σ_c w``.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from graphopt.targets.lowering.importing import constant_value, import_target
 from graphopt.targets.spec import Feature
 
@@ -270,7 +272,8 @@ def _pack_activation_func(shape, dtype: str, sign, pad: tuple[int, int], word: W
     ph, pw = pad
     x = te.placeholder(shape, dtype, name="x")
     words = te.compute((n, h, word.count(c), w),
-                       lambda i, y, j, xx: _pack_bits_expr(lambda ch: x[i, ch, y, xx], c, j, sign, word), name="pack_bits")
+                       lambda i, y, j, xx: _pack_bits_expr(lambda ch: x[i, ch, y, xx], c, j, sign, word),
+                       name="pack_bits")
     out = topi.nn.pad(words, [0, ph, 0, pw], [0, ph, 0, pw], pad_value=0, name="pad_words")
     from graphopt.targets.lowering.schedules import schedule_spatial
 
@@ -307,7 +310,8 @@ def _binary_conv_func(xshape, wpshape, f: int, out_hw, kernel, stride, dilation,
     (sh, sw), (dh, dw) = stride, dilation
     xp = te.placeholder(xshape, word.dtype, name="xp")
     wp = te.placeholder(wpshape, word.dtype, name="wp")
-    tab, hc, wc = (te.placeholder(t.shape, "int32", name=nm) for t, nm in zip(tables, ("table", "hcls", "wcls")))
+    tab, hc, wc = (te.placeholder(t.shape, "int32", name=nm)
+                   for t, nm in zip(tables, ("table", "hcls", "wcls"), strict=True))
     ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, cw), "rc")
     acc_t = word.acc_dtype(kh * kw * cw)
     acc = te.compute((n, oh, ow, fo_n * ft), lambda i, y, x, o: te.sum(tirx.popcount(

@@ -34,8 +34,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class LoweringResult:
-    executable: "tvm.relax.VMExecutable"  # noqa: F821  built for the spec
-    ir_module: "tvm.IRModule"  # noqa: F821  the final scheduled module, before VM lowering
+    executable: tvm.relax.VMExecutable  # noqa: F821  built for the spec
+    ir_module: tvm.IRModule  # noqa: F821  the final scheduled module, before VM lowering
     stats: dict  # JSON-serializable: target, phases, layout, kernels, scheduled, unscheduled
 
 
@@ -142,8 +142,9 @@ def _pad_between_transposes(call, bound):
 
 def _layout(mod, spec, state):
     import tvm
-    from graphopt.targets.lowering.schedules import CONV_LAYOUT
     from tvm import relax
+
+    from graphopt.targets.lowering.schedules import CONV_LAYOUT
 
     state["layout"] = "as imported"
     conv2d = tvm.ir.Op.get("relax.nn.conv2d")
@@ -159,9 +160,10 @@ def _layout(mod, spec, state):
 
 def _legalize(mod, spec, state):
     import tvm
-    from graphopt.targets.lowering.schedules import legalize_map
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from graphopt.targets.lowering.schedules import legalize_map
 
     target = spec.tvm()
     with target:

@@ -52,7 +52,7 @@ class CpuParams:
     dots: tuple[DotKernel, ...] = ()  # int8 dot-product instructions of the target, preferred first
 
     @classmethod
-    def from_spec(cls, spec: TargetSpec) -> "CpuParams":
+    def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
                    dots=dot_kernels(spec))
@@ -95,7 +95,7 @@ def _conv2d_nhwc_packed(data, wpack, strides, padding, dilation, groups, out_dty
     return te.compute((data.shape[0], out_h, out_w, f_outer * f_tile), body, name="conv2d_nhwc")
 
 
-def conv2d_legalizer(params: "CpuParams"):
+def conv2d_legalizer(params: CpuParams):
     """LegalizeOps override for NHWC/HWIO conv2d: packs the weights once (folded at compile time when
     they are constants) so each output-channel tile reads one contiguous weight slab; other layouts
     and shapes use TVM's own legalization."""
@@ -129,7 +129,7 @@ def conv2d_legalizer(params: "CpuParams"):
     return legalize
 
 
-def matmul_legalizer(params: "CpuParams"):
+def matmul_legalizer(params: CpuParams):
     """LegalizeOps override for ``x @ W`` with a constant 2-D W (Linear layers): W [K, N] is packed
     to [N/ft, K, ft] in numpy so each output tile streams one contiguous slab."""
     default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
@@ -476,9 +476,9 @@ class Generic(dlight.ScheduleRule):
             if len(loops) != len(kinds):
                 continue
             if n_s == len(loops):
-                _try(lambda: schedule_spatial(sch, block, self.params.lanes))
+                _try(lambda: schedule_spatial(sch, block, self.params.lanes))  # noqa: B023  called at once
             elif n_s > 0:
-                _try(lambda: sch.parallel(sch.fuse(*loops[:n_s])))
+                _try(lambda: sch.parallel(sch.fuse(*loops[:n_s])))  # noqa: B023  called at once
         return sch
 
 

@@ -112,7 +112,8 @@ def _read_lines(path: Path, parse, damaged: list[Damage]) -> list[tuple[int, obj
         try:
             good.append((i, parse(json.loads(text)), text))
         except Exception as exc:  # noqa: BLE001  json or TVM deserialization: the line is unusable
-            damaged.append(Damage(path.name, i, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"))
+            message = str(exc).splitlines()[0][:160] if str(exc) else ""
+            damaged.append(Damage(path.name, i, f"{type(exc).__name__}: {message}"))
     return good
 
 
@@ -199,7 +200,8 @@ def _make_class():
             files = {}  # file name -> (path, parsed lines, damage)
             for name, parse_value in ((RECORDS, record), (SPENT, trials)):
                 damage: list[Damage] = []
-                files[name] = (self.folder / name, _read_lines(self.folder / name, indexed(parse_value), damage), damage)
+                lines = _read_lines(self.folder / name, indexed(parse_value), damage)
+                files[name] = (self.folder / name, lines, damage)
                 self.damaged += damage
             for _, (idx, rec), _ in files[RECORDS][1]:
                 self._mem.commit_tuning_record(rec)

@@ -23,11 +23,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from graphopt.errors import ConfigError, ToolchainError
+from graphopt.targets.backends import toolchain
 from graphopt.targets.backends.emulation import RUNTIME_SRC, read_count, run_runner, vm_arch
 from graphopt.targets.spec import TargetSpec
-
-from graphopt.targets.backends import toolchain
-from graphopt.errors import ConfigError, ToolchainError
 
 _REPEAT = 2
 
@@ -64,7 +63,8 @@ def count_kernel(so: str | os.PathLike, func: str, tensors: list[tuple[str, list
     with tempfile.TemporaryDirectory(prefix="graphopt-icount-") as tmp:
         for name, repeat in (("base", 0), ("run", _REPEAT)):
             cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, "-E", f"LD_LIBRARY_PATH={env_lib}",
-                   "-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(Path(tmp) / name)}", str(runner), str(so), func, str(repeat), *specs]
+                   "-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(Path(tmp) / name)}",
+                   str(runner), str(so), func, str(repeat), *specs]
             run_runner(cmd, Path(tmp), timeout, f"instruction count (proxy) of {func}")
             counts.append(read_count(Path(tmp) / name))
     return max(0, round((counts[1] - counts[0]) / _REPEAT))
@@ -92,7 +92,7 @@ def kernel_counts(ir_module, spec: TargetSpec) -> dict[str, dict]:
         if isinstance(expr, relax.Call) and expr.op.same_as(call_tir):
             calls[expr.args[0].name_hint] = calls.get(expr.args[0].name_hint, 0) + 1
 
-    for gv, f in ir_module.functions_items():
+    for _, f in ir_module.functions_items():
         if isinstance(f, relax.Function):
             relax.analysis.post_order_visit(f, visit)
     result = {}

@@ -38,11 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from graphopt.errors import ConfigError, ToolchainError
+from graphopt.targets.backends import toolchain
 from graphopt.targets.backends.emulation import RUNTIME_SRC, vm_arch
 from graphopt.targets.spec import TargetSpec
-
-from graphopt.targets.backends import toolchain
-from graphopt.errors import ConfigError, ToolchainError
 
 EMULATED_NOTE = "EMULATED under qemu: timings prove the RPC path, they are not the board's real speed"
 _PING_SECONDS = 2.0
@@ -255,7 +254,7 @@ class LocalTracker:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def __enter__(self) -> "LocalTracker":
+    def __enter__(self) -> LocalTracker:
         from tvm import rpc
 
         self._log = tempfile.TemporaryFile()
@@ -298,7 +297,7 @@ class EmulatedDevice:
         self._log = None
         self._tmp: str | None = None  # the child's TMPDIR: session folders of a killed device go with it
 
-    def __enter__(self) -> "EmulatedDevice":
+    def __enter__(self) -> EmulatedDevice:
         build_rpc_device(self.spec)  # build errors surface here, not in the child
         host, port = self.tracker
         self._log = tempfile.TemporaryFile()
