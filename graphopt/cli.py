@@ -46,6 +46,8 @@ def load_factory(spec: str):
     try:
         if path is not None:
             s = importlib.util.spec_from_file_location(path.stem, path)
+            if s is None or s.loader is None:
+                raise ConfigError(f"{path} cannot be imported as a Python module")
             module = importlib.util.module_from_spec(s)
             s.loader.exec_module(module)
         else:

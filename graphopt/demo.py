@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cm = graphopt.compile(model, inputs, target=a.target)
         path = cm.save(a.out)
-        print(cm.report.to_markdown())
+        print(cm.report.to_markdown() if cm.report is not None else "")
         got = cm(*inputs)
     except graphopt.GraphoptError as exc:
         print(f"graphopt: error: {exc}", file=sys.stderr)

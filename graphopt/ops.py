@@ -46,7 +46,7 @@ def op_kind(node: fx.Node) -> str | None:
         return None
     if node.target is operator.getitem:
         return "getitem"
-    name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
+    name = str(getattr(node.target, "_opname", None) or getattr(node.target, "__name__", node.target))
     name = name.split(".")[0]
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 

@@ -35,6 +35,7 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -220,7 +221,8 @@ def prune_iteratively(model: nn.Module, example_inputs, config: PruneConfig, *, 
     multiple = config.channel_multiple or (_target_multiple(target) if target is not None else 1)
     with eval_mode(model):
         start = graph_cost(capture(model, args).graph_module, args)
-    history, current = [], model
+    history: list[dict[str, object]] = []
+    current = model
     for step in range(1, steps + 1):
         step_config = _step_config(config, step, steps, current, args, start)
         if step_config is None:
@@ -393,7 +395,7 @@ class _Search:
         gets strictly closer, so this ends."""
         while abs(self.cost - goal) > tol:
             now, delta = abs(self.cost - goal), 1 if self.cost > goal else -1
-            best = None
+            best: tuple[Any, list[tuple[int, int]]] | None = None  # (sort key, moves): single steps, then pairs
             for gid in self.groups:
                 if self.can(gid, delta):
                     miss = abs(self.cost_of([(gid, delta)]) - goal)
@@ -451,9 +453,11 @@ def _select(deps: DependencyGraph, imp: dict[int, list[float]], config: PruneCon
         return removed, {"ratio": config.ratio}
     metric = 0 if config.target_macs is not None else 1
     fraction = config.target_macs if metric == 0 else config.target_params
+    if fraction is None:  # PruneConfig holds exactly one budget
+        raise ConfigError("give target_macs=, target_params= or ratio=")
     name = "macs" if metric == 0 else "params"
     original = costs.total[metric]
-    record = {"metric": name, "fraction": fraction, "tolerance": config.tolerance}
+    record: dict[str, Any] = {"metric": name, "fraction": fraction, "tolerance": config.tolerance}
     if original == 0:
         return {}, record | {"achieved": 1.0, "within_tolerance": False,
                              "limit": {"reason": f"the model has no {name} to remove", "reachable_min": 1.0,

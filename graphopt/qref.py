@@ -10,6 +10,8 @@ does not know.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +164,7 @@ def _view(x, shape):
     return x.reshape(shape)
 
 
-OPS = {
+OPS: dict[Any, Callable[..., Any]] = {
     g.qconv2d.default: qconv2d, g.qlinear.default: qlinear, g.qmatmul.default: qmatmul,
     g.qsum_pool2d.default: qsum_pool2d, g.requantize.default: requantize, g.qadd.default: qadd,
     g.qlut.default: qlut, g.qsign.default: qsign, g.unpack_bits.default: unpack_bits,

@@ -173,6 +173,10 @@ class FakeQuantize(nn.Module):
         self.observer, self.percentile, self.averaging_constant = observer, percentile, averaging_constant
         self.qmin, self.qmax = _qrange(bits)
         self.observing, self.fake_quant = True, False
+        self.lo: torch.Tensor
+        self.hi: torch.Tensor
+        self.sample: torch.Tensor
+        self.abs_mean: torch.Tensor
         self.register_buffer("lo", torch.tensor([]))
         self.register_buffer("hi", torch.tensor([]))
         self.register_buffer("sample", torch.tensor([]))
@@ -260,6 +264,8 @@ class FakeQuantize(nn.Module):
         """(scale, zero point) tensors: per channel (weights) or one element."""
         if self.bits == 1:  # binary: α = mean|x| per channel (weights) or the running mean|x|
             if self.weight:
+                if x is None:
+                    raise QuantizationError(f"{self.what}: binary weight parameters are computed from the weight")
                 flat = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
                 alpha = flat.abs().mean(dim=1).clamp(min=1e-8)
             else:

@@ -22,15 +22,20 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from graphopt.config import coerce_enum
 from graphopt.distillation import DistillationLoss, distill
 from graphopt.errors import ConfigError
 from graphopt.passes.analysis import cost as graph_cost
 from graphopt.passes.capture import capture, eval_mode
 from graphopt.progress import LOG, shown
 from graphopt.training import TrainConfig, evaluate, fit
+
+if TYPE_CHECKING:
+    from graphopt.compiled import CompiledModel
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ class OptimizeReport:
 @dataclass
 class OptimizeResult:
     model: nn.Module  # the best model meeting the floor (quantized QDQ module if quantization kept)
-    compiled: object  # graphopt.CompiledModel of `model`
+    compiled: CompiledModel  # of `model`
     report: OptimizeReport
 
 
@@ -197,7 +202,7 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
               recipe: Recipe, out_dir: str | Path | None, progress: bool) -> OptimizeResult:
     from graphopt.api import compile
     from graphopt.passes.capture import check_model
-    from graphopt.pruning import PruneConfig, prune_iteratively
+    from graphopt.pruning import Criterion, PruneConfig, prune_iteratively
     from graphopt.quantization import QuantScheme, convert, prepare_qat, quantize
     from graphopt.targets import get_target
     from graphopt.training import check_batches
@@ -240,11 +245,12 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
     floor = stop.min_accuracy
 
     if recipe.prune is not None:
-        budget = {"target_macs": stop.max_macs} if stop.max_macs is not None else \
+        stage = recipe.prune
+        budget: dict[str, Any] = {"target_macs": stop.max_macs} if stop.max_macs is not None else \
                  {"target_params": stop.max_params} if stop.max_params is not None else {"target_macs": 0.1}
 
         def fine_tune(candidate: nn.Module, step: int) -> float:
-            train(candidate, recipe.prune.epochs_per_step)
+            train(candidate, stage.epochs_per_step)
             rec = record(f"prune {step}", candidate)
             if floor is not None and rec.accuracy < floor:
                 rec.kept, rec.note = False, f"below the floor {floor:g}: discarded"
@@ -254,8 +260,8 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
             return rec.accuracy
 
         try:
-            best = prune_iteratively(best, x, PruneConfig(criterion=recipe.prune.criterion, **budget),
-                                     steps=recipe.prune.steps, fine_tune=fine_tune, min_metric=floor,
+            config = PruneConfig(criterion=coerce_enum(Criterion, stage.criterion, "criterion"), **budget)
+            best = prune_iteratively(best, x, config, steps=stage.steps, fine_tune=fine_tune, min_metric=floor,
                                      target=spec).eval()
         except _BudgetMet as met:
             best = met.model.eval()

@@ -676,8 +676,9 @@ class VGG(nn.Module):
 def vgg11(num_classes: int = 1000, width_div: int = 1, hidden: int = 4096) -> VGG:
     layers: list[nn.Module] = []
     in_channels = 3
-    for v in [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]:
-        if v == "M":
+    config: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    for v in config:
+        if isinstance(v, str):
             layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
         else:
             v = v // width_div

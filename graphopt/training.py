@@ -132,8 +132,9 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        if state.get("data_rng") is not None and getattr(data, "generator", None) is not None:
-            data.generator.set_state(state["data_rng"])
+        generator = getattr(data, "generator", None)  # a DataLoader's shuffling
+        if state.get("data_rng") is not None and generator is not None:
+            generator.set_state(state["data_rng"])
         start, history = state["epoch"], state["history"]
     for epoch in range(start, config.epochs):
         model.train()
@@ -159,7 +160,8 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
         history.append(record)
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            data_rng = data.generator.get_state() if getattr(data, "generator", None) is not None else None
+            generator = getattr(data, "generator", None)
+            data_rng = generator.get_state() if generator is not None else None
             _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                               "history": history, "structure": _structure(model), "rng": torch.get_rng_state(),
                               "data_rng": data_rng}, ckpt)

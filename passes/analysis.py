@@ -83,7 +83,7 @@ def cost(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
             if isinstance(t, torch.Tensor) and t.dtype != torch.int64:  # skip counters like num_batches_tracked
                 params += t.numel()
                 nbytes += t.numel() * t.element_size()
-    macs, by_module = 0, {}
+    macs, by_module = 0, dict[str, int]()
     for n in gm.graph.nodes:
         m = ops.macs(n)
         if m is not None:

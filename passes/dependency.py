@@ -37,6 +37,14 @@ from graphopt.passes.base import Decline
 aten = torch.ops.aten
 PASS_NAME = "prune-channels"
 
+def _shape(node) -> tuple[int, ...]:
+    """The shape of a tensor node (`analyze_dependencies` made sure every node has one)."""
+    dims = ops.shape(node)
+    if dims is None:
+        raise ValueError(f"{node} has no static shape")
+    return dims
+
+
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -169,7 +177,7 @@ class _Analysis:
             return c
         if isinstance(c, _Chan):
             self.pin_chan(c, n, f"channels arrive on axis {c.axis} where {why} expects axis {axis}")
-        return _Chan(axis, self.new(ops.shape(n)[axis], pin="channels come from outside any prunable group"))
+        return _Chan(axis, self.new(_shape(n)[axis], pin="channels come from outside any prunable group"))
 
     def param_owner(self, n, kinds, attr: str) -> tuple[str, nn.Module] | None:
         """(module path, module) if ``n`` reads ``<path>.<attr>`` of a module of ``kinds``."""
@@ -199,7 +207,7 @@ class _Analysis:
 
     def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            s = ops.shape(node)
+            s = _shape(node)
             if s is not None and len(s) >= 2:
                 self.chan[node] = _Chan(1, self.new(s[1], pin="model input channels"))
             return
@@ -241,7 +249,7 @@ class _Analysis:
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         owner = self.param_owner(w, _CONV_MODULES, "weight")
-        out_shape = ops.shape(node)
+        out_shape = _shape(node)
         cout = out_shape[1]
         if (owner is None or (b is not None and self.param_owner(b, _CONV_MODULES, "bias") != owner)
                 or self.calls.get(w.target, 0) != 1 or owner[1].padding_mode != "zeros"):
@@ -265,7 +273,7 @@ class _Analysis:
                     self.union(xin.ids[r], xin.ids[j * cin_g + r])
                 for r in range(cout_g):
                     self.union(out[r], out[j * cout_g + r])
-        self.modules[path] = ModuleInfo(path, "conv", cout, cin, groups, math.prod(ops.shape(w)[2:]),
+        self.modules[path] = ModuleInfo(path, "conv", cout, cin, groups, math.prod(_shape(w)[2:]),
                                         math.prod(out_shape) // cout, b is not None)
         self.first_producer = self.first_producer or path
         self.chan[node] = _Chan(1, out)
@@ -274,7 +282,7 @@ class _Analysis:
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         owner = self.param_owner(w, nn.Linear, "weight")
-        out_shape = ops.shape(node)
+        out_shape = _shape(node)
         axis = len(out_shape) - 1
         if (owner is None or (b is not None and self.param_owner(b, nn.Linear, "bias") != owner)
                 or self.calls.get(w.target, 0) != 1):
@@ -283,7 +291,7 @@ class _Analysis:
             self.chan[node] = _Chan(axis, self.new(out_shape[-1], pin="output of a linear that cannot be shrunk"))
             return
         path, _ = owner
-        xin = self.input_chan(x, len(ops.shape(x)) - 1, f"linear {path}")
+        xin = self.input_chan(x, len(_shape(x)) - 1, f"linear {path}")
         out = self.new(out_shape[-1])
         self.add_members(out, path, Role.OUT)
         self.add_members(xin.ids, path, Role.IN)
@@ -304,7 +312,10 @@ class _Analysis:
                                    "with running statistics")
             self.chan[node] = result(c)
             return
-        (path, mod), = owners
+        (owner,) = owners
+        if owner is None:  # refused above: `None in owners`
+            return
+        path, mod = owner
         xin = self.input_chan(x, 1, f"BatchNorm {path}")
         self.add_members(xin.ids, path, Role.NORM)
         n_tensors = sum(p is not None for p in params)
@@ -313,20 +324,20 @@ class _Analysis:
 
     def passthrough(self, node: fx.Node) -> None:
         c = self.tracked(node.args[0])
-        s_in, s_out = ops.shape(node.args[0]), ops.shape(node)
+        s_in, s_out = _shape(node.args[0]), _shape(node)
         if isinstance(c, _Chan) and s_out is not None and len(s_out) == len(s_in) and s_out[c.axis] == s_in[c.axis]:
             self.chan[node] = c
         elif c is not None:
             self.pin_chan(c, node, f"{node.target} changes the channel axis")
 
     def binary(self, node: fx.Node) -> None:
-        out = ops.shape(node)
+        out = _shape(node)
         if out is None:
             return
         rank = len(out)
         tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         chans = [self.tracked(a) for a in tensors]
-        axes = {c.axis - len(ops.shape(a)) for a, c in zip(tensors, chans, strict=True) if isinstance(c, _Chan)}
+        axes = {c.axis - len(_shape(a)) for a, c in zip(tensors, chans, strict=True) if isinstance(c, _Chan)}
         if not axes:
             return
         if len(axes) > 1:
@@ -336,7 +347,7 @@ class _Analysis:
         neg = axes.pop()
         result = None
         for a, c in zip(tensors, chans, strict=True):
-            s = ops.shape(a)
+            s = _shape(a)
             size = s[neg] if len(s) >= -neg else 1
             if isinstance(c, _Chan):
                 if result is None:
@@ -349,13 +360,14 @@ class _Analysis:
                     self.pin_chan(c2, node, "combined with a per-channel tensor that is not a prunable layer's "
                                             "output (constant or untracked)")
                 return
-        self.chan[node] = _Chan(rank + neg, result.ids)
+        if result is not None:  # the loop saw at least one tracked operand (axes is not empty)
+            self.chan[node] = _Chan(rank + neg, result.ids)
 
     def reduce(self, node: fx.Node) -> None:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(ops.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         dims = node.args[1] if len(node.args) > 1 else None
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims)] if dims else list(range(rank))
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -368,7 +380,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        s_in, s_out = ops.shape(node.args[0]), ops.shape(node)
+        s_in, s_out = _shape(node.args[0]), _shape(node)
         before = math.prod(s_in[: c.axis])
         for b in (k for k in range(len(s_out)) if math.prod(s_out[:k]) == before):
             for k in range(c.axis + 1, len(s_in) + 1):  # the channel axis, possibly merged with the axes after it
@@ -383,7 +395,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(ops.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         if node.target is aten.permute.default:
             order = [d % rank for d in node.args[1]]
         else:
@@ -394,7 +406,7 @@ class _Analysis:
 
     def cat(self, node: fx.Node) -> None:
         tensors = node.args[0]
-        rank = len(ops.shape(node))
+        rank = len(_shape(node))
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
         chans = [self.tracked(t) for t in tensors]
         axes = {c.axis for c in chans if isinstance(c, _Chan)}
@@ -416,7 +428,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(ops.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
         pieces = [tuple(v.shape) for v in node.meta["val"]]
         if dim != c.axis:
@@ -436,10 +448,10 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(ops.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         dim = node.args[1] % rank
         if dim == c.axis:
-            if node.target is aten.slice.Tensor and ops.shape(node)[dim] == len(c.ids):
+            if node.target is aten.slice.Tensor and _shape(node)[dim] == len(c.ids):
                 self.chan[node] = c
             else:
                 self.pin_chan(c, node, "slicing/indexing of channels; its bounds are fixed in the model's code")
@@ -450,7 +462,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(ops.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         normalized = (range(rank - len(node.args[1]), rank) if node.target is aten.layer_norm.default
                       else range(1, rank))
         if c.axis in normalized:
@@ -462,7 +474,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(ops.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         padded = range(rank - len(node.args[1]) // 2, rank)
         if c.axis in padded:
             self.pin_chan(c, node, "padding of the channel axis")

@@ -81,6 +81,8 @@ class FoldBatchNorm(GraphPass):
     @staticmethod
     def _fold(gm, x, gamma_n, beta_n, mean_n, var_n, eps) -> None:
         w = constant_of(gm, x.args[1])
+        if w is None:  # `_decline` refused non-constant weights before
+            raise ValueError(f"{x.name}: weight is not a constant")
         b = constant_of(gm, arg(x, 2, "bias")) if arg(x, 2, "bias") is not None else None
         mean, var = constant_of(gm, mean_n), constant_of(gm, var_n)
         gamma = constant_of(gm, gamma_n) if gamma_n is not None else torch.ones_like(mean)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import Any
 
 import torch
 from torch import fx
@@ -109,8 +110,10 @@ class InlineRegions(GraphPass):
         index, _ = _REGIONS[node.target]
         sub_node, operands = node.args[index], node.args[index + 1:]
         sub = _body(gm, node)
+        if sub is None:  # `_declined` refused these regions before
+            raise ValueError(f"{node.name}: the region's body is not a GraphModule of the graph")
         placeholders = (n for n in sub.graph.nodes if n.op == "placeholder")
-        env: dict[fx.Node, object] = dict(zip(placeholders, operands, strict=False))
+        env: dict[fx.Node, Any] = dict(zip(placeholders, operands, strict=False))
         with graph.inserting_before(node):
             for n in sub.graph.nodes:
                 if n.op in ("placeholder", "output"):

@@ -35,7 +35,8 @@ def legalization_passes(approximate: bool = False) -> list[GraphPass]:
             LegalizePool(), LegalizeLinear(), LegalizeConv(), DeadCodeElimination()]
 
 
-def _hint(node: fx.Node, reason: str, ops: OperatorSet, declines: dict, passes: list[GraphPass]) -> str:
+def _hint(node: fx.Node, reason: str, ops: OperatorSet, declines: dict,
+          passes: list[GraphPass] | tuple[GraphPass, ...]) -> str:
     """The rewrite that would make ``node`` fit, as precisely as graphopt knows it."""
     if node.name in declines:
         return declines[node.name]

@@ -92,7 +92,7 @@ RULES: tuple[IdentityRule, ...] = (
 # and shapes are static, so they only cost time. Erased, counted under this name.
 _ASSERTIONS = {aten._assert_tensor_metadata.default}
 _ASSERTION_ALGEBRA = "assert_tensor_metadata(x) = ()  (checked statically)"
-_BY_OP = {}
+_BY_OP: dict[object, list[IdentityRule]] = {}
 for _r in RULES:
     _BY_OP.setdefault(_r.op, []).append(_r)
 

@@ -61,7 +61,8 @@ class GraphEmitter:
     """Emits a builder's ops as fx nodes before ``at``, carrying its source location."""
 
     def __init__(self, gm: fx.GraphModule, at: fx.Node, ops: OperatorSet):
-        self.gm, self.at, self.ops, self.new = gm, at, ops, []
+        self.gm, self.at, self.ops = gm, at, ops
+        self.new: list[fx.Node] = []
 
     def _place(self, node: fx.Node, val) -> fx.Node:
         node.meta["val"] = val
@@ -142,7 +143,7 @@ class LegalizePass(GraphPass):
                                     if ops.has(*r.emits) and (why := r.needed(node, gm, ops))), (None, None))
             if rewrite is None:
                 continue
-            refusal = self.decline(rewrite, node, reason)
+            refusal = self.decline(rewrite, node, reason or "")
             if refusal:
                 declined.append(Decline.at(self.name, node, refusal))
                 continue

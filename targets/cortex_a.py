@@ -5,9 +5,11 @@ QEMU CPUs are pinned per target. QEMU 7.2 has no Cortex-A55 model, so `arm-a55` 
 `cortex-a76` (the same ARMv8.2 + dotprod ISA, no SVE); its `cortex-a76` lacks i8mm, so `arm-a76`
 runs on `max` — the only place `max` is used, because i8mm is meant there.
 """
+from typing import Any
+
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     runtime=Runtime.TVM_VM_QEMU_USER,
     vector_bits=128,
     cross_compiler="aarch64-linux-gnu-g++",

@@ -15,6 +15,8 @@ norm or attention (decomposed exactly into mean/rsqrt and matmul/softmax); no fl
 on tensors of rank ≤ 4. Integer convolutions (`qconv2d`) are admitted with any groups and
 dilation, since graphopt has no integer split/densify rewrite to offer instead.
 """
+from typing import Any
+
 from graphopt.targets.opset import OperatorSet, OpRule
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
@@ -41,7 +43,7 @@ MCU_OPS = OperatorSet(
     note="CMSIS-NN / TFLite-Micro-like: no erf/tanh/sigmoid in float, no grouped or dilated conv, no float64",
 )
 
-_COMMON = dict(runtime=Runtime.C_LIBRARY_QEMU_SYSTEM, num_cores=1, channel_multiple=1, ops=MCU_OPS,
+_COMMON: dict[str, Any] = dict(runtime=Runtime.C_LIBRARY_QEMU_SYSTEM, num_cores=1, channel_multiple=1, ops=MCU_OPS,
                cross_compiler="arm-none-eabi-gcc", qemu_binary="qemu-system-arm")
 
 

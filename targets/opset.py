@@ -13,6 +13,7 @@ malformed sets: duplicate or empty kinds, unknown dtype names, bad kernel sizes 
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from graphopt.ops import CONV_KINDS, DATA_MOVEMENT, POOL_KINDS, conv_params, op_
 
 DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"})
 
-def _pairs(value) -> frozenset:
+def _pairs(value) -> frozenset[tuple[int, int]]:
     pairs = frozenset((k, k) if isinstance(k, int) else tuple(k) for k in value)
     if any(len(p) != 2 or not all(isinstance(v, int) and v > 0 for v in p) for p in pairs):
         raise ConfigError(f"kernel_sizes must be positive ints or (kh, kw) pairs, got {sorted(value)}")
@@ -42,8 +43,8 @@ class OpRule:
     """
 
     kind: str
-    dtypes: frozenset | None = None
-    kernel_sizes: frozenset | None = None
+    dtypes: Collection[str] | None = None  # stored as a frozenset
+    kernel_sizes: Collection[int | tuple[int, int]] | None = None  # stored as a frozenset of (kh, kw)
     depthwise: bool = True
     grouped: bool = True
     dilation: bool = True
@@ -60,7 +61,7 @@ class OpRule:
     def describe(self) -> str:
         parts = []
         if self.kernel_sizes is not None:
-            parts.append("kernels " + ", ".join(f"{h}×{w}" for h, w in sorted(self.kernel_sizes)))
+            parts.append("kernels " + ", ".join(f"{h}×{w}" for h, w in sorted(_pairs(self.kernel_sizes))))
         if self.kind in CONV_KINDS:
             parts += [f"{name} {'yes' if ok else 'no'}" for name, ok in
                       (("depthwise", self.depthwise), ("grouped", self.grouped), ("dilated", self.dilation))]
@@ -70,7 +71,8 @@ class OpRule:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "dtypes": sorted(self.dtypes) if self.dtypes is not None else None,
-                "kernel_sizes": sorted(list(k) for k in self.kernel_sizes) if self.kernel_sizes is not None else None,
+                "kernel_sizes": sorted(list(k) for k in _pairs(self.kernel_sizes))
+                if self.kernel_sizes is not None else None,
                 "depthwise": self.depthwise, "grouped": self.grouped, "dilation": self.dilation, "note": self.note}
 
 
@@ -92,7 +94,7 @@ class OperatorSet:
 
     name: str
     rules: tuple[OpRule, ...] | None = None
-    dtypes: frozenset = field(default_factory=lambda: frozenset(DTYPES))
+    dtypes: Collection[str] = field(default_factory=lambda: frozenset(DTYPES))  # stored as a frozenset
     max_rank: int | None = None
     data_movement: bool = True
     note: str = ""
@@ -140,7 +142,7 @@ class OperatorSet:
         if tensors:
             values = [t for t in (value(a, gm) for a in (node, *node.all_input_nodes)) if t is not None]
             allowed = rule.dtypes if rule.dtypes is not None else self.dtypes
-            bad = sorted({_dtype_name(t) for t in values} - allowed)
+            bad = sorted({_dtype_name(t) for t in values} - set(allowed))
             if bad:
                 return (f"{kind} on {', '.join(bad)} tensors (the {self.name} set runs {kind} on "
                         f"{', '.join(sorted(allowed))})")

@@ -7,6 +7,7 @@ without the fields they need (e.g. a QEMU runtime without a QEMU CPU).
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from graphopt.errors import ConfigError
@@ -76,7 +77,7 @@ class TargetSpec:
     description: str
     tvm_target: dict
     runtime: Runtime
-    features: frozenset = field(default_factory=frozenset)
+    features: Collection[Feature] = field(default_factory=frozenset)  # stored as a frozenset
     vector_bits: int = 128
     num_cores: int = 1
     cross_compiler: str | None = None
@@ -85,8 +86,8 @@ class TargetSpec:
     qemu_cpu: str | None = None
     qemu_machine: str | None = None
     channel_multiple: int = 4
-    aliases: tuple = ()
-    cflags: tuple = ()
+    aliases: Sequence[str] = ()  # stored as a tuple
+    cflags: Sequence[str] = ()  # stored as a tuple
     flash_bytes: int | None = None
     ram_bytes: int | None = None
     ops: OperatorSet = EVERYTHING

@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def _ctype(dtype: str) -> str:
     import tvm
 
     dt = tvm.runtime.DataType(dtype)
-    return _CTYPES.get(({0: "int", 1: "uint", 2: "float"}.get(dt.type_code), dt.bits), "uint8_t")
+    return _CTYPES.get(({0: "int", 1: "uint", 2: "float"}.get(dt.type_code, ""), dt.bits), "uint8_t")
 
 
 def _round(n: int) -> int:
@@ -164,7 +165,9 @@ def _walk_main(mod) -> _Graph:
     op = tvm.ir.Op.get
     alloc_storage, alloc_tensor = op("relax.memory.alloc_storage"), op("relax.memory.alloc_tensor")
     builtin_alloc = op("relax.builtin.alloc_tensor")
-    g, env, storages, consts, fresh = _Graph(), {}, {}, [], {}
+    g, storages, fresh = _Graph(), {}, {}
+    env: dict = {}  # Relax var -> tensor index, or a tuple of them
+    consts: list = []
     main = mod["main"]
 
     def add(region, offset, shape, dtype) -> int:
@@ -285,7 +288,7 @@ def _inspect_host(host_mod) -> tuple[int, int, list[Unsupported]]:
         if unpassed:
             bad.append(Unsupported(f"reads tensor {', '.join(unpassed)} at run time", f"kernel {gv.name_hint}",
                                    "the C library passes data pointers only; static shapes need no metadata"))
-        cur, peak, sizes = 0, 0, []
+        cur, peak, sizes = 0, 0, list[int]()
         for m in re.finditer(f"{_WS_ALLOC.pattern}|{_WS_FREE.pattern}", text):
             if m.group(1) is None:
                 cur -= sizes.pop() if sizes else 0
@@ -621,7 +624,8 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, name: str = "model") -> CL
     prefix = f"graphopt_{name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    phases, state = {}, {}
+    phases: dict[str, float] = {}
+    state: dict = {}
     planned = _relax_to_planned(ep, spec, phases, state)
     g = run_phase("emit graph", lambda: _walk_main(planned), spec, phases)
     raw = out / ".kernels.llvm.o"
@@ -633,7 +637,7 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, name: str = "model") -> CL
     max_args = max([len(a) for _, a in g.calls] or [1])
     glue_frame = 128 + max_args * (40 + 16)  # run(): a DLTensor and a TVMFFIAny per argument
     libs = ["m"]  # kernels may call expf/tanhf/...; a static libm only contributes what they use
-    stats = {"workspace_bytes": ws, "stack_estimate_bytes": glue_frame + kstack, "libraries": libs}
+    stats: dict[str, Any] = {"workspace_bytes": ws, "stack_estimate_bytes": glue_frame + kstack, "libraries": libs}
     (out / f"{prefix}_weights.bin").write_bytes(bytes(g.weights))
     (out / f"{prefix}_weights.S").write_text(_weights_s(bool(g.weights), prefix))
     (out / f"{prefix}.h").write_text(_model_h(g, stats, spec, prefix))

@@ -24,6 +24,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from graphopt.errors import ConfigError, LoweringError, ToolchainError, Unsuppor
 from graphopt.targets.backends import toolchain
 from graphopt.targets.backends.base import Backend, BuildResult, Measurement
 from graphopt.targets.backends.c_emitter import ALIGN, CLibrary, emit_library
+from graphopt.targets.backends.emulation import read_count
 from graphopt.targets.boards import BOARDS
 from graphopt.targets.lowering.phases import run_phase
 from graphopt.targets.spec import Runtime, TargetSpec
@@ -193,15 +195,19 @@ def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str]
                  count_file: Path | None = None) -> str:
     """Run `program` under the spec's QEMU in `workdir`; returns its stdout. The whole process group is
     killed after `timeout` seconds. With `count_file`, graphopt's plugin writes the instruction count there."""
+    where_to = spec.qemu_machine if _bare_metal(spec) else spec.sysroot
+    if not spec.qemu_binary or not spec.qemu_cpu or not where_to:
+        needs = "machine" if _bare_metal(spec) else "sysroot"
+        raise ConfigError(f"target {spec.name} lacks the QEMU binary, CPU or {needs} needed to run its firmware")
     qemu = toolchain.require_tool(spec.qemu_binary)
     q = toolchain.qemu_option
     plugin = ["-plugin", f"{q(toolchain.ensure_qemu_plugin())},out={q(count_file)}"] if count_file else []
     if _bare_metal(spec):
         semi = ",".join(["enable=on", "target=native", f"arg={q(program.name)}", *(f"arg={q(a)}" for a in args)])
-        cmd = [qemu, "-M", spec.qemu_machine, "-cpu", spec.qemu_cpu, "-nographic", "-monitor", "none",
+        cmd = [qemu, "-M", where_to, "-cpu", spec.qemu_cpu, "-nographic", "-monitor", "none",
                "-serial", "none", "-semihosting-config", semi, *plugin, "-kernel", str(program)]
     else:
-        cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, *plugin, str(program), *args]
+        cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", where_to, *plugin, str(program), *args]
     where = f"{program.name} on {spec.qemu_binary} ({spec.qemu_machine or spec.qemu_cpu})"
     return toolchain.run_bounded(cmd, workdir, timeout, where, _HARNESS_EXITS)[0]
 
@@ -249,7 +255,7 @@ class CLibraryBackend(Backend):
             seconds = time.perf_counter() - start
             outs = [np.fromfile(work / f"output_{i}.bin", dtype=e["dtype"]).reshape(e["shape"])
                     for i, e in enumerate(manifest["outputs"])] if repeat else []
-            insns = int(re.search(r"insns:\s*(\d+)", (work / "count").read_text()).group(1)) if count else None
+            insns = read_count(work / "count") if count else None
         stack = re.search(r"graphopt-harness stack=(-?\d+)", stdout)
         cache["last_run"] = {"seconds": round(seconds, 3), "stack_bytes": int(stack.group(1)) if stack else None}
         return outs, insns
@@ -258,7 +264,7 @@ class CLibraryBackend(Backend):
         return self._execute(build_dir, spec, arrays, manifest, cache, 1, False)[0]
 
     def measure(self, build_dir, spec, arrays) -> Measurement:
-        manifest, cache = read_manifest(Path(build_dir)), {}
+        manifest, cache = read_manifest(Path(build_dir)), dict[str, Any]()
         try:
             _, with_one = self._execute(build_dir, spec, arrays, manifest, cache, 1, True)
             stack = cache["last_run"]["stack_bytes"]

@@ -71,15 +71,27 @@ class EmulatedRun:
 
 # --------------------------------------------------------------------------- specs and checks
 
-def vm_arch(spec: TargetSpec) -> str:
-    """The target's arch (e.g. "aarch64") if it runs TVM VM artifacts under qemu-user."""
+@dataclass(frozen=True)
+class QemuUser:
+    """What building and emulating a TVM VM artifact for a target takes, every field set."""
+
+    arch: str  # e.g. "aarch64"
+    cross_compiler: str
+    sysroot: str
+    qemu_binary: str
+    qemu_cpu: str
+
+
+def qemu_user(spec: TargetSpec) -> QemuUser:
+    """The target's qemu-user setup, if it runs TVM VM artifacts under qemu-user (else `ConfigError`)."""
     if spec.runtime is not Runtime.TVM_VM_QEMU_USER:
         raise ConfigError(f"target {spec.name} runs as {spec.runtime.value}, not as a TVM VM library under "
                           "qemu-user; the C++ runner does not apply to it")
-    missing = [f for f in ("cross_compiler", "sysroot", "qemu_binary", "qemu_cpu") if not getattr(spec, f)]
+    fields = {f: getattr(spec, f) for f in ("cross_compiler", "sysroot", "qemu_binary", "qemu_cpu")}
+    missing = [f for f, v in fields.items() if not v]
     if missing:
         raise ConfigError(f"target {spec.name} lacks {', '.join(missing)} needed to build and emulate its runner")
-    return str(spec.tvm_target.get("mtriple", "")).split("-")[0] or "?"
+    return QemuUser(str(spec.tvm_target.get("mtriple", "")).split("-")[0] or "?", **fields)
 
 
 def _tensor_entries(specs: Sequence[Any], kind: str) -> list[dict]:
@@ -112,8 +124,9 @@ def _itemsize(dtype: str) -> int | None:
 
 def build_runner(spec: TargetSpec, out_dir: str | os.PathLike) -> Path:
     """Cross-compile the runner for `spec` (cached) and copy it to ``out_dir/runner``."""
-    arch = vm_arch(spec)
-    cxx = toolchain.require_tool(spec.cross_compiler)
+    q = qemu_user(spec)
+    arch = q.arch
+    cxx = toolchain.require_tool(q.cross_compiler)
     rt = toolchain.runtime_dir(arch)
     src = RUNTIME_SRC / "runner.cc"
     try:
@@ -129,7 +142,7 @@ def build_runner(spec: TargetSpec, out_dir: str | os.PathLike) -> Path:
         _log.info("building the %s runner with %s", arch, cxx)
         toolchain.run_tool([cxx, "-std=c++17", "-O2", "-Wall", f"-I{rt / 'include'}", str(src), "-o", str(tmp),
                         f"-L{rt / 'lib'}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
-                        "-Wl,-rpath,$ORIGIN/lib"], f"compiling the runner with {spec.cross_compiler}")
+                        "-Wl,-rpath,$ORIGIN/lib"], f"compiling the runner with {q.cross_compiler}")
         os.replace(tmp, cached)
     out = Path(out_dir) / "runner"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +219,8 @@ def write_header(path: str | os.PathLike, inputs: Sequence[Any], outputs: Sequen
 def package_arm_artifact(model_so: str | os.PathLike, spec: TargetSpec, inputs_spec: Sequence[Any],
                          outputs_spec: Sequence[Any], out_dir: str | os.PathLike) -> Path:
     """Assemble a deployable folder in `out_dir` (created if needed; the caller renames it into place)."""
-    arch = vm_arch(spec)
+    q = qemu_user(spec)
+    arch = q.arch
     model_so, out = Path(model_so), Path(out_dir)
     if not model_so.is_file():
         raise ArtifactError(f"model library {model_so} does not exist")
@@ -225,7 +239,7 @@ def package_arm_artifact(model_so: str | os.PathLike, spec: TargetSpec, inputs_s
             "format_version": 1,
             "target": spec.name,
             "arch": arch,
-            "qemu": {"binary": spec.qemu_binary, "cpu": spec.qemu_cpu, "sysroot": spec.sysroot},
+            "qemu": {"binary": q.qemu_binary, "cpu": q.qemu_cpu, "sysroot": q.sysroot},
             "runtime_versions": toolchain.tvm_versions(),
             "inputs": ins,
             "outputs": outs,
@@ -304,7 +318,8 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
     cached runner and harvested runtime. ``manifest.json``, if present, is checked against `inputs`.
     `timeout` applies to each QEMU process. Raises ToolchainError on a failed or hung run.
     """
-    arch = vm_arch(spec)
+    q = qemu_user(spec)
+    arch = q.arch
     if repeat < 1 or threads < 1:
         raise ConfigError(f"repeat and threads must be >= 1, got repeat={repeat}, threads={threads}")
     if count_instructions and threads != 1:
@@ -320,10 +335,10 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
         except ValueError as e:
             raise ArtifactError(f"{art / 'manifest.json'} is not valid JSON: {e}") from e
     arrays = _check_inputs(inputs, manifest)
-    qemu = toolchain.require_tool(spec.qemu_binary)
-    if not Path(spec.sysroot).is_dir():
-        package = toolchain.TOOL_PACKAGES.get(spec.cross_compiler, spec.cross_compiler)
-        raise ToolchainError(f"the {arch} sysroot {spec.sysroot} is missing; install it with "
+    qemu = toolchain.require_tool(q.qemu_binary)
+    if not Path(q.sysroot).is_dir():
+        package = toolchain.TOOL_PACKAGES.get(q.cross_compiler, q.cross_compiler)
+        raise ToolchainError(f"the {arch} sysroot {q.sysroot} is missing; install it with "
                              f"`apt-get install {package}`")
 
     with tempfile.TemporaryDirectory(prefix="graphopt-emu-") as tmp_name:
@@ -338,7 +353,7 @@ def run_emulated(artifact_dir: str | os.PathLike, spec: TargetSpec, inputs: Sequ
             a.tofile(tmp / f"input_{i}.bin")
             args += ["--input", f"input_{i}.bin:{a.dtype.name}:{','.join(map(str, a.shape))}"]
         (tmp / "out").mkdir()
-        base = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot]
+        base = [qemu, "-cpu", q.qemu_cpu, "-L", q.sysroot]
         tail = [str(runner), str(model), *args, "--out-dir", str(tmp / "out"), "--threads", str(threads)]
 
         plugin, unavailable = None, None

@@ -345,7 +345,10 @@ def _fetch_plugin_header(dest: Path, version: str) -> None:
             member = next((m for m in tf.getmembers() if m.name.endswith("include/qemu/qemu-plugin.h")), None)
             if member is None:
                 raise ToolchainError(f"{origs[0].name} contains no include/qemu/qemu-plugin.h")
-            dest.write_bytes(tf.extractfile(member).read())
+            header = tf.extractfile(member)
+            if header is None:
+                raise ToolchainError(f"{origs[0].name}: {member.name} is not a regular file")
+            dest.write_bytes(header.read())
 
 
 def ensure_qemu_plugin() -> Path:

@@ -37,9 +37,9 @@ def prepare_tvm() -> None:
 
     @T.prim_func(s_tir=True)
     def vnni_impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
+        A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]  # TVMScript
+        B: T.Buffer((16, 4), "int8", offset_factor=1),  # type: ignore[valid-type]  # TVMScript
+        C: T.Buffer((16,), "int32", offset_factor=1),  # type: ignore[valid-type]  # TVMScript
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])

@@ -23,10 +23,13 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from graphopt.errors import GraphoptError, LoweringError, ToolchainError, Unsupported, quiet_torch_deprecations
 from graphopt.targets.spec import TargetSpec
+
+if TYPE_CHECKING:
+    import tvm
 
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,8 +37,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class LoweringResult:
-    executable: tvm.relax.VMExecutable  # noqa: F821  built for the spec
-    ir_module: tvm.IRModule  # noqa: F821  the final scheduled module, before VM lowering
+    executable: tvm.relax.VMExecutable  # built for the spec
+    ir_module: tvm.IRModule  # the final scheduled module, before VM lowering
     stats: dict  # JSON-serializable: target, phases, layout, kernels, scheduled, unscheduled
 
 
@@ -252,7 +255,7 @@ def run_phase(name: str, fn: Callable[[], T], spec: TargetSpec, timings: dict[st
 
 
 def run_phases(ir, spec: TargetSpec, state: dict, timings: dict[str, float], *, until: str | None = None,
-               skip: Callable[[str, object], bool] = lambda name, ir: False):
+               skip: Callable[[str, Any], bool] = lambda name, ir: False):
     """Run `PHASES` in order on ``ir`` (an ExportedProgram to begin with) through ``until`` (default:
     all, ending with a VM executable), leaving out those ``skip(name, ir)`` declines; the one phase
     runner of compile (`lower`), the C library (`graphopt.targets.backends.c_emitter`) and tuning."""

@@ -30,8 +30,10 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from graphopt.errors import TuningDatabaseError
 
@@ -95,7 +97,7 @@ def _append(path: Path, obj) -> None:
         os.close(fd)
 
 
-def _read_lines(path: Path, parse, damaged: list[Damage]) -> list[tuple[int, object, str]]:
+def _read_lines(path: Path, parse: Callable[[Any], Any], damaged: list[Damage]) -> list[tuple[int, Any, str]]:
     """(line number, parsed value, raw line) for each line `parse` accepts; the rest go to `damaged`."""
     if not path.exists():
         return []
@@ -197,7 +199,7 @@ def _make_class():
                 return value
 
             self.damaged = list(wl_damage)
-            files = {}  # file name -> (path, parsed lines, damage)
+            files: dict[str, tuple[Path, list[tuple[int, Any, str]], list[Damage]]] = {}  # name -> lines, damage
             for name, parse_value in ((RECORDS, record), (SPENT, trials)):
                 damage: list[Damage] = []
                 lines = _read_lines(self.folder / name, indexed(parse_value), damage)
@@ -254,10 +256,7 @@ def _make_class():
 
         def mark_spent(self, mod, trials: int) -> None:
             """Record durably that a session finished tuning `mod` to `trials` trials."""
-            idx = self._index(mod)
-            if idx is None:
-                self.commit_workload(mod)
-                idx = self._index(mod)
+            idx = self._workload_index(mod)
             if self.writable:
                 _append(self.folder / SPENT, [idx, int(trials)])
             self._spent[idx] = max(self._spent.get(idx, 0), int(trials))
@@ -278,19 +277,20 @@ def _make_class():
         def has_workload(self, mod) -> bool:
             return self._mem.has_workload(mod)
 
-        def commit_workload(self, mod):
+        def _workload_index(self, mod) -> int:
+            """The index of `mod`'s workload, committed (durably) first if it is new."""
             idx = self._index(mod)
             if idx is None:
                 idx = self._add_workload(mod)
                 if self.writable:
                     _append(self.folder / WORKLOADS, self._workloads[idx].as_json())
-            return self._workloads[idx]
+            return idx
+
+        def commit_workload(self, mod):
+            return self._workloads[self._workload_index(mod)]
 
         def commit_tuning_record(self, record) -> None:
-            idx = self._index(record.workload.mod)
-            if idx is None:
-                self.commit_workload(record.workload.mod)
-                idx = self._index(record.workload.mod)
+            idx = self._workload_index(record.workload.mod)
             rec = ms.database.TuningRecord(record.trace, self._workloads[idx], record.run_secs, record.target,
                                            record.args_info)
             if self.writable:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from graphopt.errors import ConfigError, ToolchainError
 from graphopt.targets.backends import toolchain
-from graphopt.targets.backends.emulation import RUNTIME_SRC, read_count, run_runner, vm_arch
+from graphopt.targets.backends.emulation import RUNTIME_SRC, qemu_user, read_count, run_runner
 from graphopt.targets.spec import TargetSpec
 
 _REPEAT = 2
@@ -33,8 +33,9 @@ _REPEAT = 2
 
 def build_kernel_runner(spec: TargetSpec) -> Path:
     """The cross-compiled kernel runner for `spec` (cached by source, compiler and TVM versions)."""
-    arch = vm_arch(spec)
-    cxx = toolchain.require_tool(spec.cross_compiler)
+    q = qemu_user(spec)
+    arch = q.arch
+    cxx = toolchain.require_tool(q.cross_compiler)
     rt = toolchain.ensure_runtime(arch)
     src = RUNTIME_SRC / "kernel_runner.cc"
     key = hashlib.sha256(b"\0".join([src.read_bytes(), cxx.encode(),
@@ -45,7 +46,7 @@ def build_kernel_runner(spec: TargetSpec) -> Path:
         tmp = out.with_name(f".kernel_runner.{os.getpid()}")
         toolchain.run_tool([cxx, "-std=c++17", "-O2", f"-I{rt / 'include'}", str(src), "-o", str(tmp),
                             f"-L{rt / 'lib'}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"],
-                           f"compiling the kernel runner with {spec.cross_compiler}")
+                           f"compiling the kernel runner with {q.cross_compiler}")
         os.replace(tmp, out)
     return out
 
@@ -53,8 +54,9 @@ def build_kernel_runner(spec: TargetSpec) -> Path:
 def count_kernel(so: str | os.PathLike, func: str, tensors: list[tuple[str, list[int]]], spec: TargetSpec,
                  *, timeout: float = 300) -> int:
     """Guest instructions per call of `func` (a PROXY); `tensors`: (dtype, shape) per argument."""
-    arch = vm_arch(spec)
-    qemu = toolchain.require_tool(spec.qemu_binary)
+    q = qemu_user(spec)
+    arch = q.arch
+    qemu = toolchain.require_tool(q.qemu_binary)
     plugin = toolchain.ensure_qemu_plugin()
     runner = build_kernel_runner(spec)
     env_lib = toolchain.runtime_dir(arch) / "lib"
@@ -62,7 +64,7 @@ def count_kernel(so: str | os.PathLike, func: str, tensors: list[tuple[str, list
     counts = []
     with tempfile.TemporaryDirectory(prefix="graphopt-icount-") as tmp:
         for name, repeat in (("base", 0), ("run", _REPEAT)):
-            cmd = [qemu, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, "-E", f"LD_LIBRARY_PATH={env_lib}",
+            cmd = [qemu, "-cpu", q.qemu_cpu, "-L", q.sysroot, "-E", f"LD_LIBRARY_PATH={env_lib}",
                    "-plugin", f"{toolchain.qemu_option(plugin)},out={toolchain.qemu_option(Path(tmp) / name)}",
                    str(runner), str(so), func, str(repeat), *specs]
             run_runner(cmd, Path(tmp), timeout, f"instruction count (proxy) of {func}")
@@ -95,6 +97,7 @@ def kernel_counts(ir_module, spec: TargetSpec) -> dict[str, dict]:
     for _, f in ir_module.functions_items():
         if isinstance(f, relax.Function):
             relax.analysis.post_order_visit(f, visit)
+    q = qemu_user(spec)
     result = {}
     with tempfile.TemporaryDirectory(prefix="graphopt-kernels-") as tmp:
         for gv, f in ir_module.functions_items():
@@ -102,7 +105,7 @@ def kernel_counts(ir_module, spec: TargetSpec) -> dict[str, dict]:
                 continue
             lib = tvm.build(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=spec.tvm())
             so = Path(tmp) / f"{hashlib.sha1(gv.name_hint.encode()).hexdigest()[:16]}.so"  # fused names: > 255 bytes
-            lib.export_library(str(so), fcompile=cc.cross_compiler(spec.cross_compiler))
+            lib.export_library(str(so), fcompile=cc.cross_compiler(q.cross_compiler))
             per = count_kernel(so, "main", _buffer_args(f), spec)
             result[gv.name_hint] = {"calls": calls[gv.name_hint], "instructions_per_call": per,
                                     "instructions": per * calls[gv.name_hint]}
@@ -144,7 +147,7 @@ class IcountRunner:
 
     @classmethod
     def create(cls, spec: TargetSpec):
-        vm_arch(spec)
+        qemu_user(spec)
         build_kernel_runner(spec)  # fail now, not inside a tuning session
         toolchain.ensure_qemu_plugin()
         if cls._cls is None:

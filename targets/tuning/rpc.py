@@ -37,10 +37,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from graphopt.errors import ConfigError, ToolchainError
 from graphopt.targets.backends import toolchain
-from graphopt.targets.backends.emulation import RUNTIME_SRC, vm_arch
+from graphopt.targets.backends.emulation import RUNTIME_SRC, qemu_user
 from graphopt.targets.spec import TargetSpec
 
 EMULATED_NOTE = "EMULATED under qemu: timings prove the RPC path, they are not the board's real speed"
@@ -60,8 +61,9 @@ def parse_tracker(tracker: str | tuple[str, int]) -> tuple[str, int]:
 
 def build_rpc_device(spec: TargetSpec) -> Path:
     """The cross-compiled ``rpc_device`` for `spec` (cached by source, compiler and TVM versions)."""
-    arch = vm_arch(spec)
-    cxx = toolchain.require_tool(spec.cross_compiler)
+    q = qemu_user(spec)
+    arch = q.arch
+    cxx = toolchain.require_tool(q.cross_compiler)
     rt = toolchain.ensure_runtime(arch)
     src = RUNTIME_SRC / "rpc_device.cc"
     key = hashlib.sha256(b"\0".join([src.read_bytes(), cxx.encode(), str(rt).encode(),
@@ -73,7 +75,7 @@ def build_rpc_device(spec: TargetSpec) -> Path:
         toolchain.run_tool([cxx, "-std=c++17", "-O2", "-Wall", f"-I{rt / 'include'}", str(src), "-o", str(tmp),
                             f"-L{rt / 'lib'}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_runtime_extra",
                             "-ltvm_ffi", *toolchain.linker_args("-rpath", rt / "lib")],
-                           f"compiling the RPC device server with {spec.cross_compiler}")
+                           f"compiling the RPC device server with {q.cross_compiler}")
         os.replace(tmp, out)
     return out
 
@@ -164,10 +166,11 @@ def _run_session(conn: socket.socket, spec: TargetSpec, exe: Path, timeout: floa
     qemu stays in this process's group, so killing the device's group ends its session too."""
     from tvm.rpc import _ffi_api
 
+    q = qemu_user(spec)
     work = tempfile.mkdtemp(prefix="graphopt-rpc-")
     fd = conn.fileno()
     env = dict(os.environ, TVM_NUM_THREADS=str(spec.num_cores or 1))
-    proc = subprocess.Popen([spec.qemu_binary, "-cpu", spec.qemu_cpu, "-L", spec.sysroot, str(exe), str(fd), work],
+    proc = subprocess.Popen([q.qemu_binary, "-cpu", q.qemu_cpu, "-L", q.sysroot, str(exe), str(fd), work],
                             cwd=work, pass_fds=(fd,), env=env)
     try:
         proc.wait(timeout)
@@ -193,15 +196,16 @@ def serve(spec: TargetSpec, tracker: str | tuple[str, int], key: str, *, host: s
     if not key:
         raise ConfigError("the device needs a key (the name RPCRunner asks the tracker for)")
     exe = build_rpc_device(spec)
-    toolchain.require_tool(spec.qemu_binary)
-    if not Path(spec.sysroot).is_dir():
-        raise ToolchainError(f"the sysroot {spec.sysroot} is missing; install "
-                             f"{toolchain.TOOL_PACKAGES.get(spec.cross_compiler, spec.cross_compiler)}")
+    q = qemu_user(spec)
+    toolchain.require_tool(q.qemu_binary)
+    if not Path(q.sysroot).is_dir():
+        raise ToolchainError(f"the sysroot {q.sysroot} is missing; install "
+                             f"{toolchain.TOOL_PACKAGES.get(q.cross_compiler, q.cross_compiler)}")
     listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listen.bind((host, 0))
     listen.listen(4)
     port = listen.getsockname()[1]
-    tconn = _register(tracker, key, port, f"{spec.qemu_binary} -cpu {spec.qemu_cpu}")
+    tconn = _register(tracker, key, port, f"{q.qemu_binary} -cpu {q.qemu_cpu}")
     if ready is not None:
         ready(port)
     while True:
@@ -248,7 +252,7 @@ class LocalTracker:
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", timeout: float = 60):
         self.host, self.port, self.timeout = host, port or _free_port(host), timeout
         self._proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -291,10 +295,10 @@ class EmulatedDevice:
 
     def __init__(self, spec: TargetSpec, tracker: str | tuple[str, int] = ("127.0.0.1", 9190),
                  key: str = "emulated-a53", timeout: float = 120):
-        vm_arch(spec)
+        qemu_user(spec)
         self.spec, self.tracker, self.key, self.timeout = spec, parse_tracker(tracker), key, timeout
         self._proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
         self._tmp: str | None = None  # the child's TMPDIR: session folders of a killed device go with it
 
     def __enter__(self) -> EmulatedDevice:
