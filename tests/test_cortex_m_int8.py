@@ -20,7 +20,8 @@ from quant_models import PATTERNS, calibration, ready
 
 import graphopt
 from graphopt import qref
-from graphopt.targets.backends import c_emitter, get_target
+from graphopt.targets import get_target
+from graphopt.targets.backends import c_emitter
 from graphopt.targets.backends.c_library import RUNTIME_SRC, linker_script, run_firmware
 from graphopt.targets.lowering.intrin_cortex_m import (
     DEPTH,

@@ -23,7 +23,8 @@ from conftest import require_tools
 import graphopt
 from graphopt import zoo
 from graphopt.errors import ConfigError, LoweringError, OperatorSetError, ToolchainError
-from graphopt.targets import Runtime, c_emitter, c_library, get_target
+from graphopt.targets import Runtime, get_target
+from graphopt.targets.backends import c_emitter, c_library
 from graphopt.targets.backends.c_library import (
     RUNTIME_SRC,
     compile_program,
