@@ -137,12 +137,13 @@ def _cmd_tune(a) -> int:
     model, inputs = build_model(a.model)
     runner = RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
     try:
-        tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
-                      database=a.db, runner=runner, progress=True)
+        summary = tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
+                       database=a.db, runner=runner, progress=True)
     except KeyboardInterrupt:
         print(f"graphopt: tuning interrupted; every record measured so far is kept in {a.db or 'tuning/' + a.target}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    print(summary.to_markdown())
     return 0
 
 

@@ -199,5 +199,6 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
             db.close()
         summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,
                                 time.perf_counter() - start, [str(d) for d in db.damaged], proxy, emulated)
-        LOG.info("%s", summary.to_markdown())
+        LOG.info("tuned %d kernels: %d new trials in %.0f s (print the returned summary for the table)",
+                 len(results), summary.new_trials, summary.seconds)
     return summary

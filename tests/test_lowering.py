@@ -85,14 +85,13 @@ def test_pad_between_channel_last_convs_runs_channel_last_and_fused_pads_are_wri
     """Layout conversion leaves a pad in NCHW between two transposes (relax has no layout rule for
     it); the lowering moves it channel-last. Fused into the conv's epilogue, the pad's border (no
     conv tile produces it) must still be written."""
-    from graphopt.targets import lowering
+    from graphopt.targets.lowering.phases import run_phases
 
     x = torch.randn(1, 8, 16, 16)
     result = _check(PadBetweenConvs(), x)
     ep = torch.export.export(PadBetweenConvs().eval(), (x,)).run_decompositions()
     state: dict = {}
-    mod = lowering._layout(lowering._decompose(lowering._import(ep, get_target("host"), state), None, state),
-                           get_target("host"), state)
+    mod = run_phases(ep, get_target("host"), state, {}, until="layout")
     assert str(mod["main"]).count("R.permute_dims(") == 2  # the graph input's and output's only
     assert result.stats["layout"] == "channel-last"
     assert result.stats["scheduled"].get("channel_last_reduction", 0) == 2  # the pad in a conv's epilogue
