@@ -7,6 +7,9 @@ and torch.fx's ShapeProp), on real compiles for the host.
 from __future__ import annotations
 
 import collections
+import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,3 +81,25 @@ def test_stages_are_cached_and_costs_match_a_shape_propagation(counts):
     fresh = graphopt.capture(model, args).graph_module
     assert analysis.analyze(fresh, args).to_dict() == before.to_dict()  # the same numbers a run gives
     assert pipe.cost_after.macs == before.macs  # BN folding moves no MACs
+
+
+def test_progress_is_logged_when_asked_and_silent_otherwise(caplog):
+    """One mechanism: log records on the ``graphopt`` logger; ``progress=False`` silences them even
+    where logging is set to INFO."""
+    caplog.set_level(logging.INFO)
+    model, args = ZOO["plain_cnn"].factory()
+    graphopt.compile(model, args, "host", progress=False)
+    assert not [r for r in caplog.records if r.name.startswith("graphopt")]
+    graphopt.compile(model, args, "host", progress=True)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("graphopt")]
+    assert {"capture ...", "passes ...", "export ...", "lower and build for host ..."} <= set(messages)
+    assert "  import" in messages  # the lowering phases, from the one phase runner
+
+
+def test_a_plain_script_sees_progress_on_stderr():
+    code = ("from graphopt import progress\n"
+            "with progress.shown(True), progress.phase('step', 'for x'):\n    pass\n"
+            "with progress.shown(False), progress.phase('hidden'):\n    pass\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.splitlines()[0] == "[graphopt] step for x ..." and "step done in" in err
+    assert "hidden" not in err
