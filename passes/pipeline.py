@@ -8,8 +8,10 @@
     p.cost_after   # params / MACs after, from one shape propagation (which proves the graph runs)
     p.exported     # the decomposed ExportedProgram lowering takes (the second and last torch.export)
 
-`graphopt.compile` reads every stage, `graphopt.check` stops after ``exported`` (listing unfit
-nodes instead of raising), `graphopt.tune` needs ``exported``. Each stage logs and times itself
+Passes rewrite the graph in place, so ``captured.graph_module`` is the graph of the latest stage
+run; ``cost_before`` is taken before the passes. `graphopt.compile` reads every stage,
+`graphopt.check` stops after ``exported`` (listing unfit nodes instead of raising), `graphopt.tune`
+needs ``exported``. Each stage logs and times itself
 into ``timings`` (``capture``, ``passes``, ``legalize``, ``export``); a model that came in training
 mode is captured in eval mode with a warning appended to ``warnings``, and left as it came.
 Refuses, before any work: a model that is not an `nn.Module`, example inputs that are not a
