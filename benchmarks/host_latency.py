@@ -2,7 +2,7 @@
 
 Builds a ResNet-18 and a MobileNetV2 (hand-written from torch.nn, random weights, 224x224, batch
 1), folds BatchNorm into the convolutions (what graphopt's earlier passes do), lowers with
-`graphopt.targets.lowering.lower` for the host, exports and reloads the .so, checks numerics, and
+`graphopt.targets.lowering.phases.lower` for the host, exports and reloads the .so, checks numerics, and
 prints median (and min) latencies (the two timed alternately, call by call) and the ratio graphopt / eager.
 
 Eager runs the original (unfolded) model with torch.set_num_threads(t) for each t in --threads

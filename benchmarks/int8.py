@@ -16,10 +16,16 @@ arm-a76 (i8mm); requirement int8/fp32 <= 0.35.
 Cortex-M4 (zoo models, bare metal under qemu-system-arm): instructions per inference and RAM arena
 (activations) fp32 vs int8; requirements int8/fp32 <= 0.5 (instructions) and <= 0.3 (arena).
 
+Real code (``--real-code``): torchvision's ResNet-18 and MobileNetV2 written as torchvision writes
+them (`graphopt/torchvision_style.py`: ``ReLU(inplace=True)``, ``out += identity``, in-place ReLU6,
+dropout), random weights: fp32 ops left in the int8 graph and its MACs by precision, host latency of
+graphopt fp32 / int8 vs ONNX Runtime int8 and PyTorch eager (``--size``), and aarch64 instructions
+int8 / fp32 (``--arm-size``, ``--real-arm-targets``). Figures only, no requirement lines.
+
 Each section reports its own failure (e.g. a missing tool) and the others still run.
 
 Usage: python benchmarks/int8.py [--size 224] [--runs 30] [--arm-size 64] [--no-arm] [--no-m4]
-                                 [--m4-models plain_cnn,residual_cnn] [--json out.json]
+                                 [--m4-models plain_cnn,residual_cnn] [--real-code] [--json out.json]
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_latency import _interleaved_ms, _randomize_bn
 
 import graphopt
+from graphopt import torchvision_style
 from graphopt.zoo import ZOO, ResNet18
 
 ARM_TARGETS = ("arm-a53", "arm-a55", "arm-a76")
@@ -184,6 +191,61 @@ def host(args, results: dict) -> None:
     _check(results, "host: graphopt int8 / fastest ORT int8 (median)", r["int8_vs_best_ort_int8"], "<", 1.0)
 
 
+# --------------------------------------------------------------------------- real code
+
+REAL_CODE = {"ResNet-18": lambda: torchvision_style.resnet18(), "MobileNetV2": lambda: torchvision_style.MobileNetV2()}
+
+
+def real_code(args, results: dict) -> None:
+    threads = graphopt.get_target("host").num_cores
+    torch.set_num_threads(threads)
+    r = results["real_code"] = {"size": args.size, "arm_size": args.arm_size, "threads": threads}
+    for name, build in REAL_CODE.items():
+        torch.manual_seed(0)
+        model = _randomize_bn(build()).eval()
+        row = r[name] = {}
+        print(f"\nreal code: torchvision-style {name}", flush=True)
+        shape = (1, 3, args.size, args.size)
+        x, calib = _images(shape, 1, seed=100)[0][0], _images(shape, args.calib, seed=1)
+        q = graphopt.quantize(model, (x,), calib)
+        fns = {"graphopt fp32": graphopt.compile(model, (x,), "host", progress=False),
+               "graphopt int8": graphopt.compile(q, (x,), "host", progress=False), "PyTorch eager fp32": model}
+        rep = fns["graphopt int8"].report
+        row.update(float_ops_in_int8=rep.quantization.get("float_ops"), macs_int8=rep.macs_after,
+                   macs_fp32=fns["graphopt fp32"].report.macs_after, macs_int8_by_precision=rep.macs_by_precision)
+        print(f"  int8 graph: {row['float_ops_in_int8']} fp32 ops left between quantize and dequantize; MACs "
+              f"{row['macs_int8']:,} ({row['macs_int8_by_precision']}) vs fp32 {row['macs_fp32']:,}", flush=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="graphopt-int8-") as tmp:
+                fns.update({k: v for k, v in _ort_sessions(model, x, calib, threads, Path(tmp)).items()
+                            if k.startswith("ORT int8")})
+        except Exception as exc:  # noqa: BLE001
+            row["onnxruntime_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"  ONNX Runtime skipped: {row['onnxruntime_error']} (pip install -e .[bench])", flush=True)
+        with torch.no_grad():
+            res = _interleaved_ms({label: functools.partial(fn, x) for label, fn in fns.items()}, args.runs)
+        row["ms"] = {label: {"median": med, "min": mn} for label, (med, mn) in res.items()}
+        row["load_average"] = os.getloadavg()
+        print(f"  host {args.size}x{args.size}, {threads} threads, {args.runs} interleaved runs, load "
+              f"{row['load_average'][0]:.2f}:", flush=True)
+        for label, (med, mn) in res.items():
+            print(f"    {label:22s} median {med:8.2f} ms  min {mn:8.2f} ms", flush=True)
+        ashape = (1, 3, args.arm_size, args.arm_size)
+        ax = _images(ashape, 1, seed=100)[0][0]
+        aq = graphopt.quantize(model, (ax,), _images(ashape, args.calib, seed=1))
+        for target in args.real_arm_targets.split(","):
+            try:
+                fp32, _ = _instructions(model, (ax,), target)
+                int8, _ = _instructions(aq, (ax,), target)
+            except Exception as exc:  # noqa: BLE001
+                row[target] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"  {target}: FAILED {row[target]['error']}", flush=True)
+                continue
+            row[target] = {"fp32": fp32, "int8": int8, "ratio": int8 / fp32 if int8 and fp32 else None}
+            print(f"  {target} {args.arm_size}x{args.arm_size}: instructions fp32 {fp32 or 0:,}  int8 {int8 or 0:,}  "
+                  f"int8 / fp32 {row[target]['ratio'] or float('nan'):.3f}", flush=True)
+
+
 # --------------------------------------------------------------------------- emulated targets
 
 def _instructions(model, inputs: tuple, target: str) -> tuple[int | None, dict]:
@@ -266,12 +328,15 @@ def main() -> None:
     p.add_argument("--m4", action=argparse.BooleanOptionalAction, default=True, help="Cortex-M4 counts and RAM")
     p.add_argument("--m4-models", default="plain_cnn,residual_cnn", help=f"from graphopt.zoo: {', '.join(ZOO)}")
     p.add_argument("--host", action=argparse.BooleanOptionalAction, default=True, help="host latency")
+    p.add_argument("--real-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="torchvision-style ResNet-18 and MobileNetV2: host latency and aarch64 instructions")
+    p.add_argument("--real-arm-targets", default=",".join(ARM_TARGETS), help="aarch64 targets of --real-code")
     p.add_argument("--json", type=Path, help="write all figures here")
     args = p.parse_args()
     results: dict = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"load average at start: {results['load_average_start'][0]:.2f} on {os.cpu_count()} CPUs "
           "(shared machine: latencies are noisy)", flush=True)
-    for section, enabled in ((host, args.host), (arm, args.arm), (m4, args.m4)):
+    for section, enabled in ((host, args.host), (arm, args.arm), (m4, args.m4), (real_code, args.real_code)):
         if not enabled:
             continue
         start = time.perf_counter()

@@ -111,7 +111,7 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
     raise_if_unfit(legalized.unfit, report.model, spec)
     cost = pipe.cost_after
     report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
-    report.macs_by_module = cost.macs_by_module
+    report.macs_by_module, report.macs_by_precision = cost.macs_by_module, cost.macs_by_precision
 
     ep = pipe.exported
     missing = unsupported_ops(ep)

@@ -8,14 +8,18 @@ their own lists:
   `DATA_MOVEMENT`, `CONV_KINDS`, `POOL_KINDS` are kinds.
 - op groups (sets of ``OpOverload``s): `CONV` (with spatial rank), `LINEAR`, `CHANNELWISE`
   (unary, each element keeps its channel), `SPATIAL` (pools/upsampling: the channel axis stays),
-  `BINARY`, `REDUCE`, `RESHAPE`, `SPLIT`, `MIXING` (ops that mix channels).
-- cost: `macs(node)` multiply-accumulates of one call from the shapes on the node (ShapeProp's
-  ``tensor_meta``, else export's ``val``); None for ops that do no MACs by convention
-  (elementwise work, pooling). graphopt's integer ops state their own cost where they are
-  defined (`graphopt.qops`).
+  `BINARY`, `REDUCE`, `RESHAPE`, `SPLIT`, `MIXING` (ops that mix channels), `BATCH_NORMS`; and what
+  quantization folds: `CLAMPS` (ops that only narrow a range, with the range), `ACTIVATIONS` and
+  `SCALAR_ARITHMETIC` (lookup tables), `VIEWS`/`PASS_THROUGH`/`PADS`/`SPLITS` (int8 data movement),
+  `SHARES_PARAMS`, `FUSES_CLAMP` (producers an activation's range folds into).
+- cost: `op_cost(node)` — multiply-accumulates of one call and the precision they run at, from
+  the shapes on the node (ShapeProp's ``tensor_meta``, else export's ``val``): ATen ops by
+  `MAC_RULES` at their float dtype, graphopt's integer ops by the cost their definition states
+  (`graphopt.qops.cost`: w8a8, w4a8, w1a1 …, and the logical size of packed operands); None for
+  ops that do no MACs by convention (elementwise work, pooling).
 - `conv_params(node, gm)`: kernel, groups, dilation and input channels of a convolution node.
 
-Imports nothing of graphopt.
+Imports nothing of graphopt but the integer ops' definitions (`graphopt.qops`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
+
+from graphopt import qops
 
 aten = torch.ops.aten
 
@@ -79,6 +85,42 @@ RESHAPE = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.
 SPLIT = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections})
 MIXING = frozenset({aten.matmul.default, aten.mm.default, aten.bmm.default, aten.scaled_dot_product_attention.default,
                     aten.softmax.int, aten._softmax.default, aten.log_softmax.int})
+
+
+# ---- quantization: what QDQ folding (passes/fold_qdq.py) and the quantizer (graphopt/quantization.py)
+# treat alike: ops that narrow a range, elementwise ops that become lookup tables, data movement that
+# shares its input's quantization parameters, and producers an activation's range folds into
+
+# activations that only narrow the output range (lo, hi in real units; None = unbounded)
+CLAMPS = {
+    aten.relu.default: lambda n: (0.0, None),
+    aten.relu6.default: lambda n: (0.0, 6.0),
+    aten.hardtanh.default: lambda n: (float(n.args[1]) if len(n.args) > 1 else -1.0,
+                                      float(n.args[2]) if len(n.args) > 2 else 1.0),
+    aten.clamp.default: lambda n: (None if len(n.args) < 2 or n.args[1] is None else float(n.args[1]),
+                                   None if len(n.args) < 3 or n.args[2] is None else float(n.args[2])),
+}
+# unary elementwise ops: a table of their 256 int8 results replaces them (→ qlut)
+ACTIVATIONS = (aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clamp.default,
+               aten.hardswish.default, aten.hardsigmoid.default, aten.sigmoid.default, aten.tanh.default,
+               aten.gelu.default, aten.silu.default, aten.elu.default, aten.leaky_relu.default, aten.mish.default,
+               aten.softplus.default, aten.neg.default, aten.abs.default, aten.exp.default, aten.square.default)
+# arithmetic that is elementwise in one tensor when its other operands are Python scalars (→ qlut)
+SCALAR_ARITHMETIC = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor,
+                     aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.rsub.Scalar, aten.pow.Tensor_Scalar)
+VIEWS = (aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default,
+         aten.squeeze.dims, aten.unsqueeze.default, aten.transpose.int, aten.contiguous.default,
+         aten.clone.default, aten.slice.Tensor, aten._unsafe_view.default, aten.squeeze.dim, aten.t.default,
+         aten.select.int)
+PASS_THROUGH = (*VIEWS, aten.max_pool2d.default)  # commute with (s, z): they share their input's params
+PADS = (aten.pad.default, aten.constant_pad_nd.default)  # int8 data movement; the pad value quantized once
+SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)  # items are slices
+BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+SHARES_PARAMS = (aten.relu.default,)  # standalone: the quantizer gives its output its input's params (a clamp)
+# producers a following relu/relu6/hardtanh/clamp folds into (the quantizer quantizes after the pair)
+FUSES_CLAMP = (aten.conv2d.default, aten.linear.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor,
+               aten.matmul.default, aten.mm.default, aten.bmm.default, aten.avg_pool2d.default,
+               aten.adaptive_avg_pool2d.default, aten.mean.dim, aten.cat.default, *BATCH_NORMS)
 
 
 # ---- cost
@@ -138,10 +180,29 @@ MAC_RULES: dict[object, Callable[[fx.Node], int]] = {
 }
 
 
-def macs(node: fx.Node) -> int | None:
-    """Multiply-accumulates of one ``call_function`` node from its shapes; None for ops without MACs."""
-    rule = MAC_RULES.get(node.target) if node.op == "call_function" else None
-    return int(rule(node)) if rule is not None else None
+_FLOAT_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def _float_precision(node: fx.Node) -> str:
+    meta = node.meta.get("tensor_meta")
+    dtype = getattr(meta if meta is not None else node.meta.get("val"), "dtype", None)
+    return _FLOAT_PRECISION.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def counts_macs(node: fx.Node) -> bool:
+    """Whether `op_cost` has a rule for ``node`` (its MACs are read from shapes)."""
+    return node.op == "call_function" and (node.target in MAC_RULES or node.target in qops.COSTS)
+
+
+def op_cost(node: fx.Node) -> qops.OpCost | None:
+    """What one call of ``node`` costs (see the module docstring); None for ops without a MAC rule."""
+    if node.op != "call_function":
+        return None
+    stated = qops.cost(node)
+    if stated is not None:
+        return stated
+    rule = MAC_RULES.get(node.target)
+    return qops.OpCost(int(rule(node)), _float_precision(node)) if rule is not None else None
 
 
 # ---- convolution parameters

@@ -78,6 +78,7 @@ class Report:
     macs_before: int | None = None
     macs_after: int | None = None
     macs_by_module: dict = field(default_factory=dict)
+    macs_by_precision: dict = field(default_factory=dict)  # after: "fp32", "w8a8", "w4a8", "w1a1", …
     passes: list[PassRecord] = field(default_factory=list)
     lowering: dict = field(default_factory=dict)
     artifact_files: dict = field(default_factory=dict)  # name -> bytes
@@ -112,7 +113,8 @@ class Report:
             "target": self.target,
             "capture": {"method": self.capture_method, "fallback_reason": self.capture_fallback_reason},
             "params": {"before": self.params_before, "after": self.params_after, "bytes_after": self.param_bytes_after},
-            "macs": {"before": self.macs_before, "after": self.macs_after, "by_module": self.macs_by_module},
+            "macs": {"before": self.macs_before, "after": self.macs_after, "by_module": self.macs_by_module,
+                     "by_precision": self.macs_by_precision},
             "passes": [p.to_dict() for p in self.passes],
             "declined": [d.to_dict() for d in self.declined],
             "lowering": self.lowering,
@@ -138,7 +140,9 @@ class Report:
                  + (f" (torch.export failed: {self.capture_fallback_reason})" if self.capture_fallback_reason else ""),
                  f"- params: {_fmt_int(self.params_before)} → {_fmt_int(self.params_after)}"
                  f" ({_fmt_bytes(self.param_bytes_after)})",
-                 f"- MACs: {_fmt_int(self.macs_before)} → {_fmt_int(self.macs_after)}",
+                 f"- MACs: {_fmt_int(self.macs_before)} → {_fmt_int(self.macs_after)}"
+                 + (f" ({', '.join(f'{k} {_fmt_int(v)}' for k, v in sorted(self.macs_by_precision.items()))})"
+                    if set(self.macs_by_precision) - {"fp32"} else ""),
                  f"- artifact: {_fmt_bytes(self.artifact_bytes)} in {len(self.artifact_files)} files"]
         if self.instructions_per_inference is not None:
             lines.append(f"- instructions per inference (QEMU, {t.get('qemu', {}).get('cpu')}): "
@@ -159,6 +163,10 @@ class Report:
                       f"- integer weights: {_fmt_bytes(q['weight_bytes'])} vs fp32 {_fmt_bytes(q['weight_bytes_fp32'])}"
                       f" ({q['weight_size_ratio']}x smaller{'; ' + packed + ' layer(s)' if packed else ''})",
                       f"- folded into integer ops: {q['folded']} quantize node(s)"]
+            if "float_ops" in q:
+                kinds = ", ".join(f"{k} {v}" for k, v in sorted(q["float_ops_by_kind"].items()))
+                lines.append(f"- float ops between quantize and dequantize: {q['float_ops']}"
+                             + (f" ({kinds}; why: Declined rewrites)" if kinds else ""))
         declined = self.declined
         lines += ["", f"## Declined rewrites ({len(declined)})", ""]
         lines += [f"- **{d.pass_name}** `{d.node}` at {d.where}: {d.reason}" for d in declined] or ["- none"]

@@ -473,7 +473,7 @@ class ShuffleNetV2(nn.Module):
         input_channels = output_channels
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for name, repeats, output_channels in zip(["stage2", "stage3", "stage4"], stages_repeats,
-                                                  stages_out_channels[1:], strict=True):
+                                                  stages_out_channels[1:], strict=False):
             seq = [InvertedResidualShuffle(input_channels, output_channels, 2)]
             seq += [InvertedResidualShuffle(output_channels, output_channels, 1) for _ in range(repeats - 1)]
             setattr(self, name, nn.Sequential(*seq))
@@ -622,7 +622,7 @@ class RegNet(nn.Module):
         self.stem = Conv2dNormActivation(3, stem_width, kernel_size=3, stride=2)
         current_width = stem_width
         blocks = []
-        for i, (width_out, depth) in enumerate(zip(widths, depths, strict=True)):
+        for i, (width_out, depth) in enumerate(zip(widths, depths, strict=False)):
             stage = nn.Sequential(*[ResBottleneckBlock(current_width if j == 0 else width_out, width_out,
                                                        2 if j == 0 else 1, group_width) for j in range(depth)])
             blocks.append((f"block{i + 1}", stage))

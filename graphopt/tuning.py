@@ -6,14 +6,14 @@
 capture → default passes → export → lowering phases through fuse → one MetaSchedule task per
 distinct fused kernel → tuning with a model budget (``trials``) and a per-kernel budget
 (``trials_per_task``, default ``ceil(trials / kernels)``) → records appended durably to the
-folder (see `graphopt.targets.tuning_db`). Records already in the folder count toward both
+folder (see `graphopt.targets.tuning.database`). Records already in the folder count toward both
 budgets, so re-running after Ctrl-C or kill -9 resumes; kernels shared with another model are
 not tuned again; a finished budget is not run again (trials the search had no new candidate for
 count as spent). ``compile(database=...)`` applies the records and the default schedules
 cover every kernel the database lacks.
 
 Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
-TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.rpc.EmulatedDevice` tells the
+TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.tuning.rpc.EmulatedDevice` tells the
 tracker it is emulated, and its times are labelled as not real speeds), ``"emulated-icount"`` (a
 PROXY: guest instructions under ``qemu -cpu <target cpu>``, deterministic, not a speed). Refuses
 (`TuningError`): untunable

@@ -1,8 +1,11 @@
-"""Static cost model of a captured graph: parameters, MACs per op, per module.
+"""Static cost model of a captured graph: parameters, MACs per op, per module and per precision.
 
 MACs (multiply-accumulates) are counted for the ops that dominate compute — convolutions,
-linear/matmul family, attention — by the rules of `graphopt.ops`, from the shapes on the nodes.
-Elementwise work is not counted (it is reported as zero, by convention of the field).
+linear/matmul family, attention — by `graphopt.ops.op_cost`, from the shapes on the nodes.
+Elementwise work is not counted (it is reported as zero, by convention of the field). graphopt's
+integer ops state their own cost (`graphopt.qops`): MACs, the weight × activation precision they
+run at (``w8a8``, ``w4a8``, ``w1a1`` …) and the weight count of packed low-bit operands, so params
+count weights, not bytes, while param_bytes is what is stored.
 
 `cost(gm)` reads the shapes a graph already carries (a fresh capture's ``val``) and runs nothing;
 `analyze(gm, args)` first propagates shapes by running the graph once (`propagate_shapes`: after
@@ -28,10 +31,12 @@ class Cost:
     param_bytes: int
     macs: int
     macs_by_module: dict[str, int] = field(default_factory=dict)
+    macs_by_precision: dict[str, int] = field(default_factory=dict)  # "fp32", "w8a8", "w4a8", "w1a1", …
 
     def to_dict(self) -> dict:
         return {"params": self.params, "param_bytes": self.param_bytes, "macs": self.macs,
-                "macs_by_module": dict(sorted(self.macs_by_module.items(), key=lambda kv: -kv[1]))}
+                "macs_by_module": dict(sorted(self.macs_by_module.items(), key=lambda kv: -kv[1])),
+                "macs_by_precision": dict(sorted(self.macs_by_precision.items()))}
 
 
 class _ShapeProp(GraphRun):
@@ -70,9 +75,14 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
 def cost(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
     """Parameters read by the graph and MACs from the shapes its nodes carry; only a graph where some
     MAC-counted node lacks them is run (`propagate_shapes`) first."""
-    if any(n.op == "call_function" and n.target in ops.MAC_RULES
-           and any(ops.shape(a) is None for a in (n, *n.all_input_nodes)) for n in gm.graph.nodes):
+    if any(ops.counts_macs(n) and any(ops.shape(a) is None for a in (n, *n.all_input_nodes))
+           for n in gm.graph.nodes):
         propagate_shapes(gm, example_inputs)
+    costs = {n: ops.op_cost(n) for n in gm.graph.nodes if n.op == "call_function"}
+    values = {}  # get_attr node → logical values, where an op says it is stored packed
+    for n, c in costs.items():
+        for index, count in (c.operand_values if c is not None else ()):
+            values[n.args[index]] = count
     seen, params, nbytes = set(), 0, 0
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in seen:
@@ -81,16 +91,16 @@ def cost(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
             for part in n.target.split("."):
                 t = getattr(t, part)
             if isinstance(t, torch.Tensor) and t.dtype != torch.int64:  # skip counters like num_batches_tracked
-                params += t.numel()
+                params += values.get(n, t.numel())
                 nbytes += t.numel() * t.element_size()
-    macs, by_module = 0, dict[str, int]()
-    for n in gm.graph.nodes:
-        m = ops.macs(n)
-        if m is not None:
-            macs += m
+    macs, by_module, by_precision = 0, dict[str, int](), dict[str, int]()
+    for n, c in costs.items():
+        if c is not None and c.macs:
+            macs += c.macs
             key = node_module(n) or n.name
-            by_module[key] = by_module.get(key, 0) + m
-    return Cost(params, nbytes, macs, by_module)
+            by_module[key] = by_module.get(key, 0) + c.macs
+            by_precision[c.precision] = by_precision.get(c.precision, 0) + c.macs
+    return Cost(params, nbytes, macs, by_module, by_precision)
 
 
 def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, int]:

@@ -4,7 +4,7 @@ A pass rewrites an ATen-level fx `GraphModule` (see `graphopt.capture`) and retu
 `PassResult` whose ``modified`` is honest: a second run of any pass on its own output reports
 ``modified=False``. Rewrites a pass chooses not to make are returned as `Decline`s, never
 skipped silently. Passes declare the graph properties they ``requires`` and ``establishes``;
-`graphopt.pipeline.PassManager` checks them.
+`graphopt.passes.manager.PassManager` checks them.
 """
 from __future__ import annotations
 

@@ -223,8 +223,7 @@ class _Analysis:
             self.chan[node] = src[node.args[1]] if isinstance(src, list) else None
             return
         rule = (self.conv if t in ops.CONV else self.linear if t is aten.linear.default
-                else self.batch_norm if t in (aten.batch_norm.default,
-                                              aten._native_batch_norm_legit_no_training.default)
+                else self.batch_norm if t in ops.BATCH_NORMS
                 else self.passthrough if t in ops.CHANNELWISE or t in ops.SPATIAL
                 else self.binary if t in ops.BINARY
                 else self.reduce if t in ops.REDUCE

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import TypeGuard
 
 import torch
 from torch import fx
@@ -35,7 +36,8 @@ def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, *, before: 
         return gm.graph.get_attr(name)
 
 
-def is_op(node, *targets) -> bool:
+def is_op(node, *targets) -> TypeGuard[fx.Node]:
+    """``node`` is an fx node calling one of ``targets``."""
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 

@@ -10,7 +10,7 @@ evaluate exactly the ops the graph will run).
 constraints (a dtype or rank no rewrite here changes is left alone), with the first rewrite
 whose emitted kinds the set admits; new nodes go back on the worklist, so rewrites compose (a
 grouped dilated conv is split, then each part densified). A node left unfit is not an error
-here: `graphopt.legalize` lists every such node at the end.
+here: `graphopt.passes.legalization` lists every such node at the end.
 """
 from __future__ import annotations
 

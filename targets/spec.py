@@ -70,7 +70,7 @@ class TargetSpec:
     flash_bytes / ram_bytes: the board's code+constant and data memory; a model that does not fit
                      is refused at compile time (None = no limit, e.g. a Linux target).
     ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
-                     legalizes the graph into it or refuses the model (`graphopt.legalize`).
+                     legalizes the graph into it or refuses the model (`graphopt.passes.legalization`).
     """
 
     name: str

@@ -198,3 +198,37 @@ def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
     assert len(tensorized) >= 3 and tasks
     assert not [t.task_name for t in tasks if DOT_ATTR in t.dispatched[0].script()]
     assert any("conv2d" in t.task_name for t in tasks)  # the depthwise int8 conv is tunable
+
+
+# ---- edge sizes: reductions of length 1 (issue 15) and other degenerate shapes
+
+
+@pytest.fixture(scope="module")
+def edge_quantized():
+    from edge_models import EdgeSizes, edge_input
+
+    torch.manual_seed(0)
+    x = edge_input()
+    q = graphopt.quantize(EdgeSizes().eval(), (x,), [(edge_input(2, batch=8),)])
+    return q, to_integer(q, (x,)), x
+
+
+@pytest.mark.parametrize("target", ["host", pytest.param("arm", marks=pytest.mark.emulation),
+                                    pytest.param("cortex-m4", marks=pytest.mark.emulation),
+                                    pytest.param("arm-a55", marks=pytest.mark.slow),
+                                    pytest.param("armv7", marks=pytest.mark.slow)])
+def test_edge_sizes_are_bit_exact(edge_quantized, target):
+    """`EdgeSizes` int8 (grouped and depthwise 1×1 with one input channel per group, Linear(1, N), 1×1
+    maps and pools, kernels larger than their input, strides larger than their kernel) on the target's
+    dot kernel (VNNI, NEON, sdot, SMLAD) and generic kernels, equal to the integer graph and to
+    `graphopt.qref`. The depthwise 1×1 (a reduction of length 1) used to fail to build on every target
+    (TVM: 'IntImm supports only int or uint or bool type, but float32 was supplied')."""
+    from edge_models import TOOLS, assert_bit_exact
+
+    require_tools(*TOOLS.get(target, ()))
+    q, integer_graph, x = edge_quantized
+    options = {} if target == "host" else {"count_instructions": False}
+    cm = graphopt.compile(q, (x,), target, progress=False, **options)
+    if dot_kernels(get_target(target)):
+        assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) >= 5
+    assert_bit_exact(cm, integer_graph)

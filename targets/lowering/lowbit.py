@@ -1,7 +1,7 @@
 """Packed low-bit kernels for `qconv2d`/`qlinear` whose weights come from ``unpack_bits`` (1, 2, 4 bits).
 
 Two kernel families, emitted with ``importer.block_builder`` from the converters of
-`graphopt.targets.converters` (contract: `graphopt.qops`, bit-exact):
+`graphopt.targets.lowering.converters` (contract: `graphopt.qops`, bit-exact):
 
 - **int8 activations × packed weights** (int4/int2, and 1-bit weights with 8-bit activations): the
   weight constant stays the packed uint8 bytes of ``unpack_bits`` (8/bits values per byte, low bits

@@ -181,9 +181,12 @@ def _fuse(mod, spec, state):
     import tvm
     from tvm import relax
 
+    from graphopt.targets.lowering.schedules import spatialize_unit_reductions
+
     with spec.tvm():
-        return tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                                         relax.transform.DeadCodeElimination()])(mod)
+        mod = tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                                        relax.transform.DeadCodeElimination()])(mod)
+    return spatialize_unit_reductions(mod)  # before any rule or tuning record sees them
 
 
 def _schedule(mod, spec, state):
