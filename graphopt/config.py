@@ -15,7 +15,7 @@ from graphopt.errors import ConfigError, GraphoptError
 E = TypeVar("E", bound=enum.Enum)
 
 
-def coerce_enum(cls: type[E], value: object, what: str, error: type[GraphoptError] = ConfigError) -> E:
+def as_enum(cls: type[E], value: object, what: str, error: type[GraphoptError] = ConfigError) -> E:
     """``value`` as a member of ``cls``; ``error`` (default `ConfigError`) names ``what`` and the choices."""
     if isinstance(value, cls):
         return value

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError, InputError
 from graphopt.training import TrainConfig, TrainResult, check_batches, fit
 
@@ -41,7 +41,7 @@ class DistillationLoss:
     t2_scaling: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "soft", coerce_enum(SoftLoss, self.soft, "soft"))
+        object.__setattr__(self, "soft", as_enum(SoftLoss, self.soft, "soft"))
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError, warn
 from graphopt.passes.analysis import cost as graph_cost
 from graphopt.passes.base import Decline
@@ -101,7 +101,7 @@ class PruneConfig:
     sparse_storage: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "criterion", coerce_enum(Criterion, self.criterion, "criterion"))
+        object.__setattr__(self, "criterion", as_enum(Criterion, self.criterion, "criterion"))
         budgets = [n for n in ("target_macs", "target_params", "ratio") if getattr(self, n) is not None]
         if len(budgets) > 1:
             raise ConfigError(f"give one structured budget, not {budgets}")

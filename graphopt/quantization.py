@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 
 from graphopt import qops  # noqa: F401  registers torch.ops.graphopt and quantized_decomposed
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import QuantizationError
 from graphopt.ops import CLAMPS, PADS, PASS_THROUGH, SHARES_PARAMS, SPLITS
 from graphopt.passes.base import PassContext, Property
@@ -124,7 +124,7 @@ class QuantScheme:
             raise QuantizationError(f"overrides must map module paths (str) to LayerQuant, e.g. "
                                     f"{{'features.0': LayerQuant(weights=8)}}; got {self.overrides!r}")
         for name in ("observer", "weight_observer"):
-            object.__setattr__(self, name, coerce_enum(Observer, getattr(self, name), name, QuantizationError))
+            object.__setattr__(self, name, as_enum(Observer, getattr(self, name), name, QuantizationError))
         if not 50.0 < self.percentile <= 100.0:
             raise QuantizationError(f"percentile={self.percentile} must be in (50, 100]")
         if not 0.0 < self.averaging_constant <= 1.0:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.distillation import DistillationLoss, distill
 from graphopt.errors import ConfigError
 from graphopt.passes.analysis import cost as graph_cost
@@ -260,7 +260,7 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
             return rec.accuracy
 
         try:
-            config = PruneConfig(criterion=coerce_enum(Criterion, stage.criterion, "criterion"), **budget)
+            config = PruneConfig(criterion=as_enum(Criterion, stage.criterion, "criterion"), **budget)
             best = prune_iteratively(best, x, config, steps=stage.steps, fine_tune=fine_tune, min_metric=floor,
                                      target=spec).eval()
         except _BudgetMet as met:

@@ -16,7 +16,7 @@ import enum
 import torch
 from torch import nn
 
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError
 from graphopt.passes.capture import check_model
 from graphopt.passes.dependency import DependencyGraph, Role
@@ -31,7 +31,7 @@ class Norm(str, enum.Enum):
 
 def _check(model: nn.Module, weight: float, norm) -> tuple[Norm, list[tuple[str, nn.Module]]]:
     check_model(model)
-    norm = coerce_enum(Norm, norm, "norm")
+    norm = as_enum(Norm, norm, "norm")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"weight={weight!r} must be a non-negative number, e.g. 1e-4")
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, _LAYERS)]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import ArtifactError, ConfigError
 from graphopt.passes.capture import check_model
 
@@ -60,7 +60,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: Scope | str = S
                     exclude: tuple[str, ...] = ()) -> dict:
     """Mask the smallest-magnitude weights of ``model`` in place; returns achieved sparsity per layer."""
     check_model(model)
-    scope = coerce_enum(Scope, scope, "scope")
+    scope = as_enum(Scope, scope, "scope")
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
         raise ConfigError(f"sparsity={sparsity!r} must be a number in [0, 1), e.g. 0.8 to zero 80 % of weights")
     layers = _layers(model, tuple(exclude))

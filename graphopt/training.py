@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from graphopt import progress
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError
 from graphopt.passes.capture import check_model
 
@@ -44,7 +44,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "optimizer", coerce_enum(Optimizer, self.optimizer, "optimizer"))
+        object.__setattr__(self, "optimizer", as_enum(Optimizer, self.optimizer, "optimizer"))
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int):
             raise ConfigError(f"epochs={self.epochs!r} must be an int, e.g. epochs=3")
         for name in ("lr", "momentum", "weight_decay"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from graphopt.config import coerce_enum
+from graphopt.config import as_enum
 from graphopt.errors import (
     CaptureError,
     ConfigError,
@@ -156,7 +156,7 @@ def _via_symbolic_trace(model: torch.nn.Module, args: tuple) -> fx.GraphModule:
 def capture(model: torch.nn.Module, example_inputs, method: CaptureMethod = CaptureMethod.AUTO) -> Captured:
     """Capture ``model`` on ``example_inputs``; see the module docstring."""
     check_model(model)
-    method = coerce_enum(CaptureMethod, method, "capture_method")
+    method = as_enum(CaptureMethod, method, "capture_method")
     args = check_example_inputs(example_inputs)
     try:
         with torch.no_grad():
