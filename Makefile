@@ -1,8 +1,8 @@
-# graphopt: the two commands are `make demo` (main job) and `make test` (test suite).
+# graphopt: the two commands are `make demo` (main job) and `make test` (lint, type check, test suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo lint test test-all bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -10,7 +10,11 @@ setup:
 demo: setup
 	$(PY) -m graphopt.demo --target arm
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) scripts/typecheck.py
+
+test: setup lint
 	$(PY) -m pytest -q
 
 test-all: setup

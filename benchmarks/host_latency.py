@@ -2,7 +2,7 @@
 
 Builds a ResNet-18 and a MobileNetV2 (hand-written from torch.nn, random weights, 224x224, batch
 1), folds BatchNorm into the convolutions (what graphopt's earlier passes do), lowers with
-`graphopt.targets.lowering.lower` for the host, exports and reloads the .so, checks numerics, and
+`graphopt.targets.lowering.phases.lower` for the host, exports and reloads the .so, checks numerics, and
 prints median (and min) latencies (the two timed alternately, call by call) and the ratio graphopt / eager.
 
 Eager runs the original (unfolded) model with torch.set_num_threads(t) for each t in --threads
@@ -60,9 +60,10 @@ def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
 
 def bench(name: str, runs: int, thread_counts: list[int], workdir: pathlib.Path) -> dict:
     import tvm
-    from graphopt.targets import get_target
-    from graphopt.targets.lowering import export_library, lower
     from tvm import relax
+
+    from graphopt.targets import get_target
+    from graphopt.targets.lowering.phases import export_library, lower
 
     torch.manual_seed(0)
     model = _randomize_bn(MODELS[name]()).eval()

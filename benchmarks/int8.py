@@ -174,11 +174,11 @@ def host(args, results: dict) -> None:
         outs = {label: [np.asarray(fn(e[0])).reshape(-1) for e in evals] for label, fn in fns.items()}
         qdq = [q(e[0]).numpy().reshape(-1) for e in evals]
     scale = max(float(np.abs(o).max()) for o in qdq)
-    r["int8_vs_qdq_max_abs"] = max(float(np.abs(a - b).max()) for a, b in zip(outs["graphopt int8"], qdq))
+    r["int8_vs_qdq_max_abs"] = max(float(np.abs(a - b).max()) for a, b in zip(outs["graphopt int8"], qdq, strict=True))
     r["int8_vs_qdq_rel"] = r["int8_vs_qdq_max_abs"] / scale
     top1 = [int(o.argmax()) for o in outs["graphopt fp32"]]
     r["top1_agreement_vs_graphopt_fp32"] = {
-        label: sum(int(o.argmax()) == t for o, t in zip(outs[label], top1)) / len(evals)
+        label: sum(int(o.argmax()) == t for o, t in zip(outs[label], top1, strict=True)) / len(evals)
         for label in outs if "int8" in label}
 
     with torch.no_grad():

@@ -83,12 +83,11 @@ def host(name: str, args) -> None:
 
 
 def arm(name: str, args) -> None:
-    from graphopt.targets.icount import kernel_counts
-    from graphopt.targets.lowering import lower
-    from graphopt.targets.tuning import applying
-    from graphopt.targets.tuning_db import open_database
-
-    from graphopt.tune import exported_for_tuning
+    from graphopt.targets.lowering.phases import lower
+    from graphopt.targets.lowering.tuned import applying
+    from graphopt.targets.tuning.database import open_database
+    from graphopt.targets.tuning.icount import kernel_counts
+    from graphopt.tuning import exported_for_tuning
 
     model = _randomize_bn(MODELS[name]()).eval()
     x = torch.randn(1, 3, 224, 224)

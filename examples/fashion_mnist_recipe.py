@@ -22,7 +22,7 @@ from torch import nn
 
 import graphopt
 from graphopt.datasets import fashion_mnist
-from graphopt.distill import DistillationLoss, distill, loader, pseudo_label
+from graphopt.distillation import DistillationLoss, distill, loader, pseudo_label
 from graphopt.recipe import PruneStage, QuantStage, Recipe, Stop, optimize
 from graphopt.training import TrainConfig, evaluate, fit
 

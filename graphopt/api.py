@@ -1,4 +1,5 @@
-"""`graphopt.compile`: capture → passes → support check → TVM lowering → artifact → report.
+"""`graphopt.compile` and `graphopt.check`: the graph side (`graphopt.passes.pipeline.Pipeline`:
+capture → passes → legalization → export), then — for compile — TVM lowering → artifact → report.
 
 Refuses, each with one `graphopt` error and nothing written: unknown targets, a model that is not
 an `nn.Module`, example inputs the model rejects, a model that returns no tensor, models that
@@ -6,47 +7,41 @@ cannot be captured, nodes that no rewrite fits into the target's operator set (`
 all listed with the rewrite needed), ops TVM cannot lower (all listed, with source lines), and
 (with ``verify=True``) artifacts whose outputs differ from PyTorch beyond ``rtol``.
 A model in training mode is compiled in eval mode with a warning; the model object is left in
-the mode it came in.
+the mode it came in. `check` is the dry run: the same graph side, its answer a `CheckResult`.
 """
 from __future__ import annotations
 
 import contextlib
 import re
 import shutil
-import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from graphopt.analysis import analyze
 from graphopt.artifact import TensorSpec, write_manifest
-from graphopt.capture import (
-    CaptureMethod,
-    capture,
-    check_example_inputs,
-    check_model,
-    to_exported_program,
-)
 from graphopt.compiled import CompiledModel, new_build_dir
 from graphopt.config import OptimizeFor, as_enum
-from graphopt.errors import ConfigError, InputError, LoweringError, NumericsError
-from graphopt.legalize import raise_if_unfit, run_legalization
-from graphopt.passes.base import GraphPass, PassContext, Property
-from graphopt.pipeline import PassManager, default_passes, flat_outputs, max_rel_error
-from graphopt.progress import Steps
+from graphopt.errors import ConfigError, LoweringError, NumericsError
+from graphopt.ops import DATA_MOVEMENT, op_kind
+from graphopt.passes.base import GraphPass
+from graphopt.passes.capture import CaptureMethod, check_example_inputs, check_model
+from graphopt.passes.legalization import raise_if_unfit
+from graphopt.passes.manager import flat_outputs, max_rel_error
+from graphopt.passes.pipeline import Pipeline
+from graphopt.progress import phase, shown
 from graphopt.report import Report
-from graphopt.support import unsupported_ops
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.backend import backend_for
-from graphopt.targets.int8 import WeightStorage, summarize_storage, weight_storage
+from graphopt.targets.backends.registry import backend_for
+from graphopt.targets.lowering.int8 import WeightStorage, summarize_storage, weight_storage
+from graphopt.targets.lowering.support import unsupported_ops
+from graphopt.targets.lowering.tuned import applying
+from graphopt.targets.tuning.database import open_database
 
 if TYPE_CHECKING:
-    from graphopt.prune import PruneConfig
-
-
-class GraphoptWarning(UserWarning):
-    pass
+    from graphopt.pruning import PruneConfig
 
 
 def c_identifier(name: str, *, explicit: bool) -> str:
@@ -58,25 +53,6 @@ def c_identifier(name: str, *, explicit: bool) -> str:
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
     snake = re.sub(r"[^a-z0-9_]+", "_", snake).strip("_") or "model"
     return snake if not snake[0].isdigit() else f"m_{snake}"
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module, report_warnings: list[str]):
-    modes = {m: m.training for m in model.modules()}
-    if model.training:
-        msg = ("model was in training mode; graphopt compiles its eval-mode behaviour (dropout off, BatchNorm "
-               "running statistics). Call model.eval() before compile to silence this.")
-        warnings.warn(msg, GraphoptWarning, stacklevel=4)
-        report_warnings.append(msg)
-    try:
-        model.eval()
-    except NotImplementedError:  # torch.export'ed modules (e.g. PT2E-converted) refuse eval(); export fixed their mode
-        pass
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
@@ -92,6 +68,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         against PyTorch; also checks numerics after every pass.
     count_instructions: on emulated targets, measure instructions per inference under QEMU
                         (default: on for emulated targets).
+    progress:           log each phase (`graphopt.progress`; the CLI's --quiet turns it off).
     name:               C identifier for the artifact's symbols (``graphopt_<name>_run``); default:
                         the model's class name in snake case.
     prune:              a `graphopt.PruneConfig`: prune a copy of the model first (channels rounded to
@@ -109,55 +86,49 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     check_model(model)
     args = check_example_inputs(example_inputs)
     c_name = c_identifier(name if name is not None else type(model).__name__, explicit=name is not None)
-    steps = Steps(progress)
     report = Report(model=type(model).__name__, target=spec.to_dict())
+    with shown(progress):
+        return _compile(model, args, spec, report, c_name, passes=passes, verify=verify, rtol=rtol,
+                        capture_method=capture_method, count_instructions=count_instructions, prune=prune,
+                        approximate=approximate, database=database, optimize_for=optimize_for)
+
+
+def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, passes, verify, rtol, capture_method,
+             count_instructions, prune, approximate, database, optimize_for: OptimizeFor) -> CompiledModel:
+    pruning = None
     if prune is not None:
-        from graphopt.prune import prune_for_compile
+        from graphopt.pruning import prune_for_compile
 
-        model, report.pruning = prune_for_compile(model, args, prune, spec)
-
-    with _eval_mode(model, report.warnings):
-        with steps.phase("capture"):
-            captured = capture(model, args, capture_method)
-            reference = captured.outputs
-    if not flat_outputs(reference):
-        raise InputError(f"{type(model).__name__} returned no tensor on the example inputs (got "
-                         f"{type(reference).__name__}); graphopt compiles models whose forward returns tensors "
-                         "(a tensor, or a tuple/list/dict of them)")
+        with phase("prune", timings=report.timings):
+            model, pruning = prune_for_compile(model, args, prune, spec)
+    pipe = Pipeline(model, args, spec, passes=passes, capture_method=capture_method, verify=verify, rtol=rtol,
+                    approximate=approximate, timings=report.timings, warnings=report.warnings)
+    captured = pipe.captured
+    reference = captured.outputs
     report.capture_method = captured.method.value
     report.capture_fallback_reason = captured.fallback_reason
-    gm = captured.graph_module
-    cost = analyze(gm, args)
-    report.params_before, report.macs_before = cost.params, cost.macs
-
-    with steps.phase("passes"):
-        ctx = PassContext(args, spec, {Property.ATEN, Property.INFERENCE} | captured.properties)
-        gm, records = PassManager(default_passes() if passes is None else passes,
-                                  verify=verify, rtol=rtol).run(gm, ctx)
-        report.passes = captured.passes + records
-    if not spec.ops.unrestricted:
-        with steps.phase("legalize", f"for the {spec.ops.name} operator set"):
-            gm, records, report.legalized, unfit = run_legalization(gm, ctx, approximate=approximate,
-                                                                    verify=verify, rtol=rtol)
-            report.passes += records
-            raise_if_unfit(unfit, report.model, spec)
-    cost = analyze(gm, args)
+    report.params_before, report.macs_before = pipe.cost_before.params, pipe.cost_before.macs
+    if pruning is not None:  # the pruned model's cost is what the pipeline captured
+        pruning.macs_after, pruning.params_after = pipe.cost_before.macs, pipe.cost_before.params
+        report.pruning = pruning.to_dict()
+    report.passes = list(pipe.optimized.records)
+    legalized = pipe.legalized
+    report.passes += legalized.records
+    report.legalized = legalized.rewrites
+    raise_if_unfit(legalized.unfit, report.model, spec)
+    cost = pipe.cost_after
     report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
     report.macs_by_module, report.macs_by_precision = cost.macs_by_module, cost.macs_by_precision
 
-    with steps.phase("export"):
-        ep = to_exported_program(gm, args).run_decompositions()
-        missing = unsupported_ops(ep)
-        if missing:
-            raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for {spec.name}:",
-                                missing, "Nothing was built.")
+    ep = pipe.exported
+    missing = unsupported_ops(ep)
+    if missing:
+        raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for {spec.name}:",
+                            missing, "Nothing was built.")
 
     backend = backend_for(spec)
-    tuning = contextlib.nullcontext()
+    tuning: contextlib.AbstractContextManager = contextlib.nullcontext()
     if database is not None:
-        from graphopt.targets.tuning import applying
-        from graphopt.targets.tuning_db import open_database
-
         db = open_database(database, writable=False)
         report.warnings += [f"tuning database line skipped: {d}" for d in db.damaged]
         tuning = applying(db)
@@ -165,10 +136,9 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(flat_outputs(reference))]
     build_dir = new_build_dir()
     try:
-        with steps.phase("lower and build", f"for {spec.name}"), tuning, \
+        with phase("lower and build", f"for {spec.name}", timings=report.timings), tuning, \
                 weight_storage(WeightStorage(optimize_for)) as storage:
-            built = backend.build(ep, spec, build_dir, inputs, outputs,
-                                  progress=lambda phase: steps.say(f"  {phase}"), name=c_name)
+            built = backend.build(ep, spec, build_dir, inputs, outputs, name=c_name)
         report.lowering = built.lowering
         report.lowering.setdefault("optimize_for", optimize_for.value)
         report.lowering.setdefault("weight_storage", summarize_storage(storage))
@@ -186,25 +156,77 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
         raise
 
     if verify:
-        with steps.phase("verify", "(emulated)" if spec.is_emulated else ""):
+        with phase("verify", "(emulated)" if spec.is_emulated else "", timings=report.timings):
             got = cm(*args)
             err = max_rel_error(got, reference)
-            report.verification = {"max_rel_error": err, "rtol": rtol,
-                                   "ran_on": f"qemu {spec.qemu_cpu or spec.qemu_machine}" if spec.is_emulated else "host"}
+            ran_on = f"qemu {spec.qemu_cpu or spec.qemu_machine}" if spec.is_emulated else "host"
+            report.verification = {"max_rel_error": err, "rtol": rtol, "ran_on": ran_on}
             if err > rtol:
                 raise NumericsError(f"the compiled artifact differs from PyTorch by {err:.3g} relative to output "
                                     f"scale (tolerance {rtol:g}) on {spec.name}. Please report this model.")
     if spec.is_emulated and (count_instructions if count_instructions is not None else True):
-        with steps.phase("count instructions", f"(qemu {spec.qemu_cpu or spec.qemu_machine})"):
-            m = backend.measure(build_dir, spec, cm._check_inputs(args))
+        with phase("count instructions", f"(qemu {spec.qemu_cpu or spec.qemu_machine})",
+                            timings=report.timings):
+            m = backend.measure(build_dir, spec, cm.check_inputs(args))
             report.instructions_per_inference, report.instructions_note = m.instructions_per_inference, m.note
             layers = report.lowering.get("layers")
             if m.per_call is not None and layers is not None and len(m.per_call) == len(layers):
-                for layer, n in zip(layers, m.per_call):
+                for layer, n in zip(layers, m.per_call, strict=True):
                     layer["instructions"] = n
-    report.timings = dict(steps.timings)
     report.artifact_files = {p.relative_to(build_dir).as_posix(): p.stat().st_size
                              for p in sorted(build_dir.rglob("*")) if p.is_file()}
     (build_dir / "report.json").write_text(report.to_json())
     (build_dir / "report.md").write_text(report.to_markdown())
     return cm
+
+
+@dataclass
+class CheckResult:
+    """`graphopt.check`'s answer: what runs as is, what would change, and what cannot run."""
+
+    model: str
+    target: str
+    ops: str
+    approximate: bool
+    kinds: dict = field(default_factory=dict)  # op kind -> count in the legalized graph (what would run)
+    legalized: list = field(default_factory=list)  # rewrites compile would make (dicts as in Report.legalized)
+    unsupported: list = field(default_factory=list)  # Unsupported items: nodes that cannot run
+
+    @property
+    def fits(self) -> bool:
+        return not self.unsupported
+
+    @property
+    def approximations(self) -> list:
+        return [r for r in self.legalized if not r["exact"]]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "target": self.target, "ops": self.ops, "approximate": self.approximate,
+                "fits": self.fits, "kinds": dict(self.kinds), "legalized": list(self.legalized),
+                "unsupported": [{"what": u.what, "where": u.where, "hint": u.hint} for u in self.unsupported]}
+
+    def __str__(self) -> str:
+        verdict = "fits" if self.fits else f"does NOT fit ({len(self.unsupported)} node(s))"
+        lines = [f"{self.model} on {self.target} ({self.ops} operator set, approximate={self.approximate}): {verdict}",
+                 "runs: " + (", ".join(f"{k}×{n}" for k, n in sorted(self.kinds.items())) or "-")]
+        lines.append(f"would change ({len(self.legalized)}):" if self.legalized else "would change: nothing")
+        for r in self.legalized:
+            err = "exact" if r["exact"] else f"max error {r['max_error']:.1e}"
+            lines.append(f"  - {r['node']}: {r['rewrite']} ({err})  [{r['where']}]")
+        if self.unsupported:
+            lines.append(f"cannot run ({len(self.unsupported)}):")
+            lines += [str(u) for u in self.unsupported]
+        return "\n".join(lines)
+
+
+def check(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "arm", *,
+          approximate: bool = False) -> CheckResult:
+    """Dry run of compile's graph side for ``target``: capture, default passes, legalization, op-set
+    and TVM support checks. Nothing is built; the model is left in the mode it came in."""
+    spec = get_target(target)
+    pipe = Pipeline(model, example_inputs, spec, approximate=approximate)
+    legalized = pipe.legalized
+    unfit = legalized.unfit or unsupported_ops(pipe.exported)
+    kinds = Counter(k for n in legalized.graph_module.graph.nodes if (k := op_kind(n)) and k not in DATA_MOVEMENT)
+    return CheckResult(type(model).__name__, spec.name, spec.ops.name, approximate, dict(kinds), legalized.rewrites,
+                       unfit)

@@ -49,7 +49,7 @@ class TensorSpec:
     dtype: str  # numpy-style name: float32, int8, ...
 
     @staticmethod
-    def of(name: str, t: torch.Tensor) -> "TensorSpec":
+    def of(name: str, t: torch.Tensor) -> TensorSpec:
         return TensorSpec(name, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."))
 
     def to_dict(self) -> dict:
@@ -58,7 +58,7 @@ class TensorSpec:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> "TensorSpec":
+    def from_dict(d: dict) -> TensorSpec:
         return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"])
 
 
@@ -156,7 +156,8 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ArtifactError(f"output path {path} is inside {parent}, which is a file, not a folder. Nothing was written.")
+        raise ArtifactError(f"output path {path} is inside {parent}, which is a file, not a folder. "
+                            "Nothing was written.")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".graphopt-probe-", dir=parent))
     except OSError as exc:
@@ -292,7 +293,8 @@ def publish(src: Path, dst: str | os.PathLike, *, overwrite: bool = True) -> Pat
                 shutil.rmtree(old, ignore_errors=True)
             staging = None
     except OSError as exc:
-        raise ArtifactError(f"could not write the artifact to {dst}: {exc}. The folder holds what it held before.") from exc
+        raise ArtifactError(f"could not write the artifact to {dst}: {exc}. The folder holds what it held "
+                            "before.") from exc
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

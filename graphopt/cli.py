@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from graphopt.config import OptimizeFor
-from graphopt.errors import ConfigError, GraphoptError
+from graphopt.errors import ConfigError, GraphoptError, first_line
 
 
 def _user_code_error(what: str, exc: Exception) -> ConfigError:
@@ -30,9 +30,9 @@ def _user_code_error(what: str, exc: Exception) -> ConfigError:
     if isinstance(exc, SyntaxError):
         return ConfigError(f"{what}: SyntaxError: {exc.msg} at {exc.filename}:{exc.lineno}: "
                            f"{(exc.text or '').strip()}; fix the file and run again")
-    from graphopt.capture import _first_line, _user_frame
+    from graphopt.passes.capture import user_frame
 
-    return ConfigError(f"{what} raised {_first_line(exc)} at {_user_frame(exc)}; fix it and run again")
+    return ConfigError(f"{what} raised {first_line(exc)} at {user_frame(exc)}; fix it and run again")
 
 
 def load_factory(spec: str):
@@ -47,6 +47,8 @@ def load_factory(spec: str):
     try:
         if path is not None:
             s = importlib.util.spec_from_file_location(path.stem, path)
+            if s is None or s.loader is None:
+                raise ConfigError(f"{path} cannot be imported as a Python module")
             module = importlib.util.module_from_spec(s)
             s.loader.exec_module(module)
         else:
@@ -63,7 +65,8 @@ def load_factory(spec: str):
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items()
                        if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
-        raise ConfigError(f"{mod_name} has no callable {attr!r}" + (f"; it defines {', '.join(found)}" if found else ""))
+        defines = f"; it defines {', '.join(found)}" if found else ""
+        raise ConfigError(f"{mod_name} has no callable {attr!r}{defines}")
     return factory
 
 
@@ -85,16 +88,19 @@ def build_model(spec: str, *, inputs_required: bool = True):
 
 
 def _cmd_compile(a) -> int:
-    import graphopt
+    from graphopt.api import compile
     from graphopt.artifact import check_destination
+    from graphopt.targets import get_target
 
-    spec = graphopt.get_target(a.target)
+    spec = get_target(a.target)
     out = check_destination(a.out, overwrite=a.overwrite)
     model, inputs = build_model(a.model)
-    cm = graphopt.compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
-                          count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for)
+    cm = compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
+                 count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for)
     path = cm.save(out, overwrite=a.overwrite)
-    print(cm.report.to_json() if a.json else cm.report.to_markdown())
+    report = cm.report
+    assert report is not None  # compile always reports
+    print(report.to_json() if a.json else report.to_markdown())
     print(f"artifact written to {path}", file=sys.stderr)
     return 0
 
@@ -104,7 +110,7 @@ def _cmd_optimize(a) -> int:
 
     from graphopt.artifact import check_destination
     from graphopt.datasets import fashion_mnist
-    from graphopt.distill import loader
+    from graphopt.distillation import loader
     from graphopt.recipe import Recipe, optimize
 
     out = Path(a.out)
@@ -127,17 +133,18 @@ def _cmd_optimize(a) -> int:
 
 
 def _cmd_tune(a) -> int:
-    import graphopt
+    from graphopt.tuning import RPCRunner, tune
 
     model, inputs = build_model(a.model)
-    runner = graphopt.RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
+    runner = RPCRunner(tracker=a.rpc_tracker, key=a.rpc_key) if a.rpc_tracker else a.runner
     try:
-        graphopt.tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
-                      database=a.db, runner=runner, progress=True)
+        summary = tune(model, inputs, a.target, trials=a.trials, trials_per_task=a.trials_per_task,
+                       database=a.db, runner=runner, progress=True)
     except KeyboardInterrupt:
         print(f"graphopt: tuning interrupted; every record measured so far is kept in {a.db or 'tuning/' + a.target}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    print(summary.to_markdown())
     return 0
 
 
@@ -154,7 +161,8 @@ def _cmd_targets(a) -> int:
         return 0
     for s in specs:
         alias = f" (alias: {', '.join(aliases_of(s.name))})" if aliases_of(s.name) else ""
-        print(f"{s.name}{alias}\n    {s.description}\n    features: {', '.join(sorted(f.value for f in s.features)) or '-'}"
+        features = ", ".join(sorted(f.value for f in s.features)) or "-"
+        print(f"{s.name}{alias}\n    {s.description}\n    features: {features}"
               f"; vector {s.vector_bits} bit; runtime {s.runtime.value}"
               + (f"; qemu {s.qemu_binary} -cpu {s.qemu_cpu}" if s.qemu_binary else "")
               + f"; ops {s.ops.name}")
@@ -162,22 +170,28 @@ def _cmd_targets(a) -> int:
 
 
 def _cmd_setup_runtime(a) -> int:
-    from graphopt.toolchain import ensure_qemu_plugin, ensure_runtime
+    from graphopt.progress import shown
+    from graphopt.targets.backends.toolchain import ensure_qemu_plugin, ensure_runtime
 
-    print(f"aarch64 TVM runtime: {ensure_runtime(progress=print)}")
-    print(f"QEMU instruction-count plugin: {ensure_qemu_plugin(progress=print)}")
+    with shown(True):
+        print(f"aarch64 TVM runtime: {ensure_runtime()}")
+        print(f"QEMU instruction-count plugin: {ensure_qemu_plugin()}")
     return 0
 
 
 def _cmd_rpc_device(a) -> int:
     from graphopt.targets import get_target
-    from graphopt.targets.rpc import EMULATED_NOTE, serve
+    from graphopt.targets.tuning.rpc import EMULATED_NOTE, serve
 
     spec = get_target(a.target)
     serve(spec, a.tracker, a.key, host=a.host, ready=lambda port: print(
         f"emulated {spec.name} device (qemu -cpu {spec.qemu_cpu}) on port {port}, registered with {a.tracker} "
         f"as {a.key!r}; {EMULATED_NOTE}", flush=True))
     return 0
+
+
+OVERWRITE_HELP = ("replace an existing graphopt artifact at --out (folders that are not artifacts are never "
+                  "replaced)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="pkg.module:factory or file.py:factory returning (model, example_inputs)")
     c.add_argument("--target", default="arm", help="target name (see `graphopt targets`)")
     c.add_argument("--out", required=True, help="artifact folder (written atomically)")
-    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
+    c.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True, help=OVERWRITE_HELP)
     c.add_argument("--verify", action="store_true", help="run the artifact (emulated for ARM) and compare to PyTorch")
     c.add_argument("--no-count-instructions", action="store_true", help="skip the QEMU instruction count")
     c.add_argument("--optimize-for", type=OptimizeFor, choices=list(OptimizeFor), default=OptimizeFor.BALANCED,
@@ -204,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--recipe", required=True, help="recipe.toml with [prune], [quantize], [stop], [train]")
     o.add_argument("--target", default="arm")
     o.add_argument("--out", required=True, help="folder for the artifact, table and plot")
-    o.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
+    o.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True, help=OVERWRITE_HELP)
     o.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
     o.add_argument("--batch-size", type=int, default=128)
     o.add_argument("--quiet", action="store_true")
@@ -227,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_targets)
     s = sub.add_parser("setup-runtime", help="fetch the aarch64 TVM runtime and build the QEMU plugin (idempotent)")
     s.set_defaults(func=_cmd_setup_runtime)
-    r = sub.add_parser("rpc-device", help="serve an emulated ARM board to a TVM RPC tracker (timings are not real speeds)")
+    r = sub.add_parser("rpc-device",
+                       help="serve an emulated ARM board to a TVM RPC tracker (timings are not real speeds)")
     r.add_argument("--target", default="arm-a53", help="an aarch64 target; sessions run under its qemu -cpu")
     r.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the TVM RPC tracker to register with")
     r.add_argument("--key", required=True, help="device key (what graphopt.RPCRunner / --rpc-key asks for)")

@@ -27,7 +27,7 @@ from graphopt.artifact import MANIFEST, TensorSpec, pid_alive, publish, read_man
 from graphopt.errors import ArtifactError, ConfigError, GraphoptError, InputError
 from graphopt.report import Report
 from graphopt.targets import TargetSpec, get_target
-from graphopt.targets.backend import backend_for
+from graphopt.targets.backends.registry import backend_for
 
 
 class CompiledModel:
@@ -44,7 +44,7 @@ class CompiledModel:
             weakref.finalize(self, shutil.rmtree, str(self.build_dir), True)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "CompiledModel":
+    def load(cls, folder: str | Path) -> CompiledModel:
         """Open a saved artifact folder (the target must be registered in this process)."""
         if not isinstance(folder, (str, os.PathLike)):
             raise ConfigError(f"CompiledModel.load takes the path of a saved artifact folder (str or Path), got "
@@ -55,7 +55,7 @@ class CompiledModel:
         return cls(get_target(manifest["target"]["name"]), folder, manifest, None, owns_build_dir=False)
 
     def __call__(self, *inputs: torch.Tensor):
-        arrays = self._check_inputs(inputs)
+        arrays = self.check_inputs(inputs)
         if not (self.build_dir / MANIFEST).is_file():
             raise ArtifactError(f"the artifact folder {self.build_dir} no longer exists or lost its {MANIFEST} "
                                 "(deleted after compile?). Recompile the model, or CompiledModel.load a saved copy.")
@@ -82,12 +82,12 @@ class CompiledModel:
                                 "recompile the model. Nothing was written.")
         return publish(self.build_dir, path, overwrite=overwrite)
 
-    def _check_inputs(self, inputs) -> list[np.ndarray]:
+    def check_inputs(self, inputs) -> list[np.ndarray]:
         if len(inputs) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input(s) "
                              f"{[(s.name, s.shape, s.dtype) for s in self.inputs]}, got {len(inputs)}")
         arrays = []
-        for t, s in zip(inputs, self.inputs):
+        for t, s in zip(inputs, self.inputs, strict=True):
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"input {s.name} must be a torch.Tensor, got {type(t).__name__}")
             got = TensorSpec.of(s.name, t)
@@ -110,6 +110,7 @@ def new_build_dir() -> Path:
     tmp = Path(tempfile.gettempdir())
     for entry in tmp.glob("graphopt-build-*"):
         m = _BUILD_DIR.fullmatch(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and entry.lstat().st_uid == os.getuid() and not pid_alive(int(m[1])):
+        if (m and entry.is_dir() and not entry.is_symlink() and entry.lstat().st_uid == os.getuid()
+                and not pid_alive(int(m[1]))):
             shutil.rmtree(entry, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"graphopt-build-{os.getpid()}-", dir=tmp))

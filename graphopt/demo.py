@@ -10,7 +10,7 @@ import sys
 import torch
 
 import graphopt
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 from graphopt.zoo import ZOO
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cm = graphopt.compile(model, inputs, target=a.target)
         path = cm.save(a.out)
-        print(cm.report.to_markdown())
+        print(cm.report.to_markdown() if cm.report is not None else "")
         got = cm(*inputs)
     except graphopt.GraphoptError as exc:
         print(f"graphopt: error: {exc}", file=sys.stderr)

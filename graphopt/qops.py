@@ -2,7 +2,7 @@
 
 Their PyTorch implementations ARE the integer semantics, so a folded fx graph runs bit-exactly
 in PyTorch; `graphopt.qref` re-implements the same contract in numpy and
-`graphopt.targets.converters` lowers it to Relax. Integers travel in int8 tensors (8-bit and
+`graphopt.targets.lowering.converters` lowers it to Relax. Integers travel in int8 tensors (8-bit and
 narrower values), accumulators in int32; requantization is gemmlowp/TFLite fixed point:
 
     requantize(acc) = clamp(RDBPOT(SRDHM(sat32(acc · 2^left), M0), right) + zp, qmin, qmax)
@@ -30,7 +30,7 @@ data movement are exact. End to end these ≤ 1-step differences propagate throu
 (README, "Quantization").
 
 Each op also declares its cost (`cost(node)`: multiply-accumulates, the weight × activation
-precision they run at, logical values of packed operands), which `graphopt.analysis` reads.
+precision they run at, logical values of packed operands), which `graphopt.ops.op_cost` reads.
 
 Accumulation runs in floating point, which is exact while every partial sum is an integer below
 2^24 (float32, chosen when 255·128·K fits) or 2^53 (float64, any realistic K).
@@ -38,12 +38,12 @@ Accumulation runs in floating point, which is exact while every partial sum is a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import fx
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+from torch import fx
 
 LEFT_SHIFT_ADD = 20  # TFLite's headroom for quantized add
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -91,7 +91,7 @@ def multiplier_tensors(reals, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
     allow the single-rounding form (`quantize_multiplier`)."""
     reals = [float(r) for r in reals]
     bounds = bounds if isinstance(bounds, (list, tuple)) else [bounds] * len(reals)
-    pairs = [quantize_multiplier(r, None if b is None else int(b)) for r, b in zip(reals, bounds)]
+    pairs = [quantize_multiplier(r, None if b is None else int(b)) for r, b in zip(reals, bounds, strict=False)]
     return (torch.tensor([p[0] for p in pairs], dtype=torch.int32),
             torch.tensor([p[1] for p in pairs], dtype=torch.int32))
 

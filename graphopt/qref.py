@@ -10,6 +10,8 @@ does not know.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,6 @@ from torch import fx
 
 from graphopt import qops
 from graphopt.errors import QuantizationError
-from graphopt.passes._graph import get_attr_value
 
 aten, qd, g = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.graphopt
 
@@ -156,14 +157,14 @@ def _max_pool2d(x, kernel, stride=None, padding=(0, 0), dilation=(1, 1), ceil_mo
     padding = list(padding) * (2 // len(padding))
     dilation = list(dilation) * (2 // len(dilation))
     extra = []  # right/bottom padding ceil_mode adds: a last window may start inside the input or left padding
-    for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation):
+    for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True):
         span = n + 2 * p - d * (k - 1) - 1
         out = span // s + 1
         if ceil_mode and span % s and out * s < n + p:
             out += 1
         extra.append((out - 1) * s + d * (k - 1) + 1 - (n + 2 * p))
     lo = np.iinfo(x.dtype).min
-    pads = [(p, p + max(e, 0)) for p, e in zip(padding, extra)]
+    pads = [(p, p + max(e, 0)) for p, e in zip(padding, extra, strict=True)]
     xp = np.pad(x, ((0, 0), (0, 0), *pads), constant_values=lo)
     cols, _, _ = _im2col(xp, kernel[0], kernel[1], stride, dilation)
     return cols.max(axis=(4, 5)).transpose(0, 3, 1, 2)
@@ -181,7 +182,7 @@ def _pad(x, pad, mode="constant", value=None):
     return np.pad(x, pairs, mode={"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode])
 
 
-OPS = {
+OPS: dict[Any, Callable[..., Any]] = {
     g.qconv2d.default: qconv2d, g.qlinear.default: qlinear, g.qmatmul.default: qmatmul,
     g.qmul.default: qmul, g.qsum_pool2d.default: qsum_pool2d, g.requantize.default: requantize, g.qadd.default: qadd,
     g.qlut.default: qlut, g.qsign.default: qsign, g.unpack_bits.default: unpack_bits,
@@ -225,7 +226,7 @@ def run(gm: fx.GraphModule, inputs) -> list[np.ndarray]:
             t = next(it)
             env[n] = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         elif n.op == "get_attr":
-            env[n] = get_attr_value(gm, n.target).detach().cpu().numpy()
+            env[n] = operator.attrgetter(n.target)(gm).detach().cpu().numpy()
         elif n.op == "call_function":
             fn = OPS.get(n.target)
             if fn is None:

@@ -19,17 +19,23 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from graphopt.analysis import analyze
-from graphopt.capture import capture
-from graphopt.distill import DistillationLoss, distill
+from graphopt.config import as_enum
+from graphopt.distillation import DistillationLoss, distill
 from graphopt.errors import ConfigError
+from graphopt.passes.analysis import cost as graph_cost
+from graphopt.passes.capture import capture, eval_mode
+from graphopt.progress import LOG, shown
 from graphopt.training import TrainConfig, evaluate, fit
+
+if TYPE_CHECKING:
+    from graphopt.compiled import CompiledModel
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class QuantStage:
     calibration_batches: int = 8
 
     def __post_init__(self):
-        from graphopt.quantize import LayerQuant
+        from graphopt.quantization import LayerQuant
 
         LayerQuant(self.weights, self.activations)  # the bit widths QuantScheme accepts, checked now
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.qat_epochs, self.calibration_batches)):
@@ -97,7 +103,7 @@ class Recipe:
                               "max_instructions")
 
     @staticmethod
-    def from_dict(d: dict) -> "Recipe":
+    def from_dict(d: dict) -> Recipe:
         """Build from a plain dict (e.g. a parsed recipe.toml with [prune], [quantize], [stop], [train])."""
         known = {"prune", "quantize", "stop", "train", "distill", "distill_loss"}
         unknown = set(d) - known
@@ -154,7 +160,7 @@ class OptimizeReport:
 @dataclass
 class OptimizeResult:
     model: nn.Module  # the best model meeting the floor (quantized QDQ module if quantization kept)
-    compiled: object  # graphopt.CompiledModel of `model`
+    compiled: CompiledModel  # of `model`
     report: OptimizeReport
 
 
@@ -165,7 +171,8 @@ def _first_batch(data: Iterable) -> tuple:
 
 
 def _cost(model: nn.Module, x: tuple) -> tuple[int, int]:
-    c = analyze(capture(model.eval(), x).graph_module, x)
+    with eval_mode(model):
+        c = graph_cost(capture(model, x).graph_module, x)
     return c.macs, c.params
 
 
@@ -185,15 +192,22 @@ def _latency(cm, x: tuple) -> float:
 def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target: str = "arm", *,
              recipe: Recipe, out_dir: str | Path | None = None, progress: bool = True) -> OptimizeResult:
     """Run ``recipe`` on a copy of ``model``; see the module docstring. ``train_data``/``val_data``
-    yield ``(x, y)`` batches; the first training batch's inputs are the example inputs."""
-    import graphopt
-    from graphopt.prune import PruneConfig, prune_iteratively
-    from graphopt.quantize import QuantScheme, convert, prepare_qat, quantize
+    yield ``(x, y)`` batches; the first training batch's inputs are the example inputs. ``progress``
+    logs every step (`graphopt.progress`) and shows training bars."""
+    with shown(progress):
+        return _optimize(model, train_data, val_data, target, recipe=recipe, out_dir=out_dir, progress=progress)
 
-    from graphopt.capture import check_model
+
+def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target: str, *,
+              recipe: Recipe, out_dir: str | Path | None, progress: bool) -> OptimizeResult:
+    from graphopt.api import compile
+    from graphopt.passes.capture import check_model
+    from graphopt.pruning import Criterion, PruneConfig, prune_iteratively
+    from graphopt.quantization import QuantScheme, convert, prepare_qat, quantize
+    from graphopt.targets import get_target
     from graphopt.training import check_batches
 
-    spec = graphopt.get_target(target)
+    spec = get_target(target)
     check_model(model)
     check_batches(train_data, "train_data")
     check_batches(val_data, "val_data")
@@ -204,7 +218,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
     teacher = copy.deepcopy(model).eval()
     stop, cfg = recipe.stop, recipe.train
     report = OptimizeReport(spec.name, latency_unit="instructions" if spec.is_emulated else "ms")
-    say = (lambda m: print(f"[graphopt optimize] {m}", flush=True)) if progress else (lambda m: None)
+    say = LOG.getChild("optimize").info
     measure_latency = stop.max_latency_ms is not None or stop.max_instructions is not None
 
     def train(student: nn.Module, epochs: int) -> None:
@@ -220,7 +234,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
         macs, params = _cost(m, x)
         rec = StepRecord(name, evaluate(m, val_data), macs, params, bits, None, kept, note)
         if measure_latency and bits == 32:
-            rec.latency = _latency(graphopt.compile(m, x, spec, progress=False), x)
+            rec.latency = _latency(compile(m, x, spec, progress=False), x)
         report.steps.append(rec)
         say(f"{name}: accuracy {rec.accuracy:.4f}, MACs {macs:,}, params {params:,}"
             + (f", latency {rec.latency:.4g} {report.latency_unit}" if rec.latency is not None else ""))
@@ -231,11 +245,12 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
     floor = stop.min_accuracy
 
     if recipe.prune is not None:
-        budget = {"target_macs": stop.max_macs} if stop.max_macs is not None else \
+        stage = recipe.prune
+        budget: dict[str, Any] = {"target_macs": stop.max_macs} if stop.max_macs is not None else \
                  {"target_params": stop.max_params} if stop.max_params is not None else {"target_macs": 0.1}
 
         def fine_tune(candidate: nn.Module, step: int) -> float:
-            train(candidate, recipe.prune.epochs_per_step)
+            train(candidate, stage.epochs_per_step)
             rec = record(f"prune {step}", candidate)
             if floor is not None and rec.accuracy < floor:
                 rec.kept, rec.note = False, f"below the floor {floor:g}: discarded"
@@ -245,8 +260,8 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
             return rec.accuracy
 
         try:
-            best = prune_iteratively(best, x, PruneConfig(criterion=recipe.prune.criterion, **budget),
-                                     steps=recipe.prune.steps, fine_tune=fine_tune, min_metric=floor,
+            config = PruneConfig(criterion=as_enum(Criterion, stage.criterion, "criterion"), **budget)
+            best = prune_iteratively(best, x, config, steps=stage.steps, fine_tune=fine_tune, min_metric=floor,
                                      target=spec).eval()
         except _BudgetMet as met:
             best = met.model.eval()
@@ -255,7 +270,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
     if recipe.quantize is not None:
         q = recipe.quantize
         scheme = QuantScheme(weights=q.weights, activations=q.activations)
-        calib = [(b[0],) for _, b in zip(range(q.calibration_batches), train_data)]
+        calib = [(b[0],) for _, b in zip(range(q.calibration_batches), train_data, strict=False)]
         if q.qat_epochs:
             qat = prepare_qat(best, x, scheme, calibration=calib)
             train(qat, q.qat_epochs)
@@ -269,7 +284,7 @@ def optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target:
             rec.kept, rec.note = False, f"below the floor {floor:g}: the float model is compiled instead"
 
     say(f"compiling the kept model for {spec.name}")
-    compiled = graphopt.compile(final, x, spec, progress=progress)
+    compiled = compile(final, x, spec, progress=progress)
     if out_dir is not None:
         report.plot = str(write_outputs(report, Path(out_dir), base))
     return OptimizeResult(final, compiled, report)

@@ -16,10 +16,10 @@ import enum
 import torch
 from torch import nn
 
-from graphopt.capture import check_model
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError
+from graphopt.passes.capture import check_model
 from graphopt.passes.dependency import DependencyGraph, Role
-from graphopt.prune import as_enum
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from graphopt.pipeline import PassRecord
+from graphopt.passes.manager import PassRecord
 
 SCHEMA_VERSION = 1
 
@@ -57,7 +57,8 @@ def _pruning_lines(p: dict) -> list[str]:
         for g in groups:
             lines.append(f"| {g['id']} | {', '.join(g['producers'])} | {g['channels_before']} → {g['channels_after']} "
                          f"| {_fmt_int(g['macs_before'])} → {_fmt_int(g['macs_after'])} "
-                         f"| {_fmt_int(g['params_before'])} → {_fmt_int(g['params_after'])} | {'; '.join(g['reasons'])} |")
+                         f"| {_fmt_int(g['params_before'])} → {_fmt_int(g['params_after'])} "
+                         f"| {'; '.join(g['reasons'])} |")
     return lines
 
 
@@ -174,7 +175,8 @@ class Report:
             lines.append(f"| {p.name} | {'yes' if p.modified else 'no'} | {p.seconds * 1e3:.1f} ms | {stats} |")
         q = self.quantization
         if q:
-            packed = ", ".join(f"{k.removeprefix('packed_')} packed: {v}" for k, v in q.items() if k.startswith("packed_"))
+            packed = ", ".join(f"{k.removeprefix('packed_')} packed: {v}" for k, v in q.items()
+                               if k.startswith("packed_"))
             lines += ["", "## Quantization", "",
                       f"- integer weights: {_fmt_bytes(q['weight_bytes'])} vs fp32 {_fmt_bytes(q['weight_bytes_fp32'])}"
                       f" ({q['weight_size_ratio']}x smaller{'; ' + packed + ' layer(s)' if packed else ''})",

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from graphopt.capture import check_model
+from graphopt.config import as_enum
 from graphopt.errors import ArtifactError, ConfigError
-from graphopt.prune import as_enum
+from graphopt.passes.capture import check_model
 
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -81,7 +81,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: Scope | str = S
             keep[w.flatten().argsort()[:int(round(sparsity * w.numel()))]] = False
             masks.append(keep)
     report = {}
-    for (path, mod), w, keep in zip(layers, weights, masks):
+    for (path, mod), w, keep in zip(layers, weights, masks, strict=True):
         mask = keep.reshape(w.shape).to(w.dtype)
         if parametrize.is_parametrized(mod, "weight"):
             mod.parametrizations.weight[0].mask.copy_(mask)
@@ -89,7 +89,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: Scope | str = S
             parametrize.register_parametrization(mod, "weight", WeightMask(mask))
         report[path] = round(1 - float(keep.float().mean()), 4)
     total = sum(w.numel() for w in weights)
-    zeros = sum(r * w.numel() for r, w in zip(report.values(), weights))
+    zeros = sum(r * w.numel() for r, w in zip(report.values(), weights, strict=True))
     return {"scope": scope.value, "sparsity": round(zeros / total, 4), "layers": report}
 
 

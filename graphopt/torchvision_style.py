@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -473,7 +473,7 @@ class ShuffleNetV2(nn.Module):
         input_channels = output_channels
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for name, repeats, output_channels in zip(["stage2", "stage3", "stage4"], stages_repeats,
-                                                  stages_out_channels[1:]):
+                                                  stages_out_channels[1:], strict=False):
             seq = [InvertedResidualShuffle(input_channels, output_channels, 2)]
             seq += [InvertedResidualShuffle(output_channels, output_channels, 1) for _ in range(repeats - 1)]
             setattr(self, name, nn.Sequential(*seq))
@@ -539,7 +539,7 @@ class _DenseBlock(nn.ModuleDict):
 
     def forward(self, init_features: Tensor) -> Tensor:
         features = [init_features]
-        for name, layer in self.items():
+        for _name, layer in self.items():
             new_features = layer(features)
             features.append(new_features)
         return torch.cat(features, 1)
@@ -622,7 +622,7 @@ class RegNet(nn.Module):
         self.stem = Conv2dNormActivation(3, stem_width, kernel_size=3, stride=2)
         current_width = stem_width
         blocks = []
-        for i, (width_out, depth) in enumerate(zip(widths, depths)):
+        for i, (width_out, depth) in enumerate(zip(widths, depths, strict=False)):
             stage = nn.Sequential(*[ResBottleneckBlock(current_width if j == 0 else width_out, width_out,
                                                        2 if j == 0 else 1, group_width) for j in range(depth)])
             blocks.append((f"block{i + 1}", stage))
@@ -676,8 +676,9 @@ class VGG(nn.Module):
 def vgg11(num_classes: int = 1000, width_div: int = 1, hidden: int = 4096) -> VGG:
     layers: list[nn.Module] = []
     in_channels = 3
-    for v in [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]:
-        if v == "M":
+    config: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    for v in config:
+        if isinstance(v, str):
             layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
         else:
             v = v // width_div

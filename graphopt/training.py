@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from graphopt.capture import check_model
+from graphopt import progress
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError
+from graphopt.passes.capture import check_model
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -42,7 +44,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "optimizer", _enum(Optimizer, self.optimizer, "optimizer"))
+        object.__setattr__(self, "optimizer", as_enum(Optimizer, self.optimizer, "optimizer"))
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int):
             raise ConfigError(f"epochs={self.epochs!r} must be an int, e.g. epochs=3")
         for name in ("lr", "momentum", "weight_decay"):
@@ -66,13 +68,6 @@ def check_batches(data, what: str = "data") -> None:
         got = "a single tensor" if isinstance(data, torch.Tensor) else type(data).__name__
         raise ConfigError(f"{what} must be an iterable of batches, e.g. a DataLoader or a list of (x, y) tuples; "
                           f"got {got}")
-
-
-def _enum(cls, value, what: str):
-    try:
-        return cls(value)
-    except ValueError:
-        raise ConfigError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
 @dataclass
@@ -119,6 +114,13 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
         n_batches = None
     if n_batches == 0:
         raise ConfigError("training data is empty")
+    with progress.shown(config.progress):
+        return _train(model, data, loss_fn, config, on_epoch_end, n_batches)
+
+
+def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
+           config: TrainConfig, on_epoch_end: Callable[[int, nn.Module], dict] | None,
+           n_batches: int | None) -> TrainResult:
     opt = _make_optimizer(model, config)
     start, history = 0, []
     ckpt = config.checkpoint_dir / CHECKPOINT if config.checkpoint_dir else None
@@ -130,13 +132,14 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        if state.get("data_rng") is not None and getattr(data, "generator", None) is not None:
-            data.generator.set_state(state["data_rng"])
+        generator = getattr(data, "generator", None)  # a DataLoader's shuffling
+        if state.get("data_rng") is not None and generator is not None:
+            generator.set_state(state["data_rng"])
         start, history = state["epoch"], state["history"]
     for epoch in range(start, config.epochs):
         model.train()
         total, count = 0.0, 0
-        bar = _progress(data, n_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
+        bar = progress.bar(data, n_batches, f"epoch {epoch + 1}/{config.epochs}")
         for batch in bar:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
@@ -157,20 +160,13 @@ def fit(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple], 
         history.append(record)
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            data_rng = data.generator.get_state() if getattr(data, "generator", None) is not None else None
+            generator = getattr(data, "generator", None)
+            data_rng = generator.get_state() if generator is not None else None
             _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                               "history": history, "structure": _structure(model), "rng": torch.get_rng_state(),
                               "data_rng": data_rng}, ckpt)
     model.eval()
     return TrainResult(config.epochs - start, start, history)
-
-
-def _progress(data, total, desc, enabled):
-    if not enabled:
-        return data
-    from tqdm.auto import tqdm
-
-    return tqdm(data, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ A pass rewrites an ATen-level fx `GraphModule` (see `graphopt.capture`) and retu
 `PassResult` whose ``modified`` is honest: a second run of any pass on its own output reports
 ``modified=False``. Rewrites a pass chooses not to make are returned as `Decline`s, never
 skipped silently. Passes declare the graph properties they ``requires`` and ``establishes``;
-`graphopt.pipeline.PassManager` checks them.
+`graphopt.passes.manager.PassManager` checks them.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Decline:
     reason: str
 
     @staticmethod
-    def at(pass_name: str, node: fx.Node, reason: str) -> "Decline":
+    def at(pass_name: str, node: fx.Node, reason: str) -> Decline:
         return Decline(pass_name, node.name, node_source(node), reason)
 
     def to_dict(self) -> dict:

@@ -5,9 +5,10 @@ Refuses to remove impure nodes (in-place ops, asserts, RNG with side effects) â€
 """
 from __future__ import annotations
 
-from graphopt.passes._graph import delete_unused_attributes
-from graphopt.passes.base import GraphPass, PassContext, PassResult
 from torch import fx
+
+from graphopt.passes.base import GraphPass, PassContext, PassResult
+from graphopt.passes.graph import delete_unused_attributes
 
 
 class DeadCodeElimination(GraphPass):

@@ -28,37 +28,23 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-from graphopt.passes.base import Decline
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from graphopt import ops
+from graphopt.passes.base import Decline
 
 aten = torch.ops.aten
 PASS_NAME = "prune-channels"
 
-_CONV = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
-_ELEMENTWISE = {
-    aten.relu.default, aten.hardtanh.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default,
-    aten.tanh.default, aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default, aten.elu.default,
-    aten.mish.default, aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-    aten.detach.default, aten.neg.default, aten.abs.default, aten.exp.default, aten.sqrt.default,
-    aten.rsqrt.default, aten.square.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default,
-    aten.clamp.default, aten.relu6.default, aten.softplus.default, aten.relu_.default, aten.hardtanh_.default,
-    aten.silu_.default, aten.gelu_.default, aten.sigmoid_.default, aten.dropout_.default,
-}
-_SPATIAL = {  # keep axis 1 (channels) in place
-    aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default, aten.avg_pool1d.default,
-    aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
-    aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
-    aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
-}
-_BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
-           aten.minimum.default, aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor}
-_REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
-_RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-            aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
-_SPLIT = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections}
-_MIXING = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.scaled_dot_product_attention.default,
-           aten.softmax.int, aten._softmax.default, aten.log_softmax.int}
+def _shape(node) -> tuple[int, ...]:
+    """The shape of a tensor node (`analyze_dependencies` made sure every node has one)."""
+    dims = ops.shape(node)
+    if dims is None:
+        raise ValueError(f"{node} has no static shape")
+    return dims
+
+
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -181,11 +167,6 @@ class _Analysis:
             self.declines.setdefault((node.name, reason), Decline.at(PASS_NAME, node, reason))
 
     # helpers
-    @staticmethod
-    def shape(n) -> tuple[int, ...] | None:
-        tm = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-        return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
-
     def tracked(self, n):
         return self.chan.get(n) if isinstance(n, fx.Node) else None
 
@@ -196,7 +177,7 @@ class _Analysis:
             return c
         if isinstance(c, _Chan):
             self.pin_chan(c, n, f"channels arrive on axis {c.axis} where {why} expects axis {axis}")
-        return _Chan(axis, self.new(self.shape(n)[axis], pin="channels come from outside any prunable group"))
+        return _Chan(axis, self.new(_shape(n)[axis], pin="channels come from outside any prunable group"))
 
     def param_owner(self, n, kinds, attr: str) -> tuple[str, nn.Module] | None:
         """(module path, module) if ``n`` reads ``<path>.<attr>`` of a module of ``kinds``."""
@@ -226,7 +207,7 @@ class _Analysis:
 
     def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            s = self.shape(node)
+            s = _shape(node)
             if s is not None and len(s) >= 2:
                 self.chan[node] = _Chan(1, self.new(s[1], pin="model input channels"))
             return
@@ -241,22 +222,22 @@ class _Analysis:
             src = self.tracked(node.args[0])
             self.chan[node] = src[node.args[1]] if isinstance(src, list) else None
             return
-        rule = (self.conv if t in _CONV else self.linear if t is aten.linear.default
-                else self.batch_norm if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
-                else self.passthrough if t in _ELEMENTWISE or t in _SPATIAL
-                else self.binary if t in _BINARY
-                else self.reduce if t in _REDUCE
-                else self.reshape if t in _RESHAPE
+        rule = (self.conv if t in ops.CONV else self.linear if t is aten.linear.default
+                else self.batch_norm if t in ops.BATCH_NORMS
+                else self.passthrough if t in ops.CHANNELWISE or t in ops.SPATIAL
+                else self.binary if t in ops.BINARY
+                else self.reduce if t in ops.REDUCE
+                else self.reshape if t in ops.RESHAPE
                 else self.permute if t in (aten.permute.default, aten.transpose.int, aten.t.default)
                 else self.cat if t is aten.cat.default
-                else self.split if t in _SPLIT
+                else self.split if t in ops.SPLIT
                 else self.slice_select if t in (aten.slice.Tensor, aten.select.int)
                 else self.norm_over if t in (aten.layer_norm.default, aten.group_norm.default)
                 else self.pad if t in (aten.constant_pad_nd.default, aten.pad.default)
                 else None)
         if rule is None:
             why = ("matmul/attention mixes channels; head pruning is not implemented, the group is kept"
-                   if t in _MIXING else f"operator {t} is not understood by the pruning analysis")
+                   if t in ops.MIXING else f"operator {t} is not understood by the pruning analysis")
             for n in node.all_input_nodes:
                 self.pin_chan(self.tracked(n), node, why)
             return
@@ -267,7 +248,7 @@ class _Analysis:
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         owner = self.param_owner(w, _CONV_MODULES, "weight")
-        out_shape = self.shape(node)
+        out_shape = _shape(node)
         cout = out_shape[1]
         if (owner is None or (b is not None and self.param_owner(b, _CONV_MODULES, "bias") != owner)
                 or self.calls.get(w.target, 0) != 1 or owner[1].padding_mode != "zeros"):
@@ -291,7 +272,7 @@ class _Analysis:
                     self.union(xin.ids[r], xin.ids[j * cin_g + r])
                 for r in range(cout_g):
                     self.union(out[r], out[j * cout_g + r])
-        self.modules[path] = ModuleInfo(path, "conv", cout, cin, groups, math.prod(w.meta["tensor_meta"].shape[2:]),
+        self.modules[path] = ModuleInfo(path, "conv", cout, cin, groups, math.prod(_shape(w)[2:]),
                                         math.prod(out_shape) // cout, b is not None)
         self.first_producer = self.first_producer or path
         self.chan[node] = _Chan(1, out)
@@ -300,7 +281,7 @@ class _Analysis:
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         owner = self.param_owner(w, nn.Linear, "weight")
-        out_shape = self.shape(node)
+        out_shape = _shape(node)
         axis = len(out_shape) - 1
         if (owner is None or (b is not None and self.param_owner(b, nn.Linear, "bias") != owner)
                 or self.calls.get(w.target, 0) != 1):
@@ -309,7 +290,7 @@ class _Analysis:
             self.chan[node] = _Chan(axis, self.new(out_shape[-1], pin="output of a linear that cannot be shrunk"))
             return
         path, _ = owner
-        xin = self.input_chan(x, len(self.shape(x)) - 1, f"linear {path}")
+        xin = self.input_chan(x, len(_shape(x)) - 1, f"linear {path}")
         out = self.new(out_shape[-1])
         self.add_members(out, path, Role.OUT)
         self.add_members(xin.ids, path, Role.IN)
@@ -320,7 +301,8 @@ class _Analysis:
 
     def batch_norm(self, node: fx.Node) -> None:
         x, params = node.args[0], node.args[1:5]
-        owners = {self.param_owner(p, _BN, a) for p, a in zip(params, ("weight", "bias", "running_mean", "running_var"))
+        names = ("weight", "bias", "running_mean", "running_var")
+        owners = {self.param_owner(p, _BN, a) for p, a in zip(params, names, strict=False)
                   if p is not None}
         c = self.tracked(x)
         result = (lambda ch: ch) if node.target is aten.batch_norm.default else (lambda ch: [ch, None, None])
@@ -329,7 +311,10 @@ class _Analysis:
                                    "with running statistics")
             self.chan[node] = result(c)
             return
-        (path, mod), = owners
+        (owner,) = owners
+        if owner is None:  # refused above: `None in owners`
+            return
+        path, mod = owner
         xin = self.input_chan(x, 1, f"BatchNorm {path}")
         self.add_members(xin.ids, path, Role.NORM)
         n_tensors = sum(p is not None for p in params)
@@ -338,20 +323,20 @@ class _Analysis:
 
     def passthrough(self, node: fx.Node) -> None:
         c = self.tracked(node.args[0])
-        s_in, s_out = self.shape(node.args[0]), self.shape(node)
+        s_in, s_out = _shape(node.args[0]), _shape(node)
         if isinstance(c, _Chan) and s_out is not None and len(s_out) == len(s_in) and s_out[c.axis] == s_in[c.axis]:
             self.chan[node] = c
         elif c is not None:
             self.pin_chan(c, node, f"{node.target} changes the channel axis")
 
     def binary(self, node: fx.Node) -> None:
-        out = self.shape(node)
+        out = _shape(node)
         if out is None:
             return
         rank = len(out)
         tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         chans = [self.tracked(a) for a in tensors]
-        axes = {c.axis - len(self.shape(a)) for a, c in zip(tensors, chans) if isinstance(c, _Chan)}
+        axes = {c.axis - len(_shape(a)) for a, c in zip(tensors, chans, strict=True) if isinstance(c, _Chan)}
         if not axes:
             return
         if len(axes) > 1:
@@ -360,27 +345,28 @@ class _Analysis:
             return
         neg = axes.pop()
         result = None
-        for a, c in zip(tensors, chans):
-            s = self.shape(a)
+        for a, c in zip(tensors, chans, strict=True):
+            s = _shape(a)
             size = s[neg] if len(s) >= -neg else 1
             if isinstance(c, _Chan):
                 if result is None:
                     result = c
                 else:
-                    for i, j in zip(result.ids, c.ids):
+                    for i, j in zip(result.ids, c.ids, strict=False):
                         self.union(i, j)
             elif size > 1:  # a constant or untracked tensor indexed by channel: cannot be sliced
                 for c2 in chans:
                     self.pin_chan(c2, node, "combined with a per-channel tensor that is not a prunable layer's "
                                             "output (constant or untracked)")
                 return
-        self.chan[node] = _Chan(rank + neg, result.ids)
+        if result is not None:  # the loop saw at least one tracked operand (axes is not empty)
+            self.chan[node] = _Chan(rank + neg, result.ids)
 
     def reduce(self, node: fx.Node) -> None:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(self.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         dims = node.args[1] if len(node.args) > 1 else None
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims)] if dims else list(range(rank))
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -393,7 +379,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        s_in, s_out = self.shape(node.args[0]), self.shape(node)
+        s_in, s_out = _shape(node.args[0]), _shape(node)
         before = math.prod(s_in[: c.axis])
         for b in (k for k in range(len(s_out)) if math.prod(s_out[:k]) == before):
             for k in range(c.axis + 1, len(s_in) + 1):  # the channel axis, possibly merged with the axes after it
@@ -408,7 +394,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(self.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         if node.target is aten.permute.default:
             order = [d % rank for d in node.args[1]]
         else:
@@ -419,7 +405,7 @@ class _Analysis:
 
     def cat(self, node: fx.Node) -> None:
         tensors = node.args[0]
-        rank = len(self.shape(node))
+        rank = len(_shape(node))
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
         chans = [self.tracked(t) for t in tensors]
         axes = {c.axis for c in chans if isinstance(c, _Chan)}
@@ -430,7 +416,7 @@ class _Analysis:
             self.chan[node] = _Chan(dim, ids)
         elif len(axes) == 1 and all(isinstance(c, _Chan) for c in chans):  # cat along another axis: shared channels
             for c in chans[1:]:
-                for i, j in zip(chans[0].ids, c.ids):
+                for i, j in zip(chans[0].ids, c.ids, strict=False):
                     self.union(i, j)
             self.chan[node] = chans[0]
         else:
@@ -441,7 +427,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(self.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % rank
         pieces = [tuple(v.shape) for v in node.meta["val"]]
         if dim != c.axis:
@@ -461,10 +447,10 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(self.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         dim = node.args[1] % rank
         if dim == c.axis:
-            if node.target is aten.slice.Tensor and self.shape(node)[dim] == len(c.ids):
+            if node.target is aten.slice.Tensor and _shape(node)[dim] == len(c.ids):
                 self.chan[node] = c
             else:
                 self.pin_chan(c, node, "slicing/indexing of channels; its bounds are fixed in the model's code")
@@ -475,7 +461,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(self.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         normalized = (range(rank - len(node.args[1]), rank) if node.target is aten.layer_norm.default
                       else range(1, rank))
         if c.axis in normalized:
@@ -487,7 +473,7 @@ class _Analysis:
         c = self.tracked(node.args[0])
         if not isinstance(c, _Chan):
             return
-        rank = len(self.shape(node.args[0]))
+        rank = len(_shape(node.args[0]))
         padded = range(rank - len(node.args[1]) // 2, rank)
         if c.axis in padded:
             self.pin_chan(c, node, "padding of the channel axis")
@@ -515,8 +501,11 @@ class _Analysis:
 
 
 def analyze_dependencies(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> DependencyGraph:
-    """Channel groups of ``model``, captured as ``gm`` (get_attr targets are ``model``'s parameter paths)."""
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    """Channel groups of ``model``, captured as ``gm`` (get_attr targets are ``model``'s parameter paths).
+    Shapes come from the capture's metadata; a graph with nodes lacking it is shape-propagated first."""
+    if any("val" not in n.meta and "tensor_meta" not in n.meta for n in gm.graph.nodes
+           if n.op in ("placeholder", "call_function")):
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
     return _Analysis(gm, model).run()
 

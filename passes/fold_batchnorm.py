@@ -10,13 +10,13 @@ and BN with no conv/linear producer (it stays a per-channel scale and shift).
 from __future__ import annotations
 
 import torch
-from graphopt.passes._graph import add_constant, arg, constant_of, is_op
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
 
+from graphopt import ops
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import add_constant, arg, constant_of, is_op
+
 aten = torch.ops.aten
-_CONV = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
-_LINEAR = (aten.linear.default,)
 _BN_LEGIT = aten._native_batch_norm_legit_no_training.default
 
 
@@ -67,7 +67,7 @@ class FoldBatchNorm(GraphPass):
             return "BatchNorm runs in training mode (batch statistics); call model.eval() first"
         if is_op(x, aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input):
             return "producer is a transposed convolution (output channels on weight axis 1); not folded"
-        if not is_op(x, *_CONV, *_LINEAR):
+        if not is_op(x, *ops.CONV, *ops.LINEAR):
             return "no conv/linear producer to fold into; kept as a per-channel scale and shift"
         if len(x.users) != 1:
             return f"producer {x.name} has {len(x.users)} users; folding would change the others"
@@ -81,6 +81,8 @@ class FoldBatchNorm(GraphPass):
     @staticmethod
     def _fold(gm, x, gamma_n, beta_n, mean_n, var_n, eps) -> None:
         w = constant_of(gm, x.args[1])
+        if w is None:  # `_decline` refused non-constant weights before
+            raise ValueError(f"{x.name}: weight is not a constant")
         b = constant_of(gm, arg(x, 2, "bias")) if arg(x, 2, "bias") is not None else None
         mean, var = constant_of(gm, mean_n), constant_of(gm, var_n)
         gamma = constant_of(gm, gamma_n) if gamma_n is not None else torch.ones_like(mean)

@@ -40,9 +40,19 @@ import torch
 from torch import fx
 
 from graphopt import qops
-from graphopt.passes._graph import add_constant, constant_of, delete_unused_attributes, is_op
-from graphopt.passes.fold_batchnorm import bn_parts
+from graphopt.ops import (
+    ACTIVATIONS,
+    BATCH_NORMS,
+    CLAMPS,
+    FUSES_CLAMP,
+    PADS,
+    PASS_THROUGH,
+    SCALAR_ARITHMETIC,
+    SPLITS,
+)
 from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.fold_batchnorm import bn_parts
+from graphopt.passes.graph import add_constant, constant_of, delete_unused_attributes, is_op
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -51,37 +61,6 @@ DQ_TENSOR = (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)
 DQ_CHANNEL = (qd.dequantize_per_channel.default,)
 QSIGN = torch.ops.graphopt.quantize_sign.default
 g = qops.ops
-
-# activations that only narrow the output range (lo, hi in real units; None = unbounded)
-CLAMPS = {
-    aten.relu.default: lambda n: (0.0, None),
-    aten.relu6.default: lambda n: (0.0, 6.0),
-    aten.hardtanh.default: lambda n: (float(n.args[1]) if len(n.args) > 1 else -1.0,
-                                      float(n.args[2]) if len(n.args) > 2 else 1.0),
-    aten.clamp.default: lambda n: (None if len(n.args) < 2 or n.args[1] is None else float(n.args[1]),
-                                   None if len(n.args) < 3 or n.args[2] is None else float(n.args[2])),
-}
-_UNARY = (aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.hardswish.default,
-          aten.hardsigmoid.default, aten.sigmoid.default, aten.tanh.default, aten.gelu.default,
-          aten.silu.default, aten.elu.default, aten.leaky_relu.default, aten.mish.default, aten.softplus.default,
-          aten.neg.default, aten.abs.default, aten.exp.default, aten.square.default)
-# arithmetic that is elementwise in one tensor when its other operands are Python scalars (→ qlut)
-_SCALAR_ARITHMETIC = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor,
-                      aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.rsub.Scalar, aten.pow.Tensor_Scalar)
-_VIEWS = (aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default,
-          aten.squeeze.dims, aten.unsqueeze.default, aten.transpose.int, aten.contiguous.default,
-          aten.clone.default, aten.slice.Tensor, aten._unsafe_view.default, aten.squeeze.dim, aten.t.default,
-          aten.select.int)
-PASS_THROUGH = (*_VIEWS, aten.max_pool2d.default)  # commute with (s, z): they share their input's params
-PADS = (aten.pad.default, aten.constant_pad_nd.default)  # int8 data movement; the pad value quantized once
-SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)  # items are slices
-BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
-SHARES_PARAMS = (aten.relu.default,)  # standalone: the quantizer gives its output its input's params (a clamp)
-# producers a following relu/relu6/hardtanh/clamp folds into (the quantizer quantizes after the pair)
-FUSES_CLAMP = (aten.conv2d.default, aten.linear.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.matmul.default,
-               aten.mm.default, aten.bmm.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
-               aten.mean.dim, aten.cat.default, *BATCH_NORMS)
-
 
 @dataclass(frozen=True)
 class QParams:
@@ -99,7 +78,7 @@ class QParams:
     def z(self) -> int:
         return int(self.zero_point[0])
 
-    def same(self, other: "QParams") -> bool:
+    def same(self, other: QParams) -> bool:
         return self.axis is None and other.axis is None and self.s == other.s and self.z == other.z
 
 
@@ -345,7 +324,7 @@ def _batch_norm(r: _Rewriter, gm, core, out, lo, hi):
     if training:
         raise Unfoldable("BatchNorm in training mode")
     values = [constant_of(gm, n) if n is not None else None for n in (gamma_n, beta_n, mean_n, var_n)]
-    if values[2] is None or values[3] is None or any(v is None for v, n in zip(values, (gamma_n, beta_n))
+    if values[2] is None or values[3] is None or any(v is None for v, n in zip(values, (gamma_n, beta_n), strict=False)
                                                      if n is not None):
         raise Unfoldable("BatchNorm statistics or affine parameters are not constants")
     mean, var = values[2].to(torch.float64), values[3].to(torch.float64)
@@ -470,7 +449,7 @@ def _avg_pool(r: _Rewriter, gm, core, out, lo, hi):
     count_include_pad = a[5] if a[5] is not None else core.kwargs.get("count_include_pad", True)
     divisor = a[6] if a[6] is not None else core.kwargs.get("divisor_override")
     h, w = _ints(a[0].meta["val"].shape[-2:])
-    floor = [(n + 2 * p - k) // st + 1 for n, p, k, st in zip((h, w), padding, kernel, stride)]
+    floor = [(n + 2 * p - k) // st + 1 for n, p, k, st in zip((h, w), padding, kernel, stride, strict=False)]
     if ceil_mode and _ints(core.meta["val"].shape[-2:]) != floor:
         raise Unfoldable("avg_pool2d with ceil_mode: the last windows are partial (another divisor)")
     if any(padding) and count_include_pad is False and divisor is None:
@@ -481,7 +460,7 @@ def _avg_pool(r: _Rewriter, gm, core, out, lo, hi):
 def _adaptive_avg_pool(r: _Rewriter, gm, core, out, lo, hi):
     x, xq = _dq_input(gm, core.args[0])
     h, w = _ints(core.args[0].meta["val"].shape[-2:])
-    oh, ow = (int(o) if o is not None else n for o, n in zip(core.args[1], (h, w)))
+    oh, ow = (int(o) if o is not None else n for o, n in zip(core.args[1], (h, w), strict=False))
     if h % oh or w % ow:
         raise Unfoldable(f"adaptive pooling {h}x{w} → {oh}x{ow} has uneven windows")
     return _sum_pool(r, gm, x, xq, [h // oh, w // ow], [h // oh, w // ow], [0, 0], out, lo, hi)
@@ -526,10 +505,10 @@ def _requant(r: _Rewriter, gm, core, out, lo, hi):
 RULES = {
     aten.conv2d.default: _conv, aten.linear.default: _linear,
     aten.matmul.default: _matmul, aten.mm.default: _matmul, aten.bmm.default: _matmul,
-    **{op: _arith for op in _SCALAR_ARITHMETIC}, aten.cat.default: _cat,
+    **{op: _arith for op in SCALAR_ARITHMETIC}, aten.cat.default: _cat,
     **{v: _pass_through for v in PASS_THROUGH}, **{p: _pad for p in PADS}, operator.getitem: _split_item,
     aten.avg_pool2d.default: _avg_pool, aten.adaptive_avg_pool2d.default: _adaptive_avg_pool, aten.mean.dim: _mean,
-    **{u: _elementwise for u in _UNARY}, **{b: _batch_norm for b in BATCH_NORMS},
+    **{u: _elementwise for u in ACTIVATIONS}, **{b: _batch_norm for b in BATCH_NORMS},
     **{d: _requant for d in DQ_TENSOR},
 }
 
@@ -613,7 +592,7 @@ class FoldQDQ(GraphPass):
                     core = inner
             core = _positional(core) if core is not None else None
             rule = RULES.get(core.target) if core is not None else None
-            if rule is None:
+            if rule is None or core is None:
                 what = core.target.__name__ if core is not None else q.args[0]
                 declined.append(Decline.at(self.name, q, f"{what} has no integer form here; kept in QDQ form "
                                                          f"(dequantize → fp32 {what} → quantize)"))

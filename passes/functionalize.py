@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from graphopt.passes._graph import alias_roots
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
+
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import alias_roots
 
 aten = torch.ops.aten
 
@@ -32,7 +33,7 @@ def _writes_first_argument_only(schema) -> bool:
             and not any(a.alias_info is not None and a.alias_info.is_write for a in args[1:]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def functional_form(op) -> torch._ops.OpOverload | None:
     """``aten.relu_.default`` → ``aten.relu.default``: the overload with the same arguments that
     returns a new tensor, or None when ``op`` is not an in-place op of that kind."""
@@ -49,7 +50,7 @@ def functional_form(op) -> torch._ops.OpOverload | None:
     fs = functional._schema
     same = len(fs.arguments) == len(schema.arguments) and len(fs.returns) == 1 and all(
         str(a.type) == str(b.type) and a.kwarg_only == b.kwarg_only
-        for a, b in zip(schema.arguments, fs.arguments))
+        for a, b in zip(schema.arguments, fs.arguments, strict=True))
     return functional if same else None
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import Any
 
 import torch
-from graphopt.passes._graph import get_attr_value
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
-from graphopt.source import node_source
 from torch import fx
+
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import get_attr_value
+from graphopt.source import node_source
 
 _hop = torch.ops.higher_order
 # op → (index of the submodule argument, function of the args saying why it is not exact to inline, or None)
@@ -108,7 +110,10 @@ class InlineRegions(GraphPass):
         index, _ = _REGIONS[node.target]
         sub_node, operands = node.args[index], node.args[index + 1:]
         sub = _body(gm, node)
-        env: dict[fx.Node, object] = dict(zip((n for n in sub.graph.nodes if n.op == "placeholder"), operands))
+        if sub is None:  # `_declined` refused these regions before
+            raise ValueError(f"{node.name}: the region's body is not a GraphModule of the graph")
+        placeholders = (n for n in sub.graph.nodes if n.op == "placeholder")
+        env: dict[fx.Node, Any] = dict(zip(placeholders, operands, strict=False))
         with graph.inserting_before(node):
             for n in sub.graph.nodes:
                 if n.op in ("placeholder", "output"):

@@ -8,8 +8,9 @@ the operator-set check, which names it.
 from __future__ import annotations
 
 import torch
-from graphopt.passes._graph import arg
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
+
+from graphopt.passes.graph import arg
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 

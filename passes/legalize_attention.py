@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
+
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")

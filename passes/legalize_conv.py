@@ -13,8 +13,9 @@ here), convolutions whose weights are not constants.
 from __future__ import annotations
 
 import torch
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
-from graphopt.targets.opset import conv_params
+
+from graphopt.ops import conv_params
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 CONV = aten.conv2d.default
@@ -38,7 +39,7 @@ def _emit_conv(e, x, w, b, a: dict, **changes):
 
 
 def _constant_weights(node, gm) -> bool:
-    from graphopt.passes._graph import constant_of
+    from graphopt.passes.graph import constant_of
 
     a = conv_args(node.args, node.kwargs)
     return constant_of(gm, a["weight"]) is not None and (a["bias"] is None or constant_of(gm, a["bias"]) is not None)

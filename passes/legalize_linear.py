@@ -10,10 +10,11 @@ the other conv rewrites or the operator-set check.
 from __future__ import annotations
 
 import torch
-from graphopt.passes._graph import constant_of
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
+
+from graphopt.ops import conv_params
+from graphopt.passes.graph import constant_of
 from graphopt.passes.legalize_conv import conv_args
-from graphopt.targets.opset import conv_params
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 

@@ -8,7 +8,8 @@ biased variance, as PyTorch's); float results differ by summation-order rounding
 from __future__ import annotations
 
 import torch
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
+
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 

@@ -13,8 +13,9 @@ the operator-set check): adaptive pooling to sizes that do not divide the input,
 from __future__ import annotations
 
 import torch
-from graphopt.passes._graph import arg
-from graphopt.passes._legalize import LegalizePass, Rewrite, unfit
+
+from graphopt.passes.graph import arg
+from graphopt.passes.rewrite import LegalizePass, Rewrite, unfit
 
 aten = torch.ops.aten
 
@@ -26,9 +27,9 @@ def _pair(v) -> list[int]:
 def _adaptive_window(node) -> list[int] | None:
     shape = node.args[0].meta["val"].shape
     out = _pair(node.args[1])
-    if len(shape) != 4 or any(o <= 0 or s % o for s, o in zip(shape[2:], out)):
+    if len(shape) != 4 or any(o <= 0 or s % o for s, o in zip(shape[2:], out, strict=True)):
         return None
-    return [s // o for s, o in zip(shape[2:], out)]
+    return [s // o for s, o in zip(shape[2:], out, strict=True)]
 
 
 def _needs_adaptive(node, gm, ops):
@@ -43,13 +44,13 @@ def _depthwise_mean(e, x, kernel, stride, padding):
 
 def _adaptive_to_pool(e, args, kwargs):
     shape, out = e.meta(args[0]).shape, _pair(args[1])
-    k = [s // o for s, o in zip(shape[2:], out)]
+    k = [s // o for s, o in zip(shape[2:], out, strict=True)]
     return e.call(aten.avg_pool2d.default, args[0], k, k)
 
 
 def _adaptive_to_conv(e, args, kwargs):
     shape, out = e.meta(args[0]).shape, _pair(args[1])
-    k = [s // o for s, o in zip(shape[2:], out)]
+    k = [s // o for s, o in zip(shape[2:], out, strict=True)]
     return _depthwise_mean(e, args[0], k, k, [0, 0])
 
 

@@ -14,13 +14,14 @@ channel shuffle) would then view a non-contiguous tensor, which PyTorch refuses.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from graphopt.passes._graph import alias_roots, arg
-from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
 from torch import fx
+
+from graphopt.passes.base import Decline, GraphPass, PassContext, PassResult, Property
+from graphopt.passes.graph import alias_roots, arg
 
 aten = torch.ops.aten
 _INT64_MAX = 2**63 - 1
@@ -39,7 +40,8 @@ def _same_shape_dtype(node: fx.Node) -> bool:
 def _scalar(node: fx.Node, value) -> bool:
     """Second operand is the Python number ``value`` and the op keeps shape and dtype."""
     other = node.args[1] if len(node.args) > 1 else None
-    return isinstance(other, (int, float)) and not isinstance(other, bool) and other == value and _same_shape_dtype(node)
+    return (isinstance(other, (int, float)) and not isinstance(other, bool) and other == value
+            and _same_shape_dtype(node))
 
 
 def _full_slice(node: fx.Node) -> bool:
@@ -59,14 +61,16 @@ class IdentityRule:
 
 RULES: tuple[IdentityRule, ...] = (
     IdentityRule(aten.dropout.default, lambda n: arg(n, 2, "train") is False, "dropout(x, p, train=False) = x"),
-    IdentityRule(aten.feature_dropout.default, lambda n: arg(n, 2, "train") is False, "feature_dropout(x, p, False) = x"),
+    IdentityRule(aten.feature_dropout.default, lambda n: arg(n, 2, "train") is False,
+                 "feature_dropout(x, p, False) = x"),
     IdentityRule(aten.alpha_dropout.default, lambda n: arg(n, 2, "train") is False, "alpha_dropout(x, p, False) = x"),
     IdentityRule(aten.clone.default, lambda n: True, "clone(x) = x  (values; graphs are functional)"),
     IdentityRule(aten.alias.default, lambda n: True, "alias(x) = x"),
     IdentityRule(aten.detach.default, lambda n: True, "detach(x) = x  (inference)"),
     IdentityRule(aten.contiguous.default, lambda n: True, "contiguous(x) = x  (values)"),
     IdentityRule(aten.to.dtype, _same_shape_dtype, "to(x, x.dtype) = x"),
-    IdentityRule(aten._to_copy.default, lambda n: _same_shape_dtype(n) and not n.kwargs.get("device"), "_to_copy(x) = x"),
+    IdentityRule(aten._to_copy.default, lambda n: _same_shape_dtype(n) and not n.kwargs.get("device"),
+                 "_to_copy(x) = x"),
     IdentityRule(aten.view.default, _same_shape_dtype, "view(x, x.shape) = x"),
     IdentityRule(aten.reshape.default, _same_shape_dtype, "reshape(x, x.shape) = x"),
     IdentityRule(aten.expand.default, _same_shape_dtype, "expand(x, x.shape) = x"),
@@ -88,7 +92,7 @@ RULES: tuple[IdentityRule, ...] = (
 # and shapes are static, so they only cost time. Erased, counted under this name.
 _ASSERTIONS = {aten._assert_tensor_metadata.default}
 _ASSERTION_ALGEBRA = "assert_tensor_metadata(x) = ()  (checked statically)"
-_BY_OP = {}
+_BY_OP: dict[object, list[IdentityRule]] = {}
 for _r in RULES:
     _BY_OP.setdefault(_r.op, []).append(_r)
 

@@ -37,6 +37,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   # torch first, pinned, so nothing later pulls a CUDA build.
   "$VENV/bin/pip" install -q "torch==2.13.0"
+  # the test extra brings pytest and the linters `make lint` runs (ruff, mypy), pinned in pyproject
   "$VENV/bin/pip" install -q -e ".[test]"
   touch "$stamp"
 else

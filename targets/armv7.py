@@ -4,10 +4,9 @@ No armv7 TVM runtime exists (no wheels), so armv7 uses the same C library path a
 built with ``arm-linux-gnueabihf-gcc`` and run under ``qemu-arm -cpu cortex-a7``. Linux has no
 board limits, so nothing is refused for size.
 """
-from graphopt.targets.registry import register_target
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
-register_target(TargetSpec(
+SPEC = TargetSpec(
     name="armv7", description="Cortex-A7 armv7 Linux, NEON + VFPv4, hard-float (runtime-free C library)",
     tvm_target={"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mcpu": "cortex-a7",
                 "mattr": ["+neon", "+vfp4"], "mfloat-abi": "hard"},
@@ -15,4 +14,4 @@ register_target(TargetSpec(
     channel_multiple=4, cross_compiler="arm-linux-gnueabihf-gcc", sysroot="/usr/arm-linux-gnueabihf",
     qemu_binary="qemu-arm", qemu_cpu="cortex-a7",
     cflags=("-mcpu=cortex-a7", "-mfpu=neon-vfpv4", "-mfloat-abi=hard"), aliases=("arm-a7",),
-))
+)

@@ -5,10 +5,11 @@ QEMU CPUs are pinned per target. QEMU 7.2 has no Cortex-A55 model, so `arm-a55` 
 `cortex-a76` (the same ARMv8.2 + dotprod ISA, no SVE); its `cortex-a76` lacks i8mm, so `arm-a76`
 runs on `max` — the only place `max` is used, because i8mm is meant there.
 """
-from graphopt.targets.registry import register_target
+from typing import Any
+
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     runtime=Runtime.TVM_VM_QEMU_USER,
     vector_bits=128,
     cross_compiler="aarch64-linux-gnu-g++",
@@ -22,12 +23,14 @@ def _aarch64(mcpu: str, mattr: list[str]) -> dict:
     return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr, "num-cores": 4}
 
 
-for _spec in (
+SPECS = (
     TargetSpec(name="arm-a72", description="Cortex-A72 aarch64 Linux, NEON (Raspberry Pi 4 class)",
-               tvm_target=_aarch64("cortex-a72", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON}, num_cores=4,
+               tvm_target=_aarch64("cortex-a72", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON},
+               num_cores=4,
                qemu_cpu="cortex-a72", aliases=("arm",), **_COMMON),
     TargetSpec(name="arm-a53", description="Cortex-A53 aarch64 Linux, NEON, in-order",
-               tvm_target=_aarch64("cortex-a53", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON}, num_cores=4,
+               tvm_target=_aarch64("cortex-a53", ["+neon"]), features={Feature.A64, Feature.FP_ROUND, Feature.NEON},
+               num_cores=4,
                qemu_cpu="cortex-a53", **_COMMON),
     TargetSpec(name="arm-a55", description="Cortex-A55 aarch64 Linux, NEON + dotprod",
                tvm_target=_aarch64("cortex-a55", ["+neon", "+dotprod"]),
@@ -35,7 +38,7 @@ for _spec in (
                qemu_cpu="cortex-a76", **_COMMON),
     TargetSpec(name="arm-a76", description="Cortex-A76-class aarch64 Linux, NEON + dotprod + i8mm",
                tvm_target=_aarch64("cortex-a76", ["+neon", "+dotprod", "+i8mm"]),
-               features={Feature.A64, Feature.FP_ROUND, Feature.NEON, Feature.DOTPROD, Feature.I8MM, Feature.FP16}, num_cores=4,
+               features={Feature.A64, Feature.FP_ROUND, Feature.NEON, Feature.DOTPROD, Feature.I8MM, Feature.FP16},
+               num_cores=4,
                qemu_cpu="max", **_COMMON),
-):
-    register_target(_spec)
+)

@@ -1,4 +1,4 @@
-"""ARM Cortex-M (bare-metal) targets: artifacts are runtime-free C libraries (`targets/c_library.py`).
+"""ARM Cortex-M (bare-metal) targets: artifacts are runtime-free C libraries (`targets/backends/c_library.py`).
 
 Each target names its QEMU board, whose memory bounds what a model may use: the code region
 (`flash_bytes`, code + constants) and the data region (`ram_bytes`, arenas + stack). The mps2
@@ -15,8 +15,9 @@ norm or attention (decomposed exactly into mean/rsqrt and matmul/softmax); no fl
 on tensors of rank ≤ 4. Integer convolutions (`qconv2d`) are admitted with any groups and
 dilation, since graphopt has no integer split/densify rewrite to offer instead.
 """
+from typing import Any
+
 from graphopt.targets.opset import OperatorSet, OpRule
-from graphopt.targets.registry import register_target
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
 _INDEX = "index/mask arithmetic (positions, attention masks)"
@@ -43,7 +44,7 @@ MCU_OPS = OperatorSet(
     note="CMSIS-NN / TFLite-Micro-like: no erf/tanh/sigmoid in float, no grouped or dilated conv, no float64",
 )
 
-_COMMON = dict(runtime=Runtime.C_LIBRARY_QEMU_SYSTEM, num_cores=1, channel_multiple=1, ops=MCU_OPS,
+_COMMON: dict[str, Any] = dict(runtime=Runtime.C_LIBRARY_QEMU_SYSTEM, num_cores=1, channel_multiple=1, ops=MCU_OPS,
                cross_compiler="arm-none-eabi-gcc", qemu_binary="qemu-system-arm")
 
 
@@ -51,7 +52,7 @@ def _thumb(triple: str, mcpu: str) -> dict:
     return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "mfloat-abi": "hard"}
 
 
-for _spec in (
+SPECS = (
     TargetSpec(name="cortex-m4", description="Cortex-M4F bare metal, FPv4-SP + DSP (QEMU mps2-an386)",
                tvm_target=_thumb("thumbv7em-none-eabihf", "cortex-m4"), vector_bits=0,
                features={Feature.DSP, Feature.FPU_SP}, qemu_cpu="cortex-m4", qemu_machine="mps2-an386",
@@ -69,5 +70,4 @@ for _spec in (
                qemu_cpu="cortex-m55",
                qemu_machine="mps3-an547", cflags=("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard"),
                flash_bytes=512 << 10, ram_bytes=512 << 10, aliases=("m55",), **_COMMON),
-):
-    register_target(_spec)
+)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-from graphopt.targets.registry import register_target
 from graphopt.targets.spec import Feature, Runtime, TargetSpec
 
 _FLAG_FEATURES = {
@@ -50,5 +49,3 @@ def detect_host() -> TargetSpec:
         aliases=("x86",),
     )
 
-
-register_target(detect_host, name="host", aliases=("x86",))

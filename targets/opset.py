@@ -5,7 +5,7 @@ suffix: ``conv2d``, ``linear``, ``gelu``, ``qlut``, ... — the graph graphopt's
 TVM's decompositions). An `OpRule` admits one kind with optional constraints (dtypes, kernel
 sizes, depthwise / grouped / dilated convolution); the `OperatorSet` adds the dtypes and maximum
 tensor rank of compute ops, and whether pure data movement (views, slices, concatenation,
-padding: `DATA_MOVEMENT`) is allowed. ``rules=None`` (`EVERYTHING`) means "whatever TVM lowers":
+padding: `graphopt.ops.DATA_MOVEMENT`) is allowed. ``rules=None`` (`EVERYTHING`) means "whatever TVM lowers":
 no node is refused here (the TVM support check still runs).
 
 `OperatorSet.violation(node, gm)` says why a node does not fit, or None. Refuses (``ConfigError``)
@@ -13,38 +13,18 @@ malformed sets: duplicate or empty kinds, unknown dtype names, bad kernel sizes 
 """
 from __future__ import annotations
 
-import operator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from graphopt.errors import ConfigError
+from graphopt.ops import CONV_KINDS, DATA_MOVEMENT, POOL_KINDS, conv_params, op_kind, value
 
 DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"})
 
-# kinds that only move or index data (no arithmetic); admitted wholesale by ``data_movement=True``
-DATA_MOVEMENT = frozenset({
-    "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t", "squeeze", "unsqueeze",
-    "expand", "slice", "select", "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "contiguous",
-    "clone", "alias", "detach", "getitem", "pad", "constant_pad_nd",
-})
-CONV_KINDS = ("conv1d", "conv2d", "qconv2d")
-POOL_KINDS = ("max_pool2d", "avg_pool2d")
-
-
-def op_kind(node: fx.Node) -> str | None:
-    """The kind of a ``call_function`` node (None for placeholders, get_attr and output)."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.getitem:
-        return "getitem"
-    name = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", str(node.target))
-    name = name.split(".")[0]
-    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
-
-
-def _pairs(value) -> frozenset:
+def _pairs(value) -> frozenset[tuple[int, int]]:
     pairs = frozenset((k, k) if isinstance(k, int) else tuple(k) for k in value)
     if any(len(p) != 2 or not all(isinstance(v, int) and v > 0 for v in p) for p in pairs):
         raise ConfigError(f"kernel_sizes must be positive ints or (kh, kw) pairs, got {sorted(value)}")
@@ -63,8 +43,8 @@ class OpRule:
     """
 
     kind: str
-    dtypes: frozenset | None = None
-    kernel_sizes: frozenset | None = None
+    dtypes: Collection[str] | None = None  # stored as a frozenset
+    kernel_sizes: Collection[int | tuple[int, int]] | None = None  # stored as a frozenset of (kh, kw)
     depthwise: bool = True
     grouped: bool = True
     dilation: bool = True
@@ -81,7 +61,7 @@ class OpRule:
     def describe(self) -> str:
         parts = []
         if self.kernel_sizes is not None:
-            parts.append("kernels " + ", ".join(f"{h}×{w}" for h, w in sorted(self.kernel_sizes)))
+            parts.append("kernels " + ", ".join(f"{h}×{w}" for h, w in sorted(_pairs(self.kernel_sizes))))
         if self.kind in CONV_KINDS:
             parts += [f"{name} {'yes' if ok else 'no'}" for name, ok in
                       (("depthwise", self.depthwise), ("grouped", self.grouped), ("dilated", self.dilation))]
@@ -91,7 +71,8 @@ class OpRule:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "dtypes": sorted(self.dtypes) if self.dtypes is not None else None,
-                "kernel_sizes": sorted(list(k) for k in self.kernel_sizes) if self.kernel_sizes is not None else None,
+                "kernel_sizes": sorted(list(k) for k in _pairs(self.kernel_sizes))
+                if self.kernel_sizes is not None else None,
                 "depthwise": self.depthwise, "grouped": self.grouped, "dilation": self.dilation, "note": self.note}
 
 
@@ -113,7 +94,7 @@ class OperatorSet:
 
     name: str
     rules: tuple[OpRule, ...] | None = None
-    dtypes: frozenset = field(default_factory=lambda: frozenset(DTYPES))
+    dtypes: Collection[str] = field(default_factory=lambda: frozenset(DTYPES))  # stored as a frozenset
     max_rank: int | None = None
     data_movement: bool = True
     note: str = ""
@@ -159,9 +140,9 @@ class OperatorSet:
         if rule is None:
             return f"{kind} is not in the {self.name} operator set"
         if tensors:
-            values = [t for t in (_value(a, gm) for a in (node, *node.all_input_nodes)) if t is not None]
+            values = [t for t in (value(a, gm) for a in (node, *node.all_input_nodes)) if t is not None]
             allowed = rule.dtypes if rule.dtypes is not None else self.dtypes
-            bad = sorted({_dtype_name(t) for t in values} - allowed)
+            bad = sorted({_dtype_name(t) for t in values} - set(allowed))
             if bad:
                 return (f"{kind} on {', '.join(bad)} tensors (the {self.name} set runs {kind} on "
                         f"{', '.join(sorted(allowed))})")
@@ -197,38 +178,6 @@ class OperatorSet:
                 "rules": [r.to_dict() for r in self.rules] if self.rules is not None else None,
                 "dtypes": sorted(self.dtypes), "max_rank": self.max_rank, "data_movement": self.data_movement,
                 "note": self.note}
-
-
-def _value(node, gm: fx.GraphModule) -> torch.Tensor | None:
-    """The tensor (or fake tensor) a node produces: its ``val`` metadata, or the constant it reads."""
-    if not isinstance(node, fx.Node):
-        return None
-    v = node.meta.get("val")
-    if isinstance(v, torch.Tensor):
-        return v
-    if node.op == "get_attr":
-        from graphopt.passes._graph import get_attr_value
-
-        v = get_attr_value(gm, node.target)
-        return v if isinstance(v, torch.Tensor) else None
-    return None
-
-
-def conv_params(node: fx.Node, gm: fx.GraphModule) -> tuple[tuple, int, tuple, int] | None:
-    """(kernel (kh, kw), groups, dilation, input channels) of a convolution node, or None if unknown."""
-    kind = op_kind(node)
-    w_i = 2 if kind == "qconv2d" else 1
-    w = _value(node.args[w_i], gm)
-    if w is None:
-        return None
-    args = node.args[w_i:]  # weight, bias, stride, padding, dilation, groups
-    nd = w.dim() - 2
-    groups = int(args[5] if len(args) > 5 else node.kwargs.get("groups", 1))
-    dilation = args[4] if len(args) > 4 else node.kwargs.get("dilation", 1)
-    dilation = tuple(dilation) * (nd if len(tuple(dilation)) == 1 else 1) if isinstance(dilation, (list, tuple)) \
-        else (int(dilation),) * nd
-    kernel = tuple(w.shape[2:]) if nd == 2 else (1, int(w.shape[2]))
-    return kernel, groups, dilation, int(w.shape[1]) * groups
 
 
 def _conv_violation(node: fx.Node, gm: fx.GraphModule, kind: str, rule: OpRule) -> str | None:

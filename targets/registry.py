@@ -2,17 +2,18 @@
 
 Names and aliases share one namespace; registering a clashing name is refused. Unknown names
 raise `UnknownTargetError` suggesting the closest names and listing every known target; a target
-that is neither a name nor a `TargetSpec` raises `ConfigError`. Built-in targets register on import of
-`graphopt.targets`; embedded or user targets register the same way, with no change here.
+that is neither a name nor a `TargetSpec` raises `ConfigError`. The built-in targets are listed in
+`builtin_targets` (their specs are data in host.py, cortex_a.py, cortex_m.py, armv7.py); user
+targets register the same way with `register_target`, with no change here.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable
-
-from graphopt.targets.spec import TargetSpec
+from collections.abc import Callable
 
 from graphopt.errors import ConfigError, UnknownTargetError
+from graphopt.targets import armv7, cortex_a, cortex_m, host
+from graphopt.targets.spec import TargetSpec
 
 _SPECS: dict[str, TargetSpec | Callable[[], TargetSpec]] = {}
 _ALIASES: dict[str, str] = {}
@@ -72,3 +73,13 @@ def list_targets() -> list[TargetSpec]:
 
 def aliases_of(name: str) -> list[str]:
     return sorted(a for a, t in _ALIASES.items() if t == name)
+
+
+def builtin_targets() -> list[tuple[TargetSpec | Callable[[], TargetSpec], dict]]:
+    """The targets graphopt ships, as (spec or factory, `register_target` keywords): one line each."""
+    return [(host.detect_host, {"name": "host", "aliases": ("x86",)}),  # probes this machine on first use
+            *((spec, {}) for spec in cortex_a.SPECS), *((spec, {}) for spec in cortex_m.SPECS), (armv7.SPEC, {})]
+
+
+for _spec, _options in builtin_targets():
+    register_target(_spec, **_options)

@@ -7,11 +7,11 @@ without the fields they need (e.g. a QEMU runtime without a QEMU CPU).
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from graphopt.targets.opset import EVERYTHING, OperatorSet
-
 from graphopt.errors import ConfigError
+from graphopt.targets.opset import EVERYTHING, OperatorSet
 
 
 class Feature(str, enum.Enum):
@@ -70,14 +70,14 @@ class TargetSpec:
     flash_bytes / ram_bytes: the board's code+constant and data memory; a model that does not fit
                      is refused at compile time (None = no limit, e.g. a Linux target).
     ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
-                     legalizes the graph into it or refuses the model (`graphopt.legalize`).
+                     legalizes the graph into it or refuses the model (`graphopt.passes.legalization`).
     """
 
     name: str
     description: str
     tvm_target: dict
     runtime: Runtime
-    features: frozenset = field(default_factory=frozenset)
+    features: Collection[Feature] = field(default_factory=frozenset)  # stored as a frozenset
     vector_bits: int = 128
     num_cores: int = 1
     cross_compiler: str | None = None
@@ -86,8 +86,8 @@ class TargetSpec:
     qemu_cpu: str | None = None
     qemu_machine: str | None = None
     channel_multiple: int = 4
-    aliases: tuple = ()
-    cflags: tuple = ()
+    aliases: Sequence[str] = ()  # stored as a tuple
+    cflags: Sequence[str] = ()  # stored as a tuple
     flash_bytes: int | None = None
     ram_bytes: int | None = None
     ops: OperatorSet = EVERYTHING

@@ -27,7 +27,7 @@ from prune_oracle import zero_consumers
 from torch import nn
 
 import graphopt
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 
 RTOL = 1e-4  # compiled vs eager, relative to the output's scale
 WITHIN_ONE_LSB = 0.98  # the quantized contract, end to end
@@ -56,7 +56,7 @@ class Bundle(nn.Module):
         self.eval()
 
     def forward(self, *xs):
-        return tuple(g(x) for g, x in zip(self.graphs, xs))
+        return tuple(g(x) for g, x in zip(self.graphs, xs, strict=True))
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,12 @@ def check_float(items: list[Item]) -> list[Failure]:
     for which in CHECK_INPUTS:
         xs = _inputs(cases, which)
         with torch.no_grad():
-            want = [i.module(x) for i, x in zip(items, xs)]
+            want = [i.module(x) for i, x in zip(items, xs, strict=True)]
         got = cm(*xs)
-        worst = [max(e, max_rel_error(g, w)) for e, g, w in zip(worst, got, want)]
+        worst = [max(e, max_rel_error(g, w)) for e, g, w in zip(worst, got, want, strict=True)]
     return [Failure(i.case.seed, i.path, f"compiled (host) vs eager{' pruned' if i.path == 'prune' else ''}: relative "
                                          f"error > {RTOL:g}; {_suspects_text(i.module)}", e)
-            for i, e in zip(items, worst) if not e <= RTOL]
+            for i, e in zip(items, worst, strict=True) if not e <= RTOL]
 
 
 def prune_case(c: Case) -> tuple[nn.Module, nn.Module, list[warnings.WarningMessage]]:
@@ -266,9 +266,9 @@ def check_quantize(cases: list[Case]) -> list[Failure]:
             failures.append(Failure(c.seed, "quantize", "the output is not dequantized from int8; the contract "
                                                         "cannot be checked"))
         elif within[i] < WITHIN_ONE_LSB:
-            failures.append(Failure(c.seed, "quantize", f"integer graph vs QDQ: {within[i]:.1%} of outputs within 1 "
-                                                        f"LSB (contract >= {WITHIN_ONE_LSB:.0%}), max {biggest[i]:g} LSB",
-                                    1 - within[i]))
+            failures.append(Failure(c.seed, "quantize", f"integer graph vs QDQ: {within[i]:.1%} of outputs within "
+                                                        f"1 LSB (contract >= {WITHIN_ONE_LSB:.0%}), max "
+                                                        f"{biggest[i]:g} LSB", 1 - within[i]))
     return failures
 
 

@@ -30,8 +30,8 @@ FRONT_INPLACE = ("front: `out += x` in a residual block (no activation after it)
                  "its folded integer graph; with `out = out + x` they are equal")
 QUANT_BATCH = ("new, graphopt/quantize.py _capture_any_batch: a batch-1 example specializes the batch, so the "
                "shuffle's view keeps a literal 1 and calibration batches of 4 raise a raw RuntimeError")
-INT_CONTRACT = ("int: the folded integer graph vs its QDQ module is outside the README contract (>= 98 % within 1 LSB); "
-                "fixed on int: QDQ biases and BatchNorm offsets on the integer graph's accumulator grid")
+INT_CONTRACT = ("int: the folded integer graph vs its QDQ module is outside the README contract (>= 98 % within 1 "
+                "LSB); fixed on int: QDQ biases and BatchNorm offsets on the integer graph's accumulator grid")
 
 KEPT_CASES: tuple[Case, ...] = (
     Case(-71, 12, (5, 7), (Block(Kind.RESIDUAL, 19, 3, 1, 1, 1, True, Act.NONE, False, True),

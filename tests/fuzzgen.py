@@ -68,8 +68,8 @@ class Block:
     flag: bool = False  # residual: `out += x`; concat: include x; pool: ceil_mode / count_include_pad=False
 
     def __str__(self) -> str:
-        values = (getattr(self, f.name) for f in dataclasses.fields(self)[1:])
-        fields = (f"{f.name}={getattr(v, 'value', v)}" for f, v in zip(dataclasses.fields(self)[1:], values))
+        named = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)[1:])
+        fields = (f"{name}={getattr(v, 'value', v)}" for name, v in named)
         return f"{self.kind.value}({', '.join(fields)})"
 
 
@@ -145,7 +145,7 @@ class Concat(nn.Module):
         ks = [1, 3, 5][:max(1, min(b.groups, 3))]
         widths = [max(2, b.width // len(ks)) + i for i in range(len(ks))]
         self.branches = nn.ModuleList(ConvBNAct(cin, w, k, act=b.act, inplace=b.inplace, bn=b.bn)
-                                      for w, k in zip(widths, ks))
+                                      for w, k in zip(widths, ks, strict=False))
         self.keep_input = b.flag
         self.out_channels = cin * b.flag + sum(widths)
 
@@ -294,7 +294,7 @@ class Case:
     def _rng(self) -> int:
         return self.seed if self.rng is None else self.rng
 
-    def without(self, index: int) -> "Case":
+    def without(self, index: int) -> Case:
         return dataclasses.replace(self, blocks=self.blocks[:index] + self.blocks[index + 1:])
 
     def __str__(self) -> str:

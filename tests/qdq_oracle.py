@@ -17,8 +17,9 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from graphopt.ops import CLAMPS
 from graphopt.passes.base import PassContext, PassResult, Property
-from graphopt.passes.fold_qdq import CLAMPS, FoldQDQ, producer
+from graphopt.passes.fold_qdq import FoldQDQ, producer
 
 # kinds whose integer form is exact against their QDQ form (lookup tables, clamps, data movement)
 EXACT = {"hardswish", "hardsigmoid", "sigmoid", "tanh", "gelu", "silu", "elu", "leaky_relu", "relu", "relu6",

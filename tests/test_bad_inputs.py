@@ -18,9 +18,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 
 import graphopt
 from graphopt.cli import build_parser, main
-from graphopt.targets.tuning_db import TuningDatabaseError
+from graphopt.errors import TuningDatabaseError
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -196,7 +196,7 @@ CASES = [
          lambda w: graphopt.compile(_cnn(), (X,), "host", capture_method="trace", progress=False)),
     Case("compile-name-int", graphopt.ConfigError, r"C identifier",
          lambda w: graphopt.compile(_cnn(), (X,), "host", name=3, progress=False)),
-    Case("compile-optimize-for-typo", graphopt.ConfigError, r"choose one of \['balanced', 'speed', 'size'\]",
+    Case("compile-optimize-for-typo", graphopt.ConfigError, r"use one of \['balanced', 'speed', 'size'\]",
          _before_model_work(lambda m: graphopt.compile(m, (X,), "cortex-m4", optimize_for="small", progress=False))),
     # ---- tuning databases: refused at once, before the model runs
     Case("tune-database-under-proc", TuningDatabaseError, r"cannot be written.*folder you can write",
@@ -232,7 +232,8 @@ CASES = [
     Case("cli-target-typo", graphopt.UnknownTargetError, r"did you mean 'cortex-m4'",
          argv=("compile", "model.py:make", "--target", "cortex_m4", "--out", "out"), files={"model.py": _GOOD}),
     # saving and loading artifacts
-    Case("save-into-user-folder", graphopt.ArtifactError, r"not a graphopt artifact and is not empty.*new or empty folder",
+    Case("save-into-user-folder", graphopt.ArtifactError,
+         r"not a graphopt artifact and is not empty.*new or empty folder",
          call=lambda work: _fake_compiled(work.parent).save(work), files={"src/mycode.py": "print('mine')\n"}),
     Case("save-onto-a-file", graphopt.ArtifactError, r"not a folder; choose a new folder path",
          call=lambda work: _fake_compiled(work.parent).save(work / "notes.txt"), files={"notes.txt": "mine"}),
@@ -336,7 +337,7 @@ def test_tmpdir_with_metacharacters_compiles_runs_and_counts(target, tools, tmp_
 
 
 def test_a_failing_tool_reports_its_own_error_line_and_a_pasteable_command(tmp_path):
-    from graphopt.toolchain import run_tool
+    from graphopt.targets.backends.toolchain import run_tool
 
     require_tools("gcc")
     src = tmp_path / WEIRD / "bad.c"

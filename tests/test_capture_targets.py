@@ -1,8 +1,13 @@
 """Capture paths and errors, the target registry, the report, and the CLI's argument handling."""
+import dataclasses
 import json
 
 import pytest
 import torch
+from torch import nn
+
+from graphopt.errors import CaptureError, ConfigError, InputError, UnknownTargetError
+from graphopt.passes.capture import CaptureMethod, capture
 from graphopt.targets import (
     Feature,
     Runtime,
@@ -11,10 +16,6 @@ from graphopt.targets import (
     list_targets,
     register_target,
 )
-from torch import nn
-
-from graphopt.capture import CaptureMethod, capture
-from graphopt.errors import CaptureError, ConfigError, InputError, UnknownTargetError
 
 
 class Small(nn.Module):
@@ -109,8 +110,8 @@ def test_target_specs_validate_themselves_and_register_without_registry_changes(
     assert get_target("my-board") is spec
     with pytest.raises(ConfigError, match="already"):
         register_target(spec)
-    with pytest.raises(Exception):
-        spec.name = "other"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"
 
 
 def test_cli_targets_json_and_bad_factory(capsys):

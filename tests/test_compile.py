@@ -10,7 +10,7 @@ from conftest import require_tools
 from torch import nn
 
 import graphopt
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 from graphopt.zoo import ZOO, Expect, ResidualCNN
 
 RTOL = 1e-4

@@ -1,4 +1,4 @@
-"""Cortex-M DSP int8 kernels (`graphopt.targets.intrin_cortex_m`: SXTB16 + SMLAD) on cortex-m4.
+"""Cortex-M DSP int8 kernels (`graphopt.targets.lowering.intrin_cortex_m`: SXTB16 + SMLAD) on cortex-m4.
 
 DSP targets get both SMLAD dot kernels, the int16-weight one preferred; Thumb inner loops stay
 within 1.55 (int8 weights, 2-pixel tile) and 1.15 (int16 weights) instructions per MAC (fp32's multiply-add
@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import c_emitter, get_target
-from graphopt.targets.c_library import RUNTIME_SRC, linker_script, run_firmware
-from graphopt.targets.int8 import dot_kernel, dot_kernels
-from graphopt.targets.intrin_cortex_m import (
+from quant_models import PATTERNS, calibration, ready
+
+import graphopt
+from graphopt import qref
+from graphopt.targets import get_target
+from graphopt.targets.backends import c_emitter
+from graphopt.targets.backends.c_library import RUNTIME_SRC, linker_script, run_firmware
+from graphopt.targets.lowering.intrin_cortex_m import (
     DEPTH,
     DSP16_KERNEL,
     DSP_KERNEL,
@@ -27,10 +31,7 @@ from graphopt.targets.intrin_cortex_m import (
     LANES_8,
     MAX_WEIGHTS_16,
 )
-from quant_models import PATTERNS, calibration, ready
-
-import graphopt
-from graphopt import qref
+from graphopt.targets.lowering.kernels import dot_kernel, dot_kernels
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")
@@ -195,7 +196,8 @@ def _run_kernel(func, x: np.ndarray, wp: np.ndarray, out_shape: tuple, tmp_path)
         return f"static {ctype} {name}[{a.size}] __attribute__((aligned(64))) = {{{vals}}};"
 
     arrays, tensors = [], []
-    for name, a, ctype, code, bits in (("x", x, "int8_t", 0, 8), ("wp", wp, f"int{wp.itemsize * 8}_t", 0, 8 * wp.itemsize),
+    for name, a, ctype, code, bits in (("x", x, "int8_t", 0, 8),
+                                      ("wp", wp, f"int{wp.itemsize * 8}_t", 0, 8 * wp.itemsize),
                                       ("out", np.zeros(out_shape, np.int32), "int32_t", 0, 32)):
         arrays += [array(name, a, ctype), f"static const int64_t {name}_shape[] = {{{','.join(map(str, a.shape))}}};"]
         tensors.append(f"{{{name}, 1, 0, {a.ndim}, {code}, {bits}, 1, {name}_shape, 0, 0}}")
@@ -240,8 +242,8 @@ def test_tensorized_strided_conv_equals_numpy_under_qemu(weights, tmp_path):
     rng = np.random.default_rng(1)
     x, w = _full_range(rng, (1, h, h, c)), _full_range(rng, (kernel, kernel, c, f))  # NHWC, HWIO
     lanes = KERNELS[weights].lanes
-    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // lanes,
-                                                                     lanes).transpose(4, 0, 1, 2, 5, 3))).astype(weights)
+    tiles = w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // lanes, lanes).transpose(4, 0, 1, 2, 5, 3)
+    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(tiles)).astype(weights)
     o = (h - kernel) // stride + 1
     ref = np.zeros((1, o, o, f), np.int64)
     for ry in range(kernel):

@@ -21,8 +21,9 @@ import graphopt
 from graphopt import qref, zoo
 from graphopt.config import OptimizeFor
 from graphopt.targets import get_target
-from graphopt.targets.int8 import WeightStorage, choose, dot_kernels, layer_key, weight_storage
-from graphopt.targets.intrin_cortex_m import DSP16_KERNEL, DSP_KERNEL, MAX_WEIGHTS_16
+from graphopt.targets.lowering.int8 import WeightStorage, choose, layer_key, weight_storage
+from graphopt.targets.lowering.intrin_cortex_m import DSP16_KERNEL, DSP_KERNEL, MAX_WEIGHTS_16
+from graphopt.targets.lowering.kernels import dot_kernels
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")

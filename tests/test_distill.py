@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from graphopt.distill import (
+from graphopt.distillation import (
     DistillationLoss,
     Ensemble,
     SoftLoss,
@@ -30,7 +30,7 @@ def test_loss_matches_hand_computation_at_t1_and_tau():
         ps1 = _softmax(zs, 1.0)
         pt, ps = _softmax(zt, tau), _softmax(zs, tau)
         hard = -math.log(ps1[y])
-        soft = -sum(a * math.log(b) for a, b in zip(pt, ps))
+        soft = -sum(a * math.log(b) for a, b in zip(pt, ps, strict=True))
         want = 0.3 * hard + 0.7 * soft
         loss = DistillationLoss(alpha=0.3, beta=0.7, temperature=tau)
         zs64, zt64 = torch.tensor([zs], dtype=torch.float64), torch.tensor([zt], dtype=torch.float64)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import int8, intrin_dotprod
-from graphopt.targets.int8 import _pack_conv_weight, _pack_dense_weight
 from torch import nn
 
 import graphopt
+from graphopt.targets.lowering import int8, intrin_dotprod
+from graphopt.targets.lowering.int8 import _pack_conv_weight, _pack_dense_weight
+from graphopt.targets.lowering.kernels import dot_kernels
 
 SHAPE = (1, 16, 6, 6)
 
@@ -65,9 +66,9 @@ def test_chunked_packing_reproduces_the_convolution_and_dense():
 
 
 def test_kernel_is_preferred_on_dotprod_only_where_channels_fit():
-    kernels = int8.dot_kernels(graphopt.get_target("arm-a55"))
+    kernels = dot_kernels(graphopt.get_target("arm-a55"))
     assert kernels[0] is intrin_dotprod.KERNEL and kernels[1].intrin == "dot_4x4_i8i8s32_sdot"
-    assert intrin_dotprod.KERNEL not in int8.dot_kernels(graphopt.get_target("arm-a53"))
+    assert intrin_dotprod.KERNEL not in dot_kernels(graphopt.get_target("arm-a53"))
     w = np.full((3, 3, 64, 8), -128, np.int8)
     assert int8.choose(kernels, w, 64) is intrin_dotprod.KERNEL  # −128 is fine: no int16 pairs
     assert int8.choose(kernels, w[:, :, :8], 8).intrin == "dot_4x4_i8i8s32_sdot"  # 8 channels: no padding

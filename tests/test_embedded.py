@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import Runtime, c_emitter, c_library, get_target
-from graphopt.targets.c_library import (
+
+import graphopt
+from graphopt import zoo
+from graphopt.errors import ConfigError, LoweringError, OperatorSetError, ToolchainError
+from graphopt.targets import Runtime, get_target
+from graphopt.targets.backends import c_emitter, c_library
+from graphopt.targets.backends.c_library import (
     RUNTIME_SRC,
     compile_program,
     linker_script,
     run_firmware,
 )
-
-import graphopt
-from graphopt import zoo
-from graphopt.errors import ConfigError, LoweringError, ToolchainError
-from graphopt.legalize import OperatorSetError
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")
@@ -180,7 +180,7 @@ def test_instruction_count_is_exact_on_bare_metal_and_stack_within_estimate():
     require_tools(*TOOLS["cortex-m4"])
     cm, _, inputs = _compile("plain_cnn", "cortex-m4")
     backend = c_library.CLibraryBackend()
-    arrays = cm._check_inputs(inputs)
+    arrays = cm.check_inputs(inputs)
     first, second = (backend.measure(cm.build_dir, M4, arrays) for _ in range(2))
     assert first.instructions_per_inference and first.instructions_per_inference == second.instructions_per_inference
     used, estimate = (int(x) for x in

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import IN_CI, require_tools
-from graphopt.targets import emulation as emu
-from graphopt.targets import get_target
 
-from graphopt import toolchain
 from graphopt.errors import ArtifactError, ConfigError, InputError, ToolchainError
+from graphopt.targets import get_target
+from graphopt.targets.backends import emulation as emu
+from graphopt.targets.backends import toolchain
 
 SPEC = get_target("arm-a53")
 TVM_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53", "mattr": ["+neon"]}
@@ -136,7 +136,7 @@ def _flat(out):
 def arm_runtime():
     require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
     try:
-        return toolchain.ensure_runtime(progress=lambda msg: None)
+        return toolchain.ensure_runtime()
     except ToolchainError as e:
         _unavailable(f"cannot harvest the aarch64 TVM runtime: {e}")
 
@@ -183,7 +183,7 @@ def test_multi_input_multi_output_matches_torch(cnn_artifact):
     art, inputs, ref = cnn_artifact
     run = emu.run_emulated(art, SPEC, inputs, repeat=2)
     assert len(run.outputs) == len(ref) == 3
-    for got, want in zip(run.outputs, ref):
+    for got, want in zip(run.outputs, ref, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
         scale = max(1.0, float(np.abs(want).max()))
         assert np.abs(got - want).max() <= 1e-4 * scale
@@ -197,7 +197,7 @@ def test_integer_dtypes_are_exact(int_artifact):
     assert [a.dtype.name for a in inputs] == ["int8", "int32"]
     run = emu.run_emulated(art, SPEC, inputs)
     assert [o.dtype.name for o in run.outputs] == ["int32", "int64", "float32"]
-    for got, want in zip(run.outputs, ref):
+    for got, want in zip(run.outputs, ref, strict=True):
         np.testing.assert_array_equal(got, want)
 
 

@@ -3,12 +3,12 @@ writes it, aliasing (redirected readers, declined views of the mutated tensor), 
 paths, and the quantized graph (no dropout, no in-place op)."""
 import torch
 import torch.nn.functional as F
-from graphopt.passes.base import PassContext, Property
-from graphopt.passes.functionalize import Functionalize, functional_form
 from torch import fx, nn
 
 import graphopt
-from graphopt.capture import CaptureMethod, capture
+from graphopt.passes.base import PassContext, Property
+from graphopt.passes.capture import CaptureMethod, capture
+from graphopt.passes.functionalize import Functionalize, functional_form
 from graphopt.torchvision_style import BasicBlock, conv1x1
 from graphopt.zoo import recalibrate_bn
 
@@ -109,7 +109,7 @@ def test_later_readers_of_the_mutated_tensor_are_redirected():
         a = g.call_function(aten.mul.Tensor, (x, 2.0))
         r = g.call_function(aten.relu_.default, (a,))  # a is now relu(2x)
         b = g.call_function(aten.add.Tensor, (a, 1.0))  # reads the mutated a
-        c = g.call_function(aten.add_.Tensor, (b, r))  # b += r
+        g.call_function(aten.add_.Tensor, (b, r))  # b += r
         return g.call_function(aten.sub.Tensor, (b, a))  # (relu(2x)+1+relu(2x)) − relu(2x)
 
     gm = _graph(build)

@@ -13,9 +13,9 @@ from torch import nn
 
 import graphopt
 from graphopt import qref
-from graphopt.quantize import to_integer
+from graphopt.quantization import to_integer
 from graphopt.targets import get_target
-from graphopt.targets.int8 import grouped_channel_tile
+from graphopt.targets.lowering.int8 import grouped_channel_tile
 
 SHAPE = (1, 3, 9, 9)
 
@@ -131,8 +131,8 @@ def test_depthwise_kernel_instructions_per_mac_on_a53():
     """The depthwise layer, requantize epilogue included: 0.61 instructions per MAC measured on the grouped
     kernel (90,146 per call), 0.71 on the generic int32 kernel it replaced (103,998)."""
     require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
-    from graphopt.targets.icount import kernel_counts
-    from graphopt.targets.lowering import lower
+    from graphopt.targets.lowering.phases import lower
+    from graphopt.targets.tuning.icount import kernel_counts
 
     torch.manual_seed(0)
     x = torch.randn(1, 16, 16, 16)

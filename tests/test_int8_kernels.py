@@ -1,4 +1,4 @@
-"""Tensorized int8 kernels (graphopt.targets.int8 + schedules.TensorizedDot): weight packing against a
+"""Tensorized int8 kernels (graphopt.targets.lowering.int8 + schedules.TensorizedDot): weight packing against a
 float64 oracle, per-layer kernel choice, and bit-exact outputs against the folded integer graph on
 every kernel — VNNI (host), sdot (arm-a55), NEON (arm-a53) — with requantize fused into the kernels."""
 from __future__ import annotations
@@ -10,9 +10,11 @@ from conftest import require_tools
 from torch import nn
 
 import graphopt
-from graphopt.quantize import to_integer
+from graphopt.quantization import to_integer
 from graphopt.targets import get_target
-from graphopt.targets.int8 import DotKernel, _pack_conv_weight, _pack_dense_weight, choose, dot_kernels, reduction
+from graphopt.targets.lowering.dot import DotKernel
+from graphopt.targets.lowering.int8 import _pack_conv_weight, _pack_dense_weight, choose, reduction
+from graphopt.targets.lowering.kernels import dot_kernels
 from graphopt.targets.spec import Feature
 
 X = torch.randn(1, 3, 14, 14, generator=torch.Generator().manual_seed(1))
@@ -154,14 +156,15 @@ def test_few_channel_stems_reduce_over_window_rows_exactly(target):
         require_tools(*(("arm-none-eabi-gcc", "qemu-system-arm") if target == "cortex-m4"
                         else ("aarch64-linux-gnu-gcc", "qemu-aarch64")))
     x = torch.randn(1, 1, 15, 15, generator=torch.Generator().manual_seed(3))
-    q = graphopt.quantize(Stems().eval(), (x,), [(torch.randn(4, 1, 15, 15, generator=torch.Generator().manual_seed(4)),)])
+    calibration = [(torch.randn(4, 1, 15, 15, generator=torch.Generator().manual_seed(4)),)]
+    q = graphopt.quantize(Stems().eval(), (x,), calibration)
     cm = graphopt.compile(q, (x,), target, progress=False)
     assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) == 2  # the 3-channel stem too
     integer_graph = to_integer(q, (x,))
     for inp in (x, 3 * torch.randn(1, 1, 15, 15, generator=torch.Generator().manual_seed(6))):
         assert torch.equal(cm(inp), integer_graph(inp))
     if target == "host":  # the 7×7×3 stem reads [n, h, w·c] rows, not channel-padded pixels
-        from graphopt.targets.lowering import lower
+        from graphopt.targets.lowering.phases import lower
 
         mod = lower(torch.export.export(integer_graph, (x,)).run_decompositions(), get_target(target)).ir_module
         assert sum('T.sblock("rows")' in f.script() for _, f in mod.functions_items()) == 1
@@ -169,8 +172,9 @@ def test_few_channel_stems_reduce_over_window_rows_exactly(target):
 
 def test_conv_kernels_write_int8_not_int32(quantized):
     """requantize fused into the conv epilogue: no int32 accumulator tensor between kernels."""
-    from graphopt.targets.lowering import lower
     from tvm import relax
+
+    from graphopt.targets.lowering.phases import lower
 
     _, integer_graph = quantized
     result = lower(torch.export.export(integer_graph, (X,)).run_decompositions(), get_target("host"))
@@ -188,8 +192,8 @@ def test_conv_kernels_write_int8_not_int32(quantized):
 def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
     """MetaSchedule cannot express the packed-weight register tile around the intrinsic: those kernels
     are not tuning tasks (the depthwise and data-movement kernels are)."""
-    from graphopt.targets.int8 import DOT_ATTR
-    from graphopt.targets.tuning import extract, fused_module
+    from graphopt.targets.lowering.dot import DOT_ATTR
+    from graphopt.targets.tuning.metaschedule import extract, fused_module
 
     _, integer_graph = quantized
     spec = get_target("host")
@@ -228,7 +232,8 @@ def test_edge_sizes_are_bit_exact(edge_quantized, target):
 
     require_tools(*TOOLS.get(target, ()))
     q, integer_graph, x = edge_quantized
-    cm = graphopt.compile(q, (x,), target, progress=False, **({} if target == "host" else {"count_instructions": False}))
+    options = {} if target == "host" else {"count_instructions": False}
+    cm = graphopt.compile(q, (x,), target, progress=False, **options)
     if dot_kernels(get_target(target)):
         assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) >= 5
     assert_bit_exact(cm, integer_graph)

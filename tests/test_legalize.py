@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from graphopt.passes import approximate_activations as approx
-from graphopt.passes.base import PassContext, Property
-from graphopt.targets import Runtime, TargetSpec
-from graphopt.targets.opset import OperatorSet, OpRule, op_kind
 from torch import nn
 from torch.nn import functional as F
 
 import graphopt
 from graphopt import qref
-from graphopt.capture import capture
-from graphopt.legalize import legalization_passes, run_legalization, unfit_nodes
+from graphopt.passes import approximate_activations as approx
+from graphopt.passes.base import PassContext, Property
+from graphopt.passes.capture import capture
+from graphopt.passes.legalization import legalization_passes, run_legalization, unfit_nodes
+from graphopt.targets import Runtime, TargetSpec
+from graphopt.targets.opset import OperatorSet, OpRule, op_kind
 
 BROAD = ("conv2d", "linear", "matmul", "add", "sub", "mul", "div", "relu", "clamp", "mean", "rsqrt", "softmax",
          "where", "sum", "gt", "any", "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "hardtanh", "relu6",

@@ -1,4 +1,4 @@
-"""Packed low-bit kernels (graphopt.targets.lowbit): bit-exact vs the folded integer graph on the host
+"""Packed low-bit kernels (graphopt.targets.lowering.lowbit): bit-exact vs the folded integer graph on the host
 and on emulated aarch64, for int4/int2 weights, 1-bit weights with 8-bit activations, and binary
 (a1w1) XNOR-popcount layers; the built module keeps the weights packed."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from conftest import require_tools
 from torch import nn
 
 import graphopt
-from graphopt.quantize import QuantScheme
+from graphopt.quantization import QuantScheme
 
 X = torch.randn(1, 40, 6, 6, generator=torch.Generator().manual_seed(3))
 CALIBRATION = [torch.randn(4, 40, 6, 6, generator=torch.Generator().manual_seed(4))]
@@ -79,8 +79,9 @@ def test_host_is_bit_exact_and_uses_packed_kernels(kind):
 
 @pytest.mark.parametrize("kind,bits", [("a1w1", 1), pytest.param("w4a8", 4, marks=SLOW)])
 def test_weights_stay_packed_in_the_lowered_module(kind, bits):
-    from graphopt.targets import get_target, lowbit
-    from graphopt.targets.lowering import lower
+    from graphopt.targets import get_target
+    from graphopt.targets.lowering import lowbit
+    from graphopt.targets.lowering.phases import lower
 
     ig = graphopt.to_integer(_model(kind), (X,))
     ep = torch.export.export(ig, (X,)).run_decompositions()
@@ -111,7 +112,7 @@ def test_emulated_aarch64_is_bit_exact(kind):
 
 
 def test_border_table_matches_direct_padding_correction():
-    from graphopt.targets.lowbit import _border_table
+    from graphopt.targets.lowering.lowbit import _border_table
 
     rng = np.random.default_rng(0)
     w = rng.choice(np.array([-1, 1], np.int8), size=(5, 3, 3, 3))
@@ -130,8 +131,9 @@ def test_border_table_matches_direct_padding_correction():
 def test_sign_of_quantized_float_matches_quantize_then_compare(scale, zp, thr):
     """The binary conv's packing tests floats directly (quantize folded away), exact at rounding ties."""
     import tvm
-    from graphopt.targets.lowbit import _quantized_at_least
     from tvm import te
+
+    from graphopt.targets.lowering.lowbit import _quantized_at_least
 
     inv = np.float32(1.0 / scale)
     ties = (np.arange(-140, 140, dtype=np.float32) + np.float32(0.5)) / inv
@@ -166,7 +168,8 @@ def _edge_model(kind: str):
 
 @pytest.mark.parametrize("kind,target", [("a1w1", "host"), ("w4a8", "host"), pytest.param("w2a8", "host", marks=SLOW),
                                          pytest.param("w1a8", "host", marks=SLOW),
-                                         pytest.param("a1w1", "arm", marks=SLOW), pytest.param("w4a8", "arm", marks=SLOW),
+                                         pytest.param("a1w1", "arm", marks=SLOW),
+                                         pytest.param("w4a8", "arm", marks=SLOW),
                                          pytest.param("a1w1", "cortex-m4", marks=SLOW),
                                          pytest.param("w2a8", "cortex-m4", marks=SLOW)])
 def test_edge_sizes_are_bit_exact(kind, target):
@@ -178,7 +181,8 @@ def test_edge_sizes_are_bit_exact(kind, target):
     require_tools(*TOOLS.get(target, ()))
     qm, x = _edge_model(kind)
     integer_graph = graphopt.to_integer(qm, (x,))
-    cm = graphopt.compile(qm, (x,), target, progress=False, **({} if target == "host" else {"count_instructions": False}))
+    options = {} if target == "host" else {"count_instructions": False}
+    cm = graphopt.compile(qm, (x,), target, progress=False, **options)
     if kind == "a1w1":
         assert cm.report.lowering["scheduled"].get("tuned", 0) >= 10  # the XNOR-popcount kernels
     assert_bit_exact(cm, integer_graph)

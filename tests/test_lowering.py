@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 torch.manual_seed(0)
 tvm = pytest.importorskip("tvm")
-from graphopt.targets import get_target  # noqa: E402
-from graphopt.targets.lowering import LoweringResult, export_library, lower  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from graphopt.errors import LoweringError  # noqa: E402
+from graphopt.targets import get_target  # noqa: E402
+from graphopt.targets.lowering.phases import LoweringResult, export_library, lower  # noqa: E402
 
 
 def _run(result: LoweringResult, *inputs: torch.Tensor) -> list[np.ndarray]:
@@ -86,14 +86,13 @@ def test_pad_between_channel_last_convs_runs_channel_last_and_fused_pads_are_wri
     """Layout conversion leaves a pad in NCHW between two transposes (relax has no layout rule for
     it); the lowering moves it channel-last. Fused into the conv's epilogue, the pad's border (no
     conv tile produces it) must still be written."""
-    from graphopt.targets import lowering
+    from graphopt.targets.lowering.phases import run_phases
 
     x = torch.randn(1, 8, 16, 16)
     result = _check(PadBetweenConvs(), x)
     ep = torch.export.export(PadBetweenConvs().eval(), (x,)).run_decompositions()
     state: dict = {}
-    mod = lowering._layout(lowering._decompose(lowering._import(ep, get_target("host"), state), None, state),
-                           get_target("host"), state)
+    mod = run_phases(ep, get_target("host"), state, {}, until="layout")
     assert str(mod["main"]).count("R.permute_dims(") == 2  # the graph input's and output's only
     assert result.stats["layout"] == "channel-last"
     assert result.stats["scheduled"].get("channel_last_reduction", 0) == 2  # the pad in a conv's epilogue
@@ -216,7 +215,7 @@ def _te_two_reductions():
 @pytest.mark.parametrize("make,rule", [(_te_matmul_flipped, "channel_last_reduction"),
                                        (_te_two_reductions, "fallback")])
 def test_schedule_rules_on_primfuncs(make, rule):
-    from graphopt.targets.schedules import schedule_module
+    from graphopt.targets.lowering.schedules import schedule_module
 
     func, in_shapes, out_shape, ref = make()
     spec = get_target("host")
@@ -284,7 +283,7 @@ def test_unit_reductions_become_spatial_blocks():
     """A reduction whose axes all have extent 1 is rewritten as one spatial block (no init, no
     accumulation): scheduled with its epilogue inlined, it computes x·w + b, not x·w + 2b. A tuple
     reduction (argmax) over one element too; a reduction of length 2 stays a reduction."""
-    from graphopt.targets.schedules import schedule_module, spatialize_unit_reductions
+    from graphopt.targets.lowering.schedules import schedule_module, spatialize_unit_reductions
 
     te, topi = tvm.te, tvm.topi
     a, w, b = te.placeholder((4, 1), name="a"), te.placeholder((1, 12), name="w"), te.placeholder((12,), name="b")
@@ -311,7 +310,7 @@ def test_injective_chains_do_not_copy_copies():
     term): inlined whole, the last expression holds 27 copies of the first (TVM's simplifier then ran
     for over 15 minutes on an int8 concat of concats); the Injective rule keeps a copied expression
     from being copied again, and computes the kept block a row at a time under its consumer."""
-    from graphopt.targets.schedules import schedule_module
+    from graphopt.targets.lowering.schedules import schedule_module
 
     te = tvm.te
     x = te.placeholder((4, 16), name="x")
@@ -342,9 +341,10 @@ def test_injective_chains_do_not_copy_copies():
                                     pytest.param("cortex-m4", marks=pytest.mark.emulation)])
 def test_edge_sizes_on_every_target(target):
     """`EdgeSizes` (every edge case in one model: one compile per target) against float64 eager."""
-    import graphopt
     from conftest import require_tools
     from edge_models import TOOLS, EdgeSizes, edge_input
+
+    import graphopt
 
     require_tools(*TOOLS.get(target, ()))
     model, x = EdgeSizes().eval(), edge_input()

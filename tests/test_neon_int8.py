@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import int8, intrin_neon
-from graphopt.targets.spec import Feature
 from torch import nn
 
 import graphopt
+from graphopt.targets.lowering import int8, intrin_neon
+from graphopt.targets.lowering.kernels import dot_kernels
+from graphopt.targets.spec import Feature
 
 SHAPE = (1, 16, 4, 4)
 
@@ -58,7 +59,7 @@ def _compile_exact(q, ig, x) -> str:
 
 
 def test_kernels_are_preferred_on_neon_only_where_weights_fit():
-    kernels = int8.dot_kernels(graphopt.get_target("arm-a53"))
+    kernels = dot_kernels(graphopt.get_target("arm-a53"))
     ours = set(intrin_neon.KERNELS)
     assert all(k.feature is Feature.A64 and k.min_weight == -127 for k in ours)
     w = np.full((3, 3, 64, 8), 127, np.int8)
@@ -67,7 +68,7 @@ def test_kernels_are_preferred_on_neon_only_where_weights_fit():
     assert int8.choose(kernels, w[:, :, :8], 8).intrin == "dot_4x4_i8i8s32_neon"  # 8 channels: 4×4, no padding
     w[0, 0, 0, 0] = -128
     assert int8.choose(kernels, w, 64).intrin == "dot_4x4_i8i8s32_neon"
-    assert not ours & set(int8.dot_kernels(graphopt.get_target("arm-a55"))[:1])  # sdot stays first
+    assert not ours & set(dot_kernels(graphopt.get_target("arm-a55"))[:1])  # sdot stays first
 
 
 @pytest.mark.emulation

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets import Runtime, TargetSpec, register_target
-from graphopt.targets.opset import EVERYTHING, OperatorSet, OpRule
 from torch import nn
 from torch.nn import functional as F
 
 import graphopt
 from graphopt import cli, zoo
 from graphopt.errors import ConfigError
+from graphopt.targets import Runtime, TargetSpec, register_target
+from graphopt.targets.opset import EVERYTHING, OperatorSet, OpRule
 
 DSP = TargetSpec(
     name="camera-dsp", description="test camera DSP: 3×3 conv, ReLU, add, linear", tvm_target={"kind": "llvm"},

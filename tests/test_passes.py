@@ -1,15 +1,15 @@
 """Float64 numerical oracles for the inference passes, idempotence, declines, and the pass manager."""
 import pytest
 import torch
-from graphopt.passes.base import GraphPass, PassContext, PassResult, Property
-from graphopt.passes.dead_code import DeadCodeElimination
-from graphopt.passes.fold_batchnorm import FoldBatchNorm
-from graphopt.passes.remove_identity import RemoveIdentity
 from torch import nn
 
-from graphopt.capture import capture
 from graphopt.errors import NumericsError, PassError
-from graphopt.pipeline import PassManager, default_passes
+from graphopt.passes.base import GraphPass, PassContext, PassResult, Property
+from graphopt.passes.capture import capture
+from graphopt.passes.dead_code import DeadCodeElimination
+from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.manager import PassManager, default_passes
+from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.zoo import recalibrate_bn
 
 aten = torch.ops.aten

@@ -10,7 +10,7 @@ from torch import nn
 
 import graphopt
 from graphopt.errors import ConfigError
-from graphopt.prune import apply_plan
+from graphopt.pruning import apply_plan
 from graphopt.zoo import MobileNetBlocks, PlainCNN, ResidualCNN, recalibrate_bn
 
 
@@ -248,8 +248,8 @@ def test_penalties_are_differentiable_and_match_the_pruning_norm():
     model, x = _seeded(ResidualCNN(), 1, 3, 32, 32)
     groups = graphopt.prunable_groups(model, x)
     for norm in ("l1", "l2"):
-        for p in (graphopt.filter_norm_penalty(model, 1e-3, norm), graphopt.filter_norm_penalty(model, 1e-3, norm, groups),
-                  graphopt.weight_penalty(model, 1e-3, norm)):
+        for p in (graphopt.filter_norm_penalty(model, 1e-3, norm),
+                  graphopt.filter_norm_penalty(model, 1e-3, norm, groups), graphopt.weight_penalty(model, 1e-3, norm)):
             model.zero_grad()
             p.backward()
             assert p.item() > 0 and model.layers[0].conv1.weight.grad.abs().sum() > 0
@@ -257,7 +257,8 @@ def test_penalties_are_differentiable_and_match_the_pruning_norm():
     g = [g for g in groups.prunable_groups if "stem.0" in g.producers][0]
     single = copy.deepcopy(groups)
     single.groups = [type(g)(g.id, g.producers, g.classes[:1])]
-    want = sum(model.get_submodule(m.module).weight[m.index].pow(2).sum() for m in g.classes[0] if m.role.value == "out")
+    want = sum(model.get_submodule(m.module).weight[m.index].pow(2).sum()
+               for m in g.classes[0] if m.role.value == "out")
     torch.testing.assert_close(graphopt.filter_norm_penalty(model, 1.0, "l2", single), want.sqrt())
     with pytest.raises(ConfigError, match="norm"):
         graphopt.filter_norm_penalty(model, 1e-4, "l7")

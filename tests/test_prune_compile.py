@@ -6,7 +6,7 @@ import torch
 from conftest import require_tools
 
 import graphopt
-from graphopt.pipeline import max_rel_error
+from graphopt.passes.manager import max_rel_error
 from graphopt.zoo import ResidualCNN, mobilenet_blocks, recalibrate_bn
 
 

@@ -45,7 +45,7 @@ class RandomCNN(nn.Module):
         self.fc = nn.Linear(c * size * size if head == "flatten" else c, 4)
 
     def forward(self, x):
-        for (kind, _), m in zip(self.spec, self.layers):
+        for (kind, _), m in zip(self.spec, self.layers, strict=True):
             if kind == "residual":
                 x = torch.relu(x + m(x))
             elif kind == "concat":

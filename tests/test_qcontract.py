@@ -13,11 +13,11 @@ import collections
 import numpy as np
 import pytest
 import torch
+from qdq_oracle import fold, per_op_steps
+from random_qgraphs import calibration, random_cnn
 
 import graphopt
 from graphopt import qref
-from qdq_oracle import fold, per_op_steps
-from random_qgraphs import calibration, random_cnn
 
 
 @pytest.fixture(scope="module", params=[pytest.param(range(60), id="60"),

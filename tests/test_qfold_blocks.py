@@ -5,18 +5,18 @@ left between quantize and dequantize, and the true cost (MACs by precision, para
 from the ops' own definitions. Compiled artifacts are checked in `test_qfold_compile.py`."""
 from __future__ import annotations
 
+import cnn_models
 import numpy as np
 import pytest
 import torch
+from qdq_oracle import fold, per_op_steps
 from torch import nn
 from torch.nn import functional as F
 
-import cnn_models
 import graphopt
 from graphopt import qref
-from graphopt.analysis import analyze
-from graphopt.capture import capture
-from qdq_oracle import fold, per_op_steps
+from graphopt.passes.analysis import analyze
+from graphopt.passes.capture import capture
 
 aten, g = torch.ops.aten, torch.ops.graphopt
 

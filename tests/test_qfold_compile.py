@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import require_tools
-from torch import nn
 from test_qfold_blocks import BLOCKS, Block, _bn_stats
+from torch import nn
 
 import graphopt
 
@@ -26,7 +26,7 @@ class Blocks(nn.Module):
         _bn_stats(self)
 
     def forward(self, *xs):
-        return tuple(b(x) for b, x in zip(self.blocks, xs))
+        return tuple(b(x) for b, x in zip(self.blocks, xs, strict=True))
 
 
 def _inputs(n: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -47,7 +47,7 @@ def _check(names: list[str], target: str) -> None:
         with torch.no_grad():
             want = ig(*inputs)
         got = cm(*inputs)
-        bad.update({n: float((g.double() - w.double()).abs().max()) for n, g, w in zip(names, got, want)
+        bad.update({n: float((g.double() - w.double()).abs().max()) for n, g, w in zip(names, got, want, strict=True)
                     if not torch.equal(g, w)})
     assert not bad, f"compiled != integer graph on {target} (max difference in output steps): {bad}"
 

@@ -1,17 +1,19 @@
 """Quantization API, QDQ folding and the integer contract, in PyTorch and the numpy reference (no TVM)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from quant_models import PATTERNS, ConvBnRelu, Residual, calibration, ready
 from torch import nn
 
 import graphopt
 from graphopt import qops, qref
-from graphopt.capture import capture
 from graphopt.passes.base import PassContext, Property
+from graphopt.passes.capture import capture
 from graphopt.passes.fold_qdq import FoldQDQ
-from quant_models import PATTERNS, ConvBnRelu, Residual, calibration, ready
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
 g = torch.ops.graphopt
@@ -192,7 +194,7 @@ def test_qat_trains_with_learnable_scales():
         opt.zero_grad()
         nn.functional.mse_loss(qat(X), target).backward()
         opt.step()
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, scales))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, scales, strict=True))
     qm = graphopt.convert(qat)
     assert torch.isfinite(qm(X)).all()
 
@@ -200,7 +202,7 @@ def test_qat_trains_with_learnable_scales():
 def test_per_layer_override_and_first_last_default():
     scheme = graphopt.QuantScheme(weights=4, overrides={"c2": graphopt.LayerQuant(weights=2)})
     prepared = graphopt.prepare_qat(ready(Residual()), (X,), scheme=scheme)
-    from graphopt.quantize import FakeQuantize
+    from graphopt.quantization import FakeQuantize
 
     bits = {fq.what: fq.bits for fq in prepared.modules() if isinstance(fq, FakeQuantize) and fq.weight}
     assert bits == {"weight of c1": 8, "weight of c2": 2, "weight of c3": 8}
@@ -217,7 +219,7 @@ def test_scheme_refuses_invalid_options(kwargs):
 
 def test_scheme_is_frozen():
     s = graphopt.QuantScheme(overrides={"a": graphopt.LayerQuant(4, 8)})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.weights = 4
     with pytest.raises(TypeError):
         s.overrides["b"] = graphopt.LayerQuant()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import IN_CI
 from torch import nn
 
 import graphopt
-from conftest import IN_CI
 from graphopt.datasets import FASHION_MNIST_DIR, fashion_mnist
 
 

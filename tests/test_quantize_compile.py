@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import require_tools
+from quant_models import PATTERNS, Residual, calibration, ready
 
 import graphopt
-from conftest import require_tools
 from graphopt import qref
-from quant_models import PATTERNS, Residual, calibration, ready
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
 
@@ -75,7 +75,7 @@ def _relax_fixed_point_multiply(acc, m0, shift, bound=None):
     import tvm
     from tvm import relax
 
-    from graphopt.targets.converters import _constants_along, _fixed_point_multiply
+    from graphopt.targets.lowering.converters import _constants_along, _fixed_point_multiply
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(acc.shape, "int32"))

@@ -12,10 +12,10 @@ import torch
 from conftest import IN_CI, require_tools
 
 import graphopt
-from graphopt.analysis import analyze, float_ops_in_quantized
-from graphopt.capture import capture
+from graphopt.passes.analysis import analyze, float_ops_in_quantized
 from graphopt.passes.base import PassContext, Property
-from graphopt.pipeline import PassManager, default_passes, max_rel_error
+from graphopt.passes.capture import capture
+from graphopt.passes.manager import PassManager, default_passes, max_rel_error
 from graphopt.zoo import REAL_CODE, Check
 
 GRAPH_DEFAULT = {"tv_resnet18", "tv_mobilenet_v3_small", "pcv_resnet20_cifar10"}

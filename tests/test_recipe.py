@@ -5,9 +5,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import graphopt
-from graphopt.distill import loader
+from graphopt.distillation import loader
 from graphopt.errors import ConfigError
-from graphopt.prune import PruneConfig, prune_iteratively
+from graphopt.pruning import PruneConfig, prune_iteratively
 from graphopt.recipe import PruneStage, QuantStage, Recipe, Stop, optimize
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
-from graphopt.targets.rpc import EMULATED_NOTE, EmulatedDevice, LocalTracker
-from graphopt.targets.tuning_db import RECORDS
 
 import graphopt
+from graphopt.targets.tuning.database import RECORDS
+from graphopt.targets.tuning.rpc import EMULATED_NOTE, EmulatedDevice, LocalTracker
 
 KEY = "emulated-a53"
 

@@ -4,17 +4,17 @@ graph is a graphopt error naming the user's line — float64 oracles and compile
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt.passes.base import GraphPass, PassContext, PassResult, Property
-from graphopt.passes.dead_code import DeadCodeElimination
-from graphopt.passes.fold_batchnorm import FoldBatchNorm
-from graphopt.passes.remove_identity import RemoveIdentity
 from torch import nn
 
 import graphopt
-from graphopt.analysis import analyze
-from graphopt.capture import capture
 from graphopt.errors import PassError
-from graphopt.pipeline import PassManager, default_passes
+from graphopt.passes.analysis import analyze
+from graphopt.passes.base import GraphPass, PassContext, PassResult, Property
+from graphopt.passes.capture import capture
+from graphopt.passes.dead_code import DeadCodeElimination
+from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.manager import PassManager, default_passes
+from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.zoo import recalibrate_bn
 
 aten = torch.ops.aten

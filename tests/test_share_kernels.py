@@ -1,4 +1,4 @@
-"""Kernel sharing (`graphopt.targets.share_kernels`): kernels that differ only in immediates inside
+"""Kernel sharing (`graphopt.targets.lowering.share_kernels`): kernels that differ only in immediates inside
 computed values become one kernel reading them per call, identical ones merge, anything else stays
 apart; the shared module computes exactly what the original did (both built for the host and run
 on the same inputs, every int8 saturation edge included)."""
@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from graphopt.targets.share_kernels import share_kernels
 from tvm import relax, tirx
 from tvm.script import tirx as T
+
+from graphopt.targets.lowering.share_kernels import share_kernels
 
 
 @T.prim_func(private=True, s_tir=True)
@@ -90,7 +91,7 @@ def test_layers_differing_in_immediates_share_one_kernel_and_compute_the_same():
     x = np.arange(-400, 400, 12.5).astype(np.int32)[:64]
     want = _run(mod, x)
     assert [int(o.min()) for o in want] == [-128, -100, -128, -128] and int(want[0].max()) == 127
-    for got, ref in zip(_run(shared, x), want):
+    for got, ref in zip(_run(shared, x), want, strict=True):
         np.testing.assert_array_equal(got, ref)
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from graphopt.targets.tuning_db import RECORDS, SPENT, WORKLOADS, open_database
 
 import graphopt
+from graphopt.targets.tuning.database import RECORDS, SPENT, WORKLOADS, open_database
 
 TRIALS = 4
 
@@ -153,10 +153,10 @@ def test_local_runner_refused_for_arm_and_bad_budget():
 @pytest.mark.emulation
 def test_emulated_icount_runner_tunes_arm_and_counts_per_kernel(tmp_path):
     from conftest import require_tools
-    from graphopt.targets.icount import kernel_counts
-    from graphopt.targets.lowering import lower
 
-    from graphopt.tune import exported_for_tuning
+    from graphopt.targets.lowering.phases import lower
+    from graphopt.targets.tuning.icount import kernel_counts
+    from graphopt.tuning import exported_for_tuning
 
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++")
     model, args = _model()

@@ -1,0 +1,487 @@
+"""Converters from graphopt's integer operators (and PT2E's quantize/dequantize ops) to Relax.
+
+`converters()` is the ``custom_convert_map`` for TVM's ``from_exported_program``: keys are the
+importer's op names (``"qconv2d.default"``), values ``fn(node, importer) -> relax.Var``. Relax has
+no qnn ops, so integer compute is plain ops with ``out_dtype`` — ``conv2d(int8, int8) → int32`` on
+input padded with its zero point, plus one folded bias − zx·Σw constant — and requantization is the
+gemmlowp fixed-point arithmetic of `graphopt.qops` written as elementwise int32 ops (one 64-bit
+product), which layout conversion keeps channel-last and FuseOps fuses into the kernel epilogue. Every
+converter reproduces the `graphopt.qops` contract bit for bit (rounding half to even where PyTorch does). Add more with
+`register_converter`; it refuses (ConfigError) a name that is already registered.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from graphopt.errors import ConfigError
+from graphopt.targets.lowering.importing import constant_value, import_target
+
+_CONVERTERS: dict[str, Callable] = {}
+_DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32", torch.float32: "float32"}
+
+
+def register_converter(op_name: str, fn: Callable | None = None):
+    """Register ``fn(node, importer) -> relax.Var`` for the importer op name ``op_name``; usable as a decorator."""
+    def add(f):
+        if op_name in _CONVERTERS:
+            raise ConfigError(f"a converter for {op_name!r} is already registered")
+        _CONVERTERS[op_name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def converters() -> dict[str, Callable]:
+    """The custom_convert_map for ``from_exported_program`` (a copy)."""
+    return dict(_CONVERTERS)
+
+
+def _args(node, imp):
+    return imp.retrieve_args(node)
+
+
+def _emit(imp, expr):
+    return imp.block_builder.emit(expr)
+
+
+def _constant(arg):
+    value = constant_value(arg)
+    if value is None:
+        raise TypeError(f"{arg} must be a model constant (a buffer the quantization folding made)")
+    return value
+
+
+def _ndim(node) -> int:
+    return node.meta["val"].dim()
+
+
+def _channels(node) -> int:
+    return int(node.meta["val"].shape[1])
+
+
+def _fixed_point_multiply(imp, x, mults, shifts, const, bound: int | None = None):
+    """MultiplyByQuantizedMultiplier of an int32 Relax tensor by compile-time (M0, shift) as Relax
+    ops — elementwise, so layout conversion keeps them channel-last and FuseOps fuses them into the
+    producing kernel's epilogue. Only the product is 64-bit:
+
+        x = sat32(x ≪ left)                                  (int64 only where some left > 0)
+        high = (x·M0 + 2^30) ≫ 31                             (= gemmlowp's SRDHM, nudge and truncation
+                                                                folded into one floor shift; M0 > 0)
+        y = (high ≫ right) + [(high & mask) > mask/2 + (high < 0)]    (RDBPOT, mask = 2^right − 1)
+
+    With `bound` ≥ |x| known at compile time and (bound ≪ left) < 2^30 nothing can overflow, and
+    the same values come from fewer operations (what Cortex-M's SMMULR and a 3-op rounding shift do):
+
+        high = (2x·M0 + 2^31) ≫ 32                            (same floor: numerator and 2^31 doubled)
+        y = (high + 2^(right−1) + (high ≫ 31)) ≫ right         (every right in 1..31; |high| ≤ |x| < 2^30)
+
+    `const(values, dtype)` makes a constant broadcasting along the multiplier's axis."""
+    import numpy as np
+    from tvm import relax
+
+    op, e = relax.op, lambda v: _emit(imp, v)
+    left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
+    if bound is not None and (np.int64(bound) << left).max() < 2 ** 30:
+        doubled = e(op.left_shift(x, const(left + 1, "int32")))  # no saturation: |x ≪ left| < 2^30
+        high = e(op.astype(op.right_shift(op.add(op.multiply(op.astype(doubled, "int64"), const(mults, "int64")),
+                                                 const(1 << 31, "int64")), const(32, "int64")), "int32"))
+        if not right.any():
+            return high
+        if right.min() >= 1 and right.max() <= 31:
+            nudged = op.add(op.add(high, const(np.int64(1) << (right - 1), "int32")),
+                            op.right_shift(high, const(31, "int32")))
+            return e(op.right_shift(nudged, const(right, "int32")))
+    else:
+        if left.any():
+            x = _saturate32(imp, op.left_shift(op.astype(x, "int64"), const(left, "int64")), const)
+        product = op.multiply(op.astype(x, "int64"), const(mults, "int64"))
+        high = e(op.astype(op.right_shift(op.add(product, const(1 << 30, "int64")), const(31, "int64")), "int32"))
+    mask = (np.int64(1) << right) - 1
+    threshold = op.add(op.astype(op.less(high, const(0, "int32")), "int32"), const(mask >> 1, "int32"))
+    return e(op.add(op.right_shift(high, const(right, "int32")),
+                    op.astype(op.greater(op.bitwise_and(high, const(mask, "int32")), threshold), "int32")))
+
+
+def _saturate32(imp, wide, const):
+    """An int64 Relax expression clamped to the int32 range, as int32."""
+    from tvm import relax
+
+    op = relax.op
+    return _emit(imp, op.astype(op.minimum(op.maximum(wide, const(-(2 ** 31), "int64")), const(2 ** 31 - 1, "int64")),
+                                "int32"))
+
+
+def _constants_along(nd: int, axis: int):
+    """const(values, dtype): a scalar constant (also for values equal along the axis), or one shaped
+    to broadcast along `axis` of rank `nd` (tensor operands go first in every binary op: a constant
+    left operand makes layout conversion fall back to NCHW)."""
+    import numpy as np
+    from tvm import relax
+
+    def const(values, dtype):
+        v = np.asarray(values).astype(dtype)
+        if v.size == 1 or (v == v.flat[0]).all():  # the same for every channel: an immediate in the kernel
+            return relax.const(v.flat[0].item(), dtype)
+        shape = [1] * nd
+        shape[axis] = v.size
+        return relax.const(v.reshape(shape), dtype)
+
+    return const
+
+
+def _saturate_int8(imp, y, out_zp: int, qmin: int, qmax: int, const):
+    from tvm import relax
+
+    op = relax.op
+    y = op.add(y, const(out_zp, "int32"))
+    return _emit(imp, op.astype(op.minimum(op.maximum(y, const(qmin, "int32")), const(qmax, "int32")), "int8"))
+
+
+@register_converter("requantize.default")
+def _requantize(node, imp):
+    """`qops.requantize`: int32 accumulators to int8 through `_fixed_point_multiply`."""
+    import numpy as np
+    from tvm import relax
+
+    acc, in_zp, _, _, axis, out_zp, qmin, qmax = _args(node, imp)
+    mults, shifts = (_constant(a).astype(np.int64).reshape(-1) for a in node.args[2:4])
+    const = _constants_along(_ndim(node), axis % _ndim(node))
+    bound = _accumulator_bound(node.args[0])
+    if in_zp:  # acc − in_zp may leave int32: saturate like the left shift does
+        acc = _saturate32(imp, relax.op.subtract(relax.op.astype(acc, "int64"), const(in_zp, "int64")), const)
+        bound = None if bound is None else bound + abs(in_zp)
+    return _saturate_int8(imp, _fixed_point_multiply(imp, acc, mults, shifts, const, bound), out_zp, qmin, qmax,
+                          const)
+
+
+_ACCUMULATING = {"qconv2d", "qlinear"}
+
+
+def _accumulator_bound(node) -> int | None:
+    """A compile-time bound on |output| of a qconv2d/qlinear node: 255·Σ|w| + |bias| over the worst
+    output channel (|x − zx| ≤ 255; weights that are not constants count as 128 each); 255² for
+    qmul; 255·window for qsum_pool2d; else None."""
+    import math
+
+    import numpy as np
+
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and getattr(node.target, "namespace", None) == "graphopt"):
+        return None
+    if node.target._opname == "qmul":
+        return 255 * 255
+    if node.target._opname == "qsum_pool2d":
+        return 255 * math.prod(node.args[2])
+    if node.target._opname not in _ACCUMULATING:
+        return None
+    w, bias = node.args[2], node.args[3]
+    w_np = constant_value(w)
+    if w_np is not None:
+        per_channel = np.abs(w_np.astype(np.int64)).reshape(w_np.shape[0], -1).sum(axis=1)
+    else:
+        shape = w.meta["val"].shape
+        per_channel = np.full(int(shape[0]), 128 * math.prod(int(d) for d in shape[1:]), dtype=np.int64)
+    b = np.zeros(1, np.int64) if bias is None else constant_value(bias)
+    if b is None:
+        return None
+    return int((255 * per_channel + np.abs(b.astype(np.int64).reshape(-1))).max())
+
+
+def _zp_times_weight_sum(imp, w, x_zp: int, axes: list[int]):
+    """x_zp · Σ w over ``axes`` (int32): the zero-point term of Σ (x − zx)·w = Σ x·w − zx·Σ w."""
+    from tvm import relax
+
+    return _emit(imp, relax.op.multiply(relax.op.sum(relax.op.astype(w, "int32"), axis=axes),
+                                        relax.const(x_zp, "int32")))
+
+
+def _add_offset(imp, node, acc, w, bias, x_zp: int, axes: list[int], shape: list[int]):
+    """acc + bias − zx·Σw. With constant weights and bias (the folded graph's buffers) that is ONE
+    per-channel int32 constant computed here, one add in the kernel epilogue; else Relax ops."""
+    import numpy as np
+    from tvm import relax
+
+    w_np = constant_value(node.args[2])
+    b_np = None if node.args[3] is None else constant_value(node.args[3])
+    if w_np is not None and (node.args[3] is None or b_np is not None):
+        offset = -x_zp * w_np.astype(np.int64).sum(axis=tuple(axes))
+        if b_np is not None:
+            offset = offset + b_np.astype(np.int64).reshape(-1)
+        if not offset.any():
+            return acc
+        if np.abs(offset).max() < 2 ** 31:
+            return _emit(imp, relax.op.add(acc, relax.const(offset.astype(np.int32).reshape(shape), "int32")))
+    if x_zp:
+        acc = _emit(imp, relax.op.subtract(acc, relax.op.reshape(_zp_times_weight_sum(imp, w, x_zp, axes), shape)))
+    return acc if bias is None else _emit(imp, relax.op.add(acc, relax.op.reshape(bias, shape)))
+
+
+@register_converter("qconv2d.default")
+def _qconv2d(node, imp):
+    from tvm import relax
+
+    from graphopt.targets.lowering import lowbit
+
+    if (packed := lowbit.qconv2d(node, imp)) is not None:  # weights from unpack_bits: packed kernels
+        return packed
+    x, x_zp, w, bias, stride, padding, dilation, groups = _args(node, imp)
+    w_np = constant_value(node.args[2])
+    if (w_np is not None and w_np.shape[1:] == (1, 1, 1) and groups == w_np.shape[0] == _channels(node.args[0])
+            and list(stride) == [1, 1] and not any(padding)):  # a per-channel scale (fold_qdq's integer affine):
+        acc = _emit(imp, relax.op.multiply(relax.op.astype(x, "int32"),  # elementwise, fused with its neighbours
+                                           relax.const(w_np.astype("int32").reshape(1, -1, 1, 1))))
+        return _add_offset(imp, node, acc, w, bias, x_zp, [1, 2, 3], [1, -1, 1, 1])
+    ph, pw = padding
+    if ph or pw:  # pad with the zero point (real 0), then the conv itself needs no padding
+        x = _emit(imp, relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(x_zp)))
+    acc = _emit(imp, relax.op.nn.conv2d(x, w, strides=stride, padding=0, dilation=dilation, groups=groups,
+                                        out_dtype="int32"))
+    return _add_offset(imp, node, acc, w, bias, x_zp, [1, 2, 3], [1, -1, 1, 1])
+
+
+@register_converter("qlinear.default")
+def _qlinear(node, imp):
+    from tvm import relax
+
+    from graphopt.targets.lowering import lowbit
+
+    if (packed := lowbit.qlinear(node, imp)) is not None:  # weights from unpack_bits: packed kernels
+        return packed
+    x, x_zp, w, bias = _args(node, imp)
+    acc = _emit(imp, relax.op.matmul(x, relax.op.permute_dims(w, [1, 0]), out_dtype="int32"))
+    return _add_offset(imp, node, acc, w, bias, x_zp, [1], [-1])
+
+
+@register_converter("qmatmul.default")
+def _qmatmul(node, imp):
+    from tvm import relax
+
+    a, a_zp, b, b_zp = _args(node, imp)
+    shifted = [_emit(imp, relax.op.subtract(relax.op.astype(t, "int32"), relax.const(z, "int32")))
+               for t, z in ((a, a_zp), (b, b_zp))]
+    return _emit(imp, relax.op.matmul(*shifted, out_dtype="int32"))
+
+
+@register_converter("qmul.default")
+def _qmul(node, imp):
+    """(a − za)·(b − zb) in int32, broadcasting: elementwise, fused with the requantize after it."""
+    from tvm import relax
+
+    a, a_zp, b, b_zp = _args(node, imp)
+    shifted = [_emit(imp, relax.op.subtract(relax.op.astype(t, "int32"), relax.const(z, "int32")))
+               for t, z in ((a, a_zp), (b, b_zp))]
+    return _emit(imp, relax.op.multiply(*shifted))
+
+
+@register_converter("qsum_pool2d.default")
+def _qsum_pool2d(node, imp):
+    import numpy as np
+    from tvm import relax
+
+    x, x_zp, kernel, stride, padding = _args(node, imp)
+    c = int(node.args[0].meta["val"].shape[1])
+    ph, pw = padding
+    if ph or pw:
+        x = _emit(imp, relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(x_zp)))
+    ones = relax.const(np.ones((c, 1, *kernel), dtype="int8"))  # Σ window = depthwise conv with ones
+    acc = _emit(imp, relax.op.nn.conv2d(x, ones, strides=stride, padding=0, groups=c, out_dtype="int32"))
+    if not x_zp:
+        return acc
+    return _emit(imp, relax.op.subtract(acc, relax.const(x_zp * kernel[0] * kernel[1], "int32")))
+
+
+@register_converter("qadd.default")
+def _qadd(node, imp):
+    """TFLite's quantized add: each side (x − zp) ≪ 20 rescaled, summed, rescaled to the output."""
+    import numpy as np
+    from tvm import relax
+
+    from graphopt.qops import LEFT_SHIFT_ADD
+
+    a, a_zp, _, _, b, b_zp, _, _, _, _, out_zp, qmin, qmax = _args(node, imp)
+    params = [_constant(node.args[i]).astype(np.int64).reshape(-1) for i in (2, 3, 6, 7, 8, 9)]
+    const = _constants_along(_ndim(node), 0)  # per-tensor multipliers: scalars
+
+    spec = import_target()
+    own_kernel = spec is not None and spec.ram_bytes is not None  # a RAM budget: the arena matters most
+
+    def side(x, zp, m, s):
+        if own_kernel:  # FuseOps fuses elementwise chains into their producer: after two convs, one
+            # side's int32 rescale would be stored between kernels (4× the int8 bytes). A same-shape
+            # reshape ends the producers' groups, so the add reads both int8 tensors in its own
+            # kernel (layout conversion keeps it channel-first: a few transposes, cheap next to RAM)
+            x = _emit(imp, relax.op.reshape(x, x.ty.shape))
+        x = _emit(imp, relax.op.subtract(relax.op.astype(x, "int32"), const(zp, "int32")))
+        return _fixed_point_multiply(imp, _emit(imp, relax.op.left_shift(x, const(LEFT_SHIFT_ADD, "int32"))), m, s,
+                                     const, bound=255 << LEFT_SHIFT_ADD)
+
+    # each side is at most its input bound ≪ its left shift (M0 < 2^31 and the right shift only shrink it)
+    total_bound = sum((255 << LEFT_SHIFT_ADD) << int(max(s.max(), 0)) for s in (params[1], params[3]))
+    total = _emit(imp, relax.op.add(side(a, a_zp, *params[0:2]), side(b, b_zp, *params[2:4])))
+    return _saturate_int8(imp, _fixed_point_multiply(imp, total, *params[4:6], const, total_bound), out_zp, qmin,
+                          qmax, const)
+
+
+@register_converter("qlut.default")
+def _qlut(node, imp):
+    from tvm import relax
+
+    x, table = _args(node, imp)
+    idx = _emit(imp, relax.op.add(relax.op.astype(x, "int32"), relax.const(128, "int32")))
+    return _emit(imp, relax.op.take(table, idx, axis=0, mode="clip"))  # idx is in [0, 255]; "fast" warns
+
+
+@register_converter("qsign.default")
+def _qsign(node, imp):
+    from tvm import relax
+
+    x, x_zp = _args(node, imp)
+    ge = relax.op.greater_equal(relax.op.astype(x, "int32"), relax.const(x_zp, "int32"))
+    return _emit(imp, relax.op.where(ge, relax.const(1, "int8"), relax.const(-1, "int8")))
+
+
+@register_converter("quantize_sign.default")
+def _quantize_sign(node, imp):
+    from tvm import relax
+
+    (x,) = _args(node, imp)
+    ge = relax.op.greater_equal(x, relax.const(0.0, "float32"))
+    return _emit(imp, relax.op.where(ge, relax.const(1, "int8"), relax.const(-1, "int8")))
+
+
+@register_converter("unpack_bits.default")
+def _unpack_bits(node, imp):
+    import math
+
+    import numpy as np
+    from tvm import relax
+
+    packed, bits, shape = _args(node, imp)
+    per, n = 8 // bits, math.prod(shape)
+    op, e = relax.op, lambda x: _emit(imp, x)
+    column = e(op.reshape(e(op.astype(packed, "int32")), [-1, 1]))
+    codes = e(op.bitwise_and(op.right_shift(column, relax.const(np.arange(per, dtype="int32") * bits)),
+                             relax.const((1 << bits) - 1, "int32")))
+    codes = e(op.strided_slice(e(op.reshape(codes, [-1])), axes=[0], begin=[0], end=[n]))
+    if bits == 1:
+        values = e(op.subtract(op.multiply(codes, relax.const(2, "int32")), relax.const(1, "int32")))
+    else:
+        sign = relax.const(1 << (bits - 1), "int32")
+        values = e(op.subtract(op.bitwise_xor(codes, sign), sign))
+    return e(op.astype(op.reshape(values, shape), "int8"))
+
+
+# ---- PT2E quantize/dequantize (graph boundaries and patterns FoldQDQ declined), same fp32 formulas as torch
+
+def _scalar_or_tensor(imp, v, dtype: str):
+    from tvm import relax
+
+    if isinstance(v, relax.Expr):
+        return _emit(imp, relax.op.astype(v, dtype))
+    return relax.const(v, dtype)
+
+
+_CLIP = 2.0 ** 30  # |x/scale| clipped here before rounding (int32 conversion), far outside 8/16-bit ranges
+
+
+def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
+    """round_half_even(x · inv_scale) + zp, clamped — one kernel, kept out of fusion (opaque): fused
+    with the layout transpose and padding that follow a graph input it would run on the padded
+    channel-last tensor, 3 scalar channels at a time, instead of vectorized along the width.
+    Ties to even (torch.round; TVM's round goes away from zero): `nearbyint` (the default rounding
+    mode) on targets with round-to-integral instructions (`Feature.FP_ROUND`); elsewhere (FPv4
+    Cortex-M, ARMv7 NEON, target-neutral) the parity f − 2·⌊f/2⌋ of f = ⌊v⌋, with ⌊⌋ by truncation —
+    no libm call. Int32 outputs (|q| ≥ 2^30) are not exact here: quantize_per_tensor to int32 is
+    not a graphopt pattern."""
+    from tvm import te, tirx, topi
+
+    from graphopt.targets.spec import Feature
+
+    spec = import_target()
+    rint = spec is not None and spec.has(Feature.FP_ROUND)
+
+    def compute(x_t, inv_t, zp_t):
+        v = topi.multiply(x_t, inv_t)
+        shape = topi.add(v, topi.cast(zp_t, "float32")).shape  # the broadcast result shape
+        v, z = topi.broadcast_to(v, shape), topi.broadcast_to(topi.cast(zp_t, "float32"), shape)
+
+        def floor(a):  # via truncation (one convert; no floorf call on FPUs without rounding ops)
+            t = tirx.Cast("float32", tirx.Cast("int32", a))
+            return t - tirx.Select(a < t, tirx.const(1.0, "float32"), tirx.const(0.0, "float32"))
+
+        def round_half_even(a):
+            if rint:
+                return tirx.nearbyint(a)
+            f = floor(a)
+            d = a - f
+            parity = f - floor(f * 0.5) * 2.0
+            return tirx.Select(d > 0.5, f + 1.0, tirx.Select(d < 0.5, f, f + parity))
+
+        def body(*i):
+            r = round_half_even(tirx.min(tirx.max(v(*i), -_CLIP), _CLIP))  # in int32 range: beyond any 8/16-bit output
+            return tirx.Cast(_DTYPES[dtype], tirx.min(tirx.max(r + z(*i), float(qmin)), float(qmax)))
+
+        return te.compute(shape, body, name="quantize")
+
+    bb = imp.block_builder
+    out = bb.emit_te(compute, x, inv_scale, zp, primfunc_name_hint="quantize")
+    gv = bb.lookup_binding(out).args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))  # kOpaque: not fused, see above
+    return out
+
+
+def _dequantize(imp, x, scale, zp, out_dtype):
+    from tvm import relax
+
+    shifted = relax.op.subtract(relax.op.astype(x, "float32"), relax.op.astype(zp, "float32"))
+    return _emit(imp, relax.op.astype(relax.op.multiply(shifted, scale), _DTYPES.get(out_dtype, "float32")))
+
+
+@register_converter("quantize_per_tensor.default")
+@register_converter("quantize_per_tensor.tensor")
+def _quantize_per_tensor(node, imp):
+    from tvm import relax
+
+    x, scale, zp, qmin, qmax, dtype = _args(node, imp)[:6]
+    inv = (relax.const(1.0 / scale, "float32") if not isinstance(scale, relax.Expr)
+           else _emit(imp, relax.op.divide(relax.const(1.0, "float32"), relax.op.astype(scale, "float32"))))
+    return _quantize(imp, x, inv, _scalar_or_tensor(imp, zp, "int32"), qmin, qmax, dtype)
+
+
+@register_converter("dequantize_per_tensor.default")
+@register_converter("dequantize_per_tensor.tensor")
+def _dequantize_per_tensor(node, imp):
+    x, scale, zp = _args(node, imp)[:3]
+    return _dequantize(imp, x, _scalar_or_tensor(imp, scale, "float32"), _scalar_or_tensor(imp, zp, "int32"),
+                       node.kwargs.get("out_dtype") or torch.float32)
+
+
+def _per_channel_params(node, imp, scales, zps, axis):
+    from tvm import relax
+
+    nd = _ndim(node)
+    shape = [1] * nd
+    shape[axis] = -1
+    s = _emit(imp, relax.op.reshape(_emit(imp, relax.op.astype(scales, "float32")), shape))
+    z = relax.const(0, "int32") if zps is None else _emit(
+        imp, relax.op.reshape(_emit(imp, relax.op.astype(zps, "int32")), shape))
+    return s, z
+
+
+@register_converter("quantize_per_channel.default")
+def _quantize_per_channel(node, imp):
+    from tvm import relax
+
+    x, scales, zps, axis, qmin, qmax, dtype = _args(node, imp)[:7]
+    s, z = _per_channel_params(node, imp, scales, zps, axis)
+    inv = _emit(imp, relax.op.divide(relax.const(1.0, "float32"), s))
+    return _quantize(imp, x, inv, z, qmin, qmax, dtype)
+
+
+@register_converter("dequantize_per_channel.default")
+def _dequantize_per_channel(node, imp):
+    x, scales, zps, axis = _args(node, imp)[:4]
+    s, z = _per_channel_params(node, imp, scales, zps, axis)
+    return _dequantize(imp, x, s, z, node.kwargs.get("out_dtype") or torch.float32)

@@ -1,0 +1,781 @@
+"""graphopt's default (untuned) CPU schedules for fused TIR PrimFuncs.
+
+TVM's default pipeline leaves every PrimFunc as naive single-threaded loops. Here each fused
+PrimFunc (after LegalizeOps + FuseOps + FuseTIR, in the channel-last layout `CONV_LAYOUT` that
+lowering converts convolutions to) is matched against `default_rules(params)` in order; the first
+rule that schedules it wins. A PrimFunc no rule takes gets `Generic` (parallel outer loop,
+vectorized inner loop where TVM proves it legal) and is reported as ``"fallback"``; one even that
+fails is left as TVM emitted it and reported as unscheduled.
+
+Before any rule or tuning database sees them, `spatialize_unit_reductions` (run by lowering's fuse
+phase) rewrites reductions whose axes all have extent 1 as spatial blocks.
+
+Rules are chosen by `CpuParams` (vector lanes, vector register count, cores) derived from a
+`TargetSpec`'s vector width and feature flags, never from its name. Refuses nothing: every failure
+to schedule degrades to a slower but correct PrimFunc.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir, te, tirx, topi
+from tvm.s_tir import dlight
+
+from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
+from graphopt.targets.lowering.int8 import GROUPED_ATTR, legalize_conv2d, legalize_grouped_conv2d, legalize_matmul
+from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
+from graphopt.targets.spec import Feature, TargetSpec
+
+# Relax layouts lowering converts conv2d to: channel-last data and HWIO weights, so the output
+# channel axis is innermost and contiguous in both output and weights (the axis rules vectorize).
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+# Independent accumulator vectors a register tile should have to hide FMA latency (4 cycles x 2 ports).
+_MIN_ACCUMULATORS = 8
+
+# Innermost reduction loops this short are unrolled rather than looped.
+_SHORT_REDUCTION = 4
+
+# Reductions at most this long are windows (depthwise conv, pooling), not channel sums.
+_WINDOW_REDUCTION = 64
+
+# Vector register files by ISA feature, first match wins (AVX2-class x86 is the default).
+_VECTOR_REGISTERS = ((Feature.AVX512, 32), (Feature.NEON, 32), (Feature.AVX2, 16))
+
+
+@dataclass(frozen=True)
+class CpuParams:
+    """What the schedules need to know about a CPU."""
+
+    lanes: int  # fp32 lanes of one vector register
+    vector_regs: int  # architectural vector registers (bounds the accumulator tile)
+    cores: int  # threads parallel loops are sized for
+    dots: tuple[DotKernel, ...] = ()  # int8 dot-product instructions of the target, preferred first
+    # NEON: grouped int8 convs take `GroupedInt8` (int16 pair products: smull/smlal). Not on x86, which has no
+    # int8×int8→int16 widening multiply: mobilenet_blocks int8 ran 0.185 ms there vs 0.152 on the generic kernel
+    int8_pairs: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: TargetSpec) -> CpuParams:
+        regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
+        return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
+                   dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON))
+
+
+def _int(expr) -> int | None:
+    return int(expr) if isinstance(expr, (int, tirx.IntImm)) else None
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def _lane_tile(extent: int, lanes: int) -> int:
+    """Tile of the vectorized (innermost output) axis: two vectors, one, or the largest power-of-two
+    part of a vector that divides it; else the whole axis if short, else its largest short divisor."""
+    for tile in (2 * lanes, lanes, lanes // 2, lanes // 4):
+        if tile >= 4 and extent % tile == 0:
+            return tile
+    return extent if extent <= 2 * lanes else _largest_divisor(extent, 2 * lanes)
+
+
+def _conv2d_nhwc_packed(data, wpack, strides, padding, dilation, groups, out_dtype):
+    """NHWC conv2d over weights packed as [F/ft, KH, KW, C/groups, ft] (regular, grouped, depthwise)."""
+    _, height, width, _ = data.shape
+    f_outer, kh, kw, c_group, f_tile = (int(d) for d in wpack.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilation, padding
+    if any((pt, pl, pb, pr)):
+        data = topi.nn.pad(data, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+    out_h = (height + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    per_group = f_outer * f_tile // groups
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c_group), "rc")
+
+    def body(n, y, x, f):
+        cin = rc if groups == 1 else f // per_group * c_group + rc
+        a = data[n, y * sh + ry * dh, x * sw + rx * dw, cin].astype(out_dtype)
+        return te.sum(a * wpack[f // f_tile, ry, rx, rc, f % f_tile].astype(out_dtype), axis=[ry, rx, rc])
+
+    return te.compute((data.shape[0], out_h, out_w, f_outer * f_tile), body, name="conv2d_nhwc")
+
+
+def conv2d_legalizer(params: CpuParams):
+    """LegalizeOps override for NHWC/HWIO conv2d: packs the weights once (folded at compile time when
+    they are constants) so each output-channel tile reads one contiguous weight slab; other layouts
+    and shapes use TVM's own legalization."""
+    default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+
+    def legalize(bb, call):
+        packed = legalize_conv2d(bb, call, params.dots) if params.dots else None
+        if packed is None and params.int8_pairs:
+            packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
+        if packed is not None:
+            return packed
+        attrs = call.attrs
+        wshape = call.args[1].ty.shape
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+                or wshape is None or any(_int(d) is None for d in wshape):
+            return default(bb, call)
+        kh, kw, c_group, f = (int(d) for d in wshape)
+        f_tile = _lane_tile(f, params.lanes)
+        if isinstance(call.args[1], tvm.ir.expr.Constant):  # a weight: pack it now, in numpy
+            w = call.args[1].value.numpy().reshape(kh, kw, c_group, f // f_tile, f_tile)
+            packed = relax.const(np.ascontiguousarray(w.transpose(3, 0, 1, 2, 4)))
+        else:
+            packed = bb.emit(bb.call_te(
+                lambda w: te.compute((f // f_tile, kh, kw, c_group, f_tile),
+                                     lambda a, y, x, c, b: w[y, x, c, a * f_tile + b], name="packed_weight"),
+                call.args[1], primfunc_name_hint="pack_conv2d_weight"))
+        out_dtype = attrs.out_dtype if attrs.out_dtype != "" else call.args[0].ty.dtype
+        return bb.call_te(_conv2d_nhwc_packed, call.args[0], packed,
+                          [int(v) for v in attrs.strides], [int(v) for v in attrs.padding],
+                          [int(v) for v in attrs.dilation], int(attrs.groups), str(out_dtype),
+                          primfunc_name_hint="conv2d")
+
+    return legalize
+
+
+def matmul_legalizer(params: CpuParams):
+    """LegalizeOps override for ``x @ W`` with a constant 2-D W (Linear layers): W [K, N] is packed
+    to [N/ft, K, ft] in numpy so each output tile streams one contiguous slab."""
+    default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
+
+    def legalize(bb, call):
+        packed = legalize_matmul(bb, call, params.dots) if params.dots else None
+        if packed is not None:
+            return packed
+        a, w = call.args
+        if not isinstance(w, tvm.ir.expr.Constant) or len(w.ty.shape) != 2 or a.ty.ndim < 2 \
+                or str(w.ty.dtype) != str(a.ty.dtype):
+            return default(bb, call)
+        k, n = (int(d) for d in w.ty.shape)
+        f_tile = _lane_tile(n, params.lanes)
+        packed = relax.const(np.ascontiguousarray(w.value.numpy().reshape(k, n // f_tile, f_tile).transpose(1, 0, 2)))
+        out_dtype = call.attrs.out_dtype if str(call.attrs.out_dtype) != "" else a.ty.dtype
+
+        def matmul(x, wp):
+            r = te.reduce_axis((0, k), "k")
+            return te.compute(
+                (*x.shape[:-1], n),
+                lambda *i: te.sum(x[(*i[:-1], r)].astype(out_dtype)
+                                  * wp[i[-1] // f_tile, r, i[-1] % f_tile].astype(out_dtype), axis=r),
+                name="matmul")
+
+        return bb.call_te(matmul, a, packed, primfunc_name_hint="matmul")
+
+    return legalize
+
+
+def widening_multiply_legalizer():
+    """LegalizeOps override for int64 ``x · c`` with ``c`` a constant whose values fit int32 (the
+    requantization multipliers): ``c`` is kept int32 and widened inside the kernel, so the code
+    generator sees a 32×32→64 product (``smull`` on ARM, one multiply on Cortex-M) instead of a
+    full 64-bit multiply of a value loaded from an int64 table (scalar on NEON)."""
+    default = tvm.ir.Op.get("relax.multiply").get_attr("FLegalize")
+    limit = 2 ** 31
+
+    def legalize(bb, call):
+        x, c = call.args
+        bound = bb.lookup_binding(c) if isinstance(c, relax.Var) else None
+        if isinstance(bound, tvm.ir.expr.Constant):  # e.g. a channel-last copy bound by layout conversion
+            c = bound
+        if str(call.ty.dtype) != "int64" or not isinstance(c, tvm.ir.expr.Constant) or x.ty.ndim < c.ty.ndim:
+            return default(bb, call)
+        values = c.value.numpy()
+        if values.size and (values.min() < -limit or values.max() >= limit):
+            return default(bb, call)
+        if values.size == 1:  # an immediate: materialized where it is used, so ARM selects SMMULR/SMULL
+            return bb.call_te(lambda a: topi.multiply(a, tirx.const(int(values.reshape(())), "int64")), x,
+                              primfunc_name_hint="multiply")
+        return bb.call_te(lambda a, m: topi.multiply(a, topi.cast(m, "int64")), x,
+                          relax.const(values.astype(np.int32), "int32"), primfunc_name_hint="multiply")
+
+    return legalize
+
+
+def legalize_map(spec: TargetSpec) -> dict:
+    """LegalizeOps overrides whose computes (packed weights, widening products) the rules below are
+    written for."""
+    params = CpuParams.from_spec(spec)
+    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params),
+            "relax.multiply": widening_multiply_legalizer()}
+
+
+def _stores(stmt) -> list | None:
+    """The buffer stores of a block's init (one store, or a sequence of them), else None."""
+    if isinstance(stmt, tirx.BufferStore):
+        return [stmt]
+    if isinstance(stmt, tirx.SeqStmt) and all(isinstance(s, tirx.BufferStore) for s in stmt.seq):
+        return list(stmt.seq)
+    return None
+
+
+class _Keep(Exception):
+    """The block reads its accumulator other than at the element it updates: leave it as it is."""
+
+
+def _reads(expr, buffers) -> bool:
+    """Whether `expr` loads from any of `buffers`."""
+    found = []
+    tvm_ffi.structural_walk(expr, (tvm.ir.TensorLoad, lambda load: found.append(any(load.source.same_as(b)
+                                                                                    for b in buffers))))
+    return any(found)
+
+
+def _spatialize(realize):
+    """`realize` with its block ``init: C[i] = c; body: C[i] = f(C[i], x)`` rewritten as the spatial
+    ``C[i] = f(c, x)`` when each of its reduction axes has extent 1 (e.g. a Linear(1, N), a 1×1 conv
+    with one input channel per group, a 1×1 pool); any other block unchanged."""
+    block = realize.block
+    reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    inits = None if block.init is None else _stores(block.init)
+    if inits is None or not reduce or any(_int(iv.dom.extent) != 1 for iv in reduce):
+        return realize
+    at_min = [(iv.var, iv.dom.min) for iv in reduce]
+
+    def sub(node):  # reduction variables -> their only value
+        return tvm_ffi.structural_map(node, (tvm.ir.Var, lambda v: next((m for r, m in at_min if r.same_as(v)), v)))
+
+    def initial(load):  # the accumulator's read -> its initial value
+        for store in inits:
+            if store.buffer.same_as(load.source):
+                if not tvm_ffi.structural_equal(list(load.indices), list(sub(store.indices))):
+                    raise _Keep
+                return sub(store.value)
+        return load
+
+    stores = []  # a tuple reduction (argmax) reads its accumulators in let bindings, then stores them all
+    tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+    if len(stores) > 1 and any(_reads(s.value, [i.buffer for i in inits]) for s in stores):
+        return realize  # a store could read what another store of this update wrote
+    try:
+        body = tvm_ffi.structural_map(sub(block.body), (tvm.ir.TensorLoad, initial))
+    except _Keep:
+        return realize
+    written = [w.source for w in block.writes]
+    keep = [i for i, iv in enumerate(block.iter_vars) if iv.iter_type != tirx.IterVar.CommReduce]
+    spatial = s_tir.SBlock([block.iter_vars[i] for i in keep],
+                           [sub(r) for r in block.reads if not any(r.source.same_as(b) for b in written)],
+                           list(block.writes), block.name_hint, body, None, list(block.alloc_buffers),
+                           list(block.match_buffers), dict(block.annotations))
+    return s_tir.SBlockRealize([realize.iter_values[i] for i in keep], realize.predicate, spatial)
+
+
+def _mentions(stmt, var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(stmt, (tvm.ir.Var, lambda v: found.append(True) if v.same_as(var) else None))
+    return bool(found)
+
+
+def _drop_unused_unit_loop(loop):
+    """``for k in range(1): S`` -> S when S no longer uses k (the loop of a spatialized reduction
+    axis): dlight's normalization needs one loop per block iterator."""
+    return loop.body if _int(loop.extent) == 1 and not _mentions(loop.body, loop.loop_var) else loop
+
+
+def spatialize_unit_reductions(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite every reduction whose axes all have extent 1 as a spatial block (and drop the loops of
+    those axes), in the PrimFuncs of `mod` not yet scheduled.
+
+    TVM keeps such a block a reduction (an init and an accumulating update). dlight's
+    ``normalize_prim_func`` drops its unit reduction iterators but keeps the init, so every rule sees
+    a spatial block, and inlining the epilogue into it (``reverse_compute_inline``, as `Injective`
+    and dlight's ``try_inline`` do) applies the epilogue to the init and to the update: a bias added
+    twice in fp32 (Linear(1, N), 1×1 convs with one input channel per group: 10 % to 10× off), and in
+    int8 a requantize of the integer init that TVM cannot build (``IntImm supports only int or uint
+    or bool type, but float32 was supplied``). As a plain spatial block every rule schedules it
+    correctly.
+    """
+    mod = mod.clone()
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            mod[gv] = tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, _spatialize),
+                                                    (tirx.For, _drop_unused_unit_loop)])
+    return mod
+
+
+def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """Vectorize the largest power-of-two part (at most two vectors) of `loop` that divides it; TVM's
+    code for odd-width vectors is many times slower than for power-of-two ones."""
+    extent = _loop_extent(sch, loop)
+    if extent is None:
+        return
+    tile = next((t for t in (2 * lanes, lanes, lanes // 2, lanes // 4, 2) if t >= 2 and extent % t == 0), 1)
+    if tile == 1:
+        return
+    if tile < extent:
+        _, loop = sch.split(loop, [None, tile])
+    sch.vectorize(loop)
+
+
+def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Parallelize the outer loops of a spatial block and vectorize its innermost loop."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
+
+
+# Stack bytes TVM allows a buffer; larger per-tile buffers go to the heap (and out of registers).
+_STACK_BYTES = 1024
+
+
+def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int) -> None:
+    """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
+    consumer, or not reading the accumulator at all (e.g. the other operand's rescale in a fused
+    residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
+    requantize) is computed once per tile into a tile-sized buffer — inlining those duplicates their
+    expressions at every use, which grows chained requantizations multiplicatively (and once made
+    LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose,
+    or a pad, whose output is larger) runs as its own loop nest; with no epilogue, the accumulator is
+    written back per tile."""
+    placed = []
+    on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
+    tile_shape = [_int(d) for d in sch.get(main).writes[0].source.shape]
+    for block in consumers:
+        name = sch.get(block).name_hint
+        if {sch.get(p).name_hint for p in sch.get_producers(block)} & on_main:
+            on_main.add(name)
+        if block is not consumers[-1] and len(sch.get_consumers(block)) == 1:
+            sch.compute_inline(block)
+        elif name not in on_main:  # e.g. the other operand's rescale in a fused residual add: a
+            sch.compute_inline(block)  # few ops per element, cheaper recomputed than stored
+        elif [_int(d) for d in sch.get(block).writes[0].source.shape] != tile_shape:
+            # e.g. a fused pad: reverse_compute_at would cover only the elements the tiles produce
+            # and leave its border unwritten
+            schedule_spatial(sch, block, lanes)
+        else:
+            try:
+                sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
+                placed.append(block)
+            except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
+                schedule_spatial(sch, block, lanes)
+    if not consumers:
+        placed.append(sch.cache_write(main, 0, "global"))
+        sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
+    for block in placed:
+        if lanes > 1:  # scalar targets (Cortex-M4): a <2 x i64> fixed-point product loses its 32x32->64 multiply
+            _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
+
+
+class ChannelLastReduction(dlight.ScheduleRule):
+    """One reduction whose innermost output axis is its last spatial axis: conv2d (regular,
+    depthwise, grouped) in NHWC, dense/matmul, pooling and mean in NHWC, with any injective
+    prologue (padding) and epilogue (bias, residual add, activation).
+
+    Register-blocks (second-last spatial axis x innermost axis) into an accumulator tile held in
+    vector registers, loops the reduction around it, parallelizes over the outer tiles, and
+    applies the fused epilogue to each tile while it is hot.
+    """
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        idx = reductions[0]
+        main, producers, consumers = infos[idx], infos[:idx], infos[idx + 1:]
+        kinds = main.dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        if n_s == 0 or kinds[n_s:] != "R" * (len(kinds) - n_s):
+            return None
+        write = sch.get(main.block_rv).writes[0].region
+        if not write[-1].min.same_as(main.iters[n_s - 1].var) or _int(main.iters[n_s - 1].dom) is None:
+            return None
+
+        vector_read = [b.block_rv for b in producers
+                       if _read_along(sch, main.block_rv, b.block_rv, main.iters[n_s - 1].var)]
+        p = self.params
+        f_ext = _int(main.iters[n_s - 1].dom)
+        f_tile = _lane_tile(f_ext, p.lanes)
+        vecs = -(-f_tile // p.lanes)
+        loops = sch.get_loops(main.block_rv)
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        fo, fi = sch.split(spatial[-1], [None, f_tile])
+        outer, wi = spatial[:-1], None
+        if n_s >= 2 and _int(main.iters[n_s - 2].dom) is not None:
+            w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom), max(1, (p.vector_regs - 4) // vecs))
+            wo, wi = sch.split(spatial[-2], [None, w_tile])
+            outer = spatial[:-2] + [wo]
+        # few accumulators (e.g. a batch-1 dense): add output-channel tiles to the register block
+        # so independent FMA chains hide the FMA latency
+        rows = _loop_extent(sch, wi) if wi is not None else 1
+        fo_ext, unroll = _loop_extent(sch, fo), 1
+        if fo_ext is not None and rows * vecs < _MIN_ACCUMULATORS:  # keeping a task per core
+            limit = min(_MIN_ACCUMULATORS // (rows * vecs), max(1, fo_ext // p.cores))
+            unroll = _largest_divisor(fo_ext, max(1, limit))
+        fo, fu = sch.split(fo, [None, unroll])
+        # channel tiles outermost when each re-reads a large weight slab (keeps it in cache), else
+        # innermost (depthwise, pooling: neighbouring channels share cache lines)
+        window = 1
+        for r in reduce:
+            window *= _loop_extent(sch, r) or _WINDOW_REDUCTION + 1
+        tiles = outer + [fo] if window <= _WINDOW_REDUCTION else [fo] + outer
+        if _parallel_extent(sch, tiles) < p.cores:  # e.g. a small matmul: parallelize its channels
+            tiles = [fo] + outer
+        sch.reorder(*tiles, *reduce, fu, *([wi] if wi is not None else []), fi)
+        sch.unroll(fu)
+        if _loop_extent(sch, reduce[-1]) is not None and _loop_extent(sch, reduce[-1]) <= _SHORT_REDUCTION:
+            sch.unroll(reduce[-1])  # e.g. the 3 input channels of a stem conv
+        tile_loop = tiles[-1]  # stays valid: only the loops before it are fused
+        sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
+
+        # epilogue: inlined into one block computed per accumulator tile; an epilogue that does
+        # not map onto the tile (e.g. a fused transpose) runs as its own loop nest instead
+        _tile_epilogue(sch, main.block_rv, [c.block_rv for c in consumers], tile_loop, p.lanes)
+
+        if wi is not None:
+            sch.unroll(wi)
+        sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
+        sch.decompose_reduction(main.block_rv, reduce[0])
+
+        for b in producers:
+            if b.block_rv in vector_read:
+                sch.compute_inline(b.block_rv)  # e.g. pooling/depthwise padding: a vector select
+            else:
+                schedule_spatial(sch, b.block_rv, p.lanes)
+        return sch
+
+
+
+# int32 accumulator vectors a `GroupedInt8` tile may hold: with the unrolled taps' weight vectors and the
+# int16 products beside them, 16 of NEON's 32 q registers (more spilled on a 64-channel depthwise 3×3)
+_GROUPED_ACCUMULATORS = 16
+
+
+class GroupedInt8(dlight.ScheduleRule):
+    """Schedules a PrimFunc built around the `GROUPED_ATTR` compute of `int8.legalize_grouped_conv2d`
+    (grouped / depthwise int8 conv, with fused prologue and epilogue):
+
+        parallel(rows · pixel tiles) · channel vectors · unrolled(tap pairs · pixels) · vector(channels)
+
+    The whole reduction and a tile of one row's pixels are unrolled, so neighbouring pixels share the
+    input vectors of their common taps (stride 1) and the accumulators stay in registers; the epilogue
+    (bias, requantize, activation) is applied per tile while it is hot."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        idx = next((i for i, b in enumerate(infos) if GROUPED_ATTR in sch.get(b.block_rv).annotations), None)
+        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
+            return None
+        main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
+        kinds = infos[idx].dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        loops = sch.get_loops(main)
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        p = self.params
+        f_tile = int(sch.get(main).annotations[GROUPED_ATTR])
+        fo, fi = sch.split(spatial[-1], [None, f_tile])
+        if len(spatial) >= 2:  # pixels of one row per tile: as many as the accumulator budget allows
+            width = _loop_extent(sch, spatial[-2])
+            xo, xi = sch.split(spatial[-2], [None, _largest_divisor(width, _GROUPED_ACCUMULATORS * p.lanes // f_tile)])
+            outer, tile = spatial[:-2] + [xo], [xi]
+        else:
+            outer, tile = [], []
+        sch.reorder(*outer, fo, *reduce, *tile, fi)
+        if outer:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes)
+        for lp in [*reduce, *tile]:
+            sch.unroll(lp)
+        sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
+        sch.decompose_reduction(main, reduce[0])
+        for b in producers:  # channel / spatial padding: a select in the vector loads
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001  TVM refused: the producer keeps its own loop nest
+                schedule_spatial(sch, b.block_rv, p.lanes)
+        return sch
+
+
+class TensorizedDot(dlight.ScheduleRule):
+    """Schedules a PrimFunc built around one compute annotated with `DOT_ATTR` (with fused prologue and epilogue):
+
+        parallel(outer pixels [, channel tiles]) · channel tiles · KH · KW · C/depth
+            · unrolled(pixels × channel vectors) · intrinsic(lanes × depth)
+
+    The accumulator tile (≤ `DotKernel.accumulators` vectors, ≤ 1 KiB so it stays on the stack and
+    in registers) is initialised, accumulated over the whole reduction, then the epilogue
+    (correction, bias, requantize, activation) is applied to it and written once."""
+
+    def __init__(self, kernels: tuple[DotKernel, ...], cores: int, lanes: int):
+        self.kernels, self.cores, self.lanes = kernels, cores, lanes
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        idx = next((i for i, b in enumerate(infos) if DOT_ATTR in sch.get(b.block_rv).annotations), None)
+        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
+            return None
+        k = by_intrin(self.kernels, str(sch.get(infos[idx].block_rv).annotations[DOT_ATTR]))
+        if k is None:
+            return None
+        main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
+        loops = sch.get_loops(main)
+        kinds = infos[idx].dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        spatial, reduce = loops[:n_s], loops[n_s:]
+        f_o, f_i = sch.split(spatial[-1], [None, k.lanes])
+        r_o, r_i = sch.split(reduce[-1], [None, k.depth])
+        rows = spatial[:-1]  # e.g. (n, y, x): the tile spans `px` pixels of the innermost one
+        width = _loop_extent(sch, rows[-1]) if rows else 1
+        vector_bytes = 4 * self.lanes  # loads per call: activations (depth int8), weights (lanes × depth)
+        loads = (-(-k.depth // vector_bytes), -(-k.lanes * k.depth * np.dtype(k.weight_dtype).itemsize // vector_bytes))
+        px, unroll = _register_tile(width, _loop_extent(sch, f_o), min(k.accumulators, _STACK_BYTES // (4 * k.lanes)),
+                                    loads)
+        f_oo, f_u = sch.split(f_o, [None, unroll])
+        if rows:
+            p_o, p_i = sch.split(rows[-1], [None, px])
+            outer, tile = rows[:-1] + [p_o], [p_i, f_u]
+        else:
+            outer, tile = [], [f_u]
+        # loop order re-reading less: pixel tiles outermost re-stream the weights once per pixel tile,
+        # channel tiles outermost re-stream the input once per channel tile (e.g. 7×7×512 layers)
+        pixel_tiles = int(np.prod([_loop_extent(sch, lp) for lp in outer])) if outer else 1
+        pixels = pixel_tiles * px
+        channels, channel_tiles = _loop_extent(sch, f_oo) * unroll * k.lanes, _loop_extent(sch, f_oo)
+        pixel_outer = pixel_tiles >= self.cores and pixel_tiles * channels <= channel_tiles * pixels
+        tiles = outer + [f_oo] if pixel_outer else [f_oo] + outer
+        sch.reorder(*tiles, *reduce[:-1], r_o, *tile, f_i, r_i)
+        tile_loop = tiles[-1]
+        if len(tiles) > 1:
+            sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
+
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes)
+
+        init = sch.decompose_reduction(main, (reduce[:-1] + [r_o])[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        for lp in tile:
+            sch.unroll(lp)
+        sch.tensorize(f_i, k.intrin)
+
+        # prologue: padding / channel padding / +128 inlined into one materialised input copy
+        for b in producers[:-1]:
+            sch.compute_inline(b.block_rv)
+        if producers:
+            schedule_spatial(sch, producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
+        return sch
+
+
+def _register_tile(pixels: int, vectors: int, budget: int, loads: tuple[int, int]) -> tuple[int, int]:
+    """(pixels, channel vectors) per accumulator tile, each dividing its axis, at most `budget`
+    vectors: the fewest operand loads per intrinsic call — (pixels·a + vectors·b) / (pixels·vectors)
+    with `loads` = (a, b) vector loads of activations and weights per call (7×2 beats 1×16 on a 7×7
+    map; a kernel reading 4 weight vectors per call prefers more pixels) — then the most accumulators."""
+    a, b = loads
+    options = [(p, v) for p in range(1, min(pixels, budget) + 1) if pixels % p == 0
+               for v in range(1, min(vectors, budget // p) + 1) if vectors % v == 0]
+    return min(options, key=lambda pv: ((pv[0] * a + pv[1] * b) / (pv[0] * pv[1]), -pv[0] * pv[1]))
+
+
+def _parallel_extent(sch: s_tir.Schedule, tiles: list) -> int:
+    """Iterations of the loop `ChannelLastReduction` parallelizes (all tile loops but the last)."""
+    extent = 1
+    for loop in tiles[:-1] or tiles:
+        extent *= _loop_extent(sch, loop) or 1 << 16
+    return extent
+
+
+def _read_along(sch: s_tir.Schedule, consumer, producer, var) -> bool:
+    """Whether `consumer` reads what `producer` writes with `var` indexing the innermost dimension."""
+    written = sch.get(producer).writes[0].source
+    return any(r.source.same_as(written) and r.region[-1].min.same_as(var) for r in sch.get(consumer).reads)
+
+
+class Injective(dlight.ScheduleRule):
+    """Only spatial blocks (elementwise, broadcast, transpose, pad, reshape): inline them into as
+    few loop nests as possible, then parallelize and vectorize each."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None or not all(b.is_injective() for b in infos):
+            return None
+        left, copied = _inline_without_nested_copies(sch, [b.block_rv for b in infos])
+        for block in reversed(left):  # consumers first: a block kept from copying, read elementwise by
+            consumers = sch.get_consumers(block)  # its one consumer, is computed a vector at a time
+            if sch.get(block).name_hint in copied and len(consumers) == 1 and _elementwise(sch, consumers[0], block):
+                try:
+                    sch.compute_at(block, sch.get_loops(consumers[0])[-2], preserve_unit_loops=True)
+                except Exception:  # noqa: BLE001  TVM refused: the block keeps its own loop nest
+                    schedule_spatial(sch, block, self.params.lanes)
+                else:
+                    _try(lambda: _vectorize_innermost(sch, sch.get_loops(block)[-1], self.params.lanes))  # noqa: B023  called at once
+            else:
+                schedule_spatial(sch, block, self.params.lanes)
+        return sch
+
+
+def _elementwise(sch: s_tir.Schedule, consumer, producer) -> bool:
+    """Whether `consumer` (already scheduled: more than one loop) reads what `producer` writes only at
+    its own iteration point (so computing `producer` under the consumer's loops covers it exactly)."""
+    block, written = sch.get(consumer), sch.get(producer).writes[0].source
+    regions = [r.region for r in block.reads if r.source.same_as(written)]
+    if len(sch.get_loops(consumer)) < 2 or len(regions) != 1 or any(_int(r.extent) != 1 for r in regions[0]):
+        return False
+    indices = [r.min for r in regions[0] if _int(r.min) != 0]  # unit axes (e.g. the batch) read at 0
+    return len(indices) == len(block.iter_vars) and all(i.same_as(v.var)
+                                                        for i, v in zip(indices, block.iter_vars, strict=True))
+
+
+def _loads(sch: s_tir.Schedule, consumer, producer) -> int:
+    """How many times the body of `consumer` reads the buffer `producer` writes."""
+    written, count = sch.get(producer).writes[0].source, [0]
+    tvm_ffi.structural_walk(sch.get(consumer).body, (tvm.ir.TensorLoad, lambda load: count.__setitem__(
+        0, count[0] + load.source.same_as(written))))
+    return count[0]
+
+
+# Levels of copies within copies an inlined spatial expression may hold: a requantize reads its
+# fixed-point ``high`` term three times, so each chained requantization inlined whole triples the
+# expression: an int8 concat of slices of concats compiled for over 15 minutes (46 s with this limit).
+_NESTED_COPIES = 1
+
+
+class _TooManyCopies(Exception):
+    """Inlining the block would copy an expression that already holds copies."""
+
+
+def _inline_without_nested_copies(sch: s_tir.Schedule, blocks: list) -> tuple[list, set[str]]:
+    """Inline spatial blocks into each other as dlight's ``try_inline`` does (compute_inline while one
+    succeeds, then reverse_compute_inline), except that a block read several times is not inlined
+    once its expression holds `_NESTED_COPIES` levels of such copies. Returns the blocks left and
+    the names of those kept for that reason."""
+    nesting = {sch.get(b).name_hint: 0 for b in blocks}  # block name -> levels of copies its body holds
+
+    kept: set[str] = set()  # blocks not inlined for that reason
+
+    def inlined(name: str, uses: int) -> int:
+        """The nesting of a block's expression once copied into a consumer `uses` times."""
+        if uses > 1 and nesting[name] >= _NESTED_COPIES:
+            kept.add(name)
+            raise _TooManyCopies
+        return nesting[name] + (uses > 1)
+
+    def compute_inline(block) -> bool:
+        name = sch.get(block).name_hint
+        uses = {sch.get(c).name_hint: _loads(sch, c, block) for c in sch.get_consumers(block)}
+        depth = inlined(name, sum(uses.values()))
+        sch.compute_inline(block)
+        for consumer in uses:
+            nesting[consumer] = max(nesting[consumer], depth)
+        return True
+
+    def reverse_compute_inline(block) -> bool:
+        name = sch.get(block).name_hint
+        depths = {sch.get(p).name_hint: inlined(sch.get(p).name_hint, _loads(sch, block, p))
+                  for p in sch.get_producers(block)}
+        sch.reverse_compute_inline(block)
+        for producer, depth in depths.items():
+            nesting[producer] = max(nesting[name], depth)
+        return True
+
+    def first(step) -> int | None:
+        for i, block in enumerate(blocks):
+            try:
+                if step(block):
+                    return i
+            except Exception:  # noqa: BLE001  TVM refused, or _TooManyCopies: the block stays
+                continue
+        return None
+
+    while (i := first(compute_inline)) is not None or (i := first(reverse_compute_inline)) is not None:
+        blocks.pop(i)
+    return blocks, kept
+
+
+class Generic(dlight.ScheduleRule):
+    """Safe schedule for anything: per block, parallelize the leading spatial loops and vectorize
+    the innermost loop when it is spatial; each step is skipped if TVM rejects it."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            kinds = dlight.analysis.get_sblock_info(sch, block).dom_kind()
+            n_s = len(kinds) - len(kinds.lstrip("S"))
+            loops = sch.get_loops(block)
+            if len(loops) != len(kinds):
+                continue
+            if n_s == len(loops):
+                _try(lambda: schedule_spatial(sch, block, self.params.lanes))  # noqa: B023  called at once
+            elif n_s > 0:
+                _try(lambda: sch.parallel(sch.fuse(*loops[:n_s])))  # noqa: B023  called at once
+        return sch
+
+
+def _try(step) -> None:
+    try:
+        step()
+    except Exception:  # noqa: BLE001  TVM rejected this step; the PrimFunc stays correct without it
+        pass
+
+
+def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
+    """The rules, in priority order, as (name reported in stats, rule)."""
+    tensorized = [("tensorized_dot", TensorizedDot(params.dots, params.cores, params.lanes))] if params.dots else []
+    grouped = [("grouped_int8", GroupedInt8(params))] if params.int8_pairs else []
+    return tensorized + grouped + [
+        ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
+        ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
+        ("injective", Injective(params)),  # elementwise/transpose/pad chains
+    ]
+
+
+def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
+    """Schedule every PrimFunc of `mod` for `spec`.
+
+    Updates `mod` in place and returns it, ``{rule name: count}`` (``"fallback"`` for `Generic`,
+    ``"tuned"`` for PrimFuncs already marked ``tirx.is_scheduled``, which are left as they are),
+    and the names of PrimFuncs left as TVM emitted them.
+    """
+    params = CpuParams.from_spec(spec)
+    target = spec.tvm()
+    rules = default_rules(params) + [("fallback", Generic(params))]
+    counts: dict[str, int] = {}
+    unscheduled: list[str] = []
+    with target:
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
+                counts["tuned"] = counts.get("tuned", 0) + 1
+                continue
+            for name, rule in rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception:  # noqa: BLE001  a rule that cannot schedule this PrimFunc
+                    sch = None
+                if sch is not None:
+                    mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                    counts[name] = counts.get(name, 0) + 1
+                    break
+            else:
+                unscheduled.append(gv.name_hint)
+    return mod, counts, unscheduled
