@@ -22,6 +22,7 @@ _EXPORTS = {
     **dict.fromkeys(["CheckResult", "check", "compile"], "graphopt.api"),
     **dict.fromkeys(["CaptureMethod", "capture"], "graphopt.passes.capture"),
     "CompiledModel": "graphopt.compiled",
+    "OptimizeFor": "graphopt.config",
     **dict.fromkeys(["DistillationLoss", "Ensemble", "SoftLoss", "distill", "pseudo_label"], "graphopt.distillation"),
     **dict.fromkeys(["PassManager", "default_passes"], "graphopt.passes.manager"),
     **dict.fromkeys(["Criterion", "PruneConfig", "PruneReport", "apply_plan", "prunable_groups", "prune",
@@ -42,8 +43,9 @@ __all__ = [
     "ArtifactError", "CaptureError", "CaptureMethod", "CheckResult", "CompiledModel", "ConfigError", "Criterion",
     "DistillationLoss", "Ensemble", "Feature", "GraphoptError", "GraphoptWarning", "InputError", "LayerQuant",
     "LoweringError", "Norm", "NumericsError", "Observer", "OpRule", "OperatorSet", "OperatorSetError",
-    "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport", "PruneStage", "QuantScheme",
-    "QuantStage", "QuantizationError", "RPCRunner", "Recipe", "Report", "Runtime", "Scope", "SoftLoss", "Stop",
+    "OptimizeFor", "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport", "PruneStage",
+    "QuantScheme", "QuantStage", "QuantizationError", "RPCRunner", "Recipe", "Report", "Runtime", "Scope", "SoftLoss",
+    "Stop",
     "TargetSpec", "ToolchainError", "TrainConfig", "TuningError", "TuningSummary", "UnknownTargetError",
     "UnsupportedModelError", "apply_plan", "binarize", "capture", "check", "compile", "convert", "default_passes",
     "distill", "evaluate", "filter_norm_penalty", "fit", "get_target", "list_targets", "load_sparse",
@@ -68,6 +70,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what the lazy table resolves to, for type checkers and IDEs
     from graphopt.api import CheckResult, check, compile
     from graphopt.compiled import CompiledModel
+    from graphopt.config import OptimizeFor
     from graphopt.distillation import DistillationLoss, Ensemble, SoftLoss, distill, pseudo_label
     from graphopt.errors import (
         ArtifactError,

@@ -26,6 +26,7 @@ import torch
 from graphopt.artifact import TensorSpec, read_manifest, write_manifest
 from graphopt.build_cache import BuildCache
 from graphopt.compiled import CompiledModel, new_build_dir
+from graphopt.config import OptimizeFor, as_enum
 from graphopt.errors import ConfigError, LoweringError, NumericsError
 from graphopt.ops import DATA_MOVEMENT, op_kind
 from graphopt.passes.base import GraphPass
@@ -37,6 +38,7 @@ from graphopt.progress import phase, shown
 from graphopt.report import Report
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.backends.registry import backend_for
+from graphopt.targets.lowering.int8 import WeightStorage, summarize_storage, weight_storage
 from graphopt.targets.lowering.support import unsupported_ops
 from graphopt.targets.lowering.tuned import applying
 from graphopt.targets.tuning.database import open_database
@@ -62,7 +64,8 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
             passes: list[GraphPass] | None = None, verify: bool = False, rtol: float = 1e-4,
             capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
             progress: bool = True, prune: PruneConfig | None = None, name: str | None = None,
-            approximate: bool = False, database: str | Path | None = None, cache: bool = True) -> CompiledModel:
+            approximate: bool = False, database: str | Path | None = None,
+            optimize_for: OptimizeFor | str = OptimizeFor.BALANCED, cache: bool = True) -> CompiledModel:
     """Compile ``model`` for ``target``; see the module docstring.
 
     passes:             fx passes to run (default: identity removal, BN folding, dead code).
@@ -79,11 +82,15 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         operator set lacks an op; ``report.legalized`` lists every rewrite and its error.
     database:           a `graphopt.tune` database folder: its tuned kernels are used, the default schedules
                         cover the rest; ``report.lowering["from_database"]`` names the tuned ones.
-    cache:              reuse the artifact of an identical earlier build (`graphopt.build_cache`: same exported
-                        program, target, options and software) instead of lowering again; ``report.build_cache``
+    optimize_for:       `graphopt.OptimizeFor` ("balanced", "speed", "size"): where the target offers a choice
+                        (Cortex-M DSP: int16 or int8 weights per layer), what to favour within the board's
+                        flash; ``report.lowering["weight_storage"]`` lists each layer's storage and why.
+    cache:              reuse the artifact of an identical earlier build (`graphopt.build_cache`: same graph,
+                        target, options and software) instead of lowering again; ``report.build_cache``
                         says whether it hit. Off for the whole process with ``GRAPHOPT_BUILD_CACHE=off``.
     """
     spec = get_target(target)
+    optimize_for = as_enum(OptimizeFor, optimize_for, "optimize_for")
     check_model(model)
     args = check_example_inputs(example_inputs)
     c_name = c_identifier(name if name is not None else type(model).__name__, explicit=name is not None)
@@ -91,12 +98,13 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     with shown(progress):
         return _compile(model, args, spec, report, c_name, passes=passes, verify=verify, rtol=rtol,
                         capture_method=capture_method, count_instructions=count_instructions, prune=prune,
-                        approximate=approximate, database=database,
+                        approximate=approximate, database=database, optimize_for=optimize_for,
                         cache=BuildCache.from_environment() if cache else None)
 
 
 def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, passes, verify, rtol, capture_method,
-             count_instructions, prune, approximate, database, cache: BuildCache | None) -> CompiledModel:
+             count_instructions, prune, approximate, database, optimize_for: OptimizeFor,
+             cache: BuildCache | None) -> CompiledModel:
     pruning = None
     if prune is not None:
         from graphopt.pruning import prune_for_compile
@@ -134,17 +142,20 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
                 "outputs": [s.to_dict() for s in outputs], "single_output": isinstance(reference, torch.Tensor)}
     build_dir = new_build_dir()
     try:
-        key, hit = _cached_build(cache, legalized.graph_module, spec, {"name": c_name, **manifest}, database,
-                                 build_dir, report)
+        options = {"name": c_name, "optimize_for": optimize_for.value, **manifest}
+        key, hit = _cached_build(cache, legalized.graph_module, spec, options, database, build_dir, report)
         if hit is None:
             ep = pipe.exported
             missing = unsupported_ops(ep)
             if missing:
                 raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for "
                                     f"{spec.name}:", missing, "Nothing was built.")
-            with phase("lower and build", f"for {spec.name}", timings=report.timings), tuning:
+            with phase("lower and build", f"for {spec.name}", timings=report.timings), tuning, \
+                    weight_storage(WeightStorage(optimize_for)) as storage:
                 built = backend.build(ep, spec, build_dir, inputs, outputs, name=c_name)
             report.lowering = built.lowering
+            report.lowering.setdefault("optimize_for", optimize_for.value)
+            report.lowering.setdefault("weight_storage", summarize_storage(storage))
             manifest = {**built.manifest, **manifest}
             write_manifest(build_dir, manifest)
             if cache is not None and key is not None:
@@ -175,6 +186,10 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
                             timings=report.timings):
             m = backend.measure(build_dir, spec, cm.check_inputs(args))
             report.instructions_per_inference, report.instructions_note = m.instructions_per_inference, m.note
+            layers = report.lowering.get("layers")
+            if m.per_call is not None and layers is not None and len(m.per_call) == len(layers):
+                for layer, n in zip(layers, m.per_call, strict=True):
+                    layer["instructions"] = n
     report.artifact_files = {p.relative_to(build_dir).as_posix(): p.stat().st_size
                              for p in sorted(build_dir.rglob("*")) if p.is_file()}
     (build_dir / "report.json").write_text(report.to_json())

@@ -62,6 +62,24 @@ def _pruning_lines(p: dict) -> list[str]:
     return lines
 
 
+def _layer_lines(layers: list[dict]) -> list[str]:
+    """The per-call table of a C library: instructions, flash (code shared by equal kernels, weights),
+    RAM live during the call, and the weight storage chosen."""
+    if not layers:
+        return []
+    lines = ["", "### Layers (kernel calls)", "",
+             "| # | layer / kernel | instructions | code B (calls sharing it) | weights B | RAM live B "
+             "| weight storage |",
+             "|---|---|---|---|---|---|---|"]
+    for r in layers:
+        code = "–" if r.get("code_bytes") is None else r["code_bytes"]
+        storage = f"{r['weight_storage']} ({r['storage_reason']})" if r.get("weight_storage") else "–"
+        lines.append(f"| {r['call']} | {r.get('layer') or r['kernel'][:48]} | {_fmt_int(r.get('instructions'))} | "
+                     f"{code} ({r['calls_sharing_kernel']}) | {r['weight_bytes']} | {r['ram_live_bytes']} "
+                     f"| {storage} |")
+    return lines
+
+
 def _error_text(rewrite: dict) -> str:
     return "exact" if rewrite["exact"] else f"{rewrite['max_error']:.1e}"
 
@@ -186,7 +204,9 @@ class Report:
         if self.lowering:
             lines += ["", "## Lowering", ""]
             for k, v in self.lowering.items():
-                lines.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+                if k != "layers":
+                    lines.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+            lines += _layer_lines(self.lowering.get("layers") or [])
         if self.pruning:
             lines += ["", "## Pruning", ""] + _pruning_lines(self.pruning)
         lines += ["", "## Timings", ""] + [f"- {k}: {v:.2f} s" for k, v in self.timings.items()]

@@ -103,6 +103,18 @@ def cost(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
     return Cost(params, nbytes, macs, by_module, by_precision)
 
 
+def _reachable(starts: list[fx.Node], step) -> set[fx.Node]:
+    """Nodes reached from `starts` (not counting the starts themselves) by repeatedly following `step`."""
+    seen: set[fx.Node] = set()
+    todo = list(starts)
+    while todo:
+        for m in step(todo.pop()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
 def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, int]:
     """fp32 ops a quantized graph still computes between a dequantize and a quantize (what QDQ
     folding left in float), counted by ATen op name. Ops before the first quantize or after the
@@ -112,20 +124,8 @@ def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[st
     dequant = {qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor, qd.dequantize_per_channel.default}
     with torch.no_grad():
         _ShapeProp(gm, "the quantized graph does not run on the example inputs").run(*example_inputs)
-    downstream, todo = set(), [n for n in gm.graph.nodes if n.target in dequant]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in downstream:
-                downstream.add(u)
-                todo.append(u)
-    upstream, todo = set(), [n for n in gm.graph.nodes if n.target in quant]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in upstream:
-                upstream.add(a)
-                todo.append(a)
+    downstream = _reachable([n for n in gm.graph.nodes if n.target in dequant], lambda n: n.users)
+    upstream = _reachable([n for n in gm.graph.nodes if n.target in quant], lambda n: n.all_input_nodes)
     counts: dict[str, int] = {}
     for n in gm.graph.nodes:
         tm = n.meta.get("tensor_meta")

@@ -22,7 +22,7 @@ TOOLS = {"arm": ("aarch64-linux-gnu-gcc", "qemu-aarch64"), "arm-a55": ("aarch64-
 
 class EdgeSizes(nn.Module):
     """One output per edge case (reduction length 1, one channel, 1×1 maps, kernels larger than their
-    input, strides larger than their kernel, Linear(1, N) and Linear(N, 1))."""
+    input, strides larger than their kernel, Linear(1, N) and Linear(N, 1), a 1×1 pooling window)."""
 
     def __init__(self):
         super().__init__()
@@ -45,7 +45,8 @@ class EdgeSizes(nn.Module):
         v = torch.relu(self.fc_n1(p.flatten(1)))
         return (torch.relu(self.grouped1(x)), self.dw_mult(x), torch.relu(self.dw1x1_mult(x)),
                 self.strided(x), self.strided2(x), self.one(torch.relu(self.to1(x))),
-                self.big(p), self.big2(q), self.pix(p), v, self.fc_1n(v))
+                self.big(p), self.big2(q), self.pix(p), v, self.fc_1n(v),
+                F.avg_pool2d(F.avg_pool2d(x, 1, 2), 3, 2, 1))  # a 1×1 window: reduction 1
 
 
 def edge_input(seed: int = 0, scale: float = 1.0, batch: int = 1) -> torch.Tensor:

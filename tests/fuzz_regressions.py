@@ -208,4 +208,6 @@ REGRESSIONS: tuple[Regression, ...] = (
     Regression(11, 'quantize', 'compiled != integer graph by 1 LSB', LOWER_R1),
     Regression(84, 'quantize', 'compiled != integer graph by 1 LSB', LOWER_R1),
     Regression(188, 'quantize', 'compiled != integer graph by 2 LSB', LOWER_R1),
+    # found on branch lower after merging main (the oracle is pure PyTorch: not a lowering change)
+    Regression(20, 'quantize', 'integer graph vs QDQ: 83.3% within 1 LSB, max 2 LSB', INT_CONTRACT),
 )

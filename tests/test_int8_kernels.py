@@ -1,4 +1,4 @@
-"""Tensorized int8 kernels (graphopt.targets.int8 + schedules.TensorizedDot): weight packing against a
+"""Tensorized int8 kernels (graphopt.targets.lowering.int8 + schedules.TensorizedDot): weight packing against a
 float64 oracle, per-layer kernel choice, and bit-exact outputs against the folded integer graph on
 every kernel — VNNI (host), sdot (arm-a55), NEON (arm-a53) — with requantize fused into the kernels."""
 from __future__ import annotations
@@ -122,13 +122,18 @@ def test_armv7_takes_the_generic_int8_kernels(quantized):
     assert torch.equal(cm(X), integer_graph(X))
 
 
+@pytest.mark.parametrize("optimize_for", ["balanced", "size"])
 @pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
-def test_cortex_m_kernels_are_bit_exact(quantized, target):
+def test_cortex_m_kernels_are_bit_exact(quantized, target, optimize_for):
     """On M55 this model once came out wrong in every output: its input quantize, rounded by
-    truncation and selects, miscomputes there under QEMU; `nearbyint` (FPv5 VRINT) is exact."""
+    truncation and selects, miscomputes there under QEMU; `nearbyint` (FPv5 VRINT) is exact.
+    Both weight storages (int16 by default, int8 with optimize_for="size") run."""
     require_tools("arm-none-eabi-gcc", "qemu-system-arm")
     q, integer_graph = quantized
-    assert torch.equal(graphopt.compile(q, (X,), target, progress=False)(X), integer_graph(X))
+    cm = graphopt.compile(q, (X,), target, progress=False, optimize_for=optimize_for)
+    assert torch.equal(cm(X), integer_graph(X))
+    storages = {r["storage"] for r in cm.report.lowering["weight_storage"]["layers"]}
+    assert storages == ({"int8"} if optimize_for == "size" else {"int16"})
 
 
 class Stems(nn.Module):

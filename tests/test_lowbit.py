@@ -1,4 +1,4 @@
-"""Packed low-bit kernels (graphopt.targets.lowbit): bit-exact vs the folded integer graph on the host
+"""Packed low-bit kernels (graphopt.targets.lowering.lowbit): bit-exact vs the folded integer graph on the host
 and on emulated aarch64, for int4/int2 weights, 1-bit weights with 8-bit activations, and binary
 (a1w1) XNOR-popcount layers; the built module keeps the weights packed."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every folded CNN block of `test_qfold_blocks.BLOCKS`, compiled: the artifact equals the folded
-integer fx graph bit for bit on the host and (slow) on emulated aarch64. All blocks go into one model (one
-build per target), each block with its own input and output, checked on two inputs."""
+integer fx graph bit for bit on the host and (slow) on emulated aarch64. All blocks go into one
+model (one build per target), each block with its own input and output, checked on two inputs."""
 from __future__ import annotations
 
 import pytest
@@ -11,9 +11,6 @@ from torch import nn
 
 import graphopt
 
-# blocks whose int8 lowering has a reduction of length 1, which compiles to wrong numbers or fails
-# to build today (issue 15 §2; targets/schedules.py and lowering.py are being fixed for it)
-REDUCTION_LENGTH_1 = {"depthwise_1x1_multiplier", "avg_pool_1x1_stride2"}
 SHAPE = (1, 3, 9, 9)
 
 
@@ -63,10 +60,4 @@ TARGETS = [pytest.param("host", id="host"),
 def test_folded_blocks_compile_bit_exact(target):
     if target == "arm":
         require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
-    _check(sorted(set(BLOCKS) - REDUCTION_LENGTH_1), target)
-
-
-@pytest.mark.xfail(strict=True, reason="reduction length 1 in the int8 lowering (issue 15 §2)")
-@pytest.mark.parametrize("name", sorted(REDUCTION_LENGTH_1))
-def test_reduction_length_1_blocks_compile_bit_exact(name):
-    _check([name], "host")
+    _check(sorted(BLOCKS), target)

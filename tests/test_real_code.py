@@ -136,6 +136,8 @@ def test_fp32_compile_matches_eager(name, target):
 
 @pytest.mark.parametrize("name,target", _params(lambda t: Check(f"int8-{t}"), INT8_COMPILE_DEFAULT, TARGETS))
 def test_int8_compile_is_bit_exact_to_the_integer_graph(name, target):
+    """The artifact equals the folded integer graph, and its report gives the fp32 ops left and the
+    integer graph's MACs."""
     _, args = _model(name)
     qm, ig = _int8(name)
     cm = _compile(qm, args, target)
@@ -144,3 +146,6 @@ def test_int8_compile_is_bit_exact_to_the_integer_graph(name, target):
             want = ig(*x)
         got = cm(*x)
         assert torch.equal(got, want), f"{name} on {target}: max difference {float((got - want).abs().max())}"
+    entry = REAL_CODE[name]
+    assert cm.report.quantization["float_ops"] == entry.float_ops
+    assert cm.report.macs_after == (entry.int8_macs or entry.macs)

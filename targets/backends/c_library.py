@@ -5,14 +5,17 @@
   ``graphopt_<name>_run``) is compiled warning-free (``-Wall -Wextra -Werror``) and linked with a
   map file, which splits flash and RAM into kernels, weights, glue (graphopt_<name>.c: everything
   except kernels and weights; its fixed code and its call tables, which grow with the number of
-  kernel calls and arguments) and the C library functions the kernels pull in. A model whose flash
-  or RAM exceeds the target's board (`TargetSpec.flash_bytes` / `ram_bytes`) is refused here with
-  `LoweringError`, with the sizes needed and the limits.
+  kernel calls and arguments) and the C library functions the kernels pull in. While the flash
+  exceeds the board's (`TargetSpec.flash_bytes`) and layers hold int16 weights, the ones with the
+  fewest MACs per byte are given int8 weights and the library is rebuilt (`int8.WeightStorage`); a
+  model whose flash or RAM still exceeds the board is refused here with `LoweringError`, with the
+  sizes needed and the limits. `layer_table` gives the report's per-call rows.
 - `run`: builds a test harness once per `CompiledModel` (bare metal: ``runtime/cm_startup.c``, a
-  linker script for the board, newlib semihosting for file I/O) and runs it under QEMU with the
-  target's pinned machine/CPU; inputs and outputs travel as files.
-- `measure`: instructions per inference with graphopt's QEMU plugin: count(1 run) - count(0 runs).
-  Bare metal counts are exactly repeatable.
+  linker script for the emulated machine's memory, newlib semihosting for file I/O) and runs it
+  under QEMU with the target's pinned machine/CPU; inputs and outputs travel as files.
+- `measure`: instructions per inference with graphopt's QEMU plugin: count(1 run) - count(0 runs),
+  and per kernel call (the plugin's running count at every kernel entry). Bare metal counts are
+  exactly repeatable.
 
 Every emulator run is killed with its process group after `timeout` seconds. Refuses: targets
 whose QEMU machine has no known memory map (they can still be built, not run), failed or hung
@@ -20,6 +23,8 @@ runs (`ToolchainError`, with the harness's exit reason).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import tempfile
 import time
@@ -32,12 +37,14 @@ from graphopt.artifact import read_manifest
 from graphopt.errors import ConfigError, LoweringError, ToolchainError, Unsupported
 from graphopt.targets.backends import toolchain
 from graphopt.targets.backends.base import Backend, BuildResult, Measurement
-from graphopt.targets.backends.c_emitter import ALIGN, CLibrary, emit_library
+from graphopt.targets.backends.c_emitter import ALIGN, CLibrary, binutil, emit_library
 from graphopt.targets.backends.emulation import read_count
 from graphopt.targets.boards import BOARDS
+from graphopt.targets.lowering import int8
 from graphopt.targets.lowering.phases import run_phase
 from graphopt.targets.spec import Runtime, TargetSpec
 
+_LOG = logging.getLogger(__name__)
 RUNTIME_SRC = Path(__file__).resolve().parent / "runtime"
 RUN_TIMEOUT = 600.0  # seconds per emulator process
 _HARNESS_EXITS = {1: "the firmware faulted or aborted", 2: "usage error", 3: "could not read an input file",
@@ -116,7 +123,10 @@ def compile_program(spec: TargetSpec, lib_dir: Path, prefix: str, sources: list[
         cmd += toolchain.linker_args(f"-Map={map_file}")
     if _bare_metal(spec):
         ld = out.with_suffix(".ld")
-        ld.write_text(linker_script(spec, 1 << 28, 1 << 28) if footprint else linker_script(spec))
+        # the harness runs in the emulated machine's memory: a TargetSpec may budget less (a smaller device)
+        board = BOARDS.get(spec.qemu_machine or "")
+        machine = (board.code_bytes, board.data_bytes) if board is not None else (None, None)
+        ld.write_text(linker_script(spec, 1 << 28, 1 << 28) if footprint else linker_script(spec, *machine))
         cmd[1:1] = ["--specs=nosys.specs", "-nostartfiles", "-Wl,-e,main"] if footprint else ["--specs=rdimon.specs"]
         cmd += ["-T", str(ld), "-lm"]
     elif footprint:
@@ -164,16 +174,52 @@ def footprint(spec: TargetSpec, lib: CLibrary, work: Path) -> dict:
         if key:
             for field in size:
                 parts[key][field] += size[field]
-    arenas = lib.arena_bytes + (lib.workspace_bytes and max(lib.workspace_bytes, ALIGN))
     flash = {k: v["flash"] for k, v in parts.items()}
-    ram = {"arena": lib.arena_bytes, "workspace": lib.workspace_bytes,
-           "glue": max(0, parts["glue"]["ram"] - arenas), "libc": parts["libc"]["ram"] + parts["kernels"]["ram"],
+    ram = {"arena": lib.arena_bytes, "glue": max(0, parts["glue"]["ram"] - lib.arena_bytes),
+           "libc": parts["libc"]["ram"] + parts["kernels"]["ram"],
            "stack_estimate": lib.stack_estimate_bytes}
     glue = {"code": parts["glue"]["code"], "call_tables": parts["glue"]["flash"] - parts["glue"]["code"]}
     return {"flash_bytes": sum(flash.values()), "ram_bytes": sum(ram.values()), "flash": flash, "ram": ram,
             "glue": glue,
             "board": {"flash_bytes": spec.flash_bytes, "ram_bytes": spec.ram_bytes},
             "libc_counted": _bare_metal(spec)}
+
+
+def kernel_code_bytes(spec: TargetSpec, lib: CLibrary) -> dict[str, int]:
+    """{kernel: bytes of code} in the library's kernels.o: each function symbol of ``.text`` owns the bytes up
+    to the next one (LLVM's internal helpers, e.g. parallel-loop bodies, follow their kernel); the sizes sum to
+    the section's."""
+    obj = str(lib.folder / "kernels.o")
+    table = toolchain.run_tool([binutil(spec, "objdump"), "-t", "-h", obj], "listing the kernel object").stdout
+    text = re.search(r"^\s*\d+\s+\.text\s+([0-9a-f]+)\s", table, re.M)
+    rows = sorted((int(a, 16), name) for a, name in re.findall(r"^([0-9a-f]+) .{6}F \.text\s+[0-9a-f]+ (\S+)$",
+                                                                table, re.M))
+    if text is None or not rows:
+        return {}
+    names = sorted(set(lib.call_kernels), key=len, reverse=True)
+
+    def owner(symbol: str) -> str:
+        rest = symbol.removeprefix("__tvm_ffi_").removeprefix(f"{lib.prefix}_")
+        return next((k for k in names if rest == k or rest.startswith(f"{k}_compute")), "(other)")
+
+    sizes: dict[str, int] = {}
+    for (start, name), (end, _) in zip(rows, [*rows[1:], (int(text.group(1), 16), "")], strict=True):
+        sizes[owner(name)] = sizes.get(owner(name), 0) + end - start
+    return sizes
+
+
+def layer_table(spec: TargetSpec, lib: CLibrary) -> list[dict]:
+    """Per kernel call: the kernel, how many calls share it, its code bytes, the weight bytes the call reads
+    (flash) and the arena bytes live during it (RAM)."""
+    code, rows = kernel_code_bytes(spec, lib), []
+    for i, k in enumerate(lib.call_kernels):
+        row = {"call": i, "kernel": k, "calls_sharing_kernel": lib.call_kernels.count(k), "code_bytes": code.get(k),
+               "weight_bytes": lib.call_weight_bytes[i], "ram_live_bytes": lib.live_bytes[i]}
+        storage = lib.call_storage[i]
+        if storage is not None:
+            row.update(layer=storage["layer"], weight_storage=storage["storage"], storage_reason=storage["reason"])
+        rows.append(row)
+    return rows
 
 
 def check_fits(spec: TargetSpec, mem: dict) -> None:
@@ -192,16 +238,18 @@ def check_fits(spec: TargetSpec, mem: dict) -> None:
 
 
 def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str], *, timeout: float = RUN_TIMEOUT,
-                 count_file: Path | None = None) -> str:
+                 count_file: Path | None = None, marks_file: Path | None = None) -> str:
     """Run `program` under the spec's QEMU in `workdir`; returns its stdout. The whole process group is
-    killed after `timeout` seconds. With `count_file`, graphopt's plugin writes the instruction count there."""
+    killed after `timeout` seconds. With `count_file`, graphopt's plugin writes the instruction count there
+    (and with `marks_file`, a file of hex code addresses, the running count at every entry to one of them)."""
     where_to = spec.qemu_machine if _bare_metal(spec) else spec.sysroot
     if not spec.qemu_binary or not spec.qemu_cpu or not where_to:
         needs = "machine" if _bare_metal(spec) else "sysroot"
         raise ConfigError(f"target {spec.name} lacks the QEMU binary, CPU or {needs} needed to run its firmware")
     qemu = toolchain.require_tool(spec.qemu_binary)
     q = toolchain.qemu_option
-    plugin = ["-plugin", f"{q(toolchain.ensure_qemu_plugin())},out={q(count_file)}"] if count_file else []
+    marks = f",marks={q(marks_file)}" if marks_file else ""
+    plugin = ["-plugin", f"{q(toolchain.ensure_qemu_plugin())},out={q(count_file)}{marks}"] if count_file else []
     if _bare_metal(spec):
         semi = ",".join(["enable=on", "target=native", f"arg={q(program.name)}", *(f"arg={q(a)}" for a in args)])
         cmd = [qemu, "-M", where_to, "-cpu", spec.qemu_cpu, "-nographic", "-monitor", "none",
@@ -214,19 +262,37 @@ def run_firmware(spec: TargetSpec, program: Path, workdir: Path, args: list[str]
 
 class CLibraryBackend(Backend):
     def build(self, ep, spec, build_dir, inputs, outputs, name) -> BuildResult:
-        lib = emit_library(ep, spec, build_dir, name)
-        with tempfile.TemporaryDirectory(prefix="graphopt-footprint-") as work:
-            mem = run_phase("footprint", lambda: footprint(spec, lib, Path(work)), spec, lib.stats["phases"])
+        policy = int8.active_storage()
+        narrow: set = set(policy.narrow)
+        demoted: list[str] = []
+        while True:  # int16 weights where the board's flash holds them: demote layers until it does
+            with int8.weight_storage(dataclasses.replace(policy, narrow=frozenset(narrow))) as decisions:
+                lib = emit_library(ep, spec, build_dir, name)
+            with tempfile.TemporaryDirectory(prefix="graphopt-footprint-") as work:
+                mem = run_phase("footprint", lambda: footprint(spec, lib, Path(work)),  # noqa: B023  called at once
+                                spec, lib.stats["phases"])
+            excess = mem["flash_bytes"] - spec.flash_bytes if spec.flash_bytes else 0
+            wide = [d for d in decisions if d["wide_extra_bytes"]]
+            if excess <= 0 or not wide:
+                break
+            for d in sorted(wide, key=lambda d: d["macs"] / d["wide_extra_bytes"]):  # least speed per byte first
+                narrow.add(d["key"])
+                demoted.append(d["layer"])
+                excess -= d["wide_extra_bytes"]
+                if excess <= 0:
+                    break
+            _LOG.info("  flash: %d layer(s) keep int8 weights to fit the board; rebuilding", len(demoted))
         check_fits(spec, mem)
         manifest = {"format": "graphopt-c-library", "format_version": 1, "files": lib.files, "prefix": lib.prefix,
                     "header": f"{lib.prefix}.h", "cmake_target": lib.prefix,
                     "api": f"int {lib.prefix}_run(const void* const* inputs, void* const* outputs)",
-                    "cflags": list(spec.cflags), "libraries": lib.libraries, "memory": mem}
+                    "cflags": list(spec.cflags), "libraries": lib.libraries, "memory": mem, "calls": lib.call_kernels}
         lowering = {"target": spec.name, **lib.stats, "kernels": lib.kernels, "kernel_calls": lib.calls,
                     "flash_bytes": mem["flash_bytes"], "ram_bytes": mem["ram_bytes"],
                     "glue_flash_bytes": mem["flash"]["glue"], "glue": mem["glue"], "flash": mem["flash"],
-                    "ram": mem["ram"],
-                    "board": mem["board"]}
+                    "ram": mem["ram"], "board": mem["board"], "layers": layer_table(spec, lib),
+                    "optimize_for": policy.optimize_for.value,
+                    "weight_storage": {**int8.summarize_storage(decisions), "int8_to_fit_the_board": demoted}}
         return BuildResult(manifest, lowering)
 
     def _harness(self, build_dir: Path, spec: TargetSpec, manifest: dict, cache: dict) -> Path:
@@ -244,21 +310,30 @@ class CLibraryBackend(Backend):
                                                Path(tmp.name) / "harness.elf", defines=defines)
         return cache["harness"]
 
-    def _execute(self, build_dir, spec, arrays, manifest, cache, repeat: int, count: bool):
+    def _execute(self, build_dir, spec, arrays, manifest, cache, repeat: int, count: bool, marks: dict | None = None):
+        """(outputs, instructions, [(mark name, running count) per hit]) of `repeat` inferences; `marks`:
+        {code address: name} to record the running count at (with `count`)."""
         harness = self._harness(Path(build_dir), spec, manifest, cache)
         with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
             work = Path(tmp)
             for i, a in enumerate(arrays):
                 np.ascontiguousarray(a).tofile(work / f"input_{i}.bin")
+            if marks:
+                (work / "marks").write_text("".join(f"{a:x}\n" for a in marks))
             start = time.perf_counter()
-            stdout = run_firmware(spec, harness, work, [str(repeat)], count_file=work / "count" if count else None)
+            stdout = run_firmware(spec, harness, work, [str(repeat)], count_file=work / "count" if count else None,
+                                  marks_file=work / "marks" if marks else None)
             seconds = time.perf_counter() - start
             outs = [np.fromfile(work / f"output_{i}.bin", dtype=e["dtype"]).reshape(e["shape"])
                     for i, e in enumerate(manifest["outputs"])] if repeat else []
             insns = read_count(work / "count") if count else None
+            hits: list[tuple[str, int]] = []
+            if count and marks:
+                text = (work / "count").read_text()
+                hits = [(marks[int(a, 16)], int(n)) for a, n in re.findall(r"^mark ([0-9a-f]+) (\d+)$", text, re.M)]
         stack = re.search(r"graphopt-harness stack=(-?\d+)", stdout)
         cache["last_run"] = {"seconds": round(seconds, 3), "stack_bytes": int(stack.group(1)) if stack else None}
-        return outs, insns
+        return outs, insns, hits
 
     def run(self, build_dir, spec, arrays, manifest, cache) -> list[np.ndarray]:
         return self._execute(build_dir, spec, arrays, manifest, cache, 1, False)[0]
@@ -266,16 +341,47 @@ class CLibraryBackend(Backend):
     def measure(self, build_dir, spec, arrays) -> Measurement:
         manifest, cache = read_manifest(Path(build_dir)), dict[str, Any]()
         try:
-            _, with_one = self._execute(build_dir, spec, arrays, manifest, cache, 1, True)
+            harness = self._harness(Path(build_dir), spec, manifest, cache)
+            marks = _call_marks(spec, harness, manifest["prefix"])
+            _, with_one, hits = self._execute(build_dir, spec, arrays, manifest, cache, 1, True, marks)
             stack = cache["last_run"]["stack_bytes"]
-            _, with_none = self._execute(build_dir, spec, arrays, manifest, cache, 0, True)
+            _, with_none, _ = self._execute(build_dir, spec, arrays, manifest, cache, 0, True)
         except ToolchainError as exc:
             return Measurement(None, str(exc).splitlines()[0])
         kind = ("bare metal, exactly repeatable" if _bare_metal(spec)
                 else "Linux user mode, varies by a few dozen instructions")
         stack_note = f"; stack used {stack} bytes (estimate {manifest['memory']['ram']['stack_estimate']})" \
             if stack is not None and stack >= 0 else ""
-        return Measurement(with_one - with_none, f"qemu {spec.qemu_machine or spec.qemu_cpu}: {kind}{stack_note}")
+        return Measurement(with_one - with_none, f"qemu {spec.qemu_machine or spec.qemu_cpu}: {kind}{stack_note}",
+                           _per_call(hits, manifest.get("calls", [])))
+
+
+def _call_marks(spec: TargetSpec, harness: Path, prefix: str) -> dict[int, str]:
+    """{entry address: name} of the harness's inference (``run``), every kernel and the end-of-inference
+    marker: the plugin records the running instruction count at each."""
+    nm = toolchain.run_tool([binutil(spec, "nm"), "--defined-only", str(harness)], "listing the harness symbols").stdout
+    marks = {}
+    for line in nm.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[1] not in "Tt":
+            continue
+        name = parts[2]
+        key = ("run" if name == f"{prefix}_run" else "done" if name == "harness_inference_done"
+               else name.removeprefix(f"__tvm_ffi_{prefix}_") if name.startswith(f"__tvm_ffi_{prefix}_") else None)
+        if key:
+            marks[int(parts[0], 16) & ~1] = key  # Thumb functions' symbols carry the mode in bit 0
+    return marks
+
+
+def _per_call(hits: list[tuple[str, int]], calls: list[str]) -> list[int] | None:
+    """Instructions of each kernel call (from its entry to the next call's, the last one's to the end of
+    the inference: the glue between calls counts with the call before) from one inference's mark hits;
+    None when the hits do not follow the library's call sequence."""
+    names = [n for n, _ in hits]
+    if not calls or names[:1] != ["run"] or names[-1:] != ["done"] or names[1:-1] != calls:
+        return None
+    counts = [c for _, c in hits]
+    return [b - a for a, b in zip(counts[1:-1], counts[2:], strict=True)]
 
 
 def _nbytes(entry: dict) -> int:
