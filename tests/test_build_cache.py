@@ -70,9 +70,11 @@ def test_what_changes_the_artifact_changes_the_key(cache_dir):
     assert renamed.report.build_cache["hit"] is False
     bigger = graphopt.compile(model, (torch.randn(1, 3, 11, 11),), "host", progress=False)
     assert bigger.report.build_cache["hit"] is False
-    assert len(entries(cache_dir)) == 4
+    small = graphopt.compile(model, (X,), "host", progress=False, optimize_for="size")
+    assert small.report.build_cache["hit"] is False
+    assert len(entries(cache_dir)) == 5
     off = graphopt.compile(model, (X,), "host", progress=False, cache=False)
-    assert off.report.build_cache == {"used": False} and len(entries(cache_dir)) == 4
+    assert off.report.build_cache == {"used": False} and len(entries(cache_dir)) == 5
 
 
 def test_damaged_entry_is_rebuilt(cache_dir):
