@@ -12,6 +12,8 @@ the mode it came in. `check` is the dry run: the same graph side, its answer a `
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import re
 import shutil
 from collections import Counter
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from graphopt.artifact import TensorSpec, write_manifest
+from graphopt.artifact import TensorSpec, read_manifest, write_manifest
+from graphopt.build_cache import BuildCache
 from graphopt.compiled import CompiledModel, new_build_dir
 from graphopt.config import OptimizeFor, as_enum
 from graphopt.errors import ConfigError, LoweringError, NumericsError
@@ -39,6 +42,8 @@ from graphopt.targets.lowering.int8 import WeightStorage, summarize_storage, wei
 from graphopt.targets.lowering.support import unsupported_ops
 from graphopt.targets.lowering.tuned import applying
 from graphopt.targets.tuning.database import open_database
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from graphopt.pruning import PruneConfig
@@ -60,7 +65,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
             capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
             progress: bool = True, prune: PruneConfig | None = None, name: str | None = None,
             approximate: bool = False, database: str | Path | None = None,
-            optimize_for: OptimizeFor | str = OptimizeFor.BALANCED) -> CompiledModel:
+            optimize_for: OptimizeFor | str = OptimizeFor.BALANCED, cache: bool = True) -> CompiledModel:
     """Compile ``model`` for ``target``; see the module docstring.
 
     passes:             fx passes to run (default: identity removal, BN folding, dead code).
@@ -80,6 +85,9 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     optimize_for:       `graphopt.OptimizeFor` ("balanced", "speed", "size"): where the target offers a choice
                         (Cortex-M DSP: int16 or int8 weights per layer), what to favour within the board's
                         flash; ``report.lowering["weight_storage"]`` lists each layer's storage and why.
+    cache:              reuse the artifact of an identical earlier build (`graphopt.build_cache`: same graph,
+                        target, options and software) instead of lowering again; ``report.build_cache``
+                        says whether it hit. Off for the whole process with ``GRAPHOPT_BUILD_CACHE=off``.
     """
     spec = get_target(target)
     optimize_for = as_enum(OptimizeFor, optimize_for, "optimize_for")
@@ -90,11 +98,13 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     with shown(progress):
         return _compile(model, args, spec, report, c_name, passes=passes, verify=verify, rtol=rtol,
                         capture_method=capture_method, count_instructions=count_instructions, prune=prune,
-                        approximate=approximate, database=database, optimize_for=optimize_for)
+                        approximate=approximate, database=database, optimize_for=optimize_for,
+                        cache=BuildCache.from_environment() if cache else None)
 
 
 def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, passes, verify, rtol, capture_method,
-             count_instructions, prune, approximate, database, optimize_for: OptimizeFor) -> CompiledModel:
+             count_instructions, prune, approximate, database, optimize_for: OptimizeFor,
+             cache: BuildCache | None) -> CompiledModel:
     pruning = None
     if prune is not None:
         from graphopt.pruning import prune_for_compile
@@ -120,12 +130,6 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
     report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
     report.macs_by_module, report.macs_by_precision = cost.macs_by_module, cost.macs_by_precision
 
-    ep = pipe.exported
-    missing = unsupported_ops(ep)
-    if missing:
-        raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for {spec.name}:",
-                            missing, "Nothing was built.")
-
     backend = backend_for(spec)
     tuning: contextlib.AbstractContextManager = contextlib.nullcontext()
     if database is not None:
@@ -134,18 +138,31 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
         tuning = applying(db)
     inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
     outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(flat_outputs(reference))]
+    manifest = {"target": spec.to_dict(), "runtime": spec.runtime.value, "inputs": [s.to_dict() for s in inputs],
+                "outputs": [s.to_dict() for s in outputs], "single_output": isinstance(reference, torch.Tensor)}
     build_dir = new_build_dir()
     try:
-        with phase("lower and build", f"for {spec.name}", timings=report.timings), tuning, \
-                weight_storage(WeightStorage(optimize_for)) as storage:
-            built = backend.build(ep, spec, build_dir, inputs, outputs, name=c_name)
-        report.lowering = built.lowering
-        report.lowering.setdefault("optimize_for", optimize_for.value)
-        report.lowering.setdefault("weight_storage", summarize_storage(storage))
-        manifest = {**built.manifest, "target": spec.to_dict(), "runtime": spec.runtime.value,
-                    "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
-                    "single_output": isinstance(reference, torch.Tensor)}
-        write_manifest(build_dir, manifest)
+        options = {"name": c_name, "optimize_for": optimize_for.value, **manifest}
+        key, hit = _cached_build(cache, legalized.graph_module, spec, options, database, build_dir, report)
+        if hit is None:
+            ep = pipe.exported
+            missing = unsupported_ops(ep)
+            if missing:
+                raise LoweringError(f"{len(missing)} operator(s) in {report.model} cannot be lowered for "
+                                    f"{spec.name}:", missing, "Nothing was built.")
+            with phase("lower and build", f"for {spec.name}", timings=report.timings), tuning, \
+                    weight_storage(WeightStorage(optimize_for)) as storage:
+                built = backend.build(ep, spec, build_dir, inputs, outputs, name=c_name)
+            report.lowering = built.lowering
+            report.lowering.setdefault("optimize_for", optimize_for.value)
+            report.lowering.setdefault("weight_storage", summarize_storage(storage))
+            manifest = {**built.manifest, **manifest}
+            write_manifest(build_dir, manifest)
+            if cache is not None and key is not None:
+                _store_build(cache, key, build_dir, report)
+        else:
+            report.lowering = hit["lowering"]
+            manifest = read_manifest(build_dir)
         if prune is not None and prune.sparse_storage:
             from graphopt.sparsity import save_sparse
 
@@ -178,6 +195,31 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
     (build_dir / "report.json").write_text(report.to_json())
     (build_dir / "report.md").write_text(report.to_markdown())
     return cm
+
+
+def _cached_build(cache: BuildCache | None, gm, spec: TargetSpec, options: dict, database, build_dir: Path,
+                  report: Report) -> tuple[str | None, dict | None]:
+    """(key, stored data) of a cache hit copied into ``build_dir``; (key or None, None) on a miss."""
+    if cache is None:
+        report.build_cache = {"used": False}
+        return None, None
+    with phase("build cache", "lookup", timings=report.timings):
+        key = cache.key(gm, spec.to_dict(), options, Path(database) if database is not None else None)
+        hit = cache.fetch(key, build_dir) if key is not None else None
+    report.build_cache = {"used": key is not None, "hit": hit is not None, "key": key, "folder": str(cache.folder)}
+    if key is None:
+        report.build_cache["why"] = "the graph calls a function or module of the user's, or holds a non-tensor"
+    elif hit is not None:
+        log.info("build cache hit %s: nothing to lower or compile", key[:12])
+    return key, hit
+
+
+def _store_build(cache: BuildCache, key: str, build_dir: Path, report: Report) -> None:
+    try:
+        with phase("build cache", "store", timings=report.timings):
+            cache.store(key, build_dir, {"lowering": json.loads(json.dumps(report.lowering, default=str))})
+    except OSError as exc:
+        report.warnings.append(f"build cache not written ({exc}); the next compile of this model builds again")
 
 
 @dataclass

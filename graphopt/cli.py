@@ -96,7 +96,7 @@ def _cmd_compile(a) -> int:
     out = check_destination(a.out, overwrite=a.overwrite)
     model, inputs = build_model(a.model)
     cm = compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
-                 count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for)
+                 count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for, cache=a.cache)
     path = cm.save(out, overwrite=a.overwrite)
     report = cm.report
     assert report is not None  # compile always reports
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "size, or a balance (default) — always within the board's flash")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the artifact of an identical earlier build ($GRAPHOPT_BUILD_CACHE, default "
+                        "$GRAPHOPT_HOME/builds)")
     c.set_defaults(func=_cmd_compile)
     o = sub.add_parser("optimize", help="prune / quantize / distill with a recipe, then compile")
     o.add_argument("model", help="pkg.module:factory or file.py:factory returning a model or (model, inputs)")

@@ -99,6 +99,7 @@ class Report:
     macs_by_precision: dict = field(default_factory=dict)  # after: "fp32", "w8a8", "w4a8", "w1a1", …
     passes: list[PassRecord] = field(default_factory=list)
     lowering: dict = field(default_factory=dict)
+    build_cache: dict = field(default_factory=dict)  # {"used", "hit", "key", "folder"}: graphopt.build_cache
     artifact_files: dict = field(default_factory=dict)  # name -> bytes
     timings: dict = field(default_factory=dict)  # phase -> seconds
     instructions_per_inference: int | None = None
@@ -136,6 +137,7 @@ class Report:
             "passes": [p.to_dict() for p in self.passes],
             "declined": [d.to_dict() for d in self.declined],
             "lowering": self.lowering,
+            "build_cache": self.build_cache,
             "artifact": {"files": self.artifact_files, "bytes": self.artifact_bytes},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "instructions_per_inference": self.instructions_per_inference,
@@ -167,6 +169,9 @@ class Report:
                          f"{_fmt_int(self.instructions_per_inference)}")
         elif self.instructions_note:
             lines.append(f"- instructions per inference: not measured ({self.instructions_note})")
+        if self.build_cache.get("used"):
+            lines.append(f"- build cache: {'hit' if self.build_cache['hit'] else 'miss, stored'} "
+                         f"(key {self.build_cache['key'][:12]}… in {self.build_cache['folder']})")
         if self.verification:
             lines.append("- verification: " + ", ".join(f"{k}={v}" for k, v in self.verification.items()))
         lines += ["", "## Passes", "", "| pass | modified | time | stats |", "|---|---|---|---|"]

@@ -9,8 +9,11 @@ distinct fused kernel → tuning with a model budget (``trials``) and a per-kern
 folder (see `graphopt.targets.tuning.database`). Records already in the folder count toward both
 budgets, so re-running after Ctrl-C or kill -9 resumes; kernels shared with another model are
 not tuned again; a finished budget is not run again (trials the search had no new candidate for
-count as spent). ``compile(database=...)`` applies the records and the default schedules
-cover every kernel the database lacks.
+count as spent). Before tuning, graphopt's default schedule of every kernel is measured on the
+same runner: ``compile(database=...)`` applies a kernel's best record only where it beat that
+default (``report.lowering["default_kept"]`` lists the others), so a tuned model is never slower
+per kernel than the untuned one; the default schedules cover every kernel the database lacks.
+The budget goes to kernels in order of their share of the model's default time.
 
 Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
 TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.tuning.rpc.EmulatedDevice` tells the
@@ -107,10 +110,13 @@ class TuningSummary:
                  f"{self.trials_per_task} per kernel; {self.new_trials} measured in {self.seconds:.0f} s",
                  *(["- nothing to do: earlier sessions in this folder already spent the budget (records and "
                     "finished trials count); raise trials to tune further"] if self.already_spent else []),
-                 "", f"| kernel | weight | records | new | trials spent | {what} |", "|---|---|---|---|---|---|"]
+                 "", f"| kernel | weight | records | new | trials spent | {what} | default schedule | compile uses |",
+                 "|---|---|---|---|---|---|---|---|"]
         for t in self.tasks:
             lines.append(f"| {t.name} | {t.weight} | {t.trials} | {t.new_trials} | {t.spent} | "
-                         f"{_unit(t.best_seconds, self.proxy, self.emulated)} |")
+                         f"{_unit(t.best_seconds, self.proxy, self.emulated)} | "
+                         f"{_unit(t.default_seconds, self.proxy, self.emulated)} | "
+                         f"{'tuned' if t.uses_tuned else 'default'} |")
         if self.damaged_lines:
             lines += ["", "Damaged database lines skipped (moved to *.damaged):"]
             lines += [f"- {d}" for d in self.damaged_lines]
@@ -125,7 +131,8 @@ def _unit(seconds: float | None, proxy: bool, emulated: bool = False) -> str:
         return "-"
     if proxy:
         return f"{seconds * 1e9:,.0f} instr (proxy)"
-    return f"{seconds * 1e3:.3f} ms" + (" (emulated)" if emulated else "")
+    shown = f"{seconds * 1e6:.2f} µs" if seconds < 1e-4 else f"{seconds * 1e3:.3f} ms"
+    return shown + (" (emulated)" if emulated else "")
 
 
 def exported_for_tuning(model: torch.nn.Module, args: tuple, spec: TargetSpec):

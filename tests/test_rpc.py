@@ -32,7 +32,10 @@ def test_tune_over_rpc_on_emulated_device_then_compile(tmp_path):
     assert (db / RECORDS).read_text().count("\n") == 2
     assert summary.emulated and EMULATED_NOTE in summary.to_markdown()
     cm = graphopt.compile(model, args, "arm-a53", database=db, progress=False)
-    assert cm.report.lowering["from_database"] == ["fused_matmul_add"]
+    lowering = cm.report.lowering
+    assert task.default_seconds is not None  # graphopt's default schedule, measured on the same device
+    assert (lowering["from_database"] == ["fused_matmul_add"]) == task.uses_tuned
+    assert ([k["kernel"] for k in lowering["default_kept"]] == ["fused_matmul_add"]) != task.uses_tuned
     with torch.no_grad():
         np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.targets.tuning.database import RECORDS, SPENT, WORKLOADS, open_database
+from graphopt.targets.tuning.database import DEFAULTS, RECORDS, SPENT, WORKLOADS, open_database
 
 TRIALS = 4
 
@@ -63,16 +63,40 @@ def test_kill_resume_keeps_records_and_counts_them(killed_and_resumed):
     assert not summary.damaged_lines
 
 
+def kernels_decided(cm) -> dict:
+    """kernel -> "tuned" (a record applied) or "default" (the database kept graphopt's schedule)."""
+    lowering = cm.report.lowering
+    return {**{k: "tuned" for k in lowering["from_database"]},
+            **{k["kernel"]: "default" for k in lowering["default_kept"]}}
+
+
 def test_compile_with_database_same_outputs(killed_and_resumed):
-    db, _, _ = killed_and_resumed
+    db, _, summary = killed_and_resumed
     model, args = _model()
     cm = graphopt.compile(model, args, "host", database=db, progress=False)
-    assert cm.report.lowering["from_database"] == ["fused_matmul_add"]
+    (task,) = summary.tasks
+    assert task.default_seconds is not None  # measured on the runner before tuning
+    assert kernels_decided(cm) == {"fused_matmul_add": "tuned" if task.uses_tuned else "default"}
     with torch.no_grad():
         np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
     # a finished budget is not spent again
     again = graphopt.tune(model, args, "host", trials=TRIALS, database=db, progress=False)
     assert again.new_trials == 0
+
+
+@pytest.mark.parametrize("default_s,uses", [(1e-9, "default"), (100.0, "tuned")])
+def test_a_record_applies_only_where_it_beat_the_default_schedule(killed_and_resumed, tmp_path, default_s, uses):
+    src, _, _ = killed_and_resumed
+    db = tmp_path / "db"
+    db.mkdir()
+    for name in (WORKLOADS, RECORDS):
+        (db / name).write_bytes((src / name).read_bytes())
+    (db / DEFAULTS).write_text(json.dumps([0, default_s]) + "\n")
+    model, args = _model()
+    cm = graphopt.compile(model, args, "host", database=db, progress=False)
+    assert kernels_decided(cm) == {"fused_matmul_add": uses}
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_damaged_trailing_line_is_reported_and_skipped(killed_and_resumed, tmp_path):
@@ -164,7 +188,8 @@ def test_emulated_icount_runner_tunes_arm_and_counts_per_kernel(tmp_path):
                             runner="emulated-icount", progress=False)
     assert summary.proxy and summary.tasks[0].best_seconds is not None
     cm = graphopt.compile(model, args, "arm-a53", database=tmp_path / "db", progress=False)
-    assert cm.report.lowering["from_database"] == ["fused_matmul_add"]
+    (task,) = summary.tasks
+    assert kernels_decided(cm) == {"fused_matmul_add": "tuned" if task.uses_tuned else "default"}
     with torch.no_grad():
         np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
     spec = graphopt.get_target("arm-a53")

@@ -195,7 +195,7 @@ def _schedule(mod, spec, state):
 
     database = active_database()  # set by compile(database=...): tuned kernels first, rules for the rest
     if database is not None:
-        mod, state["from_database"] = apply_database(mod, spec, database)
+        mod, state["from_database"], state["default_kept"] = apply_database(mod, spec, database)
     mod, state["scheduled"], state["unscheduled"] = schedule_module(mod, spec)
     state["kernels"] = sum(1 for _, f in mod.functions_items() if f.__class__.__name__ == "PrimFunc")
     state["ir_module"] = mod
@@ -288,6 +288,7 @@ def lower(ep, spec: TargetSpec) -> LoweringResult:
     }
     if "from_database" in state:
         stats["from_database"] = state["from_database"]
+        stats["default_kept"] = state["default_kept"]
     return LoweringResult(executable=executable, ir_module=state["ir_module"], stats=stats)
 
 

@@ -6,10 +6,18 @@ graphopt's budget file, which it ignores):
     database_workload.json        one line per workload:  [structural hash, base64 IRModule]
     database_tuning_record.json   one line per record:    [workload line index, record]
     graphopt_trials_spent.json    one line per finished task: [workload line index, trials spent]
+    graphopt_default_seconds.json one line per measurement of graphopt's default schedule of a kernel
+                                  on the tuning runner: [workload line index, seconds]
 
 A finished task's trials spent include candidates the search could not produce (a kernel with a
 small design space yields fewer records than trials): `trials_spent` counts them, so running the
 same budget again measures nothing.
+
+Tuning never loses: the queries compile's ``MetaScheduleApplyDatabase`` makes return
+a kernel's best record only when it measured faster than graphopt's default schedule of that kernel
+on the same runner (the fastest of its `mark_default` measurements); otherwise it answers "no
+record", the default rules schedule the kernel, and the decision is listed in ``kept_default``.
+Kernels whose default was never measured (databases from before this rule) take their best record.
 
 Why not `JSONDatabase` itself: it appends through a buffered stream (a kill can leave half a line)
 and refuses the whole file when one line is damaged. `TuningDatabase` is a `PyDatabase` over an
@@ -40,6 +48,7 @@ from graphopt.errors import TuningDatabaseError
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 SPENT = "graphopt_trials_spent.json"
+DEFAULTS = "graphopt_default_seconds.json"
 _LOCK = ".lock"
 
 
@@ -154,6 +163,8 @@ def _make_class():
             self._by_hash: dict[int, list[int]] = {}
             self._record_counts: dict[int, int] = {}
             self._spent: dict[int, int] = {}  # workload index -> trials a finished session spent on it
+            self._default: dict[int, float] = {}  # workload index -> fastest default-schedule measurement
+            self.kept_default: list[dict] = []  # queries answered "keep the default": {kernel, tuned_s, default_s}
             self._lock_fd = None
             if writable:
                 try:
@@ -198,9 +209,14 @@ def _make_class():
                     raise ValueError(f"trials spent {value!r} is not a count")
                 return value
 
+            def seconds(value, _idx):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                    raise ValueError(f"default schedule time {value!r} is not a positive number of seconds")
+                return float(value)
+
             self.damaged = list(wl_damage)
             files: dict[str, tuple[Path, list[tuple[int, Any, str]], list[Damage]]] = {}  # name -> lines, damage
-            for name, parse_value in ((RECORDS, record), (SPENT, trials)):
+            for name, parse_value in ((RECORDS, record), (SPENT, trials), (DEFAULTS, seconds)):
                 damage: list[Damage] = []
                 lines = _read_lines(self.folder / name, indexed(parse_value), damage)
                 files[name] = (self.folder / name, lines, damage)
@@ -210,6 +226,8 @@ def _make_class():
                 self._record_counts[idx] = self._record_counts.get(idx, 0) + 1
             for _, (idx, n), _ in files[SPENT][1]:
                 self._spent[idx] = max(self._spent.get(idx, 0), n)
+            for _, (idx, secs), _ in files[DEFAULTS][1]:
+                self._default[idx] = min(self._default.get(idx, secs), secs)
             if self.writable and self.damaged:
                 # rewrite so that appended lines start clean; workload indices are renumbered densely
                 if wl_damage:
@@ -261,6 +279,18 @@ def _make_class():
                 _append(self.folder / SPENT, [idx, int(trials)])
             self._spent[idx] = max(self._spent.get(idx, 0), int(trials))
 
+        def default_seconds(self, mod) -> float | None:
+            """The fastest measurement of graphopt's default schedule of `mod` (None: never measured)."""
+            idx = self._index(mod)
+            return None if idx is None else self._default.get(idx)
+
+        def mark_default(self, mod, seconds: float) -> None:
+            """Record durably a measurement of graphopt's default schedule of `mod` on the tuning runner."""
+            idx = self._workload_index(mod)
+            if self.writable:
+                _append(self.folder / DEFAULTS, [idx, float(seconds)])
+            self._default[idx] = min(self._default.get(idx, seconds), float(seconds))
+
         def best_seconds(self, mod) -> float | None:
             idx = self._index(mod)
             if idx is None:
@@ -305,14 +335,26 @@ def _make_class():
         def get_all_tuning_records(self):
             return self._mem.get_all_tuning_records()
 
+        def _keeps_default(self, mod, workload_name) -> bool:
+            """True when `mod`'s default schedule measured at least as fast as its best record."""
+            tuned, default = self.best_seconds(mod), self.default_seconds(mod)
+            if tuned is None or default is None or tuned < default:
+                return False
+            if not any(k["kernel"] == workload_name for k in self.kept_default):
+                self.kept_default.append({"kernel": workload_name, "tuned_s": tuned, "default_s": default})
+            return True
+
         def query_tuning_record(self, mod, target, workload_name):
-            return self._mem.query_tuning_record(mod, target, workload_name)
+            return None if self._keeps_default(mod, workload_name) else \
+                self._mem.query_tuning_record(mod, target, workload_name)
 
         def query_schedule(self, mod, target, workload_name):
-            return self._mem.query_schedule(mod, target, workload_name)
+            return None if self._keeps_default(mod, workload_name) else \
+                self._mem.query_schedule(mod, target, workload_name)
 
         def query_ir_module(self, mod, target, workload_name):
-            return self._mem.query_ir_module(mod, target, workload_name)
+            return None if self._keeps_default(mod, workload_name) else \
+                self._mem.query_ir_module(mod, target, workload_name)
 
         def __len__(self) -> int:
             return len(self._mem)

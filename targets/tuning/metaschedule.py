@@ -3,9 +3,12 @@
 - `fused_module(ep, spec)`: the lowering phases through ``fuse`` (`run_phases`) — exactly the
   module `lower` schedules, so tuning records match compile's kernels by structural hash.
 - `extract(mod, spec)`: MetaSchedule tasks (one per distinct fused PrimFunc).
-- `tune_tasks(...)`: tunes each task to its budget, counting trials already spent in the database
-  (so an interrupted or killed session resumes where it stopped, and a finished one is not run
-  again), logging progress lines.
+- `tune_tasks(...)`: first builds and runs graphopt's default schedule of every kernel on the
+  tuning runner (`measure_defaults`, recorded in the database: compile keeps the default wherever no
+  record beat it, so tuning never makes a kernel slower), then tunes the kernels in order of their
+  share of the model's default time (weight × default time), each to its budget, counting trials
+  already spent in the database (so an interrupted or killed session resumes where it stopped, and
+  a finished one is not run again), logging progress lines.
 
 Compile applies the records with `graphopt.targets.lowering.tuned`. Builder workers build
 without importing tensor intrinsics (`_fast_build`: importing every GPU intrinsic costs ~55 s per
@@ -26,6 +29,7 @@ from graphopt.errors import TuningError
 from graphopt.targets.lowering.dot import DOT_ATTR
 from graphopt.targets.lowering.kernels import prepare_tvm
 from graphopt.targets.lowering.phases import run_phases
+from graphopt.targets.lowering.schedules import schedule_module
 from graphopt.targets.lowering.tuned import is_scheduled
 from graphopt.targets.spec import TargetSpec
 
@@ -99,8 +103,15 @@ class TaskResult:
     trials: int  # records in the database for this kernel after the session
     new_trials: int  # measured in this session
     best_seconds: float | None  # best measured run time (icount runner: instructions * 1e-9)
+    default_seconds: float | None = None  # graphopt's default schedule on the same runner (fastest measurement)
     planned: int = 0  # trials this session set out to run (0: the budget was already spent)
     spent: int = 0  # trials counted against the budget after the session (records, or more: see tuning_db)
+
+    @property
+    def uses_tuned(self) -> bool:
+        """Whether compile takes the tuned record (it measured faster than the default schedule)."""
+        return self.best_seconds is not None and (self.default_seconds is None or
+                                                  self.best_seconds < self.default_seconds)
 
 
 @dataclass
@@ -141,6 +152,41 @@ def _progress_callback(state: dict, unit: Callable[[float], str]):
     return _Progress()
 
 
+def measure_defaults(tasks: list, spec: TargetSpec, database, builder, runner) -> None:
+    """Build and run graphopt's default schedule of each task not yet measured on `runner`; record
+    the times in `database` (a kernel whose default fails to build or run gets no time: its records
+    then apply as before)."""
+    import shutil
+    from pathlib import Path
+
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    todo = [t for t in tasks if database.default_seconds(t.dispatched[0]) is None]
+    if not todo:
+        return
+    target = spec.tvm()
+    built = builder.build([BuilderInput(schedule_module(t.dispatched[0].clone(), spec)[0], target) for t in todo])
+    runs = [(t, b, runner.run([RunnerInput(b.artifact_path, "cpu",  # check_tunable: LLVM
+                                           ArgInfo.from_prim_func(t.dispatched[0]["main"]))])[0])
+            for t, b in zip(todo, built, strict=True) if b.error_msg is None]
+    for t, b in zip(todo, built, strict=True):
+        if b.error_msg is not None:
+            _LOG.debug("default schedule of %s did not build: %s", t.task_name, b.error_msg)
+    for task, b, future in runs:
+        result = future.result()
+        if result.error_msg is not None:
+            _LOG.debug("default schedule of %s did not run: %s", task.task_name, result.error_msg)
+        if result.error_msg is None and result.run_secs:
+            secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+            database.mark_default(task.dispatched[0], secs)
+        shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+    failed = len(todo) - sum(database.default_seconds(t.dispatched[0]) is not None for t in todo)
+    _LOG.info(f"measured graphopt's default schedule of {len(todo) - failed} kernels on the tuning runner"
+              + (f" ({failed} failed to build or run: their tuned records apply unchecked)" if failed else ""))
+
+
 def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
                unit: Callable[[float], str], seed: int = 0) -> list[TaskResult]:
     """Tune each task up to ``bud.per_task`` trials within ``bud.total`` trials for the model. Trials
@@ -154,8 +200,16 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
     spent = [database.trials_spent(t.dispatched[0]) for t in tasks]
     want = [max(0, min(bud.per_task, bud.total) - s) for s in spent]
     left_total = max(0, bud.total - sum(min(s, bud.per_task) for s in spent))
-    # spend what is left of the model budget on the heaviest tasks first
-    order = sorted(range(len(tasks)), key=lambda i: -int(tasks[i].weight))
+    # its worker processes take seconds to start: only when there is something to tune
+    builder = make_builder(spec) if left_total and any(want) else None
+    if builder is not None:
+        measure_defaults(tasks, spec, database, builder, runner)
+
+    def share(i: int) -> float:  # the kernel's part of the model's default time (weight alone if unmeasured)
+        return int(tasks[i].weight) * (database.default_seconds(tasks[i].dispatched[0]) or 1.0)
+
+    # spend what is left of the model budget where the time is: largest share of default time first
+    order = sorted(range(len(tasks)), key=lambda i: -share(i))
     plan = {}
     for i in order:
         plan[i] = min(want[i], left_total)
@@ -166,7 +220,6 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
               + ("; the budget is already spent, nothing to do (raise trials to tune further)" if not total else ""))
     state = {"done": 0, "total": total, "start": time.perf_counter(), "n_tasks": len(tasks)}
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(state, unit)]
-    builder = make_builder(spec) if total else None  # its worker processes take seconds to start
     results = []
     for n, i in enumerate(order, 1):
         task = tasks[i]
@@ -188,6 +241,6 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
                 measure_callbacks=callbacks, database=database, cost_model=ms.CostModel.create("xgb"))
             database.mark_spent(mod, spent[i] + plan[i])  # finished: an exhausted search still spent its plan
         results.append(TaskResult(task.task_name, int(task.weight), database.records_for(mod),
-                                  database.records_for(mod) - have[i], database.best_seconds(mod), plan[i],
-                                  database.trials_spent(mod)))
+                                  database.records_for(mod) - have[i], database.best_seconds(mod),
+                                  database.default_seconds(mod), plan[i], database.trials_spent(mod)))
     return results
