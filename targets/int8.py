@@ -57,6 +57,7 @@ class DotKernel:
     max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
     chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
     even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
+    pixels: int = 1  # 2: a matrix-multiply kernel over 2 pixels, accumulating [lanes/2, pixels, 2] blocks (`mmla_desc`)
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -69,6 +70,9 @@ class DotKernel:
             raise ValueError("DotKernel.chunk must be 0 or divide depth")
         if self.even_odd and (self.chunk or self.depth % 2):
             raise ValueError("DotKernel.even_odd needs an even depth and no chunk")
+        if self.pixels not in (1, 2) or (self.pixels == 2 and (self.lanes % 2 or self.even_odd
+                                                               or self.data_dtype != "int8")):
+            raise ValueError("DotKernel.pixels must be 1, or 2 with even lanes, int8 data and no even_odd")
 
     def tile_layout(self, w: np.ndarray) -> np.ndarray:
         """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or
@@ -116,6 +120,45 @@ def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0,
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[at(vi, vk)], "int32")
 
     return desc
+
+
+def mmla_desc(lanes: int, depth: int, chunk: int = 0):
+    """The TensorIntrin description of a 2-pixel matrix-multiply kernel (`DotKernel.pixels` = 2): A holds
+    two pixels' `depth` channels (any row stride), B is a packed tile as in `dot_desc`, and C keeps the
+    instruction's 2×2 (pixel, channel) blocks, ``C[i / 2, p, i % 2] += Σ_k A[p, k]·B[i, k]``."""
+    from tvm.script import tirx as T
+
+    shape, at = _tile(lanes, depth, chunk)
+    whole = tuple(slice(0, d) for d in shape)
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, depth), "int8", offset_factor=1)
+        B = T.match_buffer(b, shape, "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes // 2, 2, 2), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes // 2, 0:2, 0:2], A[0:2, 0:depth], B[whole])
+            T.writes(C[0:lanes // 2, 0:2, 0:2])
+            for q, p, i, k in T.grid(lanes // 2, 2, 2, depth):
+                with T.sblock("update"):
+                    vq, vp, vi, vk = T.axis.remap("SSSR", [q, p, i, k])
+                    C[vq, vp, vi] = C[vq, vp, vi] + T.cast(A[vp, vk], "int32") \
+                        * T.cast(B[at(vq * 2 + vi, vk)], "int32")
+
+    @T.prim_func(s_tir=True)
+    def desc_pair(a: T.handle, b: T.handle, c: T.handle) -> None:  # one channel pair: no unit-extent loop
+        A = T.match_buffer(a, (2, depth), "int8", offset_factor=1)
+        B = T.match_buffer(b, shape, "int8", offset_factor=1)
+        C = T.match_buffer(c, (1, 2, 2), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0, 0:2, 0:2], A[0:2, 0:depth], B[whole])
+            T.writes(C[0, 0:2, 0:2])
+            for p, i, k in T.grid(2, 2, depth):
+                with T.sblock("update"):
+                    vp, vi, vk = T.axis.remap("SSR", [p, i, k])
+                    C[0, vp, vi] = C[0, vp, vi] + T.cast(A[vp, vk], "int32") * T.cast(B[at(vi, vk)], "int32")
+
+    return desc_pair if lanes == 2 else desc
 
 
 _KERNELS: list[DotKernel] = []
@@ -230,14 +273,16 @@ def _record(kernels, w: np.ndarray, packed: np.ndarray, k: DotKernel, layer: str
                       "wide_extra_bytes": int(packed.nbytes // 2) if _wide(k) else 0})
 
 
-def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotKernel | None:
+def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels: int = 1) -> DotKernel | None:
     """The kernel for one layer: among those whose weight range fits and whose weight storage the
     active `WeightStorage` allows, the first whose reduction needs no padding, else the one padding
     least (e.g. a 3-channel stem conv); None when even that would double the reduction. `window` > 1
     (a conv's kernel width, dilation 1) lets a kernel reduce over the window's `window`·`channels`
-    contiguous values instead of over channels (`reduction`)."""
+    contiguous values instead of over channels (`reduction`). Multi-pixel kernels (`DotKernel.pixels`) need a
+    layer with at least that many `pixels` along the row they tile (an odd count computes one padding pixel)."""
     policy = active_storage()
-    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)]
+    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)
+           and k.pixels <= pixels]
     best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
     if best is None or reduction(best, channels, window)[0] >= 2 * window * channels:
         return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs
@@ -247,9 +292,10 @@ def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotK
 def reduction(k: DotKernel, channels: int, window: int = 1) -> tuple[int, bool]:
     """(reduced values per kernel row, flattened): `window` × channels padded to whole `depth` groups,
     or — when fewer — the row's window·channels values (contiguous in NHWC) padded once (flattened;
-    e.g. a 1-channel 3×3 conv reduces 4 values per row instead of 12)."""
+    e.g. a 1-channel 3×3 conv reduces 4 values per row instead of 12). Multi-pixel kernels reduce by channel:
+    their two pixels' rows must not overlap."""
     by_channel, flat = window * _ceil(channels, k.depth), _ceil(window * channels, k.depth)
-    return (flat, True) if flat < by_channel else (by_channel, False)
+    return (flat, True) if flat < by_channel and k.pixels == 1 else (by_channel, False)
 
 
 def by_intrin(kernels, name: str) -> DotKernel | None:
@@ -272,6 +318,7 @@ def _register_intrinsics() -> None:
         from graphopt.targets import (  # noqa: F401  importing registers the kernels
             intrin_cortex_m,  # the Cortex-M DSP kernel
             intrin_dotprod,  # the aarch64 indexed-sdot 4×16 kernel
+            intrin_i8mm,  # the aarch64 smmla 2-pixel kernel
             intrin_neon,  # the NEON 4×64/4×32/4×16 kernels
         )
         _REGISTERED = True
@@ -340,15 +387,18 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     # rows of 1-channel convs stay on the generic kernel: cortex-m4's plain_cnn stem measured 530k
     # instructions reducing 4-value rows (one zero tap) against 385k generic
     window = kw if dilation[1] == 1 and c > 1 else 1
-    k = choose(kernels, w, c, window)
+    out_shape = [int(d) for d in call.ty.shape]
+    k = choose(kernels, w, c, window, pixels=out_shape[2])
     if k is None:
         return None
     flat = reduction(k, c, window)[1]
     packed = _pack_conv_weight(w.reshape(kh, 1, kw * c, f) if flat else w, k)
-    out_pixels = int(np.prod([int(d) for d in call.ty.shape][:-1]))
-    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f}", out_pixels * kh * kw * c * f)
+    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f}", int(np.prod(out_shape[:-1])) * kh * kw * c * f)
     correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
         if k.data_dtype == "uint8" else None
+    if k.pixels > 1:
+        return _emit(bb, _paired_conv(k, packed, f, padding, strides, dilation), data, packed, correction,
+                     "conv2d_int8")
 
     def compute(x, wp, *corr):
         pt, pl, pb, pr = padding
@@ -389,6 +439,38 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     return _emit(bb, compute, data, packed, correction, "conv2d_int8")
 
 
+def _paired_conv(k: DotKernel, packed: np.ndarray, channels: int, padding, strides, dilation):
+    """The conv compute of a 2-pixel kernel: the padded input viewed as ``[n, h, sw, w/sw, c]`` (output
+    pixels 2j and 2j+1 then read rows one step apart in the fourth axis, for any stride), accumulated in
+    the kernel's 2×2 blocks ``[n, oh, ⌈ow/2⌉, F/lanes, lanes/2, 2, 2]``; an odd width computes one padding
+    pixel per row, dropped with the padding channels by `_finish`."""
+    _, kh, kw, cg = packed.shape[:4]
+    (sh, sw), (dh, dw) = strides, dilation
+
+    def compute(x, wp, *corr):
+        pt, pl, pb, pr = padding
+        n, h, wd, c = (int(d) for d in x.shape)
+        h, wd = h + pt + pb, wd + pl + pr
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+        pairs = -(-ow // 2)
+        width = _ceil(max(wd, (2 * pairs - 1) * sw + (kw - 1) * dw + 1), sw)
+        x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr + width - wd, cg * k.depth - c], name="pad_temp")
+        src = x
+        xv = te.compute((n, h, sw, width // sw, cg * k.depth), lambda b, y, s, u, ch: src[b, y, u * sw + s, ch],
+                        name="pixel_pairs")
+        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+        r = te.reduce_axis((0, cg * k.depth), "r")
+        acc = te.compute(
+            (n, oh, pairs, packed.shape[0], k.lanes // 2, 2, 2),
+            lambda b, y, xo, ft, q, p, i: te.sum(
+                xv[b, y * sh + ry * dh, rx * dw % sw, xo * 2 + p + rx * dw // sw, r].astype("int32")
+                * k.weight(wp, (ft, ry, rx, r // k.depth), q * 2 + i, r).astype("int32"), axis=[ry, rx, r]),
+            name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
+        return _finish(acc, channels, corr, k, (n, oh, ow), lambda b, y, xx: ((b, y), xx))
+
+    return compute
+
+
 def _legalize_window_sum(bb: relax.BlockBuilder, call: relax.Call):
     """An int8 NHWC depthwise conv whose constant weights are all ones (graphopt's sum pooling, e.g. a
     quantized global average pool) as a window sum: no weights in flash, no multiplies; or None."""
@@ -426,15 +508,31 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         return None
     w = weight.value.numpy()
     n = w.shape[1]
-    k = choose(kernels, w, w.shape[0])
+    rows = int(np.prod([int(d) for d in a.ty.shape][:-1]))
+    k = choose(kernels, w, w.shape[0], pixels=rows)
     if k is None:
         return None
     packed = _pack_dense_weight(w, k)
-    rows = int(np.prod([int(d) for d in a.ty.shape][:-1]))
     _record(kernels, w, packed, k, f"dense {w.shape[0]}->{n}", rows * w.size)
     correction = (128 * w.astype(np.int64).sum(axis=0)).astype(np.int32) if k.data_dtype == "uint8" else None
 
+    def paired(x, wp, *corr):  # rows in pairs: [⌈rows/2⌉, N/lanes, lanes/2, 2, 2] blocks (`_paired_conv`)
+        depth = packed.shape[1] * k.depth
+        xv = topi.nn.pad(topi.reshape(x, (rows, w.shape[0])), [0, 0], [rows % 2, depth - w.shape[0]],
+                         name="pixel_pairs")
+        r = te.reduce_axis((0, depth), "k")
+        acc = te.compute((-(-rows // 2), packed.shape[0], k.lanes // 2, 2, 2),
+                         lambda j, ft, q, p, i: te.sum(
+                             xv[j * 2 + p, r].astype("int32")
+                             * k.weight(wp, (ft, r // k.depth), q * 2 + i, r).astype("int32"), axis=r),
+                         name="dense_int8_dot", attrs={DOT_ATTR: k.intrin})
+        lead = [int(d) for d in x.shape[:-1]]
+        strides = [int(np.prod(lead[i + 1:])) for i in range(len(lead))]
+        return _finish(acc, n, corr, k, tuple(lead), lambda *i: ((), sum(v * s for v, s in zip(i, strides))))
+
     def compute(x, wp, *corr):
+        if k.pixels > 1:
+            return paired(x, wp, *corr)
         xd = _prepare_data(x, packed.shape[1] * k.depth, k)
         r = te.reduce_axis((0, packed.shape[1] * k.depth), "k")
         acc = te.compute(
@@ -448,8 +546,17 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     return _emit(bb, compute, a, packed, correction, "dense_int8")
 
 
-def _finish(acc, channels: int, corr):
-    """Subtract the unsigned-activation correction and drop the padding channels, if any."""
+def _finish(acc, channels: int, corr, k: DotKernel | None = None, pixels: tuple = (), pair_at=None):
+    """Subtract the unsigned-activation correction and drop the padding channels, if any. A 2-pixel
+    kernel's blocks (`mmla_desc`) are read back as ``[*pixels, channels]``; `pair_at(pixel indices)` gives
+    (the block's leading indices, the pixel's index along the paired axis)."""
+    if k is not None and k.pixels > 1:
+        def block(*i):
+            lead, j = pair_at(*i[:-1])
+            ff = i[-1]
+            return acc[(*lead, j // 2, ff // k.lanes, ff % k.lanes // 2, j % 2, ff % 2)]
+
+        return te.compute((*pixels, channels), block, name="dot_epilogue")
     if not corr and int(acc.shape[-1]) == channels:
         return acc
     shape = [*acc.shape[:-1], channels]
