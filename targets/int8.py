@@ -57,7 +57,7 @@ class DotKernel:
     max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
     chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
     even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
-    pixels: int = 1  # 2: a matrix-multiply kernel over 2 pixels, accumulating [lanes/2, pixels, 2] blocks (`mmla_desc`)
+    pixels: int = 1  # 2: a matrix-multiply kernel over 2 pixels × 2 lanes, accumulating 2×2 blocks (`mmla_desc`)
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -70,9 +70,9 @@ class DotKernel:
             raise ValueError("DotKernel.chunk must be 0 or divide depth")
         if self.even_odd and (self.chunk or self.depth % 2):
             raise ValueError("DotKernel.even_odd needs an even depth and no chunk")
-        if self.pixels not in (1, 2) or (self.pixels == 2 and (self.lanes % 2 or self.even_odd
+        if self.pixels not in (1, 2) or (self.pixels == 2 and (self.lanes != 2 or self.even_odd
                                                                or self.data_dtype != "int8")):
-            raise ValueError("DotKernel.pixels must be 1, or 2 with even lanes, int8 data and no even_odd")
+            raise ValueError("DotKernel.pixels must be 1, or 2 with 2 lanes, int8 data and no even_odd")
 
     def tile_layout(self, w: np.ndarray) -> np.ndarray:
         """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or
@@ -122,43 +122,30 @@ def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0,
     return desc
 
 
-def mmla_desc(lanes: int, depth: int, chunk: int = 0):
-    """The TensorIntrin description of a 2-pixel matrix-multiply kernel (`DotKernel.pixels` = 2): A holds
-    two pixels' `depth` channels (any row stride), B is a packed tile as in `dot_desc`, and C keeps the
-    instruction's 2×2 (pixel, channel) blocks, ``C[i / 2, p, i % 2] += Σ_k A[p, k]·B[i, k]``."""
+def mmla_desc(depth: int, chunk: int = 0):
+    """The TensorIntrin description of a 2-pixel matrix-multiply kernel (`DotKernel.pixels` = 2, one
+    channel pair per call): A holds two pixels' `depth` channels (any row stride), B is a packed 2-lane
+    tile as in `dot_desc`, and C is the instruction's 2×2 (pixel, channel) block, ``C[p, i] += Σ_k
+    A[p, k]·B[i, k]``."""
     from tvm.script import tirx as T
 
-    shape, at = _tile(lanes, depth, chunk)
+    shape, at = _tile(2, depth, chunk)
     whole = tuple(slice(0, d) for d in shape)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (2, depth), "int8", offset_factor=1)
         B = T.match_buffer(b, shape, "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes // 2, 2, 2), "int32", offset_factor=1)
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes // 2, 0:2, 0:2], A[0:2, 0:depth], B[whole])
-            T.writes(C[0:lanes // 2, 0:2, 0:2])
-            for q, p, i, k in T.grid(lanes // 2, 2, 2, depth):
-                with T.sblock("update"):
-                    vq, vp, vi, vk = T.axis.remap("SSSR", [q, p, i, k])
-                    C[vq, vp, vi] = C[vq, vp, vi] + T.cast(A[vp, vk], "int32") \
-                        * T.cast(B[at(vq * 2 + vi, vk)], "int32")
-
-    @T.prim_func(s_tir=True)
-    def desc_pair(a: T.handle, b: T.handle, c: T.handle) -> None:  # one channel pair: no unit-extent loop
-        A = T.match_buffer(a, (2, depth), "int8", offset_factor=1)
-        B = T.match_buffer(b, shape, "int8", offset_factor=1)
-        C = T.match_buffer(c, (1, 2, 2), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0, 0:2, 0:2], A[0:2, 0:depth], B[whole])
-            T.writes(C[0, 0:2, 0:2])
+            T.reads(C[0:2, 0:2], A[0:2, 0:depth], B[whole])
+            T.writes(C[0:2, 0:2])
             for p, i, k in T.grid(2, 2, depth):
                 with T.sblock("update"):
                     vp, vi, vk = T.axis.remap("SSR", [p, i, k])
-                    C[0, vp, vi] = C[0, vp, vi] + T.cast(A[vp, vk], "int32") * T.cast(B[at(vi, vk)], "int32")
+                    C[vp, vi] = C[vp, vi] + T.cast(A[vp, vk], "int32") * T.cast(B[at(vi, vk)], "int32")
 
-    return desc_pair if lanes == 2 else desc
+    return desc
 
 
 _KERNELS: list[DotKernel] = []
@@ -442,7 +429,7 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
 def _paired_conv(k: DotKernel, packed: np.ndarray, channels: int, padding, strides, dilation):
     """The conv compute of a 2-pixel kernel: the padded input viewed as ``[n, h, sw, w/sw, c]`` (output
     pixels 2j and 2j+1 then read rows one step apart in the fourth axis, for any stride), accumulated in
-    the kernel's 2×2 blocks ``[n, oh, ⌈ow/2⌉, F/lanes, lanes/2, 2, 2]``; an odd width computes one padding
+    the kernel's 2×2 blocks ``[n, oh, ⌈ow/2⌉, F/2, 2, 2]``; an odd width computes one padding
     pixel per row, dropped with the padding channels by `_finish`."""
     _, kh, kw, cg = packed.shape[:4]
     (sh, sw), (dh, dw) = strides, dilation
@@ -461,10 +448,10 @@ def _paired_conv(k: DotKernel, packed: np.ndarray, channels: int, padding, strid
         ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
         r = te.reduce_axis((0, cg * k.depth), "r")
         acc = te.compute(
-            (n, oh, pairs, packed.shape[0], k.lanes // 2, 2, 2),
-            lambda b, y, xo, ft, q, p, i: te.sum(
+            (n, oh, pairs, packed.shape[0], 2, 2),
+            lambda b, y, xo, ft, p, i: te.sum(
                 xv[b, y * sh + ry * dh, rx * dw % sw, xo * 2 + p + rx * dw // sw, r].astype("int32")
-                * k.weight(wp, (ft, ry, rx, r // k.depth), q * 2 + i, r).astype("int32"), axis=[ry, rx, r]),
+                * k.weight(wp, (ft, ry, rx, r // k.depth), i, r).astype("int32"), axis=[ry, rx, r]),
             name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
         return _finish(acc, channels, corr, k, (n, oh, ow), lambda b, y, xx: ((b, y), xx))
 
@@ -516,15 +503,15 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     _record(kernels, w, packed, k, f"dense {w.shape[0]}->{n}", rows * w.size)
     correction = (128 * w.astype(np.int64).sum(axis=0)).astype(np.int32) if k.data_dtype == "uint8" else None
 
-    def paired(x, wp, *corr):  # rows in pairs: [⌈rows/2⌉, N/lanes, lanes/2, 2, 2] blocks (`_paired_conv`)
+    def paired(x, wp, *corr):  # rows in pairs: [⌈rows/2⌉, N/2, 2, 2] blocks (`_paired_conv`)
         depth = packed.shape[1] * k.depth
         xv = topi.nn.pad(topi.reshape(x, (rows, w.shape[0])), [0, 0], [rows % 2, depth - w.shape[0]],
                          name="pixel_pairs")
         r = te.reduce_axis((0, depth), "k")
-        acc = te.compute((-(-rows // 2), packed.shape[0], k.lanes // 2, 2, 2),
-                         lambda j, ft, q, p, i: te.sum(
+        acc = te.compute((-(-rows // 2), packed.shape[0], 2, 2),
+                         lambda j, ft, p, i: te.sum(
                              xv[j * 2 + p, r].astype("int32")
-                             * k.weight(wp, (ft, r // k.depth), q * 2 + i, r).astype("int32"), axis=r),
+                             * k.weight(wp, (ft, r // k.depth), i, r).astype("int32"), axis=r),
                          name="dense_int8_dot", attrs={DOT_ATTR: k.intrin})
         lead = [int(d) for d in x.shape[:-1]]
         strides = [int(np.prod(lead[i + 1:])) for i in range(len(lead))]
@@ -554,7 +541,7 @@ def _finish(acc, channels: int, corr, k: DotKernel | None = None, pixels: tuple 
         def block(*i):
             lead, j = pair_at(*i[:-1])
             ff = i[-1]
-            return acc[(*lead, j // 2, ff // k.lanes, ff % k.lanes // 2, j % 2, ff % 2)]
+            return acc[(*lead, j // 2, ff // 2, j % 2, ff % 2)]
 
         return te.compute((*pixels, channels), block, name="dot_epilogue")
     if not corr and int(acc.shape[-1]) == channels:

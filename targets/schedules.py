@@ -475,10 +475,10 @@ class TensorizedDot(dlight.ScheduleRule):
         if k.pixels == 1:
             f_o, f_i = sch.split(spatial[-1], [None, k.lanes])
             calls, rows = [f_i], spatial[:-1]  # e.g. (n, y, x): the tile spans `px` pixels of the innermost one
-        else:  # (…, pixel pairs, channel tiles, lanes/2, pixels, 2): `int8.mmla_desc`'s blocks
+        else:  # (…, pixel pairs, channel pairs, 2 pixels, 2 channels): `int8.mmla_desc`'s blocks
             dims = _loops_by_dim(sch, main, loops)  # normalization dropped the loops of unit extent
-            calls, rows = [lp for lp in dims[-3:] if lp is not None], [lp for lp in dims[:-4] if lp is not None]
-            f_o = dims[-4] if dims[-4] is not None else sch.add_unit_loop(calls[0])
+            calls, rows = dims[-2:], [lp for lp in dims[:-3] if lp is not None]
+            f_o = dims[-3] if dims[-3] is not None else sch.add_unit_loop(calls[0])
         r_o, r_i = sch.split(reduce[-1], [None, k.depth])
         width = _loop_extent(sch, rows[-1]) if rows else 1
         vector_bytes = 4 * self.lanes  # loads per call: activations (pixels × depth int8), weights (lanes × depth)

@@ -50,7 +50,7 @@ def _inputs() -> list[torch.Tensor]:
 
 def test_packing_and_blocks_reproduce_the_convolution():
     """Σ over the intrinsic's operands — A[p, k] (2 pixels), B[k/8, i, k%8] (chunk-major channel pairs) —
-    into C[i/2, p, i%2] equals the HWIO conv at both pixels of a pair, and the dense packing's pairs."""
+    into the 2×2 block C[p, i] equals the HWIO conv at both pixels of a pair, and the dense packing's pairs."""
     k = intrin_i8mm.KERNEL
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (3, 3, 20, 5)).astype(np.int8)  # C, F not multiples of 16, 2
@@ -59,19 +59,19 @@ def test_packing_and_blocks_reproduce_the_convolution():
     assert packed.shape == (3, 3, 3, 2, 2, 2, 8)  # [F/2, KH, KW, C/16, 16/8, 2, 8]
     xp = np.pad(x, [(0, 0), (0, 0), (0, 12)])
     for y, pair, ft in [(0, 0, 0), (2, 1, 2), (1, 1, 1)]:
-        block = np.zeros((1, 2, 2))
+        block = np.zeros((2, 2))
         for i in range(3):
             for j in range(3):
                 for c0 in range(0, 32, 16):
                     a = xp[y + i, 2 * pair + j:2 * pair + j + 2, c0:c0 + 16]  # the two pixels' rows
                     b = packed[ft, i, j, c0 // 16]
-                    for q, p, ii, kk in np.ndindex(1, 2, 2, 16):
-                        block[q, p, ii] += a[p, kk] * b[kk // 8, 2 * q + ii, kk % 8]
+                    for p, ii, kk in np.ndindex(2, 2, 16):
+                        block[p, ii] += a[p, kk] * b[kk // 8, ii, kk % 8]
         for p, ii in np.ndindex(2, 2):
             f = 2 * ft + ii
             want = sum(x[y + i, 2 * pair + p + j, c] * (w[i, j, c, f] if f < 5 else 0)
                        for i in range(3) for j in range(3) for c in range(20))
-            assert block[0, p, ii] == want
+            assert block[p, ii] == want
     dense = rng.integers(-128, 128, (20, 3)).astype(np.int8)  # [K, N]
     pd = _pack_dense_weight(dense, k)
     assert pd.shape == (2, 2, 2, 2, 8)
