@@ -6,7 +6,11 @@ A `DotKernel` names a registered TVM tensor intrinsic with the contract
 
 — AVX-512 VNNI ``vpdpbusd`` (16×4, unsigned activations), aarch64 ``sdot`` (4×4), plain NEON
 widening multiply-accumulate (4×4) — and which target feature enables it; `dot_kernel(spec)` picks
-the first registered kernel whose feature the target has (data, never target names).
+the first registered kernel whose feature the target has (data, never target names). A kernel with
+``pixels=2`` (aarch64 i8mm ``smmla``) instead computes a 2-pixel × 2-channel block,
+``C[p, i] += Σ_k A[p, k] · B[i, k]`` (`mmla_desc`): its conv/dense computes accumulate in such blocks
+along the output's last pixel axis (an odd count computes one padding pixel) and `_finish` reads
+them back in the output's layout; layers with one pixel per row take a 1-pixel kernel.
 
 `legalize_conv2d` / `legalize_matmul` replace LegalizeOps for int8 × int8 → int32 ``conv2d``
 (NHWC/HWIO, any stride/dilation, not grouped) and ``matmul`` against a constant weight: the weight

@@ -449,6 +449,8 @@ class TensorizedDot(dlight.ScheduleRule):
         parallel(outer pixels [, channel tiles]) · channel tiles · KH · KW · C/depth
             · unrolled(pixels × channel vectors) · intrinsic(lanes × depth)
 
+    (a 2-pixel kernel's tile counts pixel pairs, its intrinsic covers a 2 × 2 block, `int8.mmla_desc`).
+
     The accumulator tile (≤ `DotKernel.accumulators` vectors, ≤ 1 KiB so it stays on the stack and
     in registers) is initialised, accumulated over the whole reduction, then the epilogue
     (correction, bias, requantize, activation) is applied to it and written once."""
@@ -495,7 +497,7 @@ class TensorizedDot(dlight.ScheduleRule):
         # loop order re-reading less: pixel tiles outermost re-stream the weights once per pixel tile,
         # channel tiles outermost re-stream the input once per channel tile (e.g. 7×7×512 layers)
         pixel_tiles = int(np.prod([_loop_extent(sch, lp) for lp in outer])) if outer else 1
-        pixels = pixel_tiles * px
+        pixels = pixel_tiles * px * k.pixels
         channels, channel_tiles = _loop_extent(sch, f_oo) * unroll * k.lanes, _loop_extent(sch, f_oo)
         pixel_outer = pixel_tiles >= self.cores and pixel_tiles * channels <= channel_tiles * pixels
         tiles = outer + [f_oo] if pixel_outer else [f_oo] + outer
@@ -525,7 +527,7 @@ class TensorizedDot(dlight.ScheduleRule):
 def _loops_by_dim(sch: s_tir.Schedule, block, loops: list) -> list:
     """Per axis of the buffer `block` writes, the loop its index iterates (None for a constant index)."""
     iters = [iv.var for iv in sch.get(block).iter_vars]
-    return [loops[iters.index(r.min)] if isinstance(r.min, tirx.Var) and r.min in iters else None
+    return [next((loops[j] for j, v in enumerate(iters) if v.same_as(r.min)), None)
             for r in sch.get(block).writes[0].region]
 
 
