@@ -62,6 +62,7 @@ class DotKernel:
     chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
     even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
     pixels: int = 1  # 2: a matrix-multiply kernel over 2 pixels × 2 lanes, accumulating 2×2 blocks (`mmla_desc`)
+    min_reduction: int = 0  # layers reducing fewer values per output (KH·KW·C) take another kernel
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -189,7 +190,7 @@ _STORAGE: contextvars.ContextVar = contextvars.ContextVar("graphopt_weight_stora
 @contextlib.contextmanager
 def weight_storage(policy: WeightStorage):
     """Within, `choose` follows `policy`; yields the list the legalizations append their decisions to
-    (``{"layer", "key", "packed_key", "weights", "macs", "storage", "reason", "wide_extra_bytes"}``)."""
+    (``{"layer", "key", "packed_key", "weights", "macs", "kernel", "storage", "reason", "wide_extra_bytes"}``)."""
     decisions: list[dict] = []
     token = _STORAGE.set((policy, decisions))
     try:
@@ -206,7 +207,7 @@ def recorded_decisions() -> list[dict]:
 
 def summarize_storage(decisions: list[dict]) -> dict:
     """The report's view of a build's weight-storage decisions."""
-    return {"layers": [{k: d[k] for k in ("layer", "weights", "storage", "reason")} for d in decisions],
+    return {"layers": [{k: d[k] for k in ("layer", "weights", "kernel", "storage", "reason")} for d in decisions],
             "int16_layers": sum(d["storage"] == "int16" for d in decisions),
             "int8_layers": sum(d["storage"] == "int8" for d in decisions)}
 
@@ -259,7 +260,7 @@ def _record(kernels, w: np.ndarray, packed: np.ndarray, k: DotKernel, layer: str
         return
     policy, decisions = active
     decisions.append({"layer": layer, "key": layer_key(w), "packed_key": layer_key(packed), "weights": int(w.size),
-                      "macs": int(macs), "storage": k.weight_dtype,
+                      "macs": int(macs), "kernel": k.intrin, "storage": k.weight_dtype,
                       "reason": _storage_reason(kernels, w, k, policy),
                       "wide_extra_bytes": int(packed.nbytes // 2) if _wide(k) else 0})
 
@@ -270,10 +271,12 @@ def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels:
     least (e.g. a 3-channel stem conv); None when even that would double the reduction. `window` > 1
     (a conv's kernel width, dilation 1) lets a kernel reduce over the window's `window`·`channels`
     contiguous values instead of over channels (`reduction`). Multi-pixel kernels (`DotKernel.pixels`) need a
-    layer with at least that many `pixels` along the row they tile (an odd count computes one padding pixel)."""
+    layer with at least that many `pixels` along the row they tile (an odd count computes one padding pixel).
+    `weights` is HWIO or [K, N]: each output reduces ``weights.size / N`` values (`DotKernel.min_reduction`)."""
     policy = active_storage()
+    per_output = weights.size // max(1, weights.shape[-1])
     fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)
-           and k.pixels <= pixels]
+           and k.pixels <= pixels and per_output >= k.min_reduction]
     best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
     if best is None or reduction(best, channels, window)[0] >= 2 * window * channels:
         return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs

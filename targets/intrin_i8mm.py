@@ -13,8 +13,9 @@ reduced channels: the two pixels' 16-byte activation rows (any row stride) are l
     C[p, i] += Σ_k int32(A[p, k]) · int32(B[k / 8, i, k % 8])        p < 2, i < 2, k < 16
 
 Importing the module registers it for `Feature.I8MM` targets ahead of the indexed-``sdot`` kernel;
-`int8.choose` takes it where its reduction pads no more and a layer has more than one pixel (a batch-1
-dense keeps ``sdot``: a 2-pixel tile would compute a zero row).
+`int8.choose` takes it where its reduction pads no more, a layer has more than one pixel per row (a
+batch-1 dense keeps ``sdot``: a 2-pixel tile would compute a zero row) and each output reduces at least
+`MIN_REDUCTION` values.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ LANES, DEPTH, CHUNK, PIXELS = 2, 16, 8, 2  # output channels, reduced channels p
 # 8 → 12.92M instructions, 16 (4 pairs × 4 channel pairs: 16 accumulators, 8 weight and 4–8 activation
 # q registers) 11.79M, 24 the same
 ACCUMULATORS = 16
+# its epilogue reads the 2×2 blocks back per output (≈ 3× sdot's per output), which a short reduction does not
+# repay: on MobileNetV2 64×64 (arm-a76) 1×1 convs reducing 16–96 channels measured 0.97–1.98× sdot's
+# instructions, 144 and more 0.61–0.92×; ResNet-18's 3×3 convs (≥ 576) 0.72× overall
+MIN_REDUCTION = 128
 NAME = f"smmla_{PIXELS}x{LANES}x{DEPTH}_i8i8s32"
 
 
@@ -63,4 +68,4 @@ if s_tir.TensorIntrin.get(NAME, allow_missing=True) is None:
     s_tir.TensorIntrin.register(NAME, *_functions())
 
 KERNEL = register_dot_kernel(DotKernel(Feature.I8MM, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK,
-                                       pixels=PIXELS), before="sdot_4x16_i8i8s32")
+                                       pixels=PIXELS, min_reduction=MIN_REDUCTION), before="sdot_4x16_i8i8s32")

@@ -21,22 +21,22 @@ SHAPE = (1, 16, 7, 9)  # 9 columns: 3×3 convs have 9 output pixels per row, 4 p
 
 
 class _Net(nn.Module):
-    """3×3 conv 16→32 (padding 1, odd width), 1×1 conv 32→34 (odd pixel count 7·9, channel pairs with a
-    padded last lane of 34 = 17 pairs), 3×3 stride-2 conv 34→30 (34 channels pad to 48; 4×5 outputs),
-    a per-pixel dense 30→18 over 3 rows (odd rows), and a batch-1 linear (one row: sdot)."""
+    """3×3 conv 16→143 (padding 1, odd width; 143 outputs: 72 channel pairs, the last padded), 1×1 conv
+    143→48 (odd pixel count 7·9; 143 channels pad to 144), 3×3 stride-2 conv 48→32 (4×5 outputs: a tail
+    pixel per row), a dense 160→17 over 3 rows (odd rows and outputs), and a batch-1 linear (one row: sdot)."""
 
     def __init__(self):
         super().__init__()
-        self.c1, self.c2 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 34, 1)
-        self.c3 = nn.Conv2d(34, 30, 3, stride=2, padding=1)
-        self.rows, self.fc = nn.Linear(30, 18), nn.Linear(18 * 20, 10)
+        self.c1, self.c2 = nn.Conv2d(16, 143, 3, padding=1), nn.Conv2d(143, 48, 1)
+        self.c3 = nn.Conv2d(48, 32, 3, stride=2, padding=1)
+        self.rows, self.fc = nn.Linear(160, 17), nn.Linear(4 * 17, 10)
         with torch.no_grad():  # equal magnitudes: every quantized c1 weight is ±127 (or −128)
             self.c1.weight.copy_(0.05 * torch.sign(torch.randn_like(self.c1.weight)))
 
     def forward(self, x):
         y = torch.relu(self.c2(torch.relu(self.c1(x))))
-        y = torch.relu(self.c3(y))  # [1, 30, 4, 5]
-        y = torch.relu(self.rows(y.permute(0, 2, 3, 1).reshape(4, 5, 30)[1:]))  # 3 × 5 rows of a dense
+        y = torch.relu(self.c3(y))  # [1, 32, 4, 5]
+        y = torch.relu(self.rows(y.permute(0, 2, 3, 1).reshape(4, 160)[1:]))  # 3 rows of a dense
         return self.fc(torch.cat([y, y[:1]]).flatten().unsqueeze(0))
 
 
@@ -87,6 +87,10 @@ def test_chosen_on_i8mm_for_several_pixels_only():
     assert int8.choose(kernels, w, 64, 3, pixels=1) is intrin_dotprod.KERNEL  # a pair would be half padding
     assert int8.choose(kernels, w[:, :, :8], 8, 3, pixels=9).intrin == "dot_4x4_i8i8s32_sdot"  # 16 would pad 2×
     assert int8.choose(kernels, w[:, :, :3], 3, 3, pixels=32).intrin == "dot_4x4_i8i8s32_sdot"  # RGB stem: flat rows
+    w1 = np.ones((1, 1, 96, 8), np.int8)  # a 1×1 conv reducing 96 values: smmla's epilogue costs more than it saves
+    assert int8.choose(kernels, w1, 96, pixels=9) is intrin_dotprod.KERNEL
+    assert int8.choose(kernels, np.ones((1, 1, 128, 8), np.int8), 128, pixels=9) is intrin_i8mm.KERNEL
+    assert int8.choose(kernels, w1[0, 0], 96, pixels=2) is intrin_dotprod.KERNEL  # dense [K, N] likewise
 
 
 def _disassembly(cm) -> str:
@@ -108,11 +112,14 @@ def test_quantized_model_is_bit_exact_with_smmla_on_a76_only():
     for target in ("arm-a76", "arm-a55"):
         cm = graphopt.compile(q, (x,), target, progress=False, count_instructions=False)
         assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) == 5
+        kernels = [r["kernel"] for r in cm.report.lowering["weight_storage"]["layers"]]
+        smmla = [kn == intrin_i8mm.NAME for kn in kernels]
+        assert smmla == ([True] * 4 + [False] if target == "arm-a76" else [False] * 5), kernels
         for inp in _inputs():
             got, want = cm(inp), ig(inp)
             assert torch.equal(got, want), f"{target}: max difference {(got.float() - want.float()).abs().max()}"
         asm[target] = _disassembly(cm)
-    # 3 convs and the 3-row dense take smmla (2 per 16 channels); the batch-1 linear (360 inputs) keeps sdot
+    # 3 convs and the 3-row dense take smmla (2 per 16 channels); the batch-1 linear keeps sdot
     assert len(re.findall(r"\bsmmla\s+v\d+\.4s, v\d+\.16b, v\d+\.16b", asm["arm-a76"])) >= 8
     assert re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.", asm["arm-a76"])
     assert "smmla" not in asm["arm-a55"]
