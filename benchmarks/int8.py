@@ -11,9 +11,11 @@ figures are honest only relative to each other.
 
 aarch64 (``--arm-size``, default 64, emulated): instructions per inference under qemu-aarch64 (a
 PROXY, not a speed) of the same ResNet-18 fp32 vs int8 on arm-a53 (NEON), arm-a55 (dotprod) and
-arm-a76 (i8mm); requirement int8/fp32 <= 0.35. The zoo models of ``--arm-models`` (default
-mobilenet_blocks: MobileNetV2-style inverted residuals, depthwise 3x3, a grouped conv) the same way; issue 16
-requires mobilenet_blocks int8/fp32 <= 0.45 on arm-a55 and <= 0.75 on arm-a53.
+arm-a76 (i8mm); requirement int8/fp32 <= 0.35. On i8mm targets also int8 with the target's i8mm
+feature removed (its ``sdot`` kernel path); requirement int8 (smmla) / int8 (sdot) <= 0.85. The zoo
+models of ``--arm-models`` (default mobilenet_blocks: MobileNetV2-style inverted residuals, depthwise
+3x3, a grouped conv) the same way; issue 16 requires mobilenet_blocks int8/fp32 <= 0.45 on arm-a55
+and <= 0.75 on arm-a53.
 
 Cortex-M4 (zoo models, bare metal under qemu-system-arm): per model fp32, int8 (default,
 optimize_for="balanced") and int8 with optimize_for="size": instructions per inference, flash (kernels +
@@ -32,12 +34,13 @@ int8 / fp32 (``--arm-size``, ``--real-arm-targets``). Figures only, no requireme
 
 Each section reports its own failure (e.g. a missing tool) and the others still run.
 
-Usage: python benchmarks/int8.py [--size 224] [--runs 30] [--arm-size 64] [--no-arm] [--no-m4]
+Usage: python benchmarks/int8.py [--size 224] [--runs 30] [--arm-size 64] [--no-arm] [--arm-targets arm-a76] [--no-m4]
                                  [--m4-models plain_cnn,residual_cnn,mobilenet_blocks] [--real-code] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -57,11 +60,13 @@ from host_latency import _interleaved_ms, _randomize_bn
 
 import graphopt
 from graphopt import torchvision_style
+from graphopt.targets import Feature
 from graphopt.zoo import ZOO, ResNet18
 
 ARM_TARGETS = ("arm-a53", "arm-a55", "arm-a76")
 ARM_ZOO_RATIO = {"mobilenet_blocks": {"arm-a53": 0.75, "arm-a55": 0.45}}  # issue 16
 HOST_SPEEDUP, ARM_RATIO, M4_INSTR_RATIO, M4_ARENA_RATIO = 2.5, 0.35, 0.5, 0.3
+I8MM_VS_SDOT = 0.85  # int8 instructions with smmla / with the same target's sdot kernels
 # CMSIS-NN on cortex-m4 (issue 16; flash = kernels + weights + glue, RAM = arena + scratch); instructions
 # from the measured ratios to graphopt's default build of that day (plain_cnn 1,798,783 / 0.51,
 # residual_cnn 19,049,525 / 0.64)
@@ -263,7 +268,7 @@ def real_code(args, results: dict) -> None:
 
 # --------------------------------------------------------------------------- emulated targets
 
-def _instructions(model, inputs: tuple, target: str, **options) -> tuple[int | None, dict]:
+def _instructions(model, inputs: tuple, target: str | graphopt.TargetSpec, **options) -> tuple[int | None, dict]:
     cm = graphopt.compile(model, inputs, target, progress=False, count_instructions=True, **options)
     rep = cm.report
     if rep.instructions_per_inference is None:
@@ -279,7 +284,7 @@ def arm(args, results: dict) -> None:
     r = results["arm"] = {"size": args.arm_size}
     print(f"\naarch64: ResNet-18 {args.arm_size}x{args.arm_size}, instructions per inference under qemu-aarch64 "
           "(PROXY, not time)", flush=True)
-    for target in ARM_TARGETS:
+    for target in args.arm_targets.split(","):
         try:
             spec = graphopt.get_target(target)
             fp32, _ = _instructions(model, (x,), target)
@@ -293,6 +298,23 @@ def arm(args, results: dict) -> None:
         r[target] = {"qemu_cpu": spec.qemu_cpu, "fp32": fp32, "int8": int8, "ratio": ratio}
         print(f"  {target} (-cpu {spec.qemu_cpu}): fp32 {fp32 or 0:,}  int8 {int8 or 0:,}", flush=True)
         _check(results, f"{target}: instructions int8 / fp32", ratio, "<=", ARM_RATIO)
+        if spec.has(Feature.I8MM):
+            _i8mm_vs_sdot(results, r[target], spec, q, x, int8)
+
+
+def _i8mm_vs_sdot(results: dict, row: dict, spec, q, x, int8: int | None) -> None:
+    """int8 on `spec` against the same target without i8mm (same CPU and LLVM target: the sdot kernels)."""
+    sdot_spec = dataclasses.replace(spec, name=f"{spec.name}-sdot", features=spec.features - {Feature.I8MM})
+    try:
+        sdot, _ = _instructions(q, (x,), sdot_spec)
+    except Exception as exc:  # noqa: BLE001
+        row["int8_sdot_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"  {spec.name} without i8mm: FAILED {row['int8_sdot_error']}", flush=True)
+        sdot = None
+    row["int8_sdot"] = sdot
+    row["i8mm_vs_sdot"] = int8 / sdot if int8 and sdot else None
+    print(f"  {spec.name} int8 without i8mm (sdot kernels): {sdot or 0:,}", flush=True)
+    _check(results, f"{spec.name}: instructions int8 smmla / sdot", row["i8mm_vs_sdot"], "<=", I8MM_VS_SDOT)
 
 
 def arm_zoo(args, results: dict) -> None:
@@ -393,6 +415,7 @@ def main() -> None:
     p.add_argument("--arm", action=argparse.BooleanOptionalAction, default=True, help="aarch64 instruction counts")
     p.add_argument("--arm-models", default="mobilenet_blocks",
                    help=f"zoo models measured on aarch64, fp32 vs int8 (from {', '.join(ZOO)}; empty: none)")
+    p.add_argument("--arm-targets", default=",".join(ARM_TARGETS), help="aarch64 targets of the ResNet-18 counts")
     p.add_argument("--m4", action=argparse.BooleanOptionalAction, default=True,
                    help="Cortex-M4 instructions, flash and RAM (fp32, int8, int8 size) vs CMSIS-NN")
     p.add_argument("--m4-models", default="plain_cnn,residual_cnn,mobilenet_blocks",

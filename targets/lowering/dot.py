@@ -34,6 +34,8 @@ class DotKernel:
     max_weights: int | None = None  # larger layers take another kernel (e.g. int16 weights' flash)
     chunk: int = 0  # >0: weight tiles [depth/chunk, lanes, chunk] (e.g. indexed sdot), not [lanes, depth]
     even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
+    pixels: int = 1  # 2: a matrix-multiply kernel over 2 pixels × 2 lanes, accumulating 2×2 blocks (`mmla_desc`)
+    min_reduction: int = 0  # layers reducing fewer values per output (KH·KW·C) take another kernel
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -46,6 +48,9 @@ class DotKernel:
             raise ValueError("DotKernel.chunk must be 0 or divide depth")
         if self.even_odd and (self.chunk or self.depth % 2):
             raise ValueError("DotKernel.even_odd needs an even depth and no chunk")
+        if self.pixels not in (1, 2) or (self.pixels == 2 and (self.lanes != 2 or self.even_odd
+                                                               or self.data_dtype != "int8")):
+            raise ValueError("DotKernel.pixels must be 1, or 2 with 2 lanes, int8 data and no even_odd")
 
     def tile_layout(self, w: np.ndarray) -> np.ndarray:
         """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or
@@ -91,5 +96,31 @@ def dot_desc(lanes: int, depth: int, weight_dtype: str = "int8", chunk: int = 0,
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[at(vi, vk)], "int32")
+
+    return desc
+
+
+def mmla_desc(depth: int, chunk: int = 0):
+    """The TensorIntrin description of a 2-pixel matrix-multiply kernel (`DotKernel.pixels` = 2, one
+    channel pair per call): A holds two pixels' `depth` channels (any row stride), B is a packed 2-lane
+    tile as in `dot_desc`, and C is the instruction's 2×2 (pixel, channel) block, ``C[p, i] += Σ_k
+    A[p, k]·B[i, k]``."""
+    from tvm.script import tirx as T
+
+    shape, at = tile(2, depth, chunk)
+    whole = tuple(slice(0, d) for d in shape)
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, depth), "int8", offset_factor=1)
+        B = T.match_buffer(b, shape, "int8", offset_factor=1)
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:depth], B[whole])
+            T.writes(C[0:2, 0:2])
+            for p, i, k in T.grid(2, 2, depth):
+                with T.sblock("update"):
+                    vp, vi, vk = T.axis.remap("SSR", [p, i, k])
+                    C[vp, vi] = C[vp, vi] + T.cast(A[vp, vk], "int32") * T.cast(B[at(vi, vk)], "int32")
 
     return desc

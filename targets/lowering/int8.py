@@ -4,6 +4,10 @@ A `graphopt.targets.lowering.dot.DotKernel` names a registered TVM tensor intrin
 ``vpdpbusd`` (16×4, unsigned activations), aarch64 ``sdot``, NEON widening multiply-accumulate,
 Cortex-M ``SMLAD`` — and the target feature that enables it; `graphopt.targets.lowering.kernels`
 lists them and picks those the target has (data, never target names); `choose` takes one per layer.
+A kernel with ``pixels=2`` (aarch64 i8mm ``smmla``) computes a 2-pixel × 2-channel block,
+``C[p, i] += Σ_k A[p, k] · B[i, k]`` (`dot.mmla_desc`): its conv/dense computes accumulate in such
+blocks along the output's last pixel axis (an odd count computes one padding pixel) and `_finish`
+reads them back in the output's layout; layers with one pixel per row take a 1-pixel kernel.
 
 `legalize_conv2d` / `legalize_matmul` replace LegalizeOps for int8 × int8 → int32 ``conv2d``
 (NHWC/HWIO, any stride/dilation, not grouped) and ``matmul`` against a constant weight: the weight
@@ -55,7 +59,7 @@ _STORAGE: contextvars.ContextVar = contextvars.ContextVar("graphopt_weight_stora
 @contextlib.contextmanager
 def weight_storage(policy: WeightStorage):
     """Within, `choose` follows `policy`; yields the list the legalizations append their decisions to
-    (``{"layer", "key", "packed_key", "weights", "macs", "storage", "reason", "wide_extra_bytes"}``)."""
+    (``{"layer", "key", "packed_key", "weights", "macs", "kernel", "storage", "reason", "wide_extra_bytes"}``)."""
     decisions: list[dict] = []
     token = _STORAGE.set((policy, decisions))
     try:
@@ -72,7 +76,7 @@ def recorded_decisions() -> list[dict]:
 
 def summarize_storage(decisions: list[dict]) -> dict:
     """The report's view of a build's weight-storage decisions."""
-    return {"layers": [{k: d[k] for k in ("layer", "weights", "storage", "reason")} for d in decisions],
+    return {"layers": [{k: d[k] for k in ("layer", "weights", "kernel", "storage", "reason")} for d in decisions],
             "int16_layers": sum(d["storage"] == "int16" for d in decisions),
             "int8_layers": sum(d["storage"] == "int8" for d in decisions)}
 
@@ -125,19 +129,23 @@ def _record(kernels, w: np.ndarray, packed: np.ndarray, k: DotKernel, layer: str
         return
     policy, decisions = active
     decisions.append({"layer": layer, "key": layer_key(w), "packed_key": layer_key(packed), "weights": int(w.size),
-                      "macs": int(macs), "storage": k.weight_dtype,
+                      "macs": int(macs), "kernel": k.intrin, "storage": k.weight_dtype,
                       "reason": _storage_reason(kernels, w, k, policy),
                       "wide_extra_bytes": int(packed.nbytes // 2) if _wide(k) else 0})
 
 
-def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotKernel | None:
+def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels: int = 1) -> DotKernel | None:
     """The kernel for one layer: among those whose weight range fits and whose weight storage the
     active `WeightStorage` allows, the first whose reduction needs no padding, else the one padding
     least (e.g. a 3-channel stem conv); None when even that would double the reduction. `window` > 1
     (a conv's kernel width, dilation 1) lets a kernel reduce over the window's `window`·`channels`
-    contiguous values instead of over channels (`reduction`)."""
+    contiguous values instead of over channels (`reduction`). Multi-pixel kernels (`DotKernel.pixels`) need a
+    layer with at least that many `pixels` along the row they tile (an odd count computes one padding pixel).
+    `weights` is HWIO or [K, N]: each output reduces ``weights.size / N`` values (`DotKernel.min_reduction`)."""
     policy = active_storage()
-    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)]
+    per_output = weights.size // max(1, weights.shape[-1])
+    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)
+           and k.pixels <= pixels and per_output >= k.min_reduction]
     best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
     if best is None or reduction(best, channels, window)[0] >= 2 * window * channels:
         return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs
@@ -147,9 +155,10 @@ def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotK
 def reduction(k: DotKernel, channels: int, window: int = 1) -> tuple[int, bool]:
     """(reduced values per kernel row, flattened): `window` × channels padded to whole `depth` groups,
     or — when fewer — the row's window·channels values (contiguous in NHWC) padded once (flattened;
-    e.g. a 1-channel 3×3 conv reduces 4 values per row instead of 12)."""
+    e.g. a 1-channel 3×3 conv reduces 4 values per row instead of 12). Multi-pixel kernels reduce by channel:
+    their two pixels' rows must not overlap."""
     by_channel, flat = window * _ceil(channels, k.depth), _ceil(window * channels, k.depth)
-    return (flat, True) if flat < by_channel else (by_channel, False)
+    return (flat, True) if flat < by_channel and k.pixels == 1 else (by_channel, False)
 
 
 def _ceil(n: int, m: int) -> int:
@@ -215,15 +224,18 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     # rows of 1-channel convs stay on the generic kernel: cortex-m4's plain_cnn stem measured 530k
     # instructions reducing 4-value rows (one zero tap) against 385k generic
     window = kw if dilation[1] == 1 and c > 1 else 1
-    k = choose(kernels, w, c, window)
+    out_shape = [int(d) for d in call.ty.shape]
+    k = choose(kernels, w, c, window, pixels=out_shape[2])
     if k is None:
         return None
     flat = reduction(k, c, window)[1]
     packed = _pack_conv_weight(w.reshape(kh, 1, kw * c, f) if flat else w, k)
-    out_pixels = int(np.prod([int(d) for d in call.ty.shape][:-1]))
-    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f}", out_pixels * kh * kw * c * f)
+    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f}", int(np.prod(out_shape[:-1])) * kh * kw * c * f)
     correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
         if k.data_dtype == "uint8" else None
+    if k.pixels > 1:
+        return _emit(bb, _paired_conv(k, packed, f, padding, strides, dilation), data, packed, correction,
+                     "conv2d_int8")
 
     def compute(x, wp, *corr):
         pt, pl, pb, pr = padding
@@ -262,6 +274,38 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         return _finish(acc, f, corr)
 
     return _emit(bb, compute, data, packed, correction, "conv2d_int8")
+
+
+def _paired_conv(k: DotKernel, packed: np.ndarray, channels: int, padding, strides, dilation):
+    """The conv compute of a 2-pixel kernel: the padded input viewed as ``[n, h, sw, w/sw, c]`` (output
+    pixels 2j and 2j+1 then read rows one step apart in the fourth axis, for any stride), accumulated in
+    the kernel's 2×2 blocks ``[n, oh, ⌈ow/2⌉, F/2, 2, 2]``; an odd width computes one padding
+    pixel per row, dropped with the padding channels by `_finish`."""
+    _, kh, kw, cg = packed.shape[:4]
+    (sh, sw), (dh, dw) = strides, dilation
+
+    def compute(x, wp, *corr):
+        pt, pl, pb, pr = padding
+        n, h, wd, c = (int(d) for d in x.shape)
+        h, wd = h + pt + pb, wd + pl + pr
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+        pairs = -(-ow // 2)
+        width = _ceil(max(wd, (2 * pairs - 1) * sw + (kw - 1) * dw + 1), sw)
+        x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr + width - wd, cg * k.depth - c], name="pad_temp")
+        src = x
+        xv = te.compute((n, h, sw, width // sw, cg * k.depth), lambda b, y, s, u, ch: src[b, y, u * sw + s, ch],
+                        name="pixel_pairs")
+        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+        r = te.reduce_axis((0, cg * k.depth), "r")
+        acc = te.compute(
+            (n, oh, pairs, packed.shape[0], 2, 2),
+            lambda b, y, xo, ft, p, i: te.sum(
+                xv[b, y * sh + ry * dh, rx * dw % sw, xo * 2 + p + rx * dw // sw, r].astype("int32")
+                * k.weight(wp, (ft, ry, rx, r // k.depth), i, r).astype("int32"), axis=[ry, rx, r]),
+            name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
+        return _finish(acc, channels, corr, k, (n, oh, ow), lambda b, y, xx: ((b, y), xx))
+
+    return compute
 
 
 def _legalize_window_sum(bb: relax.BlockBuilder, call: relax.Call):
@@ -378,15 +422,32 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         return None
     w = weight.value.numpy()
     n = w.shape[1]
-    k = choose(kernels, w, w.shape[0])
+    rows = int(np.prod([int(d) for d in a.ty.shape][:-1]))
+    k = choose(kernels, w, w.shape[0], pixels=rows)
     if k is None:
         return None
     packed = _pack_dense_weight(w, k)
-    rows = int(np.prod([int(d) for d in a.ty.shape][:-1]))
     _record(kernels, w, packed, k, f"dense {w.shape[0]}->{n}", rows * w.size)
     correction = (128 * w.astype(np.int64).sum(axis=0)).astype(np.int32) if k.data_dtype == "uint8" else None
 
+    def paired(x, wp, *corr):  # rows in pairs: [⌈rows/2⌉, N/2, 2, 2] blocks (`_paired_conv`)
+        depth = packed.shape[1] * k.depth
+        xv = topi.nn.pad(topi.reshape(x, (rows, w.shape[0])), [0, 0], [rows % 2, depth - w.shape[0]],
+                         name="pixel_pairs")
+        r = te.reduce_axis((0, depth), "k")
+        acc = te.compute((-(-rows // 2), packed.shape[0], 2, 2),
+                         lambda j, ft, p, i: te.sum(
+                             xv[j * 2 + p, r].astype("int32")
+                             * k.weight(wp, (ft, r // k.depth), i, r).astype("int32"), axis=r),
+                         name="dense_int8_dot", attrs={DOT_ATTR: k.intrin})
+        lead = [int(d) for d in x.shape[:-1]]
+        strides = [int(np.prod(lead[i + 1:])) for i in range(len(lead))]
+        return _finish(acc, n, corr, k, tuple(lead),
+                       lambda *i: ((), sum(v * s for v, s in zip(i, strides, strict=True))))
+
     def compute(x, wp, *corr):
+        if k.pixels > 1:
+            return paired(x, wp, *corr)
         xd = _prepare_data(x, packed.shape[1] * k.depth, k)
         r = te.reduce_axis((0, packed.shape[1] * k.depth), "k")
         acc = te.compute(
@@ -400,8 +461,17 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     return _emit(bb, compute, a, packed, correction, "dense_int8")
 
 
-def _finish(acc, channels: int, corr):
-    """Subtract the unsigned-activation correction and drop the padding channels, if any."""
+def _finish(acc, channels: int, corr, k: DotKernel | None = None, pixels: tuple = (), pair_at=None):
+    """Subtract the unsigned-activation correction and drop the padding channels, if any. A 2-pixel
+    kernel's blocks (`dot.mmla_desc`) are read back as ``[*pixels, channels]``; `pair_at(pixel indices)`
+    gives (the block's leading indices, the pixel's index along the paired axis)."""
+    if k is not None and k.pixels > 1:
+        def block(*i):
+            lead, j = pair_at(*i[:-1])
+            ff = i[-1]
+            return acc[(*lead, j // 2, ff // 2, j % 2, ff % 2)]
+
+        return te.compute((*pixels, channels), block, name="dot_epilogue")
     if not corr and int(acc.shape[-1]) == channels:
         return acc
     shape = [*acc.shape[:-1], channels]

@@ -1,7 +1,7 @@
 """The dot-kernel registry: which tensorized int8 kernels a target's layers may use, preferred first.
 
 `builtin_kernels` lists graphopt's kernels explicitly, one line each (TVM's own x86 VNNI, aarch64
-sdot and NEON 4×4 intrinsics, and graphopt's in `intrin_dotprod`, `intrin_neon`,
+sdot and NEON 4×4 intrinsics, and graphopt's in `intrin_i8mm`, `intrin_dotprod`, `intrin_neon`,
 `intrin_cortex_m`); `register_dot_kernel` adds a user's. `dot_kernels(spec)` filters by the
 target's features (data, never target names); earlier kernels win where several fit a layer.
 
@@ -59,10 +59,11 @@ def prepare_tvm() -> None:
 def builtin_kernels() -> list[DotKernel]:
     """graphopt's dot kernels, preferred first (registers their TVM intrinsics on first call)."""
     prepare_tvm()
-    from graphopt.targets.lowering import intrin_cortex_m, intrin_dotprod, intrin_neon
+    from graphopt.targets.lowering import intrin_cortex_m, intrin_dotprod, intrin_i8mm, intrin_neon
 
     return [
         DotKernel(Feature.AVX512_VNNI, "dot_16x4_vnni", 16, 4, "uint8", 16),  # TVM's (fixed by prepare_tvm)
+        intrin_i8mm.KERNEL,  # smmla 2 pixels × 2 channels, where a layer has 2 pixels per row and reduces ≥ 128
         intrin_dotprod.KERNEL,  # indexed sdot 4×16, ahead of TVM's 4×4 sdot
         DotKernel(Feature.DOTPROD, "dot_4x4_i8i8s32_sdot", 4, 4, "int8", 24),
         *intrin_neon.KERNELS,  # NEON 4×64/4×32/4×16, ahead of TVM's 4×4 NEON (aarch64 intrinsics)

@@ -327,7 +327,8 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
 _STACK_BYTES = 1024
 
 
-def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int) -> None:
+def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int,
+                   tile_shape: list | None = None) -> None:
     """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
     consumer, or not reading the accumulator at all (e.g. the other operand's rescale in a fused
     residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
@@ -335,10 +336,10 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
     expressions at every use, which grows chained requantizations multiplicatively (and once made
     LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose,
     or a pad, whose output is larger) runs as its own loop nest; with no epilogue, the accumulator is
-    written back per tile."""
+    written back per tile. `tile_shape`: the output shape the tile covers (default: the accumulator's)."""
     placed = []
     on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
-    tile_shape = [_int(d) for d in sch.get(main).writes[0].source.shape]
+    tile_shape = tile_shape or [_int(d) for d in sch.get(main).writes[0].source.shape]
     for block in consumers:
         name = sch.get(block).name_hint
         if {sch.get(p).name_hint for p in sch.get_producers(block)} & on_main:
@@ -513,6 +514,8 @@ class TensorizedDot(dlight.ScheduleRule):
         parallel(outer pixels [, channel tiles]) · channel tiles · KH · KW · C/depth
             · unrolled(pixels × channel vectors) · intrinsic(lanes × depth)
 
+    (a 2-pixel kernel's tile counts pixel pairs, its intrinsic covers a 2 × 2 block, `int8.mmla_desc`).
+
     The accumulator tile (≤ `DotKernel.accumulators` vectors, ≤ 1 KiB so it stays on the stack and
     in registers) is initialised, accumulated over the whole reduction, then the epilogue
     (correction, bias, requantize, activation) is applied to it and written once."""
@@ -536,14 +539,20 @@ class TensorizedDot(dlight.ScheduleRule):
         kinds = infos[idx].dom_kind()
         n_s = len(kinds) - len(kinds.lstrip("S"))
         spatial, reduce = loops[:n_s], loops[n_s:]
-        f_o, f_i = sch.split(spatial[-1], [None, k.lanes])
+        if k.pixels == 1:
+            f_o, f_i = sch.split(spatial[-1], [None, k.lanes])
+            calls, rows = [f_i], spatial[:-1]  # e.g. (n, y, x): the tile spans `px` pixels of the innermost one
+        else:  # (…, pixel pairs, channel pairs, 2 pixels, 2 channels): `int8.mmla_desc`'s blocks
+            dims = _loops_by_dim(sch, main, loops)  # normalization dropped the loops of unit extent
+            calls, rows = dims[-2:], [lp for lp in dims[:-3] if lp is not None]
+            f_o = dims[-3] if dims[-3] is not None else sch.add_unit_loop(calls[0])
         r_o, r_i = sch.split(reduce[-1], [None, k.depth])
-        rows = spatial[:-1]  # e.g. (n, y, x): the tile spans `px` pixels of the innermost one
         width = _loop_extent(sch, rows[-1]) if rows else 1
-        vector_bytes = 4 * self.lanes  # loads per call: activations (depth int8), weights (lanes × depth)
-        loads = (-(-k.depth // vector_bytes), -(-k.lanes * k.depth * np.dtype(k.weight_dtype).itemsize // vector_bytes))
-        px, unroll = _register_tile(width, _loop_extent(sch, f_o), min(k.accumulators, _STACK_BYTES // (4 * k.lanes)),
-                                    loads)
+        vector_bytes = 4 * self.lanes  # loads per call: activations (pixels × depth int8), weights (lanes × depth)
+        loads = (k.pixels * -(-k.depth // vector_bytes),
+                 -(-k.lanes * k.depth * np.dtype(k.weight_dtype).itemsize // vector_bytes))
+        px, unroll = _register_tile(width, _loop_extent(sch, f_o),
+                                    min(k.accumulators, _STACK_BYTES // (4 * k.lanes * k.pixels)), loads)
         f_oo, f_u = sch.split(f_o, [None, unroll])
         if rows:
             p_o, p_i = sch.split(rows[-1], [None, px])
@@ -553,22 +562,24 @@ class TensorizedDot(dlight.ScheduleRule):
         # loop order re-reading less: pixel tiles outermost re-stream the weights once per pixel tile,
         # channel tiles outermost re-stream the input once per channel tile (e.g. 7×7×512 layers)
         pixel_tiles = int(np.prod([_loop_extent(sch, lp) for lp in outer])) if outer else 1
-        pixels = pixel_tiles * px
+        pixels = pixel_tiles * px * k.pixels
         channels, channel_tiles = _loop_extent(sch, f_oo) * unroll * k.lanes, _loop_extent(sch, f_oo)
         pixel_outer = pixel_tiles >= self.cores and pixel_tiles * channels <= channel_tiles * pixels
         tiles = outer + [f_oo] if pixel_outer else [f_oo] + outer
-        sch.reorder(*tiles, *reduce[:-1], r_o, *tile, f_i, r_i)
+        sch.reorder(*tiles, *reduce[:-1], r_o, *tile, *calls, r_i)
         tile_loop = tiles[-1]
         if len(tiles) > 1:
             sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
 
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes)
+        # a 2-pixel kernel's blocks are read back in the output's shape (its `int8._finish`)
+        shape = [_int(d) for d in sch.get(consumers[0].block_rv).writes[0].source.shape] if k.pixels > 1 else None
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape)
 
         init = sch.decompose_reduction(main, (reduce[:-1] + [r_o])[0])
         sch.vectorize(sch.get_loops(init)[-1])
         for lp in tile:
             sch.unroll(lp)
-        sch.tensorize(f_i, k.intrin)
+        sch.tensorize(calls[0], k.intrin)
 
         # prologue: padding / channel padding / +128 inlined into one materialised input copy
         for b in producers[:-1]:
@@ -576,6 +587,13 @@ class TensorizedDot(dlight.ScheduleRule):
         if producers:
             schedule_spatial(sch, producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
         return sch
+
+
+def _loops_by_dim(sch: s_tir.Schedule, block, loops: list) -> list:
+    """Per axis of the buffer `block` writes, the loop its index iterates (None for a constant index)."""
+    iters = [iv.var for iv in sch.get(block).iter_vars]
+    return [next((loops[j] for j, v in enumerate(iters) if v.same_as(r.min)), None)
+            for r in sch.get(block).writes[0].region]
 
 
 def _register_tile(pixels: int, vectors: int, budget: int, loads: tuple[int, int]) -> tuple[int, int]:
