@@ -7,7 +7,7 @@
     ig = graphopt.to_integer(qm, (x,))                   # the folded integer fx graph (graphopt.qops)
 
 The scheme says *what* is quantized (bits, granularity, observers, per-layer overrides; the first
-and last conv/linear stay 8-bit by default); the graph work is generic. The model is captured
+and last conv/linear, and the graph inputs, stay 8-bit by default); the graph work is generic. The model is captured
 (`graphopt.capture`) in eval mode, batch norm is folded, and a `FakeQuantize` module is inserted
 on every conv/linear weight (per output channel, symmetric) and on every float activation:
 graph inputs and op outputs, one shared module across views and max pooling, and after — not
@@ -90,6 +90,9 @@ class _FrozenDict(dict):
         raise TypeError("QuantScheme.overrides is read-only; build a new QuantScheme")
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):  # copy/pickle rebuild from a plain dict (the default refills item by item)
+        return type(self), (dict(self),)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,10 @@ class FakeQuantize(nn.Module):
                 self.lo, self.hi = self._weight_range(flat.detach().float())
             return
         x = x.detach().float()
-        lo, hi, mean_abs = x.min().reshape(1), x.max().reshape(1), x.abs().mean().reshape(1)
+        lo, hi = (v.reshape(1) for v in torch.aminmax(x))
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # NaN and ±inf reach the extremes
+            _check_finite(x, self.what or "a quantized tensor")
+        mean_abs = x.abs().mean().reshape(1)
         c = self.averaging_constant
         if self.lo.numel() == 0:
             self.lo, self.hi, self.abs_mean = lo, hi, mean_abs
@@ -287,7 +293,8 @@ class FakeQuantize(nn.Module):
 
     # ---- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_finite(x, self.what or "a quantized tensor")
+        if self.weight or not self.observing:  # an observed activation is checked on its extremes
+            _check_finite(x, self.what or "a quantized tensor")
         if self.observing:
             self._observe(x)
         if not self.fake_quant:
@@ -429,7 +436,7 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
             if is_op(n, *_FUSE_INTO_CLAMP) and len(users) == 1 and is_op(users[0], *CLAMPS):
                 continue  # quantized after the activation, which folds into the output range
             bits = info.layer_bits.get(n.name, LayerQuant(8, scheme.activations)).activations
-            bits = 8 if bits in (1, None) else bits
+            bits = 8 if bits in (1, None) or (n.op == "placeholder" and scheme.keep_first_last_8bit) else bits
             src = n.args[0] if is_op(n, *PASS_THROUGH) and isinstance(n.args[0], fx.Node) else None
             name = shared.get(src) if src is not None else None
             if name is None:
