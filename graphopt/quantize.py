@@ -360,6 +360,18 @@ def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     return gm
 
 
+def _own_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` copies of the tensors its capture shares with ``model`` (a conv/linear without batch
+    norm keeps the caller's parameter): training the QAT module must not write into the caller's model."""
+    theirs = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if t.numel()}
+    for mod in gm.modules():
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is not None and t.numel() and t.data_ptr() in theirs:
+                    copy_ = t.detach().clone()
+                    table[k] = nn.Parameter(copy_, t.requires_grad) if isinstance(t, nn.Parameter) else copy_
+
+
 def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -> fx.GraphModule:
     if not isinstance(scheme, QuantScheme):
         raise QuantizationError(f"scheme must be a graphopt.QuantScheme, got {type(scheme).__name__}")
@@ -385,6 +397,8 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
                                 "compile it directly")
     gm, _ = PassManager([RemoveIdentity(), FoldBatchNorm(), DeadCodeElimination()]).run(
         gm, PassContext(args, None, {Property.ATEN, Property.INFERENCE}))
+    if qat:
+        _own_tensors(gm, model)
 
     layers = _layers(gm)
     paths = {n.name: node_module(n) for n in layers}

@@ -278,3 +278,19 @@ def test_scheme_with_overrides_survives_quantize_and_copies():
     assert [n.args[2].args[1] for n in ig.graph.nodes if n.target is g.qconv2d.default
             and n.args[2].op == "call_function"] == [2]
     assert copy.deepcopy(scheme) == scheme and copy.deepcopy(scheme).overrides["c2"].weights == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, x: graphopt.prepare_qat(m, (x,), QuantScheme(weights=4)),
+    lambda m, x: graphopt.binarize(m, (x,), binary_activations=True)])
+def test_training_a_qat_module_leaves_the_callers_model_alone(make):
+    """The capture shares the parameters of layers without batch norm (here all three) with the model."""
+    torch.manual_seed(0)
+    model, x = Small().eval(), torch.randn(4, 1, 8, 8)
+    before = copy.deepcopy(model.state_dict())
+    qat = make(model, x)
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    F.cross_entropy(qat(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert graphopt.convert(qat) is not None  # and the QAT module did train
