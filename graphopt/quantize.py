@@ -543,7 +543,10 @@ def binarize(model: nn.Module, example_inputs, *, keep_first_last: bool = True, 
              calibration=None) -> fx.GraphModule:
     """XNOR-Net style QAT module: weights sign(W)·α with α = mean|W| per output channel, optional
     sign activations (then a binary layer's dot product is K − 2·popcount(a XOR w)); first/last
-    layers 8-bit when ``keep_first_last``. Train it, then `convert`."""
+    layers 8-bit when ``keep_first_last``. Train it — best distilled from ``model``
+    (``graphopt.distill(bm, model, data)``) — then `convert`. Binary activations train well in the
+    Bi-Real form: a real-valued (8-bit) shortcut around each binary conv, whose batch norm (folded
+    into α and the bias) precedes the next sign; see ``benchmarks/compression.py``."""
     scheme = QuantScheme(weights=1, activations=1 if binary_activations else 8, keep_first_last_8bit=keep_first_last)
     return prepare_qat(model, example_inputs, scheme, calibration=calibration)
 
