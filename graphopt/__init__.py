@@ -11,6 +11,7 @@ _warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` 
 from graphopt.api import GraphoptWarning, compile  # noqa: E402
 from graphopt.capture import CaptureMethod, capture  # noqa: E402
 from graphopt.compiled import CompiledModel  # noqa: E402
+from graphopt.config import OptimizeFor  # noqa: E402
 from graphopt.distill import (  # noqa: E402
     DistillationLoss, DistillSearch, Ensemble, SoftLoss, distill, pseudo_label, search_distillation, teacher_logits)
 from graphopt.errors import (  # noqa: E402
@@ -38,12 +39,12 @@ __all__ = [
     "ArtifactError", "CaptureError", "CaptureMethod", "CheckResult", "CompiledModel", "ConfigError", "Criterion",
     "DistillSearch", "DistillationLoss", "Ensemble", "Feature", "GraphoptError", "GraphoptWarning", "InputError",
     "LayerQuant", "LoweringError", "MixedPrecision", "Norm", "NumericsError", "Observer", "OpRule", "OperatorSet",
-    "OperatorSetError", "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport", "PruneStage",
-    "QuantScheme", "QuantStage", "QuantizationError", "RPCRunner", "Recipe", "Report", "Runtime", "Schedule", "Scope",
-    "Sensitivity", "SoftLoss", "Stop", "TargetSpec", "ToolchainError", "TrainConfig", "TuningError", "TuningSummary",
-    "UnknownTargetError", "UnsupportedModelError", "apply_plan", "binarize", "capture", "check", "compile", "convert",
-    "default_passes", "distill", "evaluate", "filter_norm_penalty", "fit", "get_target", "layer_sensitivity",
-    "list_targets", "load_sparse", "magnitude_prune", "mixed_precision", "optimize", "prepare_qat", "prunable_groups",
-    "prune", "prune_iteratively", "pseudo_label", "quantize", "register_target", "remove_masks", "save_sparse",
-    "search_distillation", "teacher_logits", "to_integer", "tune", "weight_penalty",
+    "OperatorSetError", "OptimizeFor", "OptimizeResult", "PassError", "PassManager", "PruneConfig", "PruneReport",
+    "PruneStage", "QuantScheme", "QuantStage", "QuantizationError", "RPCRunner", "Recipe", "Report", "Runtime",
+    "Schedule", "Scope", "Sensitivity", "SoftLoss", "Stop", "TargetSpec", "ToolchainError", "TrainConfig",
+    "TuningError", "TuningSummary", "UnknownTargetError", "UnsupportedModelError", "apply_plan", "binarize", "capture",
+    "check", "compile", "convert", "default_passes", "distill", "evaluate", "filter_norm_penalty", "fit", "get_target",
+    "layer_sensitivity", "list_targets", "load_sparse", "magnitude_prune", "mixed_precision", "optimize", "prepare_qat",
+    "prunable_groups", "prune", "prune_iteratively", "pseudo_label", "quantize", "register_target", "remove_masks",
+    "save_sparse", "search_distillation", "teacher_logits", "to_integer", "tune", "weight_penalty",
 ]

@@ -1,8 +1,11 @@
-"""Static cost model of a captured graph: parameters, MACs per op, per module.
+"""Static cost model of a captured graph: parameters, MACs per op, per module and per precision.
 
 MACs (multiply-accumulates) are counted for the ops that dominate compute — convolutions,
 linear/matmul family, attention — from shapes propagated on the example inputs. Elementwise
-work is not counted (it is reported as zero, by convention of the field).
+work is not counted (it is reported as zero, by convention of the field). graphopt's integer
+ops (`graphopt.qops`) state their own cost (`qops.cost`): MACs, the weight × activation precision
+they run at (``w8a8``, ``w4a8``, ``w1a1`` …) and the weight count of packed low-bit operands, so
+params count weights, not bytes, while param_bytes is what is stored.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from graphopt import qops
 from graphopt.pipeline import GraphRun
 from graphopt.source import node_module
 
@@ -76,10 +80,19 @@ class Cost:
     param_bytes: int
     macs: int
     macs_by_module: dict[str, int] = field(default_factory=dict)
+    macs_by_precision: dict[str, int] = field(default_factory=dict)  # "fp32", "w8a8", "w4a8", "w1a1", …
 
     def to_dict(self) -> dict:
         return {"params": self.params, "param_bytes": self.param_bytes, "macs": self.macs,
-                "macs_by_module": dict(sorted(self.macs_by_module.items(), key=lambda kv: -kv[1]))}
+                "macs_by_module": dict(sorted(self.macs_by_module.items(), key=lambda kv: -kv[1])),
+                "macs_by_precision": dict(sorted(self.macs_by_precision.items()))}
+
+
+def _float_precision(n: fx.Node) -> str:
+    tm = n.meta.get("tensor_meta")
+    dtype = getattr(tm, "dtype", None)
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+            torch.float64: "fp64"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 class _ShapeProp(GraphRun):
@@ -107,6 +120,11 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
     with torch.no_grad():
         _ShapeProp(gm, "the graph does not run on the example inputs (a graphopt bug when the model itself "
                         "does: please report it with the model)").run(*example_inputs)
+    costs = {n: qops.cost(n) for n in gm.graph.nodes if n.op == "call_function"}
+    values = {}  # get_attr node → logical values, where an op says it is stored packed
+    for n, c in costs.items():
+        for index, count in (c.operand_values if c is not None else ()):
+            values[n.args[index]] = count
     seen, params, nbytes = set(), 0, 0
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in seen:
@@ -115,17 +133,35 @@ def analyze(gm: fx.GraphModule, example_inputs: tuple) -> Cost:
             for part in n.target.split("."):
                 t = getattr(t, part)
             if isinstance(t, torch.Tensor) and t.dtype != torch.int64:  # skip counters like num_batches_tracked
-                params += t.numel()
+                params += values.get(n, t.numel())
                 nbytes += t.numel() * t.element_size()
-    macs, by_module = 0, {}
-    for n in gm.graph.nodes:
-        rule = MAC_RULES.get(n.target) if n.op == "call_function" else None
-        if rule is not None:
-            m = int(rule(n))
+    macs, by_module, by_precision = 0, {}, {}
+    for n, c in costs.items():
+        rule = MAC_RULES.get(n.target)
+        if c is not None:
+            m, precision = c.macs, c.precision
+        elif rule is not None:
+            m, precision = int(rule(n)), _float_precision(n)
+        else:
+            continue
+        if m:
             macs += m
             key = node_module(n) or n.name
             by_module[key] = by_module.get(key, 0) + m
-    return Cost(params, nbytes, macs, by_module)
+            by_precision[precision] = by_precision.get(precision, 0) + m
+    return Cost(params, nbytes, macs, by_module, by_precision)
+
+
+def _reachable(starts: list[fx.Node], step) -> set[fx.Node]:
+    """Nodes reached from `starts` (not counting the starts themselves) by repeatedly following `step`."""
+    seen: set[fx.Node] = set()
+    todo = list(starts)
+    while todo:
+        for m in step(todo.pop()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
 
 
 def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, int]:
@@ -137,20 +173,8 @@ def float_ops_in_quantized(gm: fx.GraphModule, example_inputs: tuple) -> dict[st
     dequant = {qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor, qd.dequantize_per_channel.default}
     with torch.no_grad():
         _ShapeProp(gm, "the quantized graph does not run on the example inputs").run(*example_inputs)
-    downstream, todo = set(), [n for n in gm.graph.nodes if n.target in dequant]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in downstream:
-                downstream.add(u)
-                todo.append(u)
-    upstream, todo = set(), [n for n in gm.graph.nodes if n.target in quant]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in upstream:
-                upstream.add(a)
-                todo.append(a)
+    downstream = _reachable([n for n in gm.graph.nodes if n.target in dequant], lambda n: n.users)
+    upstream = _reachable([n for n in gm.graph.nodes if n.target in quant], lambda n: n.all_input_nodes)
     counts: dict[str, int] = {}
     for n in gm.graph.nodes:
         tm = n.meta.get("tensor_meta")

@@ -29,6 +29,7 @@ from graphopt.capture import (
     to_exported_program,
 )
 from graphopt.compiled import CompiledModel, new_build_dir
+from graphopt.config import OptimizeFor, as_enum
 from graphopt.errors import ConfigError, InputError, LoweringError, NumericsError
 from graphopt.legalize import raise_if_unfit, run_legalization
 from graphopt.passes.base import GraphPass, PassContext, Property
@@ -38,6 +39,7 @@ from graphopt.report import Report
 from graphopt.support import unsupported_ops
 from graphopt.targets import TargetSpec, get_target
 from graphopt.targets.backend import backend_for
+from graphopt.targets.int8 import WeightStorage, summarize_storage, weight_storage
 
 if TYPE_CHECKING:
     from graphopt.prune import PruneConfig
@@ -81,7 +83,8 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
             passes: list[GraphPass] | None = None, verify: bool = False, rtol: float = 1e-4,
             capture_method: CaptureMethod = CaptureMethod.AUTO, count_instructions: bool | None = None,
             progress: bool = True, prune: PruneConfig | None = None, name: str | None = None,
-            approximate: bool = False, database: str | Path | None = None) -> CompiledModel:
+            approximate: bool = False, database: str | Path | None = None,
+            optimize_for: OptimizeFor | str = OptimizeFor.BALANCED) -> CompiledModel:
     """Compile ``model`` for ``target``; see the module docstring.
 
     passes:             fx passes to run (default: identity removal, BN folding, dead code).
@@ -97,8 +100,12 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
                         operator set lacks an op; ``report.legalized`` lists every rewrite and its error.
     database:           a `graphopt.tune` database folder: its tuned kernels are used, the default schedules
                         cover the rest; ``report.lowering["from_database"]`` names the tuned ones.
+    optimize_for:       `graphopt.OptimizeFor` ("balanced", "speed", "size"): where the target offers a choice
+                        (Cortex-M DSP: int16 or int8 weights per layer), what to favour within the board's
+                        flash; ``report.lowering["weight_storage"]`` lists each layer's storage and why.
     """
     spec = get_target(target)
+    optimize_for = as_enum(OptimizeFor, optimize_for, "optimize_for")
     check_model(model)
     args = check_example_inputs(example_inputs)
     c_name = c_identifier(name if name is not None else type(model).__name__, explicit=name is not None)
@@ -136,7 +143,7 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
             raise_if_unfit(unfit, report.model, spec)
     cost = analyze(gm, args)
     report.params_after, report.param_bytes_after, report.macs_after = cost.params, cost.param_bytes, cost.macs
-    report.macs_by_module = cost.macs_by_module
+    report.macs_by_module, report.macs_by_precision = cost.macs_by_module, cost.macs_by_precision
 
     with steps.phase("export"):
         ep = to_exported_program(gm, args).run_decompositions()
@@ -158,10 +165,13 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
     outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(flat_outputs(reference))]
     build_dir = new_build_dir()
     try:
-        with steps.phase("lower and build", f"for {spec.name}"), tuning:
+        with steps.phase("lower and build", f"for {spec.name}"), tuning, \
+                weight_storage(WeightStorage(optimize_for)) as storage:
             built = backend.build(ep, spec, build_dir, inputs, outputs,
                                   progress=lambda phase: steps.say(f"  {phase}"), name=c_name)
         report.lowering = built.lowering
+        report.lowering.setdefault("optimize_for", optimize_for.value)
+        report.lowering.setdefault("weight_storage", summarize_storage(storage))
         manifest = {**built.manifest, "target": spec.to_dict(), "runtime": spec.runtime.value,
                     "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
                     "single_output": isinstance(reference, torch.Tensor)}
@@ -188,6 +198,10 @@ def compile(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "
         with steps.phase("count instructions", f"(qemu {spec.qemu_cpu or spec.qemu_machine})"):
             m = backend.measure(build_dir, spec, cm._check_inputs(args))
             report.instructions_per_inference, report.instructions_note = m.instructions_per_inference, m.note
+            layers = report.lowering.get("layers")
+            if m.per_call is not None and layers is not None and len(m.per_call) == len(layers):
+                for layer, n in zip(layers, m.per_call):
+                    layer["instructions"] = n
     report.timings = dict(steps.timings)
     report.artifact_files = {p.relative_to(build_dir).as_posix(): p.stat().st_size
                              for p in sorted(build_dir.rglob("*")) if p.is_file()}

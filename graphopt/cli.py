@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from graphopt.config import OptimizeFor
 from graphopt.errors import ConfigError, GraphoptError
 
 
@@ -91,7 +92,7 @@ def _cmd_compile(a) -> int:
     out = check_destination(a.out, overwrite=a.overwrite)
     model, inputs = build_model(a.model)
     cm = graphopt.compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
-                          count_instructions=not a.no_count_instructions)
+                          count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for)
     path = cm.save(out, overwrite=a.overwrite)
     print(cm.report.to_json() if a.json else cm.report.to_markdown())
     print(f"artifact written to {path}", file=sys.stderr)
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing graphopt artifact at --out (folders that are not artifacts are never replaced)")
     c.add_argument("--verify", action="store_true", help="run the artifact (emulated for ARM) and compare to PyTorch")
     c.add_argument("--no-count-instructions", action="store_true", help="skip the QEMU instruction count")
+    c.add_argument("--optimize-for", type=OptimizeFor, choices=list(OptimizeFor), default=OptimizeFor.BALANCED,
+                   metavar="{" + ",".join(m.value for m in OptimizeFor) + "}",
+                   help="where the target offers a choice (Cortex-M: int16 or int8 weights per layer), favour speed, "
+                        "size, or a balance (default) — always within the board's flash")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=_cmd_compile)

@@ -43,6 +43,7 @@ from torch import nn
 from graphopt.analysis import analyze
 from graphopt.api import GraphoptWarning
 from graphopt.capture import capture, check_example_inputs, check_model
+from graphopt.config import as_enum
 from graphopt.errors import ConfigError
 from graphopt.passes.base import Decline
 from graphopt.passes.dependency import (
@@ -60,16 +61,6 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class Criterion(str, enum.Enum):
     L1 = "l1"  # sum of absolute weights of a filter
     L2 = "l2"  # Euclidean norm of a filter
-
-
-def as_enum(cls: type[enum.Enum], value, what: str):
-    """``value`` as a member of ``cls`` (members, values and names accepted, case-insensitive)."""
-    if isinstance(value, cls):
-        return value
-    for m in cls:
-        if isinstance(value, str) and value.lower() in (m.value.lower(), m.name.lower()):
-            return m
-    raise ConfigError(f"unknown {what} {value!r}; choose one of {[m.value for m in cls]}")
 
 
 def _fraction(name: str, value, upper_inclusive: bool = False) -> None:

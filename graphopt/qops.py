@@ -7,17 +7,30 @@ narrower values), accumulators in int32; requantization is gemmlowp/TFLite fixed
 
     requantize(acc) = clamp(RDBPOT(SRDHM(sat32(acc · 2^left), M0), right) + zp, qmin, qmax)
 
-with ``M0`` an int32 in [2^30, 2^31) and ``shift`` = left − right (`quantize_multiplier`).
+with ``M0`` an int32 in [2^30, 2^31) and ``shift`` = left − right (`quantize_multiplier`). It
+rounds half away from zero (the fp32 QDQ form rounds half to even).
 
     qconv2d(x, zx, w, b)  = Σ (pad_zx(x) − zx)·w + b      int8 × int8 → int32 (bias int32)
     qlinear(x, zx, w, b)  = Σ_k (x − zx)·w[n, k] + b
     qmatmul(a, za, b, zb) = Σ_k (a − za)·(b − zb)
+    qmul(a, za, b, zb)    = (a − za)·(b − zb)                  elementwise, broadcasting
     qsum_pool2d(x, zx)    = Σ_window (pad_zx(x) − zx)             (average pooling before requantize)
     qadd(a, b)            = TFLite's quantized add: both sides ≪ 20, rescaled, summed, requantized
+                            (a − b: b's multiplier is negative; the rounding is symmetric)
     qlut(x, table)        = table[x + 128]                        (any unary op, exact vs. its QDQ form)
     unpack_bits(p, bits, shape) — low-bit weights stored packed, 8/bits values per byte, low bits first
     qsign(x, zx)          = +1 if x ≥ zx else −1                  (binary activations)
     quantize_sign(x)      = +1 if x ≥ 0 else −1 (float → int8; the QDQ form of a binary activation)
+
+Against the fp32 QDQ form of the same op, fed the same int8 inputs, every op ending in a
+requantize (or qadd) is within 1 output step: the exact result is rounded once, and besides ties
+(half away from zero vs. half to even) only the int32 bias (rounded to the accumulator's unit),
+the 31-bit multiplier and qadd's 2^-20 rescale move it, each far below one step. qlut and pure
+data movement are exact. End to end these ≤ 1-step differences propagate through later layers
+(README, "Quantization").
+
+Each op also declares its cost (`cost(node)`: multiply-accumulates, the weight × activation
+precision they run at, logical values of packed operands), which `graphopt.analysis` reads.
 
 Accumulation runs in floating point, which is exact while every partial sum is an integer below
 2^24 (float32, chosen when 255·128·K fits) or 2^53 (float64, any realistic K).
@@ -25,8 +38,11 @@ Accumulation runs in floating point, which is exact while every partial sum is a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import fx
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
 LEFT_SHIFT_ADD = 20  # TFLite's headroom for quantized add
@@ -37,10 +53,17 @@ QDQ_OPS = (_qd.quantize_per_tensor.default, _qd.quantize_per_tensor.tensor, _qd.
            _qd.dequantize_per_tensor.tensor, _qd.quantize_per_channel.default, _qd.dequantize_per_channel.default)
 
 _lib = torch.library.Library("graphopt", "DEF")
+ops = torch.ops.graphopt
 
 
-def quantize_multiplier(real: float) -> tuple[int, int]:
-    """``real`` ≈ M0 · 2^(shift − 31), M0 in [2^30, 2^31): TFLite's QuantizeMultiplier (0 for tiny values)."""
+def quantize_multiplier(real: float, bound: int | None = None) -> tuple[int, int]:
+    """``real`` ≈ M0 · 2^(shift − 31): TFLite's QuantizeMultiplier, M0 in [2^30, 2^31) (0 for tiny values).
+
+    With ``bound`` ≥ |acc| known and an int8 result (clamped, so only |acc·real| < 2^9 matters), a
+    multiplier below 1 may instead be M0 = round(real·2^31) with shift 0: SRDHM then rounds once, to
+    the result, where the normalized form rounds twice — SRDHM to 2^-right of a step, then RDBPOT —
+    and is up to ½·2^-right of a step off (¼ step when an int8 value is rescaled by ½…1). Taken when
+    its error, |acc|·|M0·2^-31 − real|, is the smaller (every multiplier above ~2^-11 in practice)."""
     if not math.isfinite(real) or real < 0:
         raise ValueError(f"requantization multiplier must be finite and non-negative, got {real}")
     if real == 0.0:
@@ -53,11 +76,22 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
         return 0, 0
     if exponent > 30:
         raise ValueError(f"requantization multiplier {real} is too large for 32-bit fixed point")
+    if bound is None or exponent >= 0:
+        return m0, exponent
+    acc = min(bound, 2 ** 9 / real)  # beyond, the int8 result saturates whatever the rounding
+    single = round(real * (1 << 31))
+    double_error = acc * abs(m0 * 2.0 ** (exponent - 31) - real) + 0.5 * 2.0 ** exponent
+    if single >= 1 and acc * abs(single * 2.0 ** -31 - real) < double_error:
+        return single, 0
     return m0, exponent
 
 
-def multiplier_tensors(reals) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [quantize_multiplier(float(r)) for r in reals]
+def multiplier_tensors(reals, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M0, shift) int32 tensors for ``reals``; ``bounds`` (one, or one per real): |acc| bounds that
+    allow the single-rounding form (`quantize_multiplier`)."""
+    reals = [float(r) for r in reals]
+    bounds = bounds if isinstance(bounds, (list, tuple)) else [bounds] * len(reals)
+    pairs = [quantize_multiplier(r, None if b is None else int(b)) for r, b in zip(reals, bounds)]
     return (torch.tensor([p[0] for p in pairs], dtype=torch.int32),
             torch.tensor([p[1] for p in pairs], dtype=torch.int32))
 
@@ -81,11 +115,54 @@ def mbqm(acc: torch.Tensor, m0: torch.Tensor, shift: torch.Tensor) -> torch.Tens
     return (high >> right) + ((high & mask) > threshold).to(torch.int64)
 
 
-def _define(schema: str, impl, fake) -> None:
+@dataclass(frozen=True)
+class OpCost:
+    """What one call of a graphopt op costs, from its own definition.
+
+    macs:           multiply-accumulates (elementwise work, rescaling and lookups count 0, as for float ops).
+    precision:      the operand widths of those MACs, ``w<weight bits>a<activation bits>`` (``w8a8``,
+                    ``w4a8``, ``w1a1`` …).
+    operand_values: (argument index, logical values) of constant operands stored packed, whose
+                    element count is not their value count (4/2/1-bit weights)."""
+
+    macs: int = 0
+    precision: str = ""
+    operand_values: tuple[tuple[int, int], ...] = ()
+
+
+COSTS: dict = {}  # OpOverload → cost(node) -> OpCost
+
+
+def cost(node: fx.Node) -> OpCost | None:
+    """The cost of a ``call_function`` node on a graphopt op (shapes from ``meta['tensor_meta']``,
+    which ShapeProp sets, else ``meta['val']``), None for other nodes."""
+    fn = COSTS.get(node.target) if node.op == "call_function" else None
+    return fn(node) if fn is not None else None
+
+
+def _shape(node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    meta = meta if meta is not None else node.meta["val"]
+    return tuple(int(d) for d in meta.shape)
+
+
+def _precision(x: fx.Node, w: fx.Node | None) -> str:
+    """``w<bits>a<bits>`` of a layer reading activations ``x`` and weights ``w`` (None: two activations)."""
+    wbits = w.args[1] if isinstance(w, fx.Node) and w.target is ops.unpack_bits.default else 8
+    abits = 1 if isinstance(x, fx.Node) and x.target in (ops.qsign.default, ops.quantize_sign.default) else 8
+    return f"w{wbits}a{abits}"
+
+
+def _no_macs(node: fx.Node) -> OpCost:
+    return OpCost()
+
+
+def _define(schema: str, impl, fake, cost_of: Callable[[fx.Node], OpCost]) -> None:
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _lib.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"graphopt::{name}", fake, lib=_lib)
+    COSTS[getattr(ops, name).default] = cost_of
 
 
 def _exact_dtype(k: int) -> torch.dtype:
@@ -123,8 +200,12 @@ def _qconv2d_fake(x, x_zp, w, bias, stride, padding, dilation, groups):
     return torch.empty(y.shape, dtype=torch.int32, device=x.device)
 
 
+def _qconv2d_cost(n):  # every output: (Cin / groups)·KH·KW products
+    return OpCost(math.prod(_shape(n)) * math.prod(_shape(n.args[2])[1:]), _precision(n.args[0], n.args[2]))
+
+
 _define("qconv2d(Tensor x, int x_zp, Tensor w, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
-        "int groups) -> Tensor", _qconv2d, _qconv2d_fake)
+        "int groups) -> Tensor", _qconv2d, _qconv2d_fake, _qconv2d_cost)
 
 
 # ---- qlinear
@@ -137,7 +218,11 @@ def _qlinear_fake(x, x_zp, w, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int32)
 
 
-_define("qlinear(Tensor x, int x_zp, Tensor w, Tensor? bias) -> Tensor", _qlinear, _qlinear_fake)
+def _qlinear_cost(n):  # every output: in_features products
+    return OpCost(math.prod(_shape(n)) * _shape(n.args[2])[-1], _precision(n.args[0], n.args[2]))
+
+
+_define("qlinear(Tensor x, int x_zp, Tensor w, Tensor? bias) -> Tensor", _qlinear, _qlinear_fake, _qlinear_cost)
 
 
 # ---- qmatmul
@@ -150,7 +235,23 @@ def _qmatmul_fake(a, a_zp, b, b_zp):
     return a.new_empty(y.shape, dtype=torch.int32)
 
 
-_define("qmatmul(Tensor a, int a_zp, Tensor b, int b_zp) -> Tensor", _qmatmul, _qmatmul_fake)
+def _qmatmul_cost(n):  # every output: K products, K = last dim of a
+    return OpCost(math.prod(_shape(n)) * _shape(n.args[0])[-1], _precision(n.args[0], None))
+
+
+_define("qmatmul(Tensor a, int a_zp, Tensor b, int b_zp) -> Tensor", _qmatmul, _qmatmul_fake, _qmatmul_cost)
+
+
+# ---- qmul
+def _qmul(a, a_zp, b, b_zp):
+    return ((a.to(torch.int32) - a_zp) * (b.to(torch.int32) - b_zp)).to(torch.int32)
+
+
+def _qmul_fake(a, a_zp, b, b_zp):
+    return a.new_empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.int32)
+
+
+_define("qmul(Tensor a, int a_zp, Tensor b, int b_zp) -> Tensor", _qmul, _qmul_fake, _no_macs)  # elementwise
 
 
 # ---- qsum_pool2d
@@ -166,7 +267,7 @@ def _qsum_pool2d_fake(x, x_zp, kernel, stride, padding):
 
 
 _define("qsum_pool2d(Tensor x, int x_zp, int[] kernel, int[] stride, int[] padding) -> Tensor",
-        _qsum_pool2d, _qsum_pool2d_fake)
+        _qsum_pool2d, _qsum_pool2d_fake, _no_macs)  # additions only, like float average pooling
 
 
 # ---- requantize
@@ -181,7 +282,7 @@ def _requantize_fake(acc, in_zp, multiplier, shift, axis, out_zp, qmin, qmax):
 
 
 _define("requantize(Tensor acc, int in_zp, Tensor multiplier, Tensor shift, int axis, int out_zp, int qmin, "
-        "int qmax) -> Tensor", _requantize, _requantize_fake)
+        "int qmax) -> Tensor", _requantize, _requantize_fake, _no_macs)
 
 
 # ---- qadd
@@ -200,7 +301,7 @@ def _qadd_fake(a, a_zp, a_mult, a_shift, b, b_zp, b_mult, b_shift, out_mult, out
 
 _define("qadd(Tensor a, int a_zp, Tensor a_mult, Tensor a_shift, Tensor b, int b_zp, Tensor b_mult, "
         "Tensor b_shift, Tensor out_mult, Tensor out_shift, int out_zp, int qmin, int qmax) -> Tensor",
-        _qadd, _qadd_fake)
+        _qadd, _qadd_fake, _no_macs)
 
 
 # ---- qlut
@@ -212,7 +313,7 @@ def _qlut_fake(x, table):
     return x.new_empty(x.shape, dtype=torch.int8)
 
 
-_define("qlut(Tensor x, Tensor table) -> Tensor", _qlut, _qlut_fake)
+_define("qlut(Tensor x, Tensor table) -> Tensor", _qlut, _qlut_fake, _no_macs)
 
 
 # ---- qsign
@@ -224,14 +325,15 @@ def _qsign_fake(x, x_zp):
     return x.new_empty(x.shape, dtype=torch.int8)
 
 
-_define("qsign(Tensor x, int x_zp) -> Tensor", _qsign, _qsign_fake)
+_define("qsign(Tensor x, int x_zp) -> Tensor", _qsign, _qsign_fake, _no_macs)
 
 
 def _quantize_sign(x):
     return torch.where(x >= 0, 1, -1).to(torch.int8)
 
 
-_define("quantize_sign(Tensor x) -> Tensor", _quantize_sign, lambda x: x.new_empty(x.shape, dtype=torch.int8))
+_define("quantize_sign(Tensor x) -> Tensor", _quantize_sign, lambda x: x.new_empty(x.shape, dtype=torch.int8),
+        _no_macs)
 
 
 # ---- unpack_bits
@@ -258,6 +360,10 @@ def _unpack_bits_fake(packed, bits, shape):
     return packed.new_empty(shape, dtype=torch.int8)
 
 
-_define("unpack_bits(Tensor packed, int bits, int[] shape) -> Tensor", _unpack_bits, _unpack_bits_fake)
+def _unpack_bits_cost(n):  # the packed operand holds prod(shape) weights
+    return OpCost(operand_values=((0, math.prod(n.args[2])),))
 
-ops = torch.ops.graphopt
+
+_define("unpack_bits(Tensor packed, int bits, int[] shape) -> Tensor", _unpack_bits, _unpack_bits_fake,
+        _unpack_bits_cost)
+

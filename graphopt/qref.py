@@ -9,6 +9,8 @@ does not know.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch import fx
@@ -98,6 +100,10 @@ def qmatmul(a, a_zp, b, b_zp):
     return np.matmul(a.astype(np.int64) - a_zp, b.astype(np.int64) - b_zp).astype(np.int32)
 
 
+def qmul(a, a_zp, b, b_zp):
+    return ((a.astype(np.int64) - a_zp) * (b.astype(np.int64) - b_zp)).astype(np.int32)
+
+
 def qsum_pool2d(x, x_zp, kernel, stride, padding):
     ph, pw = padding
     xs = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=x_zp) - x_zp
@@ -149,10 +155,16 @@ def _max_pool2d(x, kernel, stride=None, padding=(0, 0), dilation=(1, 1), ceil_mo
     stride = list(stride or kernel) * (2 // len(stride or kernel))
     padding = list(padding) * (2 // len(padding))
     dilation = list(dilation) * (2 // len(dilation))
-    if ceil_mode:
-        raise QuantizationError("the reference does not implement ceil_mode max pooling")
+    extra = []  # right/bottom padding ceil_mode adds: a last window may start inside the input or left padding
+    for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation):
+        span = n + 2 * p - d * (k - 1) - 1
+        out = span // s + 1
+        if ceil_mode and span % s and out * s < n + p:
+            out += 1
+        extra.append((out - 1) * s + d * (k - 1) + 1 - (n + 2 * p))
     lo = np.iinfo(x.dtype).min
-    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=lo)
+    pads = [(p, p + max(e, 0)) for p, e in zip(padding, extra)]
+    xp = np.pad(x, ((0, 0), (0, 0), *pads), constant_values=lo)
     cols, _, _ = _im2col(xp, kernel[0], kernel[1], stride, dilation)
     return cols.max(axis=(4, 5)).transpose(0, 3, 1, 2)
 
@@ -161,24 +173,37 @@ def _view(x, shape):
     return x.reshape(shape)
 
 
+def _pad(x, pad, mode="constant", value=None):
+    """torch's pad: ``pad`` holds (before, after) pairs from the last dimension backwards."""
+    pairs = [(0, 0)] * (x.ndim - len(pad) // 2) + [tuple(pad[i:i + 2]) for i in range(0, len(pad), 2)][::-1]
+    if mode == "constant":
+        return np.pad(x, pairs, constant_values=value or 0)
+    return np.pad(x, pairs, mode={"reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode])
+
+
 OPS = {
     g.qconv2d.default: qconv2d, g.qlinear.default: qlinear, g.qmatmul.default: qmatmul,
-    g.qsum_pool2d.default: qsum_pool2d, g.requantize.default: requantize, g.qadd.default: qadd,
+    g.qmul.default: qmul, g.qsum_pool2d.default: qsum_pool2d, g.requantize.default: requantize, g.qadd.default: qadd,
     g.qlut.default: qlut, g.qsign.default: qsign, g.unpack_bits.default: unpack_bits,
     qd.quantize_per_tensor.default: _quantize_per_tensor, qd.dequantize_per_tensor.default: _dequantize_per_tensor,
-    aten.max_pool2d.default: _max_pool2d,
-    aten.view.default: _view, aten.reshape.default: _view,
+    aten.max_pool2d.default: _max_pool2d, aten.pad.default: _pad,
+    aten.constant_pad_nd.default: lambda x, pad, value=0: _pad(x, pad, "constant", value),
+    aten.view.default: _view, aten.reshape.default: _view, aten._unsafe_view.default: _view,
+    aten.t.default: lambda x: x.T, aten.squeeze.dim: lambda x, d: np.squeeze(x, d) if x.shape[d] == 1 else x,
     aten.flatten.using_ints: lambda x, start=0, end=-1: x.reshape(
         *x.shape[:start], -1, *x.shape[end % x.ndim + 1:]),
     aten.permute.default: lambda x, dims: x.transpose(dims),
     aten.transpose.int: lambda x, a, b: np.swapaxes(x, a, b),
-    aten.unsqueeze.default: lambda x, d: np.expand_dims(x, d),
+    aten.unsqueeze.default: lambda x, d: np.expand_dims(x, d), aten.select.int: lambda x, d, i: np.take(x, i, axis=d),
     aten.squeeze.dims: lambda x, dims: np.squeeze(x, tuple(d for d in dims if x.shape[d] == 1)),
     aten.cat.default: lambda xs, dim=0: np.concatenate(xs, axis=dim),
     aten.clamp.default: lambda x, lo=None, hi=None: np.clip(x, lo, hi).astype(x.dtype),
     aten.slice.Tensor: lambda x, dim=0, start=None, end=None, step=1: x[
         (slice(None),) * (dim % x.ndim) + (slice(start, end, step),)],
     aten.contiguous.default: lambda x: x, aten.clone.default: lambda x, **kw: x,
+    # shape arithmetic of graphs captured with a symbolic batch
+    aten.sym_size.int: lambda x, dim: x.shape[dim], operator.mul: operator.mul, operator.add: operator.add,
+    operator.sub: operator.sub, operator.floordiv: operator.floordiv,
 }
 
 

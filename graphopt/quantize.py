@@ -10,8 +10,10 @@ The scheme says *what* is quantized (bits, granularity, observers, per-layer ove
 and last conv/linear, and the graph inputs, stay 8-bit by default); the graph work is generic. The model is captured
 (`graphopt.capture`) in eval mode, batch norm is folded, and a `FakeQuantize` module is inserted
 on every conv/linear weight (per output channel, symmetric) and on every float activation:
-graph inputs and op outputs, one shared module across views and max pooling, and after — not
-between — a conv/linear/add and the ReLU/ReLU6/clamp that follows it. Layers with binary
+graph inputs and op outputs, one shared module across views, max pooling, a split's items and a
+standalone ReLU (their int8 forms are data movement and a clamp), and after — not between — a
+conv/linear/add/mul/BatchNorm/pooling/concat and the ReLU/ReLU6/clamp that follows it (folded into
+the integer output range, `fold_qdq.FUSES_CLAMP`). Layers with binary
 activations get a sign quantizer on their input. Fake quantization rounds with a straight-through
 gradient that is zero outside the clipping range; learnable scales get LSQ gradients.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -37,7 +40,8 @@ from graphopt.capture import capture, check_example_inputs
 from graphopt.errors import QuantizationError
 from graphopt.passes._graph import get_attr_value, is_op
 from graphopt.passes.base import PassContext, Property
-from graphopt.passes.fold_qdq import CLAMPS, PASS_THROUGH
+from graphopt.passes.fold_batchnorm import bn_parts
+from graphopt.passes.fold_qdq import CLAMPS, PADS, PASS_THROUGH, SHARES_PARAMS, SPLITS, affine_unit, fuses_clamp
 from graphopt.source import node_module
 
 aten = torch.ops.aten
@@ -46,7 +50,6 @@ qd = torch.ops.quantized_decomposed
 WEIGHT_BITS = (8, 4, 2, 1)
 ACTIVATION_BITS = (8, 4, 1, None)  # 1: binary (sign) inputs to the layer; None: weight-only
 _LAYERS = (aten.conv2d.default, aten.linear.default)
-_FUSE_INTO_CLAMP = (aten.conv2d.default, aten.linear.default, aten.add.Tensor)
 _SAMPLE = 1 << 16  # values kept per activation for percentile / MSE observers
 
 
@@ -331,6 +334,20 @@ class _Prepared:
     layer_bits: dict = field(default_factory=dict)  # node name → LayerQuant
 
 
+def _shares_params_with(n: fx.Node) -> fx.Node | None:
+    """The value whose quantizer ``n`` reuses: the input of views, max pooling and padding (they
+    commute with (s, z): int8 data movement; observed ranges hold 0.0, a zero pad's value), of a
+    split's items (slices) and of a standalone ReLU (an int8 clamp, at most 1 bit of range given
+    up, as PyTorch's quantizers do). Bounded clamps (ReLU6, hardtanh) get their own range: a lookup
+    table, exact."""
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if is_op(n, *PASS_THROUGH, *PADS, *SHARES_PARAMS):
+        return src
+    if n.target is operator.getitem and is_op(src, *SPLITS):
+        return src.args[0]
+    return None
+
+
 def _float_tensor(node: fx.Node) -> bool:
     v = node.meta.get("val")
     return isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -344,16 +361,37 @@ def _layers(gm: fx.GraphModule) -> list[fx.Node]:
 def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     """Capture with a dynamic batch dimension (calibration/training batches vary), else as `capture`
     does; either way in canonical (functional) form. The graph is the eval-mode one (BN statistics,
-    no dropout); train()/eval() only flip flags."""
-    from graphopt.capture import _strip_guards, canonicalize
+    no dropout); train()/eval() only flip flags.
 
-    try:
-        ep = torch.export.export(model, args, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in args],
+    torch.export specializes a batch of 1 (a size-1 dimension is never symbolic), which bakes the
+    batch into code like ``x.view(b, g, c // g, h, w)`` (channel shuffle); so a batch of 1 is
+    traced on two copies of the example, and that graph is kept only if it reproduces the model's
+    output on the real example (a batch-1-only behaviour such as ``squeeze()`` would not)."""
+    from graphopt.capture import _strip_guards, canonicalize
+    from graphopt.pipeline import flat_outputs
+
+    def export(example: tuple) -> fx.GraphModule:
+        ep = torch.export.export(model, example, dynamic_shapes=[{0: torch.export.Dim.AUTO} for _ in example],
                                  strict=False)
-    except Exception:  # noqa: BLE001  e.g. batch-dependent Python code: capture() reports its own errors
-        gm = capture(model, args).graph_module
-    else:
-        gm = canonicalize(_strip_guards(ep.module()), args)[0]
+        return canonicalize(_strip_guards(ep.module()), example)[0]
+
+    def same_as_model(gm: fx.GraphModule) -> bool:
+        with torch.no_grad():
+            want, got = flat_outputs(model(*args)), flat_outputs(gm(*args))
+        return len(want) == len(got) and all(w.shape == g.shape and torch.equal(w, g) for w, g in zip(want, got))
+
+    gm = None
+    if all(a.dim() and a.shape[0] == 1 for a in args):
+        try:
+            gm = export(tuple(torch.cat([a, a]) for a in args))
+            gm = gm if same_as_model(gm) else None
+        except Exception:  # noqa: BLE001  batch-1-only code: the plain capture below
+            gm = None
+    if gm is None:
+        try:
+            gm = export(args)
+        except Exception:  # noqa: BLE001  e.g. batch-dependent Python code: capture() reports its own errors
+            gm = capture(model, args).graph_module
     gm._forward_pre_hooks.clear()  # export's input-shape check; graphopt checks batches itself
     for name in ("train", "eval"):  # torch.export's unlifted modules refuse both
         vars(gm).pop(name, None)
@@ -370,6 +408,15 @@ def _own_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
                 if t is not None and t.numel() and t.data_ptr() in theirs:
                     copy_ = t.detach().clone()
                     table[k] = nn.Parameter(copy_, t.requires_grad) if isinstance(t, nn.Parameter) else copy_
+
+
+def _static_batch(gm: fx.GraphModule) -> int | None:
+    """The batch size a captured graph is specialized to, or None if its batch is symbolic."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    v = first.meta.get("val") if first is not None else None
+    if not isinstance(v, torch.Tensor) or not v.dim() or isinstance(v.shape[0], torch.SymInt):
+        return None
+    return int(v.shape[0])
 
 
 def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -> fx.GraphModule:
@@ -447,17 +494,16 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
             if n.op not in ("placeholder", "call_function") or not _float_tensor(n):
                 continue
             users = list(n.users)
-            if is_op(n, *_FUSE_INTO_CLAMP) and len(users) == 1 and is_op(users[0], *CLAMPS):
+            if fuses_clamp(n) and len(users) == 1 and is_op(users[0], *CLAMPS):
                 continue  # quantized after the activation, which folds into the output range
             bits = info.layer_bits.get(n.name, LayerQuant(8, scheme.activations)).activations
             bits = 8 if bits in (1, None) or (n.op == "placeholder" and scheme.keep_first_last_8bit) else bits
-            src = n.args[0] if is_op(n, *PASS_THROUGH) and isinstance(n.args[0], fx.Node) else None
-            name = shared.get(src) if src is not None else None
+            name = shared.get(_shares_params_with(n))  # the source's observer node: users read it now
             if name is None:
                 name = add(act_fq(bits), f"activation {n.name}")
-            shared[n] = name
             with graph.inserting_after(n):
                 obs = graph.call_module(name, (n,))
+            shared[obs] = name
             n.replace_all_uses_with(obs, delete_user_cb=lambda u: u is not obs)
     graph.lint()
     gm.recompile()
@@ -497,10 +543,21 @@ def _check_calibration(calibration) -> None:
 
 
 def _run_calibration(gm: fx.GraphModule, calibration, args: tuple) -> None:
-    seen = 0
+    """Observe every calibration batch; a graph specialized to the example's batch size sees each
+    batch in slices of that size."""
+    seen, step = 0, _static_batch(gm)
     with torch.no_grad():
         for batch in _batches(calibration, args):
-            gm(*batch)
+            size = batch[0].shape[0] if batch[0].dim() else 1
+            if step is None or size == step:
+                gm(*batch)
+            elif size % step:
+                raise QuantizationError(f"calibration batch {seen} has {size} samples; the model captures only "
+                                        f"with a fixed batch of {step} (batch-dependent code), so calibration "
+                                        f"batches must hold a multiple of {step}")
+            else:
+                for i in range(0, size, step):
+                    gm(*(b[i:i + step] for b in batch))
             seen += 1
     if not seen:
         raise QuantizationError("the calibration set is empty; pass an iterable of input batches")
@@ -592,6 +649,8 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
         n.replace_all_uses_with(out)
         graph.erase_node(n)
     graph.eliminate_dead_code()
+    _bias_on_accumulator_grid(gm)
+    _bn_offset_on_accumulator_grid(gm)
     for name in [name for name, m in gm.named_children() if isinstance(m, FakeQuantize)]:
         delattr(gm, name)
     from graphopt.passes._graph import delete_unused_attributes
@@ -603,6 +662,49 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm
+
+
+def _bias_on_accumulator_grid(gm: fx.GraphModule) -> None:
+    """Round each quantized conv/linear's bias to its accumulator unit sx·sw_c, as the integer graph
+    adds it (an int32 in that unit; ONNX's QDQ form quantizes biases the same way). The QDQ module then
+    computes what the deployed model computes: with a float bias, the up to ½·sx·sw_c/so of an output
+    step it differs by moved 0.1–0.5 % of each layer's outputs across a rounding edge, and deep graphs
+    amplify such flips to several output steps. (A bias beyond int32 in that unit moves by a
+    negligible 2^-31 of itself; `FoldQDQ` gives that channel a coarser unit.)"""
+    for n in gm.graph.nodes:
+        if not is_op(n, *_LAYERS):
+            continue
+        x, w = n.args[0], n.args[1]
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not (is_op(x, qd.dequantize_per_tensor.default) and is_op(w, qd.dequantize_per_channel.default)
+                and isinstance(b, fx.Node) and b.op == "get_attr"):
+            continue
+        value = get_attr_value(gm, b.target)
+        unit = float(x.args[1]) * get_attr_value(gm, w.args[1].target).to(torch.float64)
+        grid = (torch.round(value.to(torch.float64) / unit) * unit).to(value.dtype)
+        with gm.graph.inserting_before(n):
+            new = _const(gm, gm.graph, f"{b.target}_grid", grid)
+        n.replace_input_with(b, new)
+
+
+def _bn_offset_on_accumulator_grid(gm: fx.GraphModule) -> None:
+    """The same for a BatchNorm on a quantized input (one no conv absorbed, e.g. after a concat), which
+    `FoldQDQ` folds into the per-channel affine a_c·x + b_c: β moves so that b_c = β_c − μ_c·a_c is a
+    whole number of the affine's accumulator units (`fold_qdq.affine_unit`)."""
+    for n in gm.graph.nodes:
+        parts = bn_parts(n)
+        if parts is None or not is_op(parts[0], qd.dequantize_per_tensor.default):
+            continue
+        x, gamma_n, beta_n, mean_n, var_n, eps, training, _ = parts
+        if training or any(not isinstance(t, fx.Node) or t.op != "get_attr" for t in (gamma_n, beta_n, mean_n, var_n)):
+            continue
+        gamma, beta, mean, var = (get_attr_value(gm, t.target) for t in (gamma_n, beta_n, mean_n, var_n))
+        a = gamma.to(torch.float64) / torch.sqrt(var.to(torch.float64) + eps)
+        unit = affine_unit(float(x.args[1]), a)
+        offset = torch.round((beta.to(torch.float64) - mean.to(torch.float64) * a) / unit) * unit
+        with gm.graph.inserting_before(n):
+            new = _const(gm, gm.graph, f"{beta_n.target}_grid", (offset + mean.to(torch.float64) * a).to(beta.dtype))
+        n.replace_input_with(beta_n, new)
 
 
 def _const(gm: fx.GraphModule, graph: fx.Graph, hint: str, value: torch.Tensor) -> fx.Node:

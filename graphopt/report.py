@@ -61,6 +61,24 @@ def _pruning_lines(p: dict) -> list[str]:
     return lines
 
 
+def _layer_lines(layers: list[dict]) -> list[str]:
+    """The per-call table of a C library: instructions, flash (code shared by equal kernels, weights),
+    RAM live during the call, and the weight storage chosen."""
+    if not layers:
+        return []
+    lines = ["", "### Layers (kernel calls)", "",
+             "| # | layer / kernel | instructions | code B (calls sharing it) | weights B | RAM live B "
+             "| weight storage |",
+             "|---|---|---|---|---|---|---|"]
+    for r in layers:
+        code = "–" if r.get("code_bytes") is None else r["code_bytes"]
+        storage = f"{r['weight_storage']} ({r['storage_reason']})" if r.get("weight_storage") else "–"
+        lines.append(f"| {r['call']} | {r.get('layer') or r['kernel'][:48]} | {_fmt_int(r.get('instructions'))} | "
+                     f"{code} ({r['calls_sharing_kernel']}) | {r['weight_bytes']} | {r['ram_live_bytes']} "
+                     f"| {storage} |")
+    return lines
+
+
 def _error_text(rewrite: dict) -> str:
     return "exact" if rewrite["exact"] else f"{rewrite['max_error']:.1e}"
 
@@ -77,6 +95,7 @@ class Report:
     macs_before: int | None = None
     macs_after: int | None = None
     macs_by_module: dict = field(default_factory=dict)
+    macs_by_precision: dict = field(default_factory=dict)  # after: "fp32", "w8a8", "w4a8", "w1a1", …
     passes: list[PassRecord] = field(default_factory=list)
     lowering: dict = field(default_factory=dict)
     artifact_files: dict = field(default_factory=dict)  # name -> bytes
@@ -111,7 +130,8 @@ class Report:
             "target": self.target,
             "capture": {"method": self.capture_method, "fallback_reason": self.capture_fallback_reason},
             "params": {"before": self.params_before, "after": self.params_after, "bytes_after": self.param_bytes_after},
-            "macs": {"before": self.macs_before, "after": self.macs_after, "by_module": self.macs_by_module},
+            "macs": {"before": self.macs_before, "after": self.macs_after, "by_module": self.macs_by_module,
+                     "by_precision": self.macs_by_precision},
             "passes": [p.to_dict() for p in self.passes],
             "declined": [d.to_dict() for d in self.declined],
             "lowering": self.lowering,
@@ -137,7 +157,9 @@ class Report:
                  + (f" (torch.export failed: {self.capture_fallback_reason})" if self.capture_fallback_reason else ""),
                  f"- params: {_fmt_int(self.params_before)} → {_fmt_int(self.params_after)}"
                  f" ({_fmt_bytes(self.param_bytes_after)})",
-                 f"- MACs: {_fmt_int(self.macs_before)} → {_fmt_int(self.macs_after)}",
+                 f"- MACs: {_fmt_int(self.macs_before)} → {_fmt_int(self.macs_after)}"
+                 + (f" ({', '.join(f'{k} {_fmt_int(v)}' for k, v in sorted(self.macs_by_precision.items()))})"
+                    if set(self.macs_by_precision) - {"fp32"} else ""),
                  f"- artifact: {_fmt_bytes(self.artifact_bytes)} in {len(self.artifact_files)} files"]
         if self.instructions_per_inference is not None:
             lines.append(f"- instructions per inference (QEMU, {t.get('qemu', {}).get('cpu')}): "
@@ -157,6 +179,10 @@ class Report:
                       f"- integer weights: {_fmt_bytes(q['weight_bytes'])} vs fp32 {_fmt_bytes(q['weight_bytes_fp32'])}"
                       f" ({q['weight_size_ratio']}x smaller{'; ' + packed + ' layer(s)' if packed else ''})",
                       f"- folded into integer ops: {q['folded']} quantize node(s)"]
+            if "float_ops" in q:
+                kinds = ", ".join(f"{k} {v}" for k, v in sorted(q["float_ops_by_kind"].items()))
+                lines.append(f"- float ops between quantize and dequantize: {q['float_ops']}"
+                             + (f" ({kinds}; why: Declined rewrites)" if kinds else ""))
         declined = self.declined
         lines += ["", f"## Declined rewrites ({len(declined)})", ""]
         lines += [f"- **{d.pass_name}** `{d.node}` at {d.where}: {d.reason}" for d in declined] or ["- none"]
@@ -171,7 +197,9 @@ class Report:
         if self.lowering:
             lines += ["", "## Lowering", ""]
             for k, v in self.lowering.items():
-                lines.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+                if k != "layers":
+                    lines.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+            lines += _layer_lines(self.lowering.get("layers") or [])
         if self.pruning:
             lines += ["", "## Pruning", ""] + _pruning_lines(self.pruning)
         lines += ["", "## Timings", ""] + [f"- {k}: {v:.2f} s" for k, v in self.timings.items()]

@@ -20,7 +20,7 @@ _LINEAR = (aten.linear.default,)
 _BN_LEGIT = aten._native_batch_norm_legit_no_training.default
 
 
-def _bn_parts(node: fx.Node):
+def bn_parts(node: fx.Node):
     """(input, weight, bias, mean, var, eps, training, value_node) of a BN node, or None."""
     if is_op(node, aten.batch_norm.default):
         a = node.args
@@ -42,7 +42,7 @@ class FoldBatchNorm(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         folded, declined = 0, []
         for bn in list(gm.graph.nodes):
-            parts = _bn_parts(bn)
+            parts = bn_parts(bn)
             if parts is None:
                 continue
             x, gamma_n, beta_n, mean_n, var_n, eps, training, value = parts

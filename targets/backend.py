@@ -27,6 +27,7 @@ class BuildResult:
 class Measurement:
     instructions_per_inference: int | None
     note: str | None = None  # why there is no figure, or what kind of figure it is
+    per_call: list[int] | None = None  # instructions of each kernel call, where the backend counts them
 
 
 class Backend(abc.ABC):

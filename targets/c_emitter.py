@@ -11,9 +11,10 @@ can live in one firmware):
   hooks they call through (``__TVMBackend*``) are renamed to ``P__TVMBackend*`` with objcopy and
   defined in P.c: no TVM runtime symbol is left to resolve.
 - ``P.c`` / ``P.h``: ``P_run(inputs, outputs)`` walks one byte stream (per call: kernel index,
-  then one location index per argument) over a table of 16-bit scaled offsets into one
-  statically planned activation arena reused across layers and the weights, and an exactly
-  sized workspace arena (the kernels' LIFO ``TVMBackendAllocWorkspace`` peak). Kernels get
+  then one location index per argument) over a table of 16-bit scaled offsets into the weights
+  and one arena, planned by `memory_plan` to its peak-live lower bound where the placement
+  heuristics reach it: every activation and every call's workspace (the kernel's exact LIFO
+  ``TVMBackendAllocWorkspace`` peak) is one block, reused across layers. Kernels get
   DLTensors carrying only data pointer, device, NULL strides (compact) and zero byte offset:
   the build checks that no kernel uses shape, ndim or dtype (all static, their asserts are
   compiled out). The header ``#define``s ``GRAPHOPT_<NAME>_*`` I/O shapes, dtypes, byte sizes
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from graphopt.targets import memory_plan
 from graphopt.targets.spec import TargetSpec
 
 from graphopt import toolchain
@@ -80,11 +82,16 @@ class CLibrary:
     outputs: list[IOTensor]
     kernels: int
     calls: int
-    arena_bytes: int
-    workspace_bytes: int
+    arena_bytes: int  # activations and kernel workspaces, one planned block each
+    arena_lower_bound: int  # the peak-live bound the arena is measured against (`memory_plan`)
+    workspace_bytes: int  # the largest workspace one kernel call takes (inside the arena)
     weights_bytes: int
     stack_estimate_bytes: int
     libraries: list[str] = field(default_factory=list)  # -l libraries the kernels need (e.g. m)
+    live_bytes: list[int] = field(default_factory=list)  # per kernel call: arena bytes live during it
+    call_kernels: list[str] = field(default_factory=list)  # per kernel call: the kernel it runs
+    call_weight_bytes: list[int] = field(default_factory=list)  # per kernel call: bytes of weights it reads
+    call_storage: list[dict | None] = field(default_factory=list)  # per kernel call: its weight-storage decision
     stats: dict = field(default_factory=dict)
 
     @property
@@ -129,6 +136,7 @@ def _phase(name: str, fn: Callable, phases: dict, progress: Callable[[str], None
 def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress):
     import tvm
     from graphopt.targets.lowering import PHASES
+    from graphopt.targets.share_kernels import share_kernels
     from tvm import relax
 
     ir = ep
@@ -138,6 +146,7 @@ def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict, progress)
             continue  # the layout phase only converts convolutions (and TVM's ConvertLayout crashes on some
             # conv-free graphs: std::bad_alloc on the tiny transformer)
         ir = _phase(name, lambda: table[name](ir, spec, state), phases, progress, spec)
+    ir, state["shared_kernels"] = _phase("share kernels", lambda: share_kernels(ir), phases, progress, spec)
     plan = tvm.transform.Sequential([relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
                                      relax.transform.CallTIRRewrite(), relax.transform.StaticPlanBlockMemory()])
     return _phase("plan memory", lambda: plan(ir), phases, progress, spec)
@@ -159,6 +168,10 @@ class _Tensor:
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def nbytes(self) -> int:
+        return IOTensor("", self.shape, self.dtype).nbytes
+
 
 @dataclass
 class _Graph:
@@ -167,6 +180,7 @@ class _Graph:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (output index, tensor index)
     weights: bytearray = field(default_factory=bytearray)
     arena_bytes: int = 0
+    workspace_at: list[int | None] = field(default_factory=list)  # per call: its workspace block's arena offset
     inputs: list[IOTensor] = field(default_factory=list)
     outputs: list[IOTensor] = field(default_factory=list)
 
@@ -190,7 +204,7 @@ def _walk_main(mod) -> _Graph:
     op = tvm.ir.Op.get
     alloc_storage, alloc_tensor = op("relax.memory.alloc_storage"), op("relax.memory.alloc_tensor")
     builtin_alloc = op("relax.builtin.alloc_tensor")
-    g, env, storages, consts, fresh = _Graph(), {}, {}, [], {}
+    g, env, consts, fresh = _Graph(), {}, [], {}
     main = mod["main"]
 
     def add(region, offset, shape, dtype) -> int:
@@ -227,12 +241,10 @@ def _walk_main(mod) -> _Graph:
         for b in block.bindings:
             v, val = b.var, b.value
             if isinstance(val, relax.Call) and val.op.same_as(alloc_storage):
-                size = _static_shape(val.args[0], "a planned buffer")[0]
-                storages[v] = g.arena_bytes
-                g.arena_bytes += _round(size)
+                _static_shape(val.args[0], "a planned buffer")  # Relax's storages: replaced by `memory_plan`
             elif isinstance(val, relax.Call) and val.op.same_as(alloc_tensor):
                 shape = _static_shape(val.args[2], f"tensor {v.name}")
-                env[v] = add("arena", storages[val.args[0]] + int(val.args[1].value), shape, val.args[3].value)
+                env[v] = add("arena", -1, shape, val.args[3].value)
             elif isinstance(val, relax.Call) and val.op.same_as(builtin_alloc):
                 # an unplanned tensor: a model output; it is written straight into the caller's buffer
                 shape = _static_shape(val.args[0], f"tensor {v.name}")
@@ -270,9 +282,7 @@ def _walk_main(mod) -> _Graph:
             g.copies.append((i, idx))
     for idx in fresh.values():
         if g.tensors[idx].offset == -1:  # never returned: give it arena space
-            t = g.tensors[idx]
-            t.region, t.offset = "arena", g.arena_bytes
-            g.arena_bytes += _round(IOTensor("", t.shape, t.dtype).nbytes)
+            g.tensors[idx].region = "arena"
     return g
 
 
@@ -295,8 +305,9 @@ def _unpassed_reads(text: str) -> list[str]:
     return sorted({_UNPASSED_FIELDS[int(k)] for k in reads if int(k) in _UNPASSED_FIELDS})
 
 
-def _inspect_host(host_mod) -> tuple[int, int, list[Unsupported]]:
-    """(workspace peak, largest kernel stack estimate, problems) from the lowered, assert-free host TIR.
+def _inspect_host(host_mod) -> tuple[dict[str, int], int, list[Unsupported]]:
+    """({kernel: workspace peak}, largest kernel stack estimate, problems) from the lowered, assert-free
+    host TIR.
 
     Allocations and frees are replayed in program order (TVM frees workspaces LIFO), each
     rounded to `ALIGN` as the P.c allocator does. Kernels using DLTensor fields the glue does
@@ -304,7 +315,7 @@ def _inspect_host(host_mod) -> tuple[int, int, list[Unsupported]]:
     """
     import tvm
 
-    ws_peak, stack, bad = 0, 0, []
+    ws_peak, stack, bad = {}, 0, []
     for gv, fn in host_mod.functions_items():
         text = fn.script()
         unpassed = _unpassed_reads(text)
@@ -327,7 +338,7 @@ def _inspect_host(host_mod) -> tuple[int, int, list[Unsupported]]:
         for dims, dtype, lanes in _LOCAL.findall(text):
             n = int(np.prod([int(d) for d in dims.split(",") if d.strip()] or [1]))
             local += n * int(lanes or 1) * max(1, tvm.runtime.DataType(dtype).bits // 8)
-        ws_peak, stack = max(ws_peak, peak), max(stack, local)
+        ws_peak[gv.name_hint], stack = peak, max(stack, local)
     return ws_peak, stack + _FRAME_ALLOWANCE, bad
 
 
@@ -347,8 +358,8 @@ def lower_host(funcs: dict, spec: TargetSpec):
     return tirx.transform.SkipAssert()(finalize_host()(host))
 
 
-def _build_kernels(mod, spec: TargetSpec, out: Path, prefix: str) -> tuple[list[str], int, int]:
-    """Build every PrimFunc into ``out``; returns (kernel names, workspace bytes, kernel stack estimate)."""
+def _build_kernels(mod, spec: TargetSpec, out: Path, prefix: str) -> tuple[list[str], dict[str, int], int]:
+    """Build every PrimFunc into ``out``; returns (kernel names, {kernel: workspace peak}, kernel stack estimate)."""
     import tvm
     from tvm import tirx
     from tvm.tirx.build import codegen_build
@@ -364,7 +375,8 @@ def _build_kernels(mod, spec: TargetSpec, out: Path, prefix: str) -> tuple[list[
     return sorted(funcs), ws, stack
 
 
-def _binutil(spec: TargetSpec, tool: str) -> str:
+def binutil(spec: TargetSpec, tool: str) -> str:
+    """The binutils `tool` (nm, objcopy, ...) beside the spec's GCC cross compiler."""
     if not spec.cross_compiler or not spec.cross_compiler.endswith("gcc"):
         raise LoweringError(f"target {spec.name} has no GCC cross compiler for its C library",
                             [Unsupported(f"cross_compiler={spec.cross_compiler!r}", "target spec",
@@ -375,7 +387,7 @@ def _binutil(spec: TargetSpec, tool: str) -> str:
 def _finish_object(raw: Path, out: Path, spec: TargetSpec, prefix: str) -> list[str]:
     """objcopy the LLVM object: drop debug info and unwind tables (C never unwinds; they would pull in
     the EHABI personality routine), give the runtime hooks per-model names. Returns the hooks used."""
-    nm = toolchain.run_tool([_binutil(spec, "nm"), str(raw)], "listing the kernel symbols").stdout
+    nm = toolchain.run_tool([binutil(spec, "nm"), str(raw)], "listing the kernel symbols").stdout
     symbols = [ln.split()[-2:] for ln in nm.splitlines() if ln.strip()]
     hooks = sorted(name for kind, name in symbols if kind in ("V", "v", "B", "C") and name in _HOOKS)
     unknown = sorted(name for kind, name in symbols if name.startswith("__TVM") and name not in _HOOKS)
@@ -383,10 +395,54 @@ def _finish_object(raw: Path, out: Path, spec: TargetSpec, prefix: str) -> list[
         raise LoweringError("kernels call TVM runtime functions a runtime-free library cannot provide:",
                             [Unsupported(n, "kernels.o") for n in unknown])
     renames = [a for h in hooks for a in ("--redefine-sym", f"{h}={prefix}{h}")]
-    toolchain.run_tool([_binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
+    toolchain.run_tool([binutil(spec, "objcopy"), "--strip-debug", "--remove-section=.ARM.exidx*",
                         "--remove-section=.rel.ARM.exidx*", "--strip-symbol=__aeabi_unwind_cpp_pr0", *renames, str(raw), str(out)],
                        "post-processing the kernel object")
     return hooks
+
+
+def _call_storage(g: _Graph) -> list[dict | None]:
+    """Per call, the weight-storage decision (`int8.weight_storage`) of the packed weights it reads."""
+    from graphopt.targets.int8 import layer_key, recorded_decisions
+
+    by_packed = {d["packed_key"]: d for d in recorded_decisions()}
+    out = []
+    for _, args in g.calls:
+        found = None
+        for i in args:
+            t = g.tensors[i]
+            if t.region == "weights" and by_packed:
+                array = np.frombuffer(g.weights, np.dtype(t.dtype), int(np.prod(t.shape, dtype=np.int64)), t.offset)
+                found = found or by_packed.get(layer_key(array.reshape(t.shape)))
+        out.append(found)
+    return out
+
+
+# --------------------------------------------------------------------------- arena
+
+def _place_arena(g: _Graph, ws_by_kernel: dict[str, int]) -> memory_plan.Plan:
+    """Give every arena tensor and every call's workspace an offset (`memory_plan`); sets
+    ``g.arena_bytes`` and ``g.workspace_at``."""
+    calls = len(g.calls)
+    first, last = {}, {}
+    for k, (_, args) in enumerate(g.calls):
+        for i in args:
+            if g.tensors[i].region == "arena":
+                first.setdefault(i, k)
+                last[i] = k
+    for _, i in g.copies:  # copied into the caller's output after the last call
+        if g.tensors[i].region == "arena":
+            first.setdefault(i, calls)
+            last[i] = calls
+    blocks = [memory_plan.Block(i, first[i], last[i], _round(g.tensors[i].nbytes)) for i in first]
+    blocks += [memory_plan.Block(("workspace", k), k, k, _round(ws_by_kernel[name]))
+               for k, (name, _) in enumerate(g.calls) if ws_by_kernel.get(name)]
+    plan = memory_plan.plan(blocks, calls + 1)
+    for i in first:
+        g.tensors[i].offset = plan.offsets[i]
+    g.workspace_at = [plan.offsets.get(("workspace", k)) for k in range(calls)]
+    g.arena_bytes = plan.arena_bytes
+    return plan
 
 
 # --------------------------------------------------------------------------- C sources
@@ -396,13 +452,18 @@ def _c_array(ctype: str, name: str, values: list[int], per_line: int = 16) -> st
     return f"static const {ctype} {name}[{max(1, len(values))}] = {{\n  " + ",\n  ".join(rows or ["0"]) + "\n};"
 
 
-def _model_c(g: _Graph, kernels: list[str], hooks: list[str], ws_bytes: int, spec: TargetSpec, prefix: str) -> str:
+def _model_c(g: _Graph, kernels: list[str], hooks: list[str], ws_by_kernel: dict[str, int], spec: TargetSpec,
+             prefix: str) -> str:
     # compact tables (the glue must stay small): a location is an input, an output, or a scaled offset into
-    # the arena / weights; a stream holds per call the kernel index, then the location of every argument
+    # the arena / weights; a stream holds per call the kernel index, then the location of every argument,
+    # then (kernels that allocate workspace) the location of the call's workspace block in the arena
     up = prefix.upper()
     where = {("input", i): i for i in range(len(g.inputs))}
     where.update({("output", i): len(g.inputs) + i for i in range(len(g.outputs))})
-    placed = sorted({(t.region, t.offset) for t in g.tensors if t.region in ("arena", "weights")})  # arena first
+    referenced = {i for _, a in g.calls for i in a} | {i for _, i in g.copies}
+    placed = sorted({(t.region, t.offset) for i, t in enumerate(g.tensors)
+                     if t.region in ("arena", "weights") and i in referenced}
+                    | {("arena", o) for o in g.workspace_at if o is not None})  # arena first
     for key in placed:
         where[key] = len(where)
     offsets = [o for _, o in placed]
@@ -411,24 +472,29 @@ def _model_c(g: _Graph, kernels: list[str], hooks: list[str], ws_bytes: int, spe
         unit //= 2
     n_arena = sum(r == "arena" for r, _ in placed)
     used = list(dict.fromkeys(k for k, _ in g.calls))
-    stream = [x for k, a in g.calls for x in (used.index(k), *(where[(g.tensors[i].region, g.tensors[i].offset)]
-                                                              for i in a))]
+    stream = [x for c, (k, a) in enumerate(g.calls)
+              for x in (used.index(k), *(where[(g.tensors[i].region, g.tensors[i].offset)] for i in a),
+                        *((where[("arena", g.workspace_at[c])],) if g.workspace_at[c] is not None else ()))]
     stream_t = "uint8_t" if max(stream + [0]) < 1 << 8 else "uint16_t"
     offset_t = "uint16_t" if max(offsets + [0]) // unit < 1 << 16 else "uint32_t"
     max_args = max([len(a) for _, a in g.calls] or [1])
     arity = {k: len(a) for k, a in g.calls}
     protos = "\n".join(f"int32_t __tvm_ffi_{prefix}_{k}(void*, gm_any*, int32_t, gm_any*);" for k in kernels)
-    hook_defs = []
+    hook_defs, ws_set = [], ""
     if "__TVMBackendAllocWorkspace" in hooks or "__TVMBackendFreeWorkspace" in hooks:
+        need = [-(-ws_by_kernel.get(k, 0) // ALIGN) for k in used]
+        ws_t = "uint8_t" if max(need + [0]) < 1 << 8 else "uint16_t" if max(need) < 1 << 16 else "uint32_t"
         hook_defs.append(f"""
-/* Workspace: kernels allocate and free LIFO; the arena is their exact peak demand. */
-static uint8_t gm_ws[{max(ws_bytes, ALIGN)}] __attribute__((aligned({ALIGN}))) {up}_ARENA_ATTR;
-static size_t gm_ws_top;
+/* Workspace: a kernel allocates and frees LIFO inside the arena block planned for its call (its exact
+ * peak demand, in units of {ALIGN} bytes per kernel: gm_ws_need). */
+{_c_array(ws_t, "gm_ws_need", need)}
+static uint8_t* gm_ws;
+static size_t gm_ws_top, gm_ws_size;
 
 static void* gm_ws_alloc(int device_type, int device_id, uint64_t nbytes, int code, int bits) {{
   size_t need = ((size_t)nbytes + {ALIGN - 1}u) & ~(size_t){ALIGN - 1}u;
   (void)device_type; (void)device_id; (void)code; (void)bits;
-  if (need > sizeof gm_ws - gm_ws_top) return NULL;
+  if (need > gm_ws_size - gm_ws_top) return NULL;
   gm_ws_top += need;
   return gm_ws + gm_ws_top - need;
 }}
@@ -440,6 +506,12 @@ static int gm_ws_free(int device_type, int device_id, void* ptr) {{
   gm_ws_top = (size_t)(p - gm_ws);
   return 0;
 }}""")
+        ws_set = f"""
+    if (gm_ws_need[f]) {{
+      gm_ws = gm_ptr(*s++, inputs, outputs);
+      gm_ws_size = gm_ws_need[f] * {ALIGN}u;
+      gm_ws_top = 0;
+    }}"""
     if "__TVMBackendParallelLaunch" in hooks or "__TVMBackendParallelBarrier" in hooks:
         hook_defs.append("""
 /* Parallel loops run as one task on the calling thread. */
@@ -545,6 +617,7 @@ int {prefix}_run(const void* const* inputs, void* const* outputs) {{
       v[i].zero_padding = 0;
       v[i].v.v_ptr = &t[i];
     }}
+{ws_set}
     if (gm_kernels[f](NULL, v, (int32_t)n, &ret) != 0) return (int)k;
   }}{copies}
   return 0;
@@ -569,8 +642,7 @@ def _model_h(g: _Graph, lib_stats: dict, spec: TargetSpec, prefix: str) -> str:
         f"#define {up}_NUM_INPUTS {len(g.inputs)}",
         f"#define {up}_NUM_OUTPUTS {len(g.outputs)}",
         f"#define {up}_ALIGN {ALIGN}",
-        f"#define {up}_ARENA_BYTES {g.arena_bytes}u      /* activations, reused across layers */",
-        f"#define {up}_WORKSPACE_BYTES {lib_stats['workspace_bytes']}u  /* kernel scratch (LIFO peak) */",
+        f"#define {up}_ARENA_BYTES {g.arena_bytes}u      /* activations and kernel scratch, reused across layers */",
         f"#define {up}_WEIGHTS_BYTES {len(g.weights)}u",
         f"#define {up}_STACK_BYTES_ESTIMATE {lib_stats['stack_estimate_bytes']}u",
         f"#define {up}_ERR_ALIGN (-1)  /* an input or output buffer is not {up}_ALIGN-aligned */",
@@ -651,6 +723,7 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], 
     raw = out / ".kernels.llvm.o"
     kernels, ws, kstack = _phase("build kernels", lambda: _build_kernels(planned, spec, raw, prefix), phases,
                                  progress, spec)
+    arena = _phase("place arena", lambda: _place_arena(g, ws), phases, progress, spec)
     try:
         hooks = _finish_object(raw, out / "kernels.o", spec, prefix)
     finally:
@@ -658,7 +731,7 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], 
     max_args = max([len(a) for _, a in g.calls] or [1])
     glue_frame = 128 + max_args * (40 + 16)  # run(): a DLTensor and a TVMFFIAny per argument
     libs = ["m"]  # kernels may call expf/tanhf/...; a static libm only contributes what they use
-    stats = {"workspace_bytes": ws, "stack_estimate_bytes": glue_frame + kstack, "libraries": libs}
+    stats = {"stack_estimate_bytes": glue_frame + kstack, "libraries": libs}
     (out / f"{prefix}_weights.bin").write_bytes(bytes(g.weights))
     (out / f"{prefix}_weights.S").write_text(_weights_s(bool(g.weights), prefix))
     (out / f"{prefix}.h").write_text(_model_h(g, stats, spec, prefix))
@@ -666,7 +739,14 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, progress: Callable[[str], 
     (out / "CMakeLists.txt").write_text(_cmake(spec, libs, prefix))
     (out / f"{prefix}.mk").write_text(_makefile(spec, libs, prefix))
     return CLibrary(folder=out, prefix=prefix, inputs=g.inputs, outputs=g.outputs, kernels=len(kernels),
-                    calls=len(g.calls), arena_bytes=g.arena_bytes, workspace_bytes=ws, weights_bytes=len(g.weights),
-                    stack_estimate_bytes=stats["stack_estimate_bytes"], libraries=libs,
+                    calls=len(g.calls), arena_bytes=g.arena_bytes, arena_lower_bound=arena.lower_bound,
+                    workspace_bytes=max([_round(ws.get(k, 0)) for k, _ in g.calls] or [0]),
+                    weights_bytes=len(g.weights), stack_estimate_bytes=stats["stack_estimate_bytes"], libraries=libs,
+                    live_bytes=list(arena.live_bytes[:len(g.calls)]), call_kernels=[k for k, _ in g.calls],
+                    call_weight_bytes=[sum(g.tensors[i].nbytes for i in set(a) if g.tensors[i].region == "weights")
+                                       for _, a in g.calls],
+                    call_storage=_call_storage(g),
                     stats={"phases": phases, "scheduled": state.get("scheduled", {}),
-                           "unscheduled": state.get("unscheduled", [])})
+                           "unscheduled": state.get("unscheduled", []), "shared_kernels": state["shared_kernels"],
+                           "arena": {"bytes": arena.arena_bytes, "lower_bound": arena.lower_bound,
+                                     "gap": arena.gap_bytes, "placement": arena.strategy}})

@@ -90,6 +90,10 @@ def _ndim(node) -> int:
     return node.meta["val"].dim()
 
 
+def _channels(node) -> int:
+    return int(node.meta["val"].shape[1])
+
+
 def _fixed_point_multiply(imp, x, mults, shifts, const, bound: int | None = None):
     """MultiplyByQuantizedMultiplier of an int32 Relax tensor by compile-time (M0, shift) as Relax
     ops — elementwise, so layout conversion keeps them channel-last and FuseOps fuses them into the
@@ -190,14 +194,20 @@ _ACCUMULATING = {"qconv2d", "qlinear"}
 
 def _accumulator_bound(node) -> int | None:
     """A compile-time bound on |output| of a qconv2d/qlinear node: 255·Σ|w| + |bias| over the worst
-    output channel (|x − zx| ≤ 255; weights that are not constants count as 128 each), or None."""
+    output channel (|x − zx| ≤ 255; weights that are not constants count as 128 each); 255² for
+    qmul; 255·window for qsum_pool2d; else None."""
     import math
 
     import numpy as np
 
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function"
-            and getattr(node.target, "namespace", None) == "graphopt"
-            and node.target._opname in _ACCUMULATING):
+            and getattr(node.target, "namespace", None) == "graphopt"):
+        return None
+    if node.target._opname == "qmul":
+        return 255 * 255
+    if node.target._opname == "qsum_pool2d":
+        return 255 * math.prod(node.args[2])
+    if node.target._opname not in _ACCUMULATING:
         return None
     w, bias = node.args[2], node.args[3]
     w_np = constant_value(w)
@@ -250,6 +260,12 @@ def _qconv2d(node, imp):
     if (packed := lowbit.qconv2d(node, imp)) is not None:  # weights from unpack_bits: packed kernels
         return packed
     x, x_zp, w, bias, stride, padding, dilation, groups = _args(node, imp)
+    w_np = constant_value(node.args[2])
+    if (w_np is not None and w_np.shape[1:] == (1, 1, 1) and groups == w_np.shape[0] == _channels(node.args[0])
+            and list(stride) == [1, 1] and not any(padding)):  # a per-channel scale (fold_qdq's integer affine):
+        acc = _emit(imp, relax.op.multiply(relax.op.astype(x, "int32"),  # elementwise, fused with its neighbours
+                                           relax.const(w_np.astype("int32").reshape(1, -1, 1, 1))))
+        return _add_offset(imp, node, acc, w, bias, x_zp, [1, 2, 3], [1, -1, 1, 1])
     ph, pw = padding
     if ph or pw:  # pad with the zero point (real 0), then the conv itself needs no padding
         x = _emit(imp, relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(x_zp)))
@@ -279,6 +295,17 @@ def _qmatmul(node, imp):
     shifted = [_emit(imp, relax.op.subtract(relax.op.astype(t, "int32"), relax.const(z, "int32")))
                for t, z in ((a, a_zp), (b, b_zp))]
     return _emit(imp, relax.op.matmul(*shifted, out_dtype="int32"))
+
+
+@register_converter("qmul.default")
+def _qmul(node, imp):
+    """(a − za)·(b − zb) in int32, broadcasting: elementwise, fused with the requantize after it."""
+    from tvm import relax
+
+    a, a_zp, b, b_zp = _args(node, imp)
+    shifted = [_emit(imp, relax.op.subtract(relax.op.astype(t, "int32"), relax.const(z, "int32")))
+               for t, z in ((a, a_zp), (b, b_zp))]
+    return _emit(imp, relax.op.multiply(*shifted))
 
 
 @register_converter("qsum_pool2d.default")
@@ -336,7 +363,7 @@ def _qlut(node, imp):
 
     x, table = _args(node, imp)
     idx = _emit(imp, relax.op.add(relax.op.astype(x, "int32"), relax.const(128, "int32")))
-    return _emit(imp, relax.op.take(table, idx, axis=0))
+    return _emit(imp, relax.op.take(table, idx, axis=0, mode="clip"))  # idx is in [0, 255]; "fast" warns
 
 
 @register_converter("qsign.default")

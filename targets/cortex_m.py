@@ -31,7 +31,8 @@ MCU_OPS = OperatorSet(
                                            "logical_not", "any")),
         # graphopt's integer graph (graphopt.qops) and its float boundaries
         OpRule("qconv2d", dtypes={"int8", "int32"}, note="any groups/dilation: the conv rewrites are float-only"),
-        *(OpRule(k, dtypes={"int8", "int32"}) for k in ("qlinear", "qmatmul", "qsum_pool2d", "qadd", "qsign")),
+        *(OpRule(k, dtypes={"int8", "int32"}) for k in ("qlinear", "qmatmul", "qmul", "qsum_pool2d", "qadd",
+                                                           "qsign")),
         OpRule("unpack_bits", dtypes={"uint8", "int8"}, note="4/2/1-bit weights stored packed"),
         OpRule("qlut", dtypes={"int8"}, note="int8 lookup table: any unary activation, exact vs. its QDQ form"),
         *(OpRule(k, dtypes={"int8", "int32", "float32"}) for k in (

@@ -18,15 +18,24 @@ contiguous NHWC values, padded once to whole `depth` groups (`reduction`);
 auto-tensorizing unpacked weights is silently wrong in TVM 0.27. Unsigned-activation kernels see
 ``x + 128`` and subtract ``128·Σw`` in the epilogue. `schedules.TensorizedDot` schedules the result.
 
+Weight storage: where a target has kernels for int8 and for wider (int16) weights, `choose`
+follows the active `WeightStorage` (set with `weight_storage`, from ``compile(optimize_for=...)``):
+every layer legalized records its storage and why (`weight_storage` yields the list).
+
 Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non-constant weights,
-targets without a dot kernel.
+targets without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling)
+becomes a weightless window sum instead.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from graphopt.config import OptimizeFor
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, te, tirx, topi
 
@@ -131,13 +140,104 @@ def dot_kernel(spec: TargetSpec) -> DotKernel | None:
     return next(iter(dot_kernels(spec)), None)
 
 
+@dataclass(frozen=True)
+class WeightStorage:
+    """The weight-storage policy of one build: `OptimizeFor`, and the layers (by `layer_key`) that keep
+    int8 weights because the board's flash cannot hold them wider."""
+
+    optimize_for: OptimizeFor = OptimizeFor.BALANCED
+    narrow: frozenset = frozenset()
+
+
+_STORAGE: contextvars.ContextVar = contextvars.ContextVar("graphopt_weight_storage", default=None)
+
+
+@contextlib.contextmanager
+def weight_storage(policy: WeightStorage):
+    """Within, `choose` follows `policy`; yields the list the legalizations append their decisions to
+    (``{"layer", "key", "packed_key", "weights", "macs", "storage", "reason", "wide_extra_bytes"}``)."""
+    decisions: list[dict] = []
+    token = _STORAGE.set((policy, decisions))
+    try:
+        yield decisions
+    finally:
+        _STORAGE.reset(token)
+
+
+def recorded_decisions() -> list[dict]:
+    """The decisions recorded so far under the innermost `weight_storage` (empty outside one)."""
+    active = _STORAGE.get()
+    return [] if active is None else list(active[1])
+
+
+def summarize_storage(decisions: list[dict]) -> dict:
+    """The report's view of a build's weight-storage decisions."""
+    return {"layers": [{k: d[k] for k in ("layer", "weights", "storage", "reason")} for d in decisions],
+            "int16_layers": sum(d["storage"] == "int16" for d in decisions),
+            "int8_layers": sum(d["storage"] == "int8" for d in decisions)}
+
+
+def active_storage() -> WeightStorage:
+    """The policy `weight_storage` set (the default one outside)."""
+    active = _STORAGE.get()
+    return WeightStorage() if active is None else active[0]
+
+
+def layer_key(weights: np.ndarray) -> str:
+    """A layer's identity across builds: a digest of its (constant) weights."""
+    digest = hashlib.sha1(f"{weights.dtype}{weights.shape}".encode() + np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _wide(k: DotKernel) -> bool:
+    return k.weight_dtype != "int8"
+
+
+def _allowed(k: DotKernel, weights: np.ndarray, policy: WeightStorage) -> bool:
+    if not _wide(k):
+        return True
+    if policy.optimize_for is OptimizeFor.SIZE or layer_key(weights) in policy.narrow:
+        return False
+    return policy.optimize_for is OptimizeFor.SPEED or k.max_weights is None or weights.size <= k.max_weights
+
+
+def _storage_reason(kernels, weights: np.ndarray, chosen: DotKernel, policy: WeightStorage) -> str:
+    """Why `chosen` stores this layer's weights as it does."""
+    wide = [k for k in kernels if _wide(k) and int(weights.min(initial=0)) >= k.min_weight]
+    if _wide(chosen):
+        return "faster: the kernel multiplies ready int16 pairs"
+    if not wide:
+        return "the target's kernels for these weights take int8"
+    if policy.optimize_for is OptimizeFor.SIZE:
+        return "optimize_for=size"
+    if layer_key(weights) in policy.narrow:
+        return "the board's flash cannot hold it as int16"
+    cap = min((k.max_weights for k in wide if k.max_weights is not None), default=None)
+    if policy.optimize_for is OptimizeFor.BALANCED and cap is not None and weights.size > cap:
+        return f"{weights.size:,} weights > {cap:,} (optimize_for=balanced)"
+    return "less padding"
+
+
+def _record(kernels, w: np.ndarray, packed: np.ndarray, k: DotKernel, layer: str, macs: int) -> None:
+    """Append this layer's storage decision to the active `weight_storage` list, if any."""
+    active = _STORAGE.get()
+    if active is None:
+        return
+    policy, decisions = active
+    decisions.append({"layer": layer, "key": layer_key(w), "packed_key": layer_key(packed), "weights": int(w.size),
+                      "macs": int(macs), "storage": k.weight_dtype,
+                      "reason": _storage_reason(kernels, w, k, policy),
+                      "wide_extra_bytes": int(packed.nbytes // 2) if _wide(k) else 0})
+
+
 def choose(kernels, weights: np.ndarray, channels: int, window: int = 1) -> DotKernel | None:
-    """The kernel for one layer: among those whose weight range fits, the first whose reduction needs
-    no padding, else the one padding least (e.g. a 3-channel stem conv); None when even that would
-    double the reduction. `window` > 1 (a conv's kernel width, dilation 1) lets a kernel reduce over
-    the window's `window`·`channels` contiguous values instead of over channels (`reduction`)."""
-    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight
-           and (k.max_weights is None or weights.size <= k.max_weights)]
+    """The kernel for one layer: among those whose weight range fits and whose weight storage the
+    active `WeightStorage` allows, the first whose reduction needs no padding, else the one padding
+    least (e.g. a 3-channel stem conv); None when even that would double the reduction. `window` > 1
+    (a conv's kernel width, dilation 1) lets a kernel reduce over the window's `window`·`channels`
+    contiguous values instead of over channels (`reduction`)."""
+    policy = active_storage()
+    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)]
     best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
     if best is None or reduction(best, channels, window)[0] >= 2 * window * channels:
         return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs
@@ -226,6 +326,8 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     """int8 NHWC/HWIO conv2d with a constant weight as a tensorizable packed-weight kernel, or None."""
     attrs = call.attrs
     data, weight = call.args
+    if (window_sum := _legalize_window_sum(bb, call)) is not None:
+        return window_sum
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
             or int(attrs.groups) != 1 or not isinstance(weight, tvm.ir.expr.Constant) \
             or str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8" \
@@ -243,6 +345,8 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
         return None
     flat = reduction(k, c, window)[1]
     packed = _pack_conv_weight(w.reshape(kh, 1, kw * c, f) if flat else w, k)
+    out_pixels = int(np.prod([int(d) for d in call.ty.shape][:-1]))
+    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f}", out_pixels * kh * kw * c * f)
     correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
         if k.data_dtype == "uint8" else None
 
@@ -285,6 +389,34 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     return _emit(bb, compute, data, packed, correction, "conv2d_int8")
 
 
+def _legalize_window_sum(bb: relax.BlockBuilder, call: relax.Call):
+    """An int8 NHWC depthwise conv whose constant weights are all ones (graphopt's sum pooling, e.g. a
+    quantized global average pool) as a window sum: no weights in flash, no multiplies; or None."""
+    attrs = call.attrs
+    data, weight = call.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
+            or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    kh, kw, one, c = w.shape
+    if one != 1 or int(attrs.groups) != c or int(data.ty.shape[-1]) != c or not (w == 1).all():
+        return None
+    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+
+    def compute(x):
+        if pt or pl or pb or pr:
+            x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad_temp")
+        n, h, wd, _ = (int(d) for d in x.shape)
+        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+        return te.compute((n, (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1, c),
+                          lambda b, y, xx, ch: te.sum(x[b, y * sh + ry * dh, xx * sw + rx * dw, ch].astype("int32"),
+                                                      axis=[ry, rx]), name="window_sum")
+
+    return bb.call_te(compute, data, primfunc_name_hint="window_sum_int8")
+
+
 def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):
     """int8 ``x @ W`` (W constant [K, N]) → int32 as a tensorizable packed-weight kernel, or None."""
     a, weight = call.args
@@ -298,6 +430,8 @@ def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     if k is None:
         return None
     packed = _pack_dense_weight(w, k)
+    rows = int(np.prod([int(d) for d in a.ty.shape][:-1]))
+    _record(kernels, w, packed, k, f"dense {w.shape[0]}->{n}", rows * w.size)
     correction = (128 * w.astype(np.int64).sum(axis=0)).astype(np.int32) if k.data_dtype == "uint8" else None
 
     def compute(x, wp, *corr):

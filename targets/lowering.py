@@ -167,11 +167,13 @@ def _legalize(mod, spec, state):
 
 def _fuse(mod, spec, state):
     import tvm
+    from graphopt.targets.schedules import spatialize_unit_reductions
     from tvm import relax
 
     with spec.tvm():
-        return tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                                         relax.transform.DeadCodeElimination()])(mod)
+        mod = tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                                        relax.transform.DeadCodeElimination()])(mod)
+    return spatialize_unit_reductions(mod)  # before any rule or tuning record sees them
 
 
 def _schedule(mod, spec, state):

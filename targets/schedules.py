@@ -7,6 +7,9 @@ rule that schedules it wins. A PrimFunc no rule takes gets `Generic` (parallel o
 vectorized inner loop where TVM proves it legal) and is reported as ``"fallback"``; one even that
 fails is left as TVM emitted it and reported as unscheduled.
 
+Before any rule or tuning database sees them, `spatialize_unit_reductions` (run by lowering's fuse
+phase) rewrites reductions whose axes all have extent 1 as spatial blocks.
+
 Rules are chosen by `CpuParams` (vector lanes, vector register count, cores) derived from a
 `TargetSpec`'s vector width and feature flags, never from its name. Refuses nothing: every failure
 to schedule degrades to a slower but correct PrimFunc.
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 from graphopt.targets.int8 import DOT_ATTR, DotKernel, by_intrin, dot_kernels, legalize_conv2d, legalize_matmul
 from graphopt.targets.spec import Feature, TargetSpec
 from tvm import relax, s_tir, te, tirx, topi
@@ -192,6 +196,99 @@ def legalize_map(spec: TargetSpec) -> dict:
             "relax.multiply": widening_multiply_legalizer()}
 
 
+def _stores(stmt) -> list | None:
+    """The buffer stores of a block's init (one store, or a sequence of them), else None."""
+    if isinstance(stmt, tirx.BufferStore):
+        return [stmt]
+    if isinstance(stmt, tirx.SeqStmt) and all(isinstance(s, tirx.BufferStore) for s in stmt.seq):
+        return list(stmt.seq)
+    return None
+
+
+class _Keep(Exception):
+    """The block reads its accumulator other than at the element it updates: leave it as it is."""
+
+
+def _reads(expr, buffers) -> bool:
+    """Whether `expr` loads from any of `buffers`."""
+    found = []
+    tvm_ffi.structural_walk(expr, (tvm.ir.TensorLoad, lambda load: found.append(any(load.source.same_as(b)
+                                                                                    for b in buffers))))
+    return any(found)
+
+
+def _spatialize(realize):
+    """`realize` with its block ``init: C[i] = c; body: C[i] = f(C[i], x)`` rewritten as the spatial
+    ``C[i] = f(c, x)`` when each of its reduction axes has extent 1 (e.g. a Linear(1, N), a 1×1 conv
+    with one input channel per group, a 1×1 pool); any other block unchanged."""
+    block = realize.block
+    reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    inits = None if block.init is None else _stores(block.init)
+    if inits is None or not reduce or any(_int(iv.dom.extent) != 1 for iv in reduce):
+        return realize
+    at_min = [(iv.var, iv.dom.min) for iv in reduce]
+
+    def sub(node):  # reduction variables -> their only value
+        return tvm_ffi.structural_map(node, (tvm.ir.Var, lambda v: next((m for r, m in at_min if r.same_as(v)), v)))
+
+    def initial(load):  # the accumulator's read -> its initial value
+        for store in inits:
+            if store.buffer.same_as(load.source):
+                if not tvm_ffi.structural_equal(list(load.indices), list(sub(store.indices))):
+                    raise _Keep
+                return sub(store.value)
+        return load
+
+    stores = []  # a tuple reduction (argmax) reads its accumulators in let bindings, then stores them all
+    tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+    if len(stores) > 1 and any(_reads(s.value, [i.buffer for i in inits]) for s in stores):
+        return realize  # a store could read what another store of this update wrote
+    try:
+        body = tvm_ffi.structural_map(sub(block.body), (tvm.ir.TensorLoad, initial))
+    except _Keep:
+        return realize
+    written = [w.source for w in block.writes]
+    keep = [i for i, iv in enumerate(block.iter_vars) if iv.iter_type != tirx.IterVar.CommReduce]
+    spatial = s_tir.SBlock([block.iter_vars[i] for i in keep],
+                           [sub(r) for r in block.reads if not any(r.source.same_as(b) for b in written)],
+                           list(block.writes), block.name_hint, body, None, list(block.alloc_buffers),
+                           list(block.match_buffers), dict(block.annotations))
+    return s_tir.SBlockRealize([realize.iter_values[i] for i in keep], realize.predicate, spatial)
+
+
+def _mentions(stmt, var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(stmt, (tvm.ir.Var, lambda v: found.append(True) if v.same_as(var) else None))
+    return bool(found)
+
+
+def _drop_unused_unit_loop(loop):
+    """``for k in range(1): S`` -> S when S no longer uses k (the loop of a spatialized reduction
+    axis): dlight's normalization needs one loop per block iterator."""
+    return loop.body if _int(loop.extent) == 1 and not _mentions(loop.body, loop.loop_var) else loop
+
+
+def spatialize_unit_reductions(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite every reduction whose axes all have extent 1 as a spatial block (and drop the loops of
+    those axes), in the PrimFuncs of `mod` not yet scheduled.
+
+    TVM keeps such a block a reduction (an init and an accumulating update). dlight's
+    ``normalize_prim_func`` drops its unit reduction iterators but keeps the init, so every rule sees
+    a spatial block, and inlining the epilogue into it (``reverse_compute_inline``, as `Injective`
+    and dlight's ``try_inline`` do) applies the epilogue to the init and to the update: a bias added
+    twice in fp32 (Linear(1, N), 1×1 convs with one input channel per group: 10 % to 10× off), and in
+    int8 a requantize of the integer init that TVM cannot build (``IntImm supports only int or uint
+    or bool type, but float32 was supplied``). As a plain spatial block every rule schedules it
+    correctly.
+    """
+    mod = mod.clone()
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            mod[gv] = tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, _spatialize),
+                                                    (tirx.For, _drop_unused_unit_loop)])
+    return mod
+
+
 def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
     return _int(sch.get(loop).extent)
 
@@ -256,7 +353,8 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
     for block in placed:
-        _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
+        if lanes > 1:  # scalar targets (Cortex-M4): a <2 x i64> fixed-point product loses its 32x32->64 multiply
+            _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
 
 
 class ChannelLastReduction(dlight.ScheduleRule):
@@ -452,9 +550,96 @@ class Injective(dlight.ScheduleRule):
         infos = dlight.analysis.normalize_prim_func(sch)
         if infos is None or not all(b.is_injective() for b in infos):
             return None
-        for b in dlight.base.try_inline(sch, infos):
-            _schedule_spatial(sch, b.block_rv, self.params.lanes)
+        left, copied = _inline_without_nested_copies(sch, [b.block_rv for b in infos])
+        for block in reversed(left):  # consumers first: a block kept from copying, read elementwise by
+            consumers = sch.get_consumers(block)  # its one consumer, is computed a vector at a time
+            if sch.get(block).name_hint in copied and len(consumers) == 1 and _elementwise(sch, consumers[0], block):
+                try:
+                    sch.compute_at(block, sch.get_loops(consumers[0])[-2], preserve_unit_loops=True)
+                except Exception:  # noqa: BLE001  TVM refused: the block keeps its own loop nest
+                    _schedule_spatial(sch, block, self.params.lanes)
+                else:
+                    _try(lambda: _vectorize_innermost(sch, sch.get_loops(block)[-1], self.params.lanes))
+            else:
+                _schedule_spatial(sch, block, self.params.lanes)
         return sch
+
+
+def _elementwise(sch: s_tir.Schedule, consumer, producer) -> bool:
+    """Whether `consumer` (already scheduled: more than one loop) reads what `producer` writes only at
+    its own iteration point (so computing `producer` under the consumer's loops covers it exactly)."""
+    block, written = sch.get(consumer), sch.get(producer).writes[0].source
+    regions = [r.region for r in block.reads if r.source.same_as(written)]
+    if len(sch.get_loops(consumer)) < 2 or len(regions) != 1 or any(_int(r.extent) != 1 for r in regions[0]):
+        return False
+    indices = [r.min for r in regions[0] if _int(r.min) != 0]  # unit axes (e.g. the batch) read at 0
+    return len(indices) == len(block.iter_vars) and all(i.same_as(v.var) for i, v in zip(indices, block.iter_vars))
+
+
+def _loads(sch: s_tir.Schedule, consumer, producer) -> int:
+    """How many times the body of `consumer` reads the buffer `producer` writes."""
+    written, count = sch.get(producer).writes[0].source, [0]
+    tvm_ffi.structural_walk(sch.get(consumer).body, (tvm.ir.TensorLoad, lambda load: count.__setitem__(
+        0, count[0] + load.source.same_as(written))))
+    return count[0]
+
+
+# Levels of copies within copies an inlined spatial expression may hold: a requantize reads its
+# fixed-point ``high`` term three times, so each chained requantization inlined whole triples the
+# expression: an int8 concat of slices of concats compiled for over 15 minutes (46 s with this limit).
+_NESTED_COPIES = 1
+
+
+class _TooManyCopies(Exception):
+    """Inlining the block would copy an expression that already holds copies."""
+
+
+def _inline_without_nested_copies(sch: s_tir.Schedule, blocks: list) -> tuple[list, set[str]]:
+    """Inline spatial blocks into each other as dlight's ``try_inline`` does (compute_inline while one
+    succeeds, then reverse_compute_inline), except that a block read several times is not inlined
+    once its expression holds `_NESTED_COPIES` levels of such copies. Returns the blocks left and
+    the names of those kept for that reason."""
+    nesting = {sch.get(b).name_hint: 0 for b in blocks}  # block name -> levels of copies its body holds
+
+    kept: set[str] = set()  # blocks not inlined for that reason
+
+    def inlined(name: str, uses: int) -> int:
+        """The nesting of a block's expression once copied into a consumer `uses` times."""
+        if uses > 1 and nesting[name] >= _NESTED_COPIES:
+            kept.add(name)
+            raise _TooManyCopies
+        return nesting[name] + (uses > 1)
+
+    def compute_inline(block) -> bool:
+        name = sch.get(block).name_hint
+        uses = {sch.get(c).name_hint: _loads(sch, c, block) for c in sch.get_consumers(block)}
+        depth = inlined(name, sum(uses.values()))
+        sch.compute_inline(block)
+        for consumer in uses:
+            nesting[consumer] = max(nesting[consumer], depth)
+        return True
+
+    def reverse_compute_inline(block) -> bool:
+        name = sch.get(block).name_hint
+        depths = {sch.get(p).name_hint: inlined(sch.get(p).name_hint, _loads(sch, block, p))
+                  for p in sch.get_producers(block)}
+        sch.reverse_compute_inline(block)
+        for producer, depth in depths.items():
+            nesting[producer] = max(nesting[name], depth)
+        return True
+
+    def first(step) -> int | None:
+        for i, block in enumerate(blocks):
+            try:
+                if step(block):
+                    return i
+            except Exception:  # noqa: BLE001  TVM refused, or _TooManyCopies: the block stays
+                continue
+        return None
+
+    while (i := first(compute_inline)) is not None or (i := first(reverse_compute_inline)) is not None:
+        blocks.pop(i)
+    return blocks, kept
 
 
 class Generic(dlight.ScheduleRule):

@@ -30,7 +30,8 @@ FRONT_INPLACE = ("front: `out += x` in a residual block (no activation after it)
                  "its folded integer graph; with `out = out + x` they are equal")
 QUANT_BATCH = ("new, graphopt/quantize.py _capture_any_batch: a batch-1 example specializes the batch, so the "
                "shuffle's view keeps a literal 1 and calibration batches of 4 raise a raw RuntimeError")
-INT_CONTRACT = "int: the folded integer graph vs its QDQ module is outside the README contract (>= 98 % within 1 LSB)"
+INT_CONTRACT = ("int: the folded integer graph vs its QDQ module is outside the README contract (>= 98 % within 1 LSB); "
+                "fixed on int: QDQ biases and BatchNorm offsets on the integer graph's accumulator grid")
 
 KEPT_CASES: tuple[Case, ...] = (
     Case(-71, 12, (5, 7), (Block(Kind.RESIDUAL, 19, 3, 1, 1, 1, True, Act.NONE, False, True),
@@ -197,4 +198,16 @@ REGRESSIONS: tuple[Regression, ...] = (
     Regression(199, 'compile', 'rel. error 0.965: features.1.0 Conv2d(48, 48, 1, groups=48)', LOWER_R1),
     Regression(199, 'prune', 'rel. error 0.781: features.1.0 Conv2d(36, 36, 1, groups=36)', LOWER_R1),
     Regression(199, 'quantize', 'int8 build raised LoweringError', LOWER_R1),
+    # int8 builds that LOWER_R1 made fail: once they built (branch lower), compiled == integer graph,
+    # and the integer graph vs its QDQ module is outside the contract
+    Regression(37, 'quantize', 'integer graph vs QDQ: 92.2% within 1 LSB, max 4 LSB', INT_CONTRACT),
+    Regression(38, 'quantize', 'integer graph vs QDQ: 66.7% within 1 LSB, max 2 LSB', INT_CONTRACT),
+    Regression(152, 'quantize', 'integer graph vs QDQ: 87.5% within 1 LSB, max 2 LSB', INT_CONTRACT),
+    Regression(197, 'quantize', 'integer graph vs QDQ: 60.0% within 1 LSB, max 4 LSB', INT_CONTRACT),
+    # found on int once the batch-1 capture let these shuffles quantize (their QUANT_BATCH failure is gone)
+    Regression(11, 'quantize', 'compiled != integer graph by 1 LSB', LOWER_R1),
+    Regression(84, 'quantize', 'compiled != integer graph by 1 LSB', LOWER_R1),
+    Regression(188, 'quantize', 'compiled != integer graph by 2 LSB', LOWER_R1),
+    # found on branch lower after merging main (the oracle is pure PyTorch: not a lowering change)
+    Regression(20, 'quantize', 'integer graph vs QDQ: 83.3% within 1 LSB, max 2 LSB', INT_CONTRACT),
 )

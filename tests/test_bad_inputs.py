@@ -196,6 +196,8 @@ CASES = [
          lambda w: graphopt.compile(_cnn(), (X,), "host", capture_method="trace", progress=False)),
     Case("compile-name-int", graphopt.ConfigError, r"C identifier",
          lambda w: graphopt.compile(_cnn(), (X,), "host", name=3, progress=False)),
+    Case("compile-optimize-for-typo", graphopt.ConfigError, r"choose one of \['balanced', 'speed', 'size'\]",
+         _before_model_work(lambda m: graphopt.compile(m, (X,), "cortex-m4", optimize_for="small", progress=False))),
     # ---- tuning databases: refused at once, before the model runs
     Case("tune-database-under-proc", TuningDatabaseError, r"cannot be written.*folder you can write",
          _before_model_work(lambda m: graphopt.tune(m, (X,), "host", trials=2, database="/proc/graphopt-db",

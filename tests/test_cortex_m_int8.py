@@ -1,7 +1,7 @@
 """Cortex-M DSP int8 kernels (`graphopt.targets.intrin_cortex_m`: SXTB16 + SMLAD) on cortex-m4.
 
 DSP targets get both SMLAD dot kernels, the int16-weight one preferred; Thumb inner loops stay
-within 1.7 (int8 weights) and 1.15 (int16 weights) instructions per MAC (fp32's multiply-add
+within 1.55 (int8 weights, 2-pixel tile) and 1.15 (int16 weights) instructions per MAC (fp32's multiply-add
 kernel: ~3.3). Under qemu-system-arm, standalone tensorized dense and strided conv kernels of both
 on full-range int8 (-128..127) equal numpy exactly, and quantized models compiled through
 `graphopt.compile` equal graphopt's integer reference exactly, using the int16-weight kernel.
@@ -24,6 +24,7 @@ from graphopt.targets.intrin_cortex_m import (
     DSP16_KERNEL,
     DSP_KERNEL,
     LANES,
+    LANES_8,
     MAX_WEIGHTS_16,
 )
 from quant_models import PATTERNS, calibration, ready
@@ -33,16 +34,18 @@ from graphopt import qref
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")
-# measured int8 weights 1.47-1.63 (4 MACs: LDR, 2 SXTB16, 2 SMLAD + the shared activation word),
-# int16 weights 1.00 dense, 1.03 a 16-channel conv (4 MACs: LDRD, 2 SMLAD + the activation word:
-# LDR, 2 SXTB16; + loop and spill overhead per 16 channels)
-MAX_INSNS_PER_MAC = {"int8": 1.7, "int16": 1.15}
+# measured int8 weights 1.38 (conv) and 1.50 (dense) per MAC on a 2-pixel x 2-lane tile (16 MACs: 2 LDR +
+# 4 SXTB16 per operand, 8 SMLAD; a 1-pixel tile measured 1.72), int16 weights 1.02 dense, 1.03 a 16-channel
+# conv (4 MACs: LDRD, 2 SMLAD + the activation word: LDR, 2 SXTB16; + loop and spill overhead per 16 channels)
+MAX_INSNS_PER_MAC = {"int8": 1.55, "int16": 1.15}
 KERNELS = {"int8": DSP_KERNEL, "int16": DSP16_KERNEL}
 
 
-def _schedule(out, args, intrin):
-    """The tensorized schedule: output channels split by LANES, the innermost reduction by DEPTH,
-    (LANES x DEPTH) tensorized, the LANES int32 sums accumulated in a per-tile buffer."""
+def _schedule(out, args, kern):
+    """The tensorized schedule: output channels split by the kernel's lanes, the innermost reduction by
+    DEPTH, (lanes x DEPTH) tensorized, the int32 sums of a tile of `kern.accumulators` pixels (when the
+    innermost pixel axis divides; the tile `schedules.TensorizedDot` picks for these kernels) accumulated
+    in a per-tile buffer."""
     from tvm import s_tir, te
 
     sch = s_tir.Schedule(te.create_prim_func([*args, out]))
@@ -50,12 +53,18 @@ def _schedule(out, args, intrin):
     loops = sch.get_loops(block)
     n_s = len(out.shape)
     spatial, reduce = loops[:n_s], loops[n_s:]
-    f_o, f_i = sch.split(spatial[-1], [None, LANES])
+    f_o, f_i = sch.split(spatial[-1], [None, kern.lanes])
     r_o, r_i = sch.split(reduce[-1], [None, DEPTH])
-    sch.reorder(*spatial[:-1], f_o, *reduce[:-1], r_o, f_i, r_i)
+    outer, pixels = list(spatial[:-1]), []
+    if kern.accumulators > 1 and outer and int(sch.get(outer[-1]).extent) % kern.accumulators == 0:
+        p_o, p_i = sch.split(outer[-1], [None, kern.accumulators])
+        outer, pixels = outer[:-1] + [p_o], [p_i]
+    sch.reorder(*outer, f_o, *reduce[:-1], r_o, *pixels, f_i, r_i)
     sch.reverse_compute_at(sch.cache_write(block, 0, "global"), f_o)
     sch.decompose_reduction(block, (reduce[:-1] or [r_o])[0])
-    sch.tensorize(f_i, intrin)
+    for p in pixels:
+        sch.unroll(p)
+    sch.tensorize(f_i, kern.intrin)
     return sch.mod["main"]
 
 
@@ -64,12 +73,13 @@ def _dense(m: int, n: int, k: int, weights: str = "int8"):
 
     x = te.placeholder((m, k), "int8", name="x")
     kern = KERNELS[weights]
-    wp = te.placeholder(kern.tile_layout(np.empty((n // LANES, k // DEPTH, LANES, DEPTH))).shape, weights, name="wp")
+    lanes = kern.lanes
+    wp = te.placeholder(kern.tile_layout(np.empty((n // lanes, k // DEPTH, lanes, DEPTH))).shape, weights, name="wp")
     r = te.reduce_axis((0, k), "r")
     out = te.compute((m, n), lambda i, f: te.sum(
-        x[i, r].astype("int32") * kern.weight(wp, (f // LANES, r // DEPTH), f % LANES, r).astype("int32"), axis=r),
+        x[i, r].astype("int32") * kern.weight(wp, (f // lanes, r // DEPTH), f % lanes, r).astype("int32"), axis=r),
         name="dense")
-    return _schedule(out, [x, wp], KERNELS[weights].intrin)
+    return _schedule(out, [x, wp], kern)
 
 
 def _conv(h: int, w: int, c: int, f: int, kernel: int, stride: int, weights: str = "int8"):
@@ -77,15 +87,16 @@ def _conv(h: int, w: int, c: int, f: int, kernel: int, stride: int, weights: str
 
     x = te.placeholder((1, h, w, c), "int8", name="x")
     kern = KERNELS[weights]
-    wp = te.placeholder(kern.tile_layout(np.empty((f // LANES, kernel, kernel, c // DEPTH, LANES, DEPTH))).shape,
+    lanes = kern.lanes
+    wp = te.placeholder(kern.tile_layout(np.empty((f // lanes, kernel, kernel, c // DEPTH, lanes, DEPTH))).shape,
                         weights, name="wp")
     oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
     ry, rx, rc = (te.reduce_axis((0, e), n) for e, n in ((kernel, "ry"), (kernel, "rx"), (c, "rc")))
     out = te.compute((1, oh, ow, f), lambda b, y, xx, ff: te.sum(
         x[b, y * stride + ry, xx * stride + rx, rc].astype("int32")
-        * kern.weight(wp, (ff // LANES, ry, rx, rc // DEPTH), ff % LANES, rc).astype("int32"), axis=[ry, rx, rc]),
+        * kern.weight(wp, (ff // lanes, ry, rx, rc // DEPTH), ff % lanes, rc).astype("int32"), axis=[ry, rx, rc]),
         name="conv")
-    return _schedule(out, [x, wp], KERNELS[weights].intrin)
+    return _schedule(out, [x, wp], kern)
 
 
 def _build(func, path) -> None:
@@ -131,8 +142,9 @@ def test_dsp_targets_prefer_the_int16_weight_smlad_kernel():
     for name in ("cortex-m4", "cortex-m7"):
         assert dot_kernels(get_target(name))[:2] == (DSP16_KERNEL, DSP_KERNEL)
         assert dot_kernel(get_target(name)) is DSP16_KERNEL
-    for k, weights in ((DSP_KERNEL, "int8"), (DSP16_KERNEL, "int16")):
-        assert (k.lanes, k.depth, k.data_dtype, k.weight_dtype, k.min_weight) == (4, 4, "int8", weights, -128)
+    for k, weights, lanes in ((DSP_KERNEL, "int8", LANES_8), (DSP16_KERNEL, "int16", LANES)):
+        assert (k.lanes, k.depth, k.data_dtype, k.weight_dtype, k.min_weight) == (lanes, 4, "int8", weights, -128)
+    assert (LANES_8, DSP_KERNEL.accumulators) == (2, 2)  # a 2-pixel x 2-lane tile: weights extended once
     assert not set(dot_kernels(get_target("host"))) & {DSP_KERNEL, DSP16_KERNEL}
     if "max_weights" in DSP16_KERNEL.__dataclass_fields__:  # large layers keep int8 weights (flash)
         assert DSP16_KERNEL.max_weights == MAX_WEIGHTS_16 and DSP_KERNEL.max_weights is None
@@ -142,7 +154,7 @@ def test_dsp_targets_prefer_the_int16_weight_smlad_kernel():
 @pytest.mark.parametrize("kernel", ["dense", "conv"])
 def test_inner_loop_is_sxtb16_smlad_within_budget(kernel, weights, tmp_path):
     require_tools("arm-none-eabi-objdump")
-    func = _dense(1, 64, 256, weights) if kernel == "dense" else _conv(10, 10, 16, 32, 3, 1, weights)
+    func = _dense(2, 64, 256, weights) if kernel == "dense" else _conv(10, 10, 16, 32, 3, 1, weights)
     _build(func, tmp_path / "k.o")
     lines = _disassemble(tmp_path / "k.o")
     assert any("sxtb16" in ln and "ror #8" in ln for ln in lines)  # the rotation folds into SXTB16
@@ -213,7 +225,8 @@ def test_tensorized_dense_equals_numpy_under_qemu(weights, tmp_path):
     m, n, k = 3, 16, 68
     rng = np.random.default_rng(0)
     x, w = _full_range(rng, (m, k)), _full_range(rng, (k, n))
-    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(w.reshape(k // DEPTH, DEPTH, n // LANES, LANES)
+    lanes = KERNELS[weights].lanes
+    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(w.reshape(k // DEPTH, DEPTH, n // lanes, lanes)
                                                            .transpose(2, 0, 3, 1))).astype(weights)
     got = _run_kernel(_dense(m, n, k, weights), x, wp, (m, n), tmp_path)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
@@ -226,8 +239,9 @@ def test_tensorized_strided_conv_equals_numpy_under_qemu(weights, tmp_path):
     h, c, f, kernel, stride = 9, 8, 8, 3, 2
     rng = np.random.default_rng(1)
     x, w = _full_range(rng, (1, h, h, c)), _full_range(rng, (kernel, kernel, c, f))  # NHWC, HWIO
-    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // LANES, LANES)
-                                                           .transpose(4, 0, 1, 2, 5, 3))).astype(weights)
+    lanes = KERNELS[weights].lanes
+    wp = np.ascontiguousarray(KERNELS[weights].tile_layout(w.reshape(kernel, kernel, c // DEPTH, DEPTH, f // lanes,
+                                                                     lanes).transpose(4, 0, 1, 2, 5, 3))).astype(weights)
     o = (h - kernel) // stride + 1
     ref = np.zeros((1, o, o, f), np.int64)
     for ry in range(kernel):

@@ -9,6 +9,7 @@ from torch import fx, nn
 
 import graphopt
 from graphopt.capture import CaptureMethod, capture
+from graphopt.torchvision_style import BasicBlock, conv1x1
 from graphopt.zoo import recalibrate_bn
 
 aten = torch.ops.aten
@@ -32,32 +33,13 @@ def _assert_same_function(model, gm, shape, trials=4):
         assert torch.equal(got, want), float((got - want).abs().max())
 
 
-class TorchvisionBasicBlock(nn.Module):
-    """torchvision.models.resnet.BasicBlock as written there."""
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
+def torchvision_basic_block(inplanes, planes, stride=1):
+    """torchvision.models.resnet.BasicBlock (graphopt.torchvision_style, written as torchvision writes it),
+    with the downsample ResNet._make_layer gives it."""
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
+    return BasicBlock(inplanes, planes, stride, downsample)
 
 
 class InPlaceZoo(nn.Module):
@@ -65,7 +47,7 @@ class InPlaceZoo(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.block = TorchvisionBasicBlock(4, 8, 2)
+        self.block = torchvision_basic_block(4, 8, 2)
         self.relu6 = nn.ReLU6(inplace=True)
         self.hswish = nn.Hardswish(inplace=True)
         self.hsig = nn.Hardsigmoid(inplace=True)
@@ -191,7 +173,7 @@ def test_functional_form_table():
 
 
 def test_quantized_graph_has_no_dropout_and_no_in_place_op():
-    model = recalibrate_bn(nn.Sequential(TorchvisionBasicBlock(3, 8), nn.Dropout(0.3, inplace=True),
+    model = recalibrate_bn(nn.Sequential(torchvision_basic_block(3, 8), nn.Dropout(0.3, inplace=True),
                                          nn.Hardswish(inplace=True)), (torch.randn(2, 3, 8, 8),))
     x = torch.randn(2, 3, 8, 8)
     qm = graphopt.quantize(model, (x,), calibration=[(x,)])
@@ -204,7 +186,7 @@ def test_quantized_graph_has_no_dropout_and_no_in_place_op():
 
 
 def test_compile_reports_functionalize_and_matches():
-    model = recalibrate_bn(nn.Sequential(TorchvisionBasicBlock(3, 8, 2), nn.ReLU6(inplace=True)),
+    model = recalibrate_bn(nn.Sequential(torchvision_basic_block(3, 8, 2), nn.ReLU6(inplace=True)),
                            (torch.randn(1, 3, 8, 8),))
     x = torch.randn(1, 3, 8, 8)
     cm = graphopt.compile(model, (x,), "host", verify=True, progress=False)

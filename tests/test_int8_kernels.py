@@ -120,13 +120,18 @@ def test_armv7_takes_the_generic_int8_kernels(quantized):
     assert torch.equal(cm(X), integer_graph(X))
 
 
+@pytest.mark.parametrize("optimize_for", ["balanced", "size"])
 @pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
-def test_cortex_m_kernels_are_bit_exact(quantized, target):
+def test_cortex_m_kernels_are_bit_exact(quantized, target, optimize_for):
     """On M55 this model once came out wrong in every output: its input quantize, rounded by
-    truncation and selects, miscomputes there under QEMU; `nearbyint` (FPv5 VRINT) is exact."""
+    truncation and selects, miscomputes there under QEMU; `nearbyint` (FPv5 VRINT) is exact.
+    Both weight storages (int16 by default, int8 with optimize_for="size") run."""
     require_tools("arm-none-eabi-gcc", "qemu-system-arm")
     q, integer_graph = quantized
-    assert torch.equal(graphopt.compile(q, (X,), target, progress=False)(X), integer_graph(X))
+    cm = graphopt.compile(q, (X,), target, progress=False, optimize_for=optimize_for)
+    assert torch.equal(cm(X), integer_graph(X))
+    storages = {r["storage"] for r in cm.report.lowering["weight_storage"]["layers"]}
+    assert storages == ({"int8"} if optimize_for == "size" else {"int16"})
 
 
 class Stems(nn.Module):
@@ -194,3 +199,36 @@ def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
     assert len(tensorized) >= 3 and tasks
     assert not [t.task_name for t in tasks if DOT_ATTR in t.dispatched[0].script()]
     assert any("conv2d" in t.task_name for t in tasks)  # the depthwise int8 conv is tunable
+
+
+# ---- edge sizes: reductions of length 1 (issue 15) and other degenerate shapes
+
+
+@pytest.fixture(scope="module")
+def edge_quantized():
+    from edge_models import EdgeSizes, edge_input
+
+    torch.manual_seed(0)
+    x = edge_input()
+    q = graphopt.quantize(EdgeSizes().eval(), (x,), [(edge_input(2, batch=8),)])
+    return q, to_integer(q, (x,)), x
+
+
+@pytest.mark.parametrize("target", ["host", pytest.param("arm", marks=pytest.mark.emulation),
+                                    pytest.param("cortex-m4", marks=pytest.mark.emulation),
+                                    pytest.param("arm-a55", marks=pytest.mark.slow),
+                                    pytest.param("armv7", marks=pytest.mark.slow)])
+def test_edge_sizes_are_bit_exact(edge_quantized, target):
+    """`EdgeSizes` int8 (grouped and depthwise 1×1 with one input channel per group, Linear(1, N), 1×1
+    maps and pools, kernels larger than their input, strides larger than their kernel) on the target's
+    dot kernel (VNNI, NEON, sdot, SMLAD) and generic kernels, equal to the integer graph and to
+    `graphopt.qref`. The depthwise 1×1 (a reduction of length 1) used to fail to build on every target
+    (TVM: 'IntImm supports only int or uint or bool type, but float32 was supplied')."""
+    from edge_models import TOOLS, assert_bit_exact
+
+    require_tools(*TOOLS.get(target, ()))
+    q, integer_graph, x = edge_quantized
+    cm = graphopt.compile(q, (x,), target, progress=False, **({} if target == "host" else {"count_instructions": False}))
+    if dot_kernels(get_target(target)):
+        assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) >= 5
+    assert_bit_exact(cm, integer_graph)

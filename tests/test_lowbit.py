@@ -146,3 +146,39 @@ def test_sign_of_quantized_float_matches_quantize_then_compare(scale, zp, thr):
     got = tvm.runtime.tensor(np.zeros(x.size, np.int8))
     f(tvm.runtime.tensor(x), got)
     assert np.array_equal(got.numpy().astype(bool), want.numpy())
+
+
+def _edge_model(kind: str):
+    """`edge_models.EdgeSizes` quantized as `kind`, and its example input."""
+    from edge_models import EdgeSizes, edge_input
+
+    torch.manual_seed(0)
+    net, x, calibration = EdgeSizes().eval(), edge_input(), [edge_input(2, batch=8)]
+    if kind in ("w4a8", "w2a8"):
+        return graphopt.quantize(net, (x,), calibration, QuantScheme(weights=int(kind[1]), activations=8,
+                                                                     keep_first_last_8bit=False)), x
+    bm = graphopt.binarize(net, (x,), keep_first_last=False, binary_activations=kind == "a1w1", calibration=calibration)
+    opt = torch.optim.SGD(bm.parameters(), lr=0.01)
+    (sum(y.square().mean() for y in bm(x)) + sum(p.square().sum() for p in bm.parameters())).backward()
+    opt.step()  # the weight decay term moves every weight (convert refuses an untrained module)
+    return graphopt.convert(bm), x
+
+
+@pytest.mark.parametrize("kind,target", [("a1w1", "host"), ("w4a8", "host"), pytest.param("w2a8", "host", marks=SLOW),
+                                         pytest.param("w1a8", "host", marks=SLOW),
+                                         pytest.param("a1w1", "arm", marks=SLOW), pytest.param("w4a8", "arm", marks=SLOW),
+                                         pytest.param("a1w1", "cortex-m4", marks=SLOW),
+                                         pytest.param("w2a8", "cortex-m4", marks=SLOW)])
+def test_edge_sizes_are_bit_exact(kind, target):
+    """Low-bit `EdgeSizes` (reductions of length 1, 1×1 maps, kernels larger than their input, ...)
+    on the packed and XNOR-popcount kernels, equal to the integer graph and to `graphopt.qref`. The
+    binary depthwise 1×1 with a channel multiplier (a reduction of length 1) used to differ."""
+    from edge_models import TOOLS, assert_bit_exact
+
+    require_tools(*TOOLS.get(target, ()))
+    qm, x = _edge_model(kind)
+    integer_graph = graphopt.to_integer(qm, (x,))
+    cm = graphopt.compile(qm, (x,), target, progress=False, **({} if target == "host" else {"count_instructions": False}))
+    if kind == "a1w1":
+        assert cm.report.lowering["scheduled"].get("tuned", 0) >= 10  # the XNOR-popcount kernels
+    assert_bit_exact(cm, integer_graph)

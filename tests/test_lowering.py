@@ -2,6 +2,7 @@
 and an aarch64 cross-compiled export."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -226,6 +227,145 @@ def test_schedule_rules_on_primfuncs(make, rule):
     out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
     tvm.compile(mod, target=spec.tvm()).mod["main"](*[tvm.runtime.tensor(a) for a in args], out)
     np.testing.assert_allclose(out.numpy(), ref(*args), rtol=1e-5, atol=1e-5)
+
+
+# ---- edge sizes: reductions of length 1 (issue 15) and other degenerate shapes
+
+
+def _eager64(model: nn.Module, x: torch.Tensor):
+    """The model's output computed in float64 (the oracle the fp32 kernels are held to)."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+def _assert_close(got, want, what: str = "") -> None:
+    """fp32 against float64 eager: max abs error ≤ 1e-4 of the output's magnitude."""
+    want = want.numpy() if isinstance(want, torch.Tensor) else want
+    err, scale = float(np.abs(np.asarray(got, np.float64) - want).max()), max(1e-3, float(np.abs(want).max()))
+    assert err <= 1e-4 * scale, f"{what}: max abs err {err:.2e}, {err / scale:.1%} of the output scale {scale:.2e}"
+
+
+def _plus_half(y):
+    return torch.relu(y) + 0.5  # an epilogue fused into the reduction's kernel
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (lambda: nn.Linear(1, 13), (1, 1)),  # reduction 1
+    (lambda: nn.Linear(1, 13), (3, 1)),
+    (lambda: nn.Linear(13, 1), (2, 13)),  # one output
+    (lambda: nn.Linear(1, 1), (1, 1)),
+    (lambda: nn.Conv2d(8, 16, 1, groups=8), (1, 8, 5, 5)),  # one input channel per group: reduction 1
+    (lambda: nn.Conv2d(1, 9, 1), (1, 1, 5, 3)),  # one input channel: reduction 1
+    (lambda: nn.Conv2d(4, 4, 1, groups=4), (1, 4, 6, 6)),  # depthwise 1×1
+    (lambda: nn.Conv2d(4, 12, 1, groups=4), (1, 4, 6, 6)),  # depthwise 1×1, channel multiplier 3
+    (lambda: nn.Conv2d(4, 8, 3, padding=1, groups=4), (1, 4, 6, 6)),  # depthwise 3×3, multiplier 2
+    (lambda: nn.Conv2d(1, 1, 1), (1, 1, 1, 1)),  # one channel, one pixel, reduction 1
+    (lambda: nn.Conv2d(1, 1, 3, padding=1), (1, 1, 1, 1)),  # kernel larger than the (unpadded) input
+    (lambda: nn.Conv2d(3, 4, 5, padding=2), (1, 3, 2, 2)),
+    (lambda: nn.Conv2d(4, 6, 1, stride=3), (1, 4, 7, 7)),  # stride larger than the kernel
+    (lambda: nn.Conv2d(4, 6, 2, stride=3), (1, 4, 7, 7)),
+    (lambda: nn.Conv2d(8, 7, 1), (2, 8, 1, 1)),  # 1×1 maps
+    (lambda: nn.AvgPool2d(1), (1, 3, 4, 4)),  # pooling windows of one pixel
+    (lambda: nn.AvgPool2d(1, 2), (1, 3, 5, 5)),
+    (lambda: nn.MaxPool2d(1, 2), (1, 3, 4, 4)),
+    (lambda: nn.AdaptiveAvgPool2d(1), (1, 3, 1, 1)),
+], ids=["linear1x13", "linear1x13_batch3", "linear13x1", "linear1x1", "grouped1x1_1per_group", "conv1to9",
+        "dw1x1", "dw1x1_mult3", "dw3x3_mult2", "conv1ch_1px", "k3_on_1px", "k5_on_2px", "k1_stride3", "k2_stride3",
+        "map1x1", "avgpool1", "avgpool1_s2", "maxpool1_s2", "global_pool_1px"])
+def test_edge_sizes(layer, shape):
+    """Each compiled to its float64 eager output. A reduction of length 1 used to come out 30–130 %
+    off: the fused epilogue was applied twice (e.g. the bias added twice)."""
+    model, x = Act(layer(), _plus_half).eval(), torch.randn(*shape)
+    (out,) = _run(lower(torch.export.export(model, (x,)), get_target("host")), x)
+    _assert_close(out, _eager64(model, x), str(model.conv))
+
+
+def test_unit_reductions_become_spatial_blocks():
+    """A reduction whose axes all have extent 1 is rewritten as one spatial block (no init, no
+    accumulation): scheduled with its epilogue inlined, it computes x·w + b, not x·w + 2b. A tuple
+    reduction (argmax) over one element too; a reduction of length 2 stays a reduction."""
+    from graphopt.targets.schedules import schedule_module, spatialize_unit_reductions
+
+    te, topi = tvm.te, tvm.topi
+    a, w, b = te.placeholder((4, 1), name="a"), te.placeholder((1, 12), name="w"), te.placeholder((12,), name="b")
+    k, k2 = te.reduce_axis((0, 1), "k"), te.reduce_axis((0, 2), "k2")
+    c = te.compute((4, 12), lambda i, j: te.sum(a[i, k] * w[k, j], axis=k), name="c")
+    t = te.compute((4, 12), lambda i, j: c[i, j] + b[j], name="t")
+    arg = topi.argmax(a, axis=1)
+    mod = spatialize_unit_reductions(tvm.IRModule({"main": te.create_prim_func([a, w, b, t, arg])}))
+    assert "T.init()" not in mod.script() and '"R"' not in mod.script()
+    mod, counts, _ = schedule_module(mod, get_target("host"))
+    args = [np.random.default_rng(0).random(s, dtype=np.float32) for s in ((4, 1), (1, 12), (12,))]
+    out, index = tvm.runtime.tensor(np.zeros((4, 12), np.float32)), tvm.runtime.tensor(np.ones(4, np.int32))
+    tvm.compile(mod, target=get_target("host").tvm()).mod["main"](*[tvm.runtime.tensor(v) for v in args], out, index)
+    np.testing.assert_allclose(out.numpy(), args[0].astype(np.float64) @ args[1] + args[2], rtol=1e-6)
+    assert not index.numpy().any()
+
+    longer = te.compute((4, 12), lambda i, j: te.sum(a[i, k2 // 2] * w[k2 // 2, j], axis=k2), name="c")
+    kept = tvm.IRModule({"main": te.create_prim_func([a, w, longer])})
+    assert "T.init()" in spatialize_unit_reductions(kept).script()  # a reduction of length 2 stays one
+
+
+def test_injective_chains_do_not_copy_copies():
+    """Three chained ops each reading its input three times (as a requantize reads its fixed-point
+    term): inlined whole, the last expression holds 27 copies of the first (TVM's simplifier then ran
+    for over 15 minutes on an int8 concat of concats); the Injective rule keeps a copied expression
+    from being copied again, and computes the kept block a row at a time under its consumer."""
+    from graphopt.targets.schedules import schedule_module
+
+    te = tvm.te
+    x = te.placeholder((4, 16), name="x")
+
+    def level(v, n):
+        h = te.compute((4, 16), lambda i, j: v[i, j] * 3.0 + 1.0, name=f"h{n}")
+        return te.compute((4, 16), lambda i, j: h[i, j] + h[i, j] * h[i, j], name=f"y{n}")
+
+    y = level(level(level(x, 0), 1), 2)
+    mod, counts, _ = schedule_module(tvm.IRModule({"main": te.create_prim_func([x, y])}), get_target("host"))
+    assert counts == {"injective": 1}
+    assert 1 < mod.script().count("T.sblock(") and mod.script().count("x[") <= 9
+
+    def ref(v):
+        for _ in range(3):
+            v = v * 3.0 + 1.0
+            v = v + v * v
+        return v
+
+    arg = np.random.default_rng(0).random((4, 16), dtype=np.float32) * 0.1
+    out = tvm.runtime.tensor(np.zeros((4, 16), np.float32))
+    tvm.compile(mod, target=get_target("host").tvm()).mod["main"](tvm.runtime.tensor(arg), out)
+    np.testing.assert_allclose(out.numpy(), ref(arg.astype(np.float64)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["host", pytest.param("arm", marks=pytest.mark.emulation),
+                                    pytest.param("armv7", marks=pytest.mark.slow),
+                                    pytest.param("cortex-m4", marks=pytest.mark.emulation)])
+def test_edge_sizes_on_every_target(target):
+    """`EdgeSizes` (every edge case in one model: one compile per target) against float64 eager."""
+    import graphopt
+    from conftest import require_tools
+    from edge_models import TOOLS, EdgeSizes, edge_input
+
+    require_tools(*TOOLS.get(target, ()))
+    model, x = EdgeSizes().eval(), edge_input()
+    options = {} if target == "host" else {"count_instructions": False}
+    cm = graphopt.compile(model, (x,), target, progress=False, **options)
+    for inp in (x, edge_input(1, 3.0)):
+        for i, (got, want) in enumerate(zip(cm(inp), _eager64(model, inp), strict=True)):
+            _assert_close(got, want, f"{target} output {i}")
+
+
+@pytest.mark.parametrize("seed", [0, 1] + [pytest.param(s, marks=pytest.mark.slow) for s in range(2, 12)])
+def test_tiny_random_layers(seed):
+    """Random convs and Linears on 1–3 channels and 1–3 pixel maps (`edge_models.tiny_layers`), all in
+    one model, against float64 eager."""
+    from edge_models import TINY_SHAPE, tiny_layers
+
+    model = tiny_layers(seed)
+    x = torch.randn(*TINY_SHAPE, generator=torch.Generator().manual_seed(seed))
+    outs = _run(lower(torch.export.export(model, (x,)), get_target("host")), x)
+    for name, got, want in zip(model.names, outs, _eager64(model, x), strict=True):
+        _assert_close(got, want, name)
 
 
 def test_narrow_vector_spec_numerics():

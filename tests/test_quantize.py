@@ -273,3 +273,26 @@ def test_observers_give_usable_ranges(observer):
     with torch.no_grad():
         ref = model(X)
     assert (qm(X) - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+class _BatchFromSize(nn.Module):
+    """Old torchvision style: ``x.view(x.size(0), -1)``, and a batch-1-only ``squeeze()``."""
+
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        self.conv, self.fc, self.squeeze = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5), squeeze
+
+    def forward(self, x):
+        y = self.fc(self.conv(x).view(x.size(0), -1))
+        return y.squeeze() if self.squeeze else y
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_batch_one_example_calibrates_on_larger_batches(squeeze):
+    """torch.export specializes a batch of 1: view(x.size(0), -1) would become view(1, -1) and every
+    calibration batch of 8 would fail; a batch-1-only graph (squeeze) is calibrated in slices."""
+    model, x = _BatchFromSize(squeeze).eval(), X[:1]
+    qm = graphopt.quantize(model, (x,), calibration=calibration())
+    with torch.no_grad():
+        want = model(x)
+    assert qm(x).shape == want.shape and (qm(x) - want).abs().max() < 0.1 * want.abs().max()

@@ -3,6 +3,7 @@
  * output_<i>.bin (bare metal: files through semihosting). Prints "graphopt-harness stack=N"
  * (bytes of stack the inferences used, bare metal only; -1 elsewhere).
  * Exit codes: 0 ok, 2 usage, 3 input file, 4 output file, 5 inference failed.
+ * harness_inference_done() runs after every inference: an address for the instruction counter's marks.
  * Build defines: HARNESS_HEADER ("graphopt_<name>.h"), HARNESS_RUN (graphopt_<name>_run),
  * HARNESS_ALIGN (the library's buffer alignment), HARNESS_INPUT_BYTES / HARNESS_OUTPUT_BYTES
  * (comma-separated byte sizes), HARNESS_TOTAL_BYTES (their sum, each rounded up to HARNESS_ALIGN). */
@@ -19,6 +20,9 @@ static const size_t out_bytes[] = {HARNESS_OUTPUT_BYTES};
 #define NUM_OUTPUTS (int)(sizeof out_bytes / sizeof out_bytes[0])
 static uint8_t buffers[HARNESS_TOTAL_BYTES] __attribute__((aligned(HARNESS_ALIGN)));
 
+void harness_inference_done(void);
+__attribute__((noinline)) void harness_inference_done(void) { __asm volatile("" ::: "memory"); }
+
 #if defined(__arm__) && !defined(__linux__)
 #define PAINT_BYTES 65536u
 #define PAINT 0xA5u
@@ -29,14 +33,20 @@ static __attribute__((noinline)) long run_measured(int repeat, const void* const
   volatile uint8_t* top = (volatile uint8_t*)(sp - 256u); /* leave this frame's callees alone */
   volatile uint8_t* p;
   for (p = top - PAINT_BYTES; p < top; ++p) *p = PAINT;
-  for (int r = 0; r < repeat && *rc == 0; ++r) *rc = HARNESS_RUN(in, out);
+  for (int r = 0; r < repeat && *rc == 0; ++r) {
+    *rc = HARNESS_RUN(in, out);
+    harness_inference_done();
+  }
   for (p = top - PAINT_BYTES; p < top && *p == PAINT; ++p) {
   }
   return (long)(sp - (uintptr_t)p);
 }
 #else
 static long run_measured(int repeat, const void* const* in, void* const* out, int* rc) {
-  for (int r = 0; r < repeat && *rc == 0; ++r) *rc = HARNESS_RUN(in, out);
+  for (int r = 0; r < repeat && *rc == 0; ++r) {
+    *rc = HARNESS_RUN(in, out);
+    harness_inference_done();
+  }
   return -1;
 }
 #endif
