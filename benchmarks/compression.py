@@ -93,8 +93,9 @@ class Config:
     prune_targets: tuple[float, float] = (0.30, 0.19)  # MACs kept by the "3×" and "5×" models
     prune_steps: int = 2  # geometric pruning steps per phase (fp32 → 3×, 3× → 5×)
     prune_step_fraction: float = 0.5  # distilled fine-tuning after each pruning step
-    prune_final_epochs: tuple[int, int] = (3, 5)  # distilled fine-tuning that ends each phase
-    student_epochs: int = 2
+    # distilled fine-tuning that ends each phase; 5 epochs left seed 0's 5× model 1.45 points under fp32, 10: 1.01
+    prune_final_epochs: tuple[int, int] = (3, 10)
+    student_epochs: int = 4  # at 2, distillation lost to the scratch student in seed 1 (by 0.03); at 4 it won
     val_size: int = 5000  # held out of the training images for the distillation search (seed 0)
     mixed_budget: float | None = 0.10  # mixed precision: weight bytes as a fraction of fp32 (None: no row)
     train_limit: int | None = None  # None: all 60k training images
@@ -103,10 +104,10 @@ class Config:
     arm_target: str | None = "arm-a55"
 
 
-# The slow test's configuration: the full training set (distillation needs it to pay off), shorter
-# training everywhere, no mixed-precision row, no emulation.
-QUICK = Config(fp32_epochs=3, qat_fraction=0.25, prune_steps=1, prune_final_epochs=(2, 3), mixed_budget=None,
-               latency_runs=20, arm_target=None)
+# The slow test's configuration: the same training wherever a threshold is close (fp32, pruning, the students:
+# the 5× row is within 0.1 point of its bound and distillation wins by 0.15–0.6), QAT on a quarter of the images
+# (those rows have points to spare), no mixed-precision row, no emulation.
+QUICK = Config(qat_fraction=0.25, mixed_budget=None, latency_runs=20, arm_target=None)
 
 
 def ce(model, batch):
