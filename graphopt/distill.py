@@ -161,8 +161,9 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None,
             if cached:
                 z_t = cached[0]
             elif t is None:
-                raise ConfigError("distill(teacher=None) needs batches (x, y, teacher logits), e.g. from "
-                                  "graphopt.distill.teacher_logits(teacher, dataset); got (x, y) batches")
+                raise ConfigError("distill: teacher must be a torch.nn.Module, or None with batches that carry its "
+                                  "logits (x, y, z_t) from graphopt.distill.teacher_logits(teacher, dataset); got "
+                                  "teacher=None and (x, y) batches")
             else:
                 with torch.no_grad():
                     z_t = t(x)
