@@ -9,13 +9,19 @@ reaches 0 when the student matches. The teacher is frozen (eval mode, forward un
 modules' training flags restored afterwards); an ensemble
 teacher averages its members' logits. Refuses: τ ≤ 0, negative or all-zero weights, teacher and
 student outputs of different shapes, empty data.
+
+Whether distillation helps depends on α, β and τ: `search_distillation` trains the student once per
+setting of a small grid and once on hard labels alone (same initial weights, same batch order),
+scores each on a validation split, and returns the best setting with the scratch baseline it had
+to beat — and says so when none beat it.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from graphopt.config import as_enum
 from graphopt.errors import ConfigError, InputError
-from graphopt.training import TrainConfig, TrainResult, check_batches, fit
+from graphopt.training import Schedule, TrainConfig, TrainResult, check_batches, evaluate, fit
 
 
 class SoftLoss(str, enum.Enum):
@@ -129,11 +135,13 @@ def pseudo_label(teacher: nn.Module | Sequence[nn.Module], unlabeled: Iterable, 
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
-def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module], train_data: Iterable, *,
+def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, train_data: Iterable, *,
             loss: DistillationLoss = DistillationLoss(), config: TrainConfig = TrainConfig(),
             extra_inputs: Iterable | None = None, penalty=None) -> TrainResult:
     """Train ``student`` in place on ``train_data`` (batches ``(x, y)``) against the frozen ``teacher``.
 
+    Batches ``(x, y, z_t)`` carry the teacher's logits (`teacher_logits`): the teacher is not run on
+    them, and may then be None.
     extra_inputs: unlabeled input batches; they join training with the soft term only (the
                   teacher's knowledge is the only label they have).
     penalty:      optional ``penalty(student) -> tensor`` added to every batch's loss (e.g.
@@ -142,20 +150,45 @@ def distill(student: nn.Module, teacher: nn.Module | Sequence[nn.Module], train_
     from graphopt.passes.capture import check_model
 
     check_model(student, "student")
-    _check_teacher(teacher)
+    if teacher is not None or extra_inputs is not None:
+        _check_teacher(teacher)
     check_batches(train_data, "train_data")
     if extra_inputs is not None:
         check_batches(extra_inputs, "extra_inputs")
     batches = _LabeledThenUnlabeled(train_data, extra_inputs or ())
-    with _frozen_teacher(teacher) as t:
+    with (_frozen_teacher(teacher) if teacher is not None else contextlib.nullcontext()) as t:
         def step(model: nn.Module, batch) -> torch.Tensor:
-            x, y = batch
-            with torch.no_grad():
-                z_t = t(x)
+            x, y, *cached = batch
+            if cached:
+                z_t = cached[0]
+            elif t is None:
+                raise ConfigError("distill: teacher must be a torch.nn.Module, or None with batches that carry its "
+                                  "logits (x, y, z_t) from graphopt.distill.teacher_logits(teacher, dataset); got "
+                                  "teacher=None and (x, y) batches")
+            else:
+                with torch.no_grad():
+                    z_t = t(x)
             value = loss(model(x), z_t, y)
             return value + penalty(model) if penalty is not None else value
 
         return fit(student, batches, step, config)
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module | Sequence[nn.Module], dataset, *, batch_size: int = 1000) -> TensorDataset:
+    """``dataset``'s ``(x, y)`` samples with the frozen teacher's logits as a third tensor. `distill`
+    on these batches costs one teacher pass over the data in total instead of one per epoch; only
+    valid while the inputs do not change between epochs (no random augmentation)."""
+    _check_teacher(teacher)
+    xs, ys, zs = [], [], []
+    with _frozen_teacher(teacher) as t:
+        for x, y, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            xs.append(x)
+            ys.append(y)
+            zs.append(t(x))
+    if not xs:
+        raise ConfigError("dataset is empty")
+    return TensorDataset(torch.cat(xs), torch.cat(ys), torch.cat(zs))
 
 
 class _LabeledThenUnlabeled:
@@ -177,3 +210,77 @@ def loader(dataset, batch_size: int = 128, shuffle: bool = True, seed: int = 0) 
     """A deterministic DataLoader (seeded shuffling) for the training helpers."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed))
+
+
+# α ∈ {0.1, 0.5} (β = 1 − α) × τ ∈ {2, 4}, KL soft term with Hinton's τ² (soft gradients keep their size).
+DISTILL_GRID = tuple(DistillationLoss(alpha=a, beta=1.0 - a, temperature=t, soft=SoftLoss.KL, t2_scaling=True)
+                     for a in (0.1, 0.5) for t in (2.0, 4.0))
+
+
+@dataclass
+class DistillSearch:
+    """What `search_distillation` measured: validation accuracy per setting and of the scratch student."""
+
+    loss: DistillationLoss | None  # the best setting; None when no setting beat the scratch student
+    accuracy: float  # validation accuracy of `model`
+    scratch_accuracy: float  # the same student trained on hard labels alone
+    trials: list[tuple[DistillationLoss, float]] = field(default_factory=list)
+    model: nn.Module | None = None  # the best student (the scratch one when no setting beat it)
+
+    @property
+    def beats_scratch(self) -> bool:
+        return self.loss is not None
+
+    def to_dict(self) -> dict:
+        def setting(loss: DistillationLoss) -> dict:
+            return {"alpha": loss.alpha, "beta": loss.beta, "temperature": loss.temperature,
+                    "soft": loss.soft.value, "t2_scaling": loss.t2_scaling}
+
+        return {"chosen": setting(self.loss) if self.loss is not None else None, "accuracy": self.accuracy,
+                "scratch_accuracy": self.scratch_accuracy,
+                "trials": [{**setting(loss), "accuracy": acc} for loss, acc in self.trials]}
+
+
+def search_distillation(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, train_data: Iterable,
+                        val_data: Iterable, *, grid: Sequence[DistillationLoss] = DISTILL_GRID,
+                        config: TrainConfig = TrainConfig(epochs=2, lr=2e-3, schedule=Schedule.ONE_CYCLE),
+                        extra_inputs: Iterable | None = None) -> DistillSearch:
+    """Choose α, β, τ for distilling ``teacher`` into ``student`` (left untouched; copies are trained).
+
+    Every trial starts from ``student``'s weights and, when ``train_data`` is a DataLoader with a
+    generator (`graphopt.distill.loader`), sees the batches in the same order; the scratch baseline
+    trains with cross-entropy on the labels for the same epochs. ``val_data`` must be held out from
+    ``train_data``. Batches may carry the teacher's logits (`teacher_logits`; ``teacher`` may then be
+    None). Ties go to the scratch student: distillation has to earn its place.
+    """
+    from graphopt.passes.capture import check_model
+
+    check_model(student, "student")
+    if teacher is not None:
+        _check_teacher(teacher)
+    check_batches(train_data, "train_data")
+    check_batches(val_data, "val_data")
+    grid = list(grid)
+    if not grid or not all(isinstance(g, DistillationLoss) for g in grid):
+        raise ConfigError(f"grid must be a non-empty sequence of graphopt.DistillationLoss, got {grid!r:.80}")
+    generator = getattr(train_data, "generator", None)
+    order = generator.get_state() if generator is not None else None
+
+    def trial(loss: DistillationLoss | None) -> tuple[nn.Module, float]:
+        if generator is not None and order is not None:
+            generator.set_state(order)
+        model = copy.deepcopy(student)
+        if loss is None:
+            fit(model, train_data, lambda m, b: F.cross_entropy(m(b[0]), b[1]), config)
+        else:
+            distill(model, teacher, train_data, loss=loss, config=config, extra_inputs=extra_inputs)
+        return model, evaluate(model, val_data)
+
+    best_model, scratch = trial(None)
+    best, best_acc, trials = None, scratch, []
+    for loss in grid:
+        model, acc = trial(loss)
+        trials.append((loss, acc))
+        if acc > best_acc:
+            best, best_acc, best_model = loss, acc, model
+    return DistillSearch(best, best_acc, scratch, trials, best_model)

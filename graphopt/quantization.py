@@ -7,7 +7,7 @@
     ig = graphopt.to_integer(qm, (x,))                   # the folded integer fx graph (graphopt.qops)
 
 The scheme says *what* is quantized (bits, granularity, observers, per-layer overrides; the first
-and last conv/linear stay 8-bit by default); the graph work is generic. The model is captured
+and last conv/linear, and the graph inputs, stay 8-bit by default); the graph work is generic. The model is captured
 (`graphopt.capture`) in eval mode, batch norm is folded, and a `FakeQuantize` module is inserted
 on every conv/linear weight (per output channel, symmetric) and on every float activation:
 graph inputs and op outputs, one shared module across views, max pooling, a split's items and a
@@ -95,6 +95,9 @@ class _FrozenDict(dict):
         raise TypeError("QuantScheme.overrides is read-only; build a new QuantScheme")
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):  # copy/pickle rebuild from a plain dict (the default refills item by item)
+        return type(self), (dict(self),)
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,10 @@ class FakeQuantize(nn.Module):
                 self.lo, self.hi = self._weight_range(flat.detach().float())
             return
         x = x.detach().float()
-        lo, hi, mean_abs = x.min().reshape(1), x.max().reshape(1), x.abs().mean().reshape(1)
+        lo, hi = (v.reshape(1) for v in torch.aminmax(x))
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # NaN and ±inf reach the extremes
+            _check_finite(x, self.what or "a quantized tensor")
+        mean_abs = x.abs().mean().reshape(1)
         c = self.averaging_constant
         if self.lo.numel() == 0:
             self.lo, self.hi, self.abs_mean = lo, hi, mean_abs
@@ -294,7 +300,8 @@ class FakeQuantize(nn.Module):
 
     # ---- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_finite(x, self.what or "a quantized tensor")
+        if self.weight or not self.observing:  # an observed activation is checked on its extremes
+            _check_finite(x, self.what or "a quantized tensor")
         if self.observing:
             self._observe(x)
         if not self.fake_quant:
@@ -395,6 +402,18 @@ def _capture_any_batch(model: nn.Module, args: tuple) -> fx.GraphModule:
     return gm
 
 
+def _own_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` copies of the tensors its capture shares with ``model`` (a conv/linear without batch
+    norm keeps the caller's parameter): training the QAT module must not write into the caller's model."""
+    theirs = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if t.numel()}
+    for mod in gm.modules():
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is not None and t.numel() and t.data_ptr() in theirs:
+                    copy_ = t.detach().clone()
+                    table[k] = nn.Parameter(copy_, t.requires_grad) if isinstance(t, nn.Parameter) else copy_
+
+
 def _static_batch(gm: fx.GraphModule) -> int | None:
     """The batch size a captured graph is specialized to, or None if its batch is symbolic."""
     first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
@@ -404,7 +423,7 @@ def _static_batch(gm: fx.GraphModule) -> int | None:
     return int(v.shape[0])
 
 
-def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -> fx.GraphModule:
+def prepare_observed(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -> fx.GraphModule:
     if not isinstance(scheme, QuantScheme):
         raise QuantizationError(f"scheme must be a graphopt.QuantScheme, got {type(scheme).__name__}")
     if not isinstance(model, nn.Module):
@@ -429,6 +448,8 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
                                 "compile it directly")
     gm, _ = PassManager([RemoveIdentity(), FoldBatchNorm(), DeadCodeElimination()]).run(
         gm, PassContext(args, None, {Property.ATEN, Property.INFERENCE}))
+    if qat:
+        _own_tensors(gm, model)
 
     layers = _layers(gm)
     paths = {n.name: node_module(n) for n in layers}
@@ -480,7 +501,7 @@ def _prepare(model: nn.Module, example_inputs, scheme: QuantScheme, qat: bool) -
             if fuses_clamp(n) and len(users) == 1 and is_op(users[0], *CLAMPS):
                 continue  # quantized after the activation, which folds into the output range
             bits = info.layer_bits.get(n.name, LayerQuant(8, scheme.activations)).activations
-            bits = 8 if bits in (1, None) else bits
+            bits = 8 if bits in (1, None) or (n.op == "placeholder" and scheme.keep_first_last_8bit) else bits
             name = shared.get(_shares_params_with(n))  # the source's observer node: users read it now
             if name is None:
                 name = add(act_fq(bits), f"activation {n.name}")
@@ -550,7 +571,7 @@ def quantize(model: nn.Module, example_inputs, calibration, scheme: QuantScheme 
     """Post-training quantization: observe ``calibration`` batches, return the QDQ-form module."""
     _check_calibration(calibration)
     args = check_example_inputs(example_inputs)
-    gm = _prepare(model, args, scheme, qat=False)
+    gm = prepare_observed(model, args, scheme, qat=False)
     _run_calibration(gm, calibration, args)
     return convert(gm)
 
@@ -567,7 +588,7 @@ def prepare_qat(model: nn.Module, example_inputs, scheme: QuantScheme = QuantSch
     if calibration is not None:
         _check_calibration(calibration)
     args = check_example_inputs(example_inputs)
-    gm = _prepare(model, args, scheme, qat=True)
+    gm = prepare_observed(model, args, scheme, qat=True)
     _run_calibration(gm, calibration if calibration is not None else [args], args)
     for fq in _fake_quantizers(gm):
         fq.fake_quant = True
@@ -583,7 +604,10 @@ def binarize(model: nn.Module, example_inputs, *, keep_first_last: bool = True, 
              calibration=None) -> fx.GraphModule:
     """XNOR-Net style QAT module: weights sign(W)·α with α = mean|W| per output channel, optional
     sign activations (then a binary layer's dot product is K − 2·popcount(a XOR w)); first/last
-    layers 8-bit when ``keep_first_last``. Train it, then `convert`."""
+    layers 8-bit when ``keep_first_last``. Train it — best distilled from ``model``
+    (``graphopt.distill(bm, model, data)``) — then `convert`. Binary activations train well in the
+    Bi-Real form: a real-valued (8-bit) shortcut around each binary conv, whose batch norm (folded
+    into α and the bias) precedes the next sign; see ``benchmarks/compression.py``."""
     scheme = QuantScheme(weights=1, activations=1 if binary_activations else 8, keep_first_last_8bit=keep_first_last)
     return prepare_qat(model, example_inputs, scheme, calibration=calibration)
 

@@ -10,8 +10,11 @@ The budget (``Stop.max_macs`` / ``max_params``, fractions of the original) drive
 steps; ``Stop.min_accuracy`` is the floor: a pruning step that falls below it is discarded and
 pruning stops; a quantized model below it is not used (the float model is compiled instead, and
 the report says so). ``Stop.max_latency_ms`` (host) or ``max_instructions`` (emulated targets)
-ends pruning once the compiled model is fast enough. Refuses: a recipe with nothing to do,
-budgets outside (0, 1), empty data.
+ends pruning once the compiled model is fast enough. QAT of binary weights (``QuantStage(weights=1,
+activations=1)``: XNOR, as `graphopt.binarize`) is distilled from the original model unless
+``QuantStage(distill=False)``; 4- and 2-bit weights get MSE-fitted per-channel clipping.
+Refuses: a recipe with nothing to do, budgets outside (0, 1), empty data, binary weights without
+QAT epochs.
 """
 from __future__ import annotations
 
@@ -52,9 +55,10 @@ class PruneStage:
 @dataclass(frozen=True)
 class QuantStage:
     weights: int = 8
-    activations: int | None = 8
+    activations: int | None = 8  # 1: binary activations (with weights=1: XNOR, as graphopt.binarize)
     qat_epochs: int = 0  # 0: post-training quantization
     calibration_batches: int = 8
+    distill: bool | None = None  # QAT against the original model; None: Recipe.distill, always for binary weights
 
     def __post_init__(self):
         from graphopt.quantization import LayerQuant
@@ -64,6 +68,14 @@ class QuantStage:
             raise ConfigError("QuantStage.qat_epochs and calibration_batches must be ints")
         if self.qat_epochs < 0 or self.calibration_batches < 1:
             raise ConfigError("QuantStage needs qat_epochs >= 0 and calibration_batches >= 1")
+        if self.weights == 1 and self.qat_epochs == 0:
+            raise ConfigError("binary weights need training: give QuantStage(weights=1, qat_epochs=...) (>= 1)")
+        if self.distill is not None and not isinstance(self.distill, bool):
+            raise ConfigError(f"QuantStage.distill={self.distill!r} must be True, False or None")
+
+    def distilled(self, recipe_distill: bool) -> bool:
+        """Whether QAT trains against the original model: binary networks do by default."""
+        return self.distill if self.distill is not None else (recipe_distill or self.weights == 1)
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,7 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
     from graphopt.api import compile
     from graphopt.passes.capture import check_model
     from graphopt.pruning import Criterion, PruneConfig, prune_iteratively
-    from graphopt.quantization import QuantScheme, convert, prepare_qat, quantize
+    from graphopt.quantization import Observer, QuantScheme, convert, prepare_qat, quantize
     from graphopt.targets import get_target
     from graphopt.training import check_batches
 
@@ -221,11 +233,11 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
     say = LOG.getChild("optimize").info
     measure_latency = stop.max_latency_ms is not None or stop.max_instructions is not None
 
-    def train(student: nn.Module, epochs: int) -> None:
+    def train(student: nn.Module, epochs: int, distilled: bool = recipe.distill) -> None:
         if epochs < 1:
             return
         c = TrainConfig(**{**asdict(cfg), "epochs": epochs, "progress": progress and cfg.progress})
-        if recipe.distill:
+        if distilled:
             distill(student, teacher, train_data, loss=recipe.distill_loss, config=c)
         else:
             fit(student, train_data, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), c)
@@ -269,15 +281,18 @@ def _optimize(model: nn.Module, train_data: Iterable, val_data: Iterable, target
     final = best
     if recipe.quantize is not None:
         q = recipe.quantize
-        scheme = QuantScheme(weights=q.weights, activations=q.activations)
+        low_bit = q.weights in (2, 4)  # per-channel clipping fitted by MSE: int2 QAT loses ~3 points less
+        scheme = QuantScheme(weights=q.weights, activations=q.activations,
+                             weight_observer=Observer.MSE if low_bit else Observer.MINMAX)
         calib = [(b[0],) for _, b in zip(range(q.calibration_batches), train_data, strict=False)]
         if q.qat_epochs:
             qat = prepare_qat(best, x, scheme, calibration=calib)
-            train(qat, q.qat_epochs)
+            train(qat, q.qat_epochs, q.distilled(recipe.distill))
             qm = convert(qat)
         else:
             qm = quantize(best, x, calibration=calib, scheme=scheme)
-        rec = record(f"int{q.weights} {'QAT' if q.qat_epochs else 'PTQ'}", qm, bits=q.weights)
+        kind = "XNOR" if (q.weights, q.activations) == (1, 1) else f"int{q.weights}"
+        rec = record(f"{kind} {'QAT' if q.qat_epochs else 'PTQ'}", qm, bits=q.weights)
         if floor is None or rec.accuracy >= floor:
             final = qm
         else:

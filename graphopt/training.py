@@ -1,8 +1,10 @@
 """A small, plain fine-tuning loop with progress bars, per-epoch checkpoints and resume.
 
 `fit` trains ``model`` on batches ``(x, y)`` with a loss function the caller supplies (plain
-cross-entropy, distillation, plus optional penalties). With ``checkpoint_dir`` set, every epoch
-ends with an atomic checkpoint (model, optimizer, epoch, history); a rerun with the same folder
+cross-entropy, distillation, plus optional penalties) at a learning rate that is constant, decays
+by a cosine (fine-tuning) or warms up then decays (one cycle: training from scratch), stepped per
+batch. With ``checkpoint_dir`` set, every epoch
+ends with an atomic checkpoint (model, optimizer, schedule, epoch, history); a rerun with the same folder
 resumes after the last finished epoch — an interrupted run loses at most the epoch in progress,
 and, with the global RNG and a DataLoader's shuffling generator restored, resumes exactly.
 Refuses (`ConfigError`): a model that is not an `nn.Module`, data that is not an iterable of
@@ -33,6 +35,14 @@ class Optimizer(str, enum.Enum):
     SGD = "sgd"
 
 
+class Schedule(str, enum.Enum):
+    """Learning rate over the run, stepped every batch."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"  # cosine decay from lr to 0: fine-tuning a trained model (QAT, pruning, distillation)
+    ONE_CYCLE = "one_cycle"  # 15 % warm-up to lr, then cosine to ~0: training from scratch
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
@@ -40,11 +50,13 @@ class TrainConfig:
     optimizer: Optimizer = Optimizer.ADAM
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
+    schedule: Schedule = Schedule.CONSTANT
     checkpoint_dir: Path | None = None
     progress: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", as_enum(Optimizer, self.optimizer, "optimizer"))
+        object.__setattr__(self, "schedule", as_enum(Schedule, self.schedule, "schedule"))
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int):
             raise ConfigError(f"epochs={self.epochs!r} must be an int, e.g. epochs=3")
         for name in ("lr", "momentum", "weight_decay"):
@@ -74,7 +86,7 @@ def check_batches(data, what: str = "data") -> None:
 class TrainResult:
     epochs_run: int
     resumed_from_epoch: int  # 0 = fresh start
-    history: list[dict] = field(default_factory=list)  # one {"epoch", "loss", ...} per finished epoch
+    history: list[dict] = field(default_factory=list)  # one {"epoch", "loss", "lr", ...} per finished epoch
 
 
 def _structure(model: nn.Module) -> list:
@@ -88,6 +100,19 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer is Optimizer.SGD:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, n_batches: int | None):
+    if cfg.schedule is Schedule.CONSTANT:
+        return None
+    if n_batches is None:
+        raise ConfigError(f"schedule={cfg.schedule.value!r} needs data with a length (a DataLoader or a list of "
+                          "batches) to know the number of steps; use schedule='constant' for an open stream")
+    total = cfg.epochs * n_batches
+    if cfg.schedule is Schedule.COSINE:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    # one step more than batches: the last batch's step lands on the end of the cycle, not past it
+    return torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total + 1, pct_start=0.15)
 
 
 def _save_atomically(state: dict, path: Path) -> None:
@@ -122,6 +147,7 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
            config: TrainConfig, on_epoch_end: Callable[[int, nn.Module], dict] | None,
            n_batches: int | None) -> TrainResult:
     opt = _make_optimizer(model, config)
+    sched = _make_scheduler(opt, config, n_batches)
     start, history = 0, []
     ckpt = config.checkpoint_dir / CHECKPOINT if config.checkpoint_dir else None
     if ckpt is not None and ckpt.exists():
@@ -131,6 +157,8 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
                               "use a fresh checkpoint_dir or delete it")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         generator = getattr(data, "generator", None)  # a DataLoader's shuffling
         if state.get("data_rng") is not None and generator is not None:
@@ -147,6 +175,8 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
                 raise ConfigError(f"loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += loss.item()
             count += 1
             if hasattr(bar, "set_postfix"):
@@ -154,7 +184,7 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
         if count == 0:
             raise ConfigError("training data is empty")
         model.eval()
-        record = {"epoch": epoch + 1, "loss": total / count}
+        record = {"epoch": epoch + 1, "loss": total / count, "lr": opt.param_groups[0]["lr"]}  # lr after the epoch
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch + 1, model) or {})
         history.append(record)
@@ -162,7 +192,8 @@ def _train(model: nn.Module, data: Iterable, loss_fn: Callable[[nn.Module, tuple
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             generator = getattr(data, "generator", None)
             data_rng = generator.get_state() if generator is not None else None
-            _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+            _save_atomically({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict() if sched is not None else None, "epoch": epoch + 1,
                               "history": history, "structure": _structure(model), "rng": torch.get_rng_state(),
                               "data_rng": data_rng}, ckpt)
     model.eval()
