@@ -91,7 +91,7 @@ def _manifest_if_artifact(folder: Path) -> dict | None:
 
 # ---- integrity ------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -107,7 +107,7 @@ def _digest(manifest: dict) -> str:
 def _seal(folder: Path) -> None:
     """Record every file's hash in the manifest of the (staged) artifact ``folder``, then its digest."""
     manifest = read_manifest(folder)
-    manifest["artifact_files"] = {p.relative_to(folder).as_posix(): _sha256(p)
+    manifest["artifact_files"] = {p.relative_to(folder).as_posix(): file_sha256(p)
                                   for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest["integrity"] = _digest(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -128,7 +128,7 @@ def verify_integrity(folder: Path, manifest: dict) -> None:
         if not path.is_file():
             raise ArtifactError(f"artifact {folder} is incomplete: {rel} is missing. Recompile the model or "
                                 "restore the saved folder.")
-        if _sha256(path) != want:
+        if file_sha256(path) != want:
             raise ArtifactError(f"artifact {folder}: {rel} changed after graphopt wrote it and no longer matches "
                                 f"{MANIFEST}. Recompile the model (or restore the saved folder).")
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from graphopt.artifact import pid_alive
+from graphopt.artifact import file_sha256, pid_alive
 from graphopt.errors import ConfigError
 
 FORMAT = 1  # bump when an entry's layout changes: old entries then never match
@@ -153,16 +153,8 @@ def _folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> dict[str, list]:
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)]
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_sha256(p)]
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -212,7 +204,7 @@ class BuildCache:
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(entry / "files" / rel, target)
-                if target.stat().st_size != size or _sha256(target) != digest:
+                if target.stat().st_size != size or file_sha256(target) != digest:
                     raise ValueError(f"{rel} does not match its recorded SHA-256")
             os.utime(entry / _META)  # most recently used
         except FileNotFoundError:
