@@ -13,7 +13,9 @@ count as spent). Before tuning, graphopt's default schedule of every kernel is m
 same runner: ``compile(database=...)`` applies a kernel's best record only where it beat that
 default (``report.lowering["default_kept"]`` lists the others), so a tuned model is never slower
 per kernel than the untuned one; the default schedules cover every kernel the database lacks.
-The budget goes to kernels in order of their share of the model's default time.
+The budget goes to kernels in order of their share of the model's default time. Tensorized int8 dot
+kernels are tuned over their register tiles and loop orders (`metaschedule.tune_dot_task`), the
+other kernels by MetaSchedule's search.
 
 Runners: ``"local"`` (time on this machine; host targets), `RPCRunner` (boards registered with a
 TVM RPC tracker; the builder cross-compiles; a `graphopt.targets.tuning.rpc.EmulatedDevice` tells the

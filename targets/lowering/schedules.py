@@ -508,6 +508,36 @@ class GroupedInt8(dlight.ScheduleRule):
         return sch
 
 
+@dataclass(frozen=True)
+class DotTile:
+    """One schedule of a tensorized dot kernel: its accumulator tile — `pixels` (pixel pairs for a
+    2-pixel kernel) × `vectors` channel tiles of the kernel's lanes — and whether the pixel tiles
+    (else the channel tiles) are the outer, parallel loop."""
+
+    pixels: int
+    vectors: int
+    pixel_outer: bool
+
+
+@dataclass
+class _DotPlan:
+    """What `TensorizedDot` knows about a kernel once its channel and reduction axes are split."""
+
+    kernel: DotKernel
+    main: object
+    producers: list
+    consumers: list
+    reduce: list  # reduction loops, the last split by the kernel's depth: [..., r_o, r_i]
+    calls: list  # the loops the intrinsic covers
+    rows: list  # spatial loops outside the intrinsic, the last tiled by `DotTile.pixels`
+    f_o: object  # channel tiles
+    width: int  # extent of rows[-1] (1 without rows)
+    outer_rows: int  # iterations of rows[:-1]
+    channel_tiles: int  # extent of f_o
+    budget: int  # accumulator vectors a tile may hold
+    loads: tuple[int, int]  # vector loads of activations and weights per intrinsic call
+
+
 class TensorizedDot(dlight.ScheduleRule):
     """Schedules a PrimFunc built around one compute annotated with `DOT_ATTR` (with fused prologue and epilogue):
 
@@ -518,13 +548,38 @@ class TensorizedDot(dlight.ScheduleRule):
 
     The accumulator tile (≤ `DotKernel.accumulators` vectors, ≤ 1 KiB so it stays on the stack and
     in registers) is initialised, accumulated over the whole reduction, then the epilogue
-    (correction, bias, requantize, activation) is applied to it and written once."""
+    (correction, bias, requantize, activation) is applied to it and written once. `apply` picks the
+    tile by a load-count model (`default_tile`); `tiles` lists every valid one for tuning
+    (`graphopt.tune` measures them as the kernel's design spaces)."""
 
     def __init__(self, kernels: tuple[DotKernel, ...], cores: int, lanes: int):
         self.kernels, self.cores, self.lanes = kernels, cores, lanes
 
     def apply(self, func, target, tunable):
         sch = s_tir.Schedule(func)
+        plan = self._plan(sch)
+        return None if plan is None else self._schedule(sch, plan, self.default_tile(plan))
+
+    def tiles(self, func) -> list[DotTile]:
+        """Every tile `schedule` accepts for `func` (empty if this rule does not take it), the
+        default first, then by the load-count model."""
+        plan = self._plan(s_tir.Schedule(func))
+        if plan is None:
+            return []
+        default = self.default_tile(plan)
+        options = [DotTile(p, v, outer) for p, v in _tile_options(plan.width, plan.channel_tiles, plan.budget)
+                   for outer in ((True, False) if plan.rows else (default.pixel_outer,))]
+        options.sort(key=lambda t: _tile_cost((t.pixels, t.vectors), plan.loads))
+        return [default] + [t for t in options if t != default]
+
+    def schedule(self, sch: s_tir.Schedule, tile: DotTile) -> s_tir.Schedule:
+        """Schedule the PrimFunc of `sch` (its ``main``) with `tile`, one of `tiles`; returns `sch`."""
+        plan = self._plan(sch)
+        if plan is None:
+            raise ValueError("not a tensorized dot kernel of this target")
+        return self._schedule(sch, plan, tile)
+
+    def _plan(self, sch: s_tir.Schedule) -> _DotPlan | None:
         infos = dlight.analysis.normalize_prim_func(sch)
         if infos is None:
             return None
@@ -534,7 +589,7 @@ class TensorizedDot(dlight.ScheduleRule):
         k = by_intrin(self.kernels, str(sch.get(infos[idx].block_rv).annotations[DOT_ATTR]))
         if k is None:
             return None
-        main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
+        main = infos[idx].block_rv
         loops = sch.get_loops(main)
         kinds = infos[idx].dom_kind()
         n_s = len(kinds) - len(kinds.lstrip("S"))
@@ -547,45 +602,59 @@ class TensorizedDot(dlight.ScheduleRule):
             calls, rows = dims[-2:], [lp for lp in dims[:-3] if lp is not None]
             f_o = dims[-3] if dims[-3] is not None else sch.add_unit_loop(calls[0])
         r_o, r_i = sch.split(reduce[-1], [None, k.depth])
-        width = _loop_extent(sch, rows[-1]) if rows else 1
         vector_bytes = 4 * self.lanes  # loads per call: activations (pixels × depth int8), weights (lanes × depth)
         loads = (k.pixels * -(-k.depth // vector_bytes),
                  -(-k.lanes * k.depth * np.dtype(k.weight_dtype).itemsize // vector_bytes))
-        px, unroll = _register_tile(width, _loop_extent(sch, f_o),
-                                    min(k.accumulators, _STACK_BYTES // (4 * k.lanes * k.pixels)), loads)
-        f_oo, f_u = sch.split(f_o, [None, unroll])
-        if rows:
-            p_o, p_i = sch.split(rows[-1], [None, px])
-            outer, tile = rows[:-1] + [p_o], [p_i, f_u]
+        extents = [_loop_extent(sch, lp) for lp in [*rows, f_o]]
+        if any(e is None for e in extents):  # a dynamic extent: no static tile
+            return None
+        *row_extents, channel_tiles = [int(e or 0) for e in extents]
+        return _DotPlan(k, main, infos[:idx], infos[idx + 1:], reduce[:-1] + [r_o, r_i], calls, rows, f_o,
+                        row_extents[-1] if rows else 1, int(np.prod(row_extents[:-1])), channel_tiles,
+                        min(k.accumulators, _STACK_BYTES // (4 * k.lanes * k.pixels)), loads)
+
+    def default_tile(self, plan: _DotPlan) -> DotTile:
+        """The fewest operand loads per call (`_register_tile`); pixel tiles outermost when they
+        keep every core busy and re-stream less than channel tiles outermost would — pixel tiles
+        outermost re-stream the weights once per pixel tile, channel tiles outermost the input once
+        per channel tile (e.g. 7×7×512 layers)."""
+        px, unroll = _register_tile(plan.width, plan.channel_tiles, plan.budget, plan.loads)
+        pixel_tiles = plan.outer_rows * plan.width // px
+        pixels, channels = plan.outer_rows * plan.width * plan.kernel.pixels, plan.channel_tiles * plan.kernel.lanes
+        outer = bool(plan.rows) and pixel_tiles >= self.cores and \
+            pixel_tiles * channels <= plan.channel_tiles // unroll * pixels
+        return DotTile(px, unroll, outer)
+
+    def _schedule(self, sch: s_tir.Schedule, plan: _DotPlan, tile: DotTile) -> s_tir.Schedule:
+        k, main, reduce = plan.kernel, plan.main, plan.reduce
+        f_oo, f_u = sch.split(plan.f_o, [None, tile.vectors])
+        if plan.rows:
+            p_o, p_i = sch.split(plan.rows[-1], [None, tile.pixels])
+            outer, unrolled = plan.rows[:-1] + [p_o], [p_i, f_u]
         else:
-            outer, tile = [], [f_u]
-        # loop order re-reading less: pixel tiles outermost re-stream the weights once per pixel tile,
-        # channel tiles outermost re-stream the input once per channel tile (e.g. 7×7×512 layers)
-        pixel_tiles = int(np.prod([_loop_extent(sch, lp) for lp in outer])) if outer else 1
-        pixels = pixel_tiles * px * k.pixels
-        channels, channel_tiles = _loop_extent(sch, f_oo) * unroll * k.lanes, _loop_extent(sch, f_oo)
-        pixel_outer = pixel_tiles >= self.cores and pixel_tiles * channels <= channel_tiles * pixels
-        tiles = outer + [f_oo] if pixel_outer else [f_oo] + outer
-        sch.reorder(*tiles, *reduce[:-1], r_o, *tile, *calls, r_i)
+            outer, unrolled = [], [f_u]
+        tiles = outer + [f_oo] if tile.pixel_outer else [f_oo] + outer
+        sch.reorder(*tiles, *reduce[:-1], *unrolled, *plan.calls, reduce[-1])
         tile_loop = tiles[-1]
         if len(tiles) > 1:
             sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
 
         # a 2-pixel kernel's blocks are read back in the output's shape (its `int8._finish`)
+        consumers = plan.consumers
         shape = [_int(d) for d in sch.get(consumers[0].block_rv).writes[0].source.shape] if k.pixels > 1 else None
         _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape)
 
-        init = sch.decompose_reduction(main, (reduce[:-1] + [r_o])[0])
+        init = sch.decompose_reduction(main, reduce[0])
         sch.vectorize(sch.get_loops(init)[-1])
-        for lp in tile:
+        for lp in unrolled:
             sch.unroll(lp)
-        sch.tensorize(calls[0], k.intrin)
+        sch.tensorize(plan.calls[0], k.intrin)
 
         # prologue: padding / channel padding / +128 inlined into one materialised input copy
-        for b in producers[:-1]:
+        for b in plan.producers[:-1]:
             sch.compute_inline(b.block_rv)
-        if producers:
-            schedule_spatial(sch, producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
+        if plan.producers:
+            schedule_spatial(sch, plan.producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
         return sch
 
 
@@ -601,10 +670,19 @@ def _register_tile(pixels: int, vectors: int, budget: int, loads: tuple[int, int
     vectors: the fewest operand loads per intrinsic call — (pixels·a + vectors·b) / (pixels·vectors)
     with `loads` = (a, b) vector loads of activations and weights per call (7×2 beats 1×16 on a 7×7
     map; a kernel reading 4 weight vectors per call prefers more pixels) — then the most accumulators."""
-    a, b = loads
-    options = [(p, v) for p in range(1, min(pixels, budget) + 1) if pixels % p == 0
-               for v in range(1, min(vectors, budget // p) + 1) if vectors % v == 0]
-    return min(options, key=lambda pv: ((pv[0] * a + pv[1] * b) / (pv[0] * pv[1]), -pv[0] * pv[1]))
+    return min(_tile_options(pixels, vectors, budget), key=lambda pv: _tile_cost(pv, loads))
+
+
+def _tile_cost(pv: tuple[int, int], loads: tuple[int, int]) -> tuple[float, int]:
+    """Operand loads per intrinsic call of a (pixels, vectors) tile, then fewer accumulators last."""
+    (p, v), (a, b) = pv, loads
+    return (p * a + v * b) / (p * v), -p * v
+
+
+def _tile_options(pixels: int, vectors: int, budget: int) -> list[tuple[int, int]]:
+    """(pixels, channel vectors) dividing their axes with at most `budget` vectors in all."""
+    return [(p, v) for p in range(1, min(pixels, budget) + 1) if pixels % p == 0
+            for v in range(1, min(vectors, budget // p) + 1) if vectors % v == 0]
 
 
 def _parallel_extent(sch: s_tir.Schedule, tiles: list) -> int:
@@ -764,6 +842,26 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
         ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
         ("injective", Injective(params)),  # elementwise/transpose/pad chains
     ]
+
+
+def _dot_rule(spec: TargetSpec) -> TensorizedDot | None:
+    params = CpuParams.from_spec(spec)
+    return TensorizedDot(params.dots, params.cores, params.lanes) if params.dots else None
+
+
+def dot_tiles(func: tirx.PrimFunc, spec: TargetSpec) -> list[DotTile]:
+    """Every `DotTile` `TensorizedDot` can schedule the tensorized dot kernel `func` with on `spec`
+    (the default first, then by the load model); empty for any other kernel."""
+    rule = _dot_rule(spec)
+    return [] if rule is None else rule.tiles(func)
+
+
+def dot_schedule(sch: s_tir.Schedule, spec: TargetSpec, tile: DotTile) -> s_tir.Schedule:
+    """`sch` (a tensorized dot kernel of `spec`, unscheduled) scheduled with `tile`, one of `dot_tiles`."""
+    rule = _dot_rule(spec)
+    if rule is None:
+        raise ValueError(f"{spec.name} has no dot kernels")
+    return rule.schedule(sch, tile)
 
 
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:

@@ -26,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from graphopt.errors import TuningError
-from graphopt.targets.lowering.dot import DOT_ATTR
 from graphopt.targets.lowering.kernels import prepare_tvm
 from graphopt.targets.lowering.phases import run_phases
-from graphopt.targets.lowering.schedules import schedule_module
+from graphopt.targets.lowering.schedules import dot_schedule, dot_tiles, schedule_module
 from graphopt.targets.lowering.tuned import is_scheduled
 from graphopt.targets.spec import TargetSpec
 
@@ -84,14 +83,12 @@ def check_tunable(spec: TargetSpec) -> None:
 
 
 def extract(mod, spec: TargetSpec) -> list:
-    """MetaSchedule tasks of `mod`, without the kernels graphopt schedules itself: tensorized int8
-    dot kernels (their packed-weight register tiles around the intrinsic are `schedules.TensorizedDot`'s)
-    and kernels emitted already scheduled (e.g. the binary XNOR-popcount ones)."""
+    """MetaSchedule tasks of `mod`, without the kernels emitted already scheduled (e.g. the binary
+    XNOR-popcount ones). Tensorized int8 dot kernels are tasks too, tuned by `tune_dot_task`."""
     from tvm.s_tir import meta_schedule as ms
 
     prepare_tvm()
-    return [t for t in ms.relax_integration.extract_tasks(mod, spec.tvm())
-            if not is_scheduled(t.dispatched[0]["main"]) and DOT_ATTR not in t.dispatched[0].script()]
+    return [t for t in ms.relax_integration.extract_tasks(mod, spec.tvm()) if not is_scheduled(t.dispatched[0]["main"])]
 
 
 # --------------------------------------------------------------------------- tuning
@@ -128,6 +125,21 @@ def budget(trials: int, n_tasks: int, per_task: int | None) -> Budget:
     return Budget(trials, per_task if per_task is not None else max(1, math.ceil(trials / max(1, n_tasks))))
 
 
+def _count(state: dict, unit: Callable[[float], str], seconds: list[float | None]) -> None:
+    """Count measured trials (None: failed) in the session's progress `state` and log a progress line."""
+    for secs in seconds:
+        state["done"] += 1
+        state["task_done"] += 1
+        if secs is not None:
+            state["best"] = secs if state["best"] is None else min(state["best"], secs)
+    elapsed = time.perf_counter() - state["start"]
+    eta = elapsed / max(1, state["done"]) * (state["total"] - state["done"])
+    best = unit(state["best"]) if state["best"] is not None else "-"
+    _LOG.info(f"  [{state['task_index']}/{state['n_tasks']}] {state['task_name']}: "
+              f"{state['task_done']}/{state['task_budget']} trials, best {best} | session "
+              f"{state['done']}/{state['total']} trials, ETA {eta / 60:.1f} min")
+
+
 def _progress_callback(state: dict, unit: Callable[[float], str]):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -135,27 +147,15 @@ def _progress_callback(state: dict, unit: Callable[[float], str]):
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            for r in runner_results:
-                state["done"] += 1
-                state["task_done"] += 1
-                if r.error_msg is None and r.run_secs:
-                    secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                    state["best"] = secs if state["best"] is None else min(state["best"], secs)
-            elapsed = time.perf_counter() - state["start"]
-            left = state["total"] - state["done"]
-            eta = elapsed / max(1, state["done"]) * left
-            best = unit(state["best"]) if state["best"] is not None else "-"
-            _LOG.info(f"  [{state['task_index']}/{state['n_tasks']}] {state['task_name']}: "
-                      f"{state['task_done']}/{state['task_budget']} trials, best {best} | session "
-                      f"{state['done']}/{state['total']} trials, ETA {eta / 60:.1f} min")
+            _count(state, unit, [sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                                 if r.error_msg is None and r.run_secs else None for r in runner_results])
 
     return _Progress()
 
 
-def measure_defaults(tasks: list, spec: TargetSpec, database, builder, runner) -> None:
-    """Build and run graphopt's default schedule of each task not yet measured on `runner`; record
-    the times in `database` (a kernel whose default fails to build or run gets no time: its records
-    then apply as before)."""
+def _measure(mods: list, spec: TargetSpec, builder, runner) -> list[float | None]:
+    """Build and run each single-kernel module on `runner`: its mean run time in seconds, or None if
+    it failed to build or run (logged at debug level)."""
     import shutil
     from pathlib import Path
 
@@ -163,28 +163,72 @@ def measure_defaults(tasks: list, spec: TargetSpec, database, builder, runner) -
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
+    target = spec.tvm()
+    built = builder.build([BuilderInput(m, target) for m in mods])
+    futures = [runner.run([RunnerInput(b.artifact_path, "cpu", ArgInfo.from_prim_func(m["main"]))])[0]  # LLVM
+               if b.error_msg is None else None for m, b in zip(mods, built, strict=True)]
+    out: list[float | None] = []
+    for m, b, future in zip(mods, built, futures, strict=True):
+        if future is None:
+            _LOG.debug("%s did not build: %s", m["main"].attrs.get("global_symbol", "kernel"), b.error_msg)
+            out.append(None)
+            continue
+        result = future.result()
+        if result.error_msg is not None or not result.run_secs:
+            _LOG.debug("%s did not run: %s", m["main"].attrs.get("global_symbol", "kernel"), result.error_msg)
+        out.append(sum(float(t) for t in result.run_secs) / len(result.run_secs)
+                   if result.error_msg is None and result.run_secs else None)
+        shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+    return out
+
+
+def measure_defaults(tasks: list, spec: TargetSpec, database, builder, runner) -> None:
+    """Build and run graphopt's default schedule of each task not yet measured on `runner`; record
+    the times in `database` (a kernel whose default fails to build or run gets no time: its records
+    then apply as before)."""
     todo = [t for t in tasks if database.default_seconds(t.dispatched[0]) is None]
     if not todo:
         return
-    target = spec.tvm()
-    built = builder.build([BuilderInput(schedule_module(t.dispatched[0].clone(), spec)[0], target) for t in todo])
-    runs = [(t, b, runner.run([RunnerInput(b.artifact_path, "cpu",  # check_tunable: LLVM
-                                           ArgInfo.from_prim_func(t.dispatched[0]["main"]))])[0])
-            for t, b in zip(todo, built, strict=True) if b.error_msg is None]
-    for t, b in zip(todo, built, strict=True):
-        if b.error_msg is not None:
-            _LOG.debug("default schedule of %s did not build: %s", t.task_name, b.error_msg)
-    for task, b, future in runs:
-        result = future.result()
-        if result.error_msg is not None:
-            _LOG.debug("default schedule of %s did not run: %s", task.task_name, result.error_msg)
-        if result.error_msg is None and result.run_secs:
-            secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
-            database.mark_default(task.dispatched[0], secs)
-        shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
-    failed = len(todo) - sum(database.default_seconds(t.dispatched[0]) is not None for t in todo)
+    secs = _measure([schedule_module(t.dispatched[0].clone(), spec)[0] for t in todo], spec, builder, runner)
+    for task, t in zip(todo, secs, strict=True):
+        if t is not None:
+            database.mark_default(task.dispatched[0], t)
+    failed = secs.count(None)
     _LOG.info(f"measured graphopt's default schedule of {len(todo) - failed} kernels on the tuning runner"
               + (f" ({failed} failed to build or run: their tuned records apply unchecked)" if failed else ""))
+
+
+# A trial that failed to build or run, recorded as MetaSchedule records one (so it counts as spent).
+_FAILED_SECONDS = 1e10
+
+# Tiles built and run per batch: a kill loses at most one batch of measurements.
+_DOT_BATCH = 8
+
+
+def tune_dot_task(task, spec: TargetSpec, database, tiles: list, trials: int, builder, runner,
+                  on_batch: Callable[[list[float | None]], None]) -> None:
+    """Tune a tensorized int8 dot kernel: measure its next `trials` register tiles and loop orders
+    (`tiles` from `schedules.dot_tiles`, after the default one, which `measure_defaults` measures,
+    in the load model's order) and commit each as a tuning record. Packed weights and the intrinsic
+    leave MetaSchedule's own rules nothing to choose and the tiles are few (tens), so they are
+    measured in order rather than searched; a resumed session starts after the trials already spent."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    mod = task.dispatched[0]
+    start = database.trials_spent(mod)
+    todo = tiles[1:][start:start + trials]
+    workload = database.commit_workload(mod)
+    args = ArgInfo.from_prim_func(mod["main"])
+    for b in range(0, len(todo), _DOT_BATCH):
+        with spec.tvm():
+            batch = [dot_schedule(s_tir.Schedule(mod), spec, tile) for tile in todo[b:b + _DOT_BATCH]]
+        seconds = _measure([sch.mod for sch in batch], spec, builder, runner)
+        for sch, secs in zip(batch, seconds, strict=True):
+            database.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, workload, [_FAILED_SECONDS if secs is None else secs], spec.tvm(), args))
+        on_batch(seconds)
 
 
 def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
@@ -198,7 +242,9 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
     target = spec.tvm()
     have = [database.records_for(t.dispatched[0]) for t in tasks]
     spent = [database.trials_spent(t.dispatched[0]) for t in tasks]
-    want = [max(0, min(bud.per_task, bud.total) - s) for s in spent]
+    tiles = [dot_tiles(t.dispatched[0]["main"], spec) for t in tasks]
+    limit = [len(tl) - 1 if tl else bud.total for tl in tiles]  # a dot kernel: its tiles besides the default
+    want = [max(0, min(bud.per_task, bud.total, n) - s) for s, n in zip(spent, limit, strict=True)]
     left_total = max(0, bud.total - sum(min(s, bud.per_task) for s in spent))
     # its worker processes take seconds to start: only when there is something to tune
     builder = make_builder(spec) if left_total and any(want) else None
@@ -224,7 +270,12 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
     for n, i in enumerate(order, 1):
         task = tasks[i]
         mod = task.dispatched[0]
-        if plan[i] > 0:
+        if plan[i] > 0 and tiles[i]:
+            state.update(task_index=n, task_name=task.task_name, task_done=0, task_budget=plan[i], best=None)
+            tune_dot_task(task, spec, database, tiles[i], plan[i], builder, runner,
+                          lambda seconds: _count(state, unit, seconds))
+            database.mark_spent(mod, spent[i] + plan[i])
+        elif plan[i] > 0:
             state.update(task_index=n, task_name=task.task_name, task_done=0, task_budget=plan[i], best=None)
             # search effort scaled to the budget: a few trials need no 512-candidate population
             strategy = ms.search_strategy.EvolutionarySearch(

@@ -1,0 +1,115 @@
+"""Tuning the tensorized int8 dot kernels: every register tile and loop order `TensorizedDot` offers
+computes the default schedule's output bit for bit; the first tile is the default; tuning measures the
+tiles in order, records them, resumes after the ones spent, and compile applies a tile only where it
+beat the default."""
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from test_tune import kernels_decided
+from torch import nn
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+import graphopt
+from graphopt.passes.pipeline import Pipeline
+from graphopt.targets import get_target
+from graphopt.targets.lowering.schedules import dot_schedule, dot_tiles, schedule_module
+from graphopt.targets.tuning.database import open_database
+from graphopt.targets.tuning.metaschedule import extract, fused_module
+
+SHAPE = (1, 16, 5, 6)  # 6 pixels per row (tiles of 1, 2, 3, 6), 48 channels = 3 VNNI tiles
+
+
+def _quantized():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(16, 48, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                      nn.Linear(48 * 5 * 6, 10)).eval()
+    x = torch.randn(SHAPE)
+    return graphopt.quantize(m, (x,), [(torch.randn(SHAPE),) for _ in range(3)]), x
+
+
+def _conv_task(spec):
+    """The tuning task of `_quantized()`'s conv (a tensorized dot kernel; its dense has one tile)."""
+    q, x = _quantized()
+    (task,) = [t for t in extract(fused_module(Pipeline(q, (x,), spec).exported, spec), spec)
+               if t.task_name.startswith("fused_conv2d_int8")]
+    return task
+
+
+def _args(func, rng) -> list:
+    """Random operands: int8 tensors over their whole range; int32 ones (bias, multiplier, shift) small,
+    so no shift exceeds the word; the output zeroed."""
+    infos = ArgInfo.from_prim_func(func)
+    out = []
+    for i, info in enumerate(infos):
+        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
+        if i == len(infos) - 1:
+            out.append(np.zeros(shape, dtype))
+        elif dtype == "int8":
+            out.append(rng.integers(-128, 128, shape).astype(dtype))
+        else:
+            out.append(rng.integers(0, 16, shape).astype(dtype))
+    return out
+
+
+def _run(mod, spec, args) -> np.ndarray:
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    tvm.compile(mod, target=spec.tvm()).mod["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+def test_every_tile_computes_the_default_schedule_output_bit_for_bit():
+    spec = get_target("host")
+    task = _conv_task(spec)
+    func = task.dispatched[0]["main"]
+    tiles = dot_tiles(func, spec)
+    assert len(tiles) >= 8 and len(set(tiles)) == len(tiles)
+    assert {t.pixel_outer for t in tiles} == {True, False} and {t.pixels for t in tiles} >= {1, 2, 3, 6}
+    default = schedule_module(tvm.IRModule({"main": func}), spec)[0]["main"]
+    with spec.tvm():
+        mods = [dot_schedule(tvm.s_tir.Schedule(func), spec, t).mod for t in tiles]
+    # the first tile is what compile schedules without a database
+    assert tvm_ffi.structural_equal(mods[0]["main"].with_attr("tirx.is_scheduled", True), default)
+    assert len({tvm_ffi.structural_hash(m) for m in mods}) == len(mods)  # each tile a different schedule
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        args = _args(func, rng)
+        want = _run(tvm.IRModule({"main": default}), spec, args)
+        assert want.any()
+        for tile, mod in zip(tiles, mods, strict=True):
+            np.testing.assert_array_equal(_run(mod, spec, args), want, err_msg=str(tile))
+
+
+@pytest.mark.slow
+def test_tuning_measures_tiles_in_order_resumes_and_compile_stays_exact(tmp_path):
+    spec = get_target("host")
+    q, x = _quantized()
+    task = _conv_task(spec)
+    func = task.dispatched[0]["main"]
+    tiles = dot_tiles(func, spec)
+    db = tmp_path / "db"
+    first = graphopt.tune(q, (x,), "host", trials=40, trials_per_task=2, database=db, progress=False)
+    second = graphopt.tune(q, (x,), "host", trials=40, trials_per_task=5, database=db, progress=False)
+    (row1,) = [t for t in first.tasks if t.name == task.task_name]
+    (row2,) = [t for t in second.tasks if t.name == task.task_name]
+    assert (row1.trials, row2.trials, row2.new_trials) == (2, 5, 3)  # resumed after the 2 spent
+    assert row2.default_seconds is not None
+    database = open_database(db, writable=False)
+    records = database.get_top_k(database.commit_workload(task.dispatched[0]), 100)
+    with spec.tvm():
+        want = {tvm_ffi.structural_hash(dot_schedule(tvm.s_tir.Schedule(func), spec, t).mod) for t in tiles[1:6]}
+        got = {tvm_ffi.structural_hash(_replayed(r, func)) for r in records}
+    assert got == want  # the 5 tiles after the default, in the load model's order
+    cm = graphopt.compile(q, (x,), "host", database=db, progress=False)
+    untuned = graphopt.compile(q, (x,), "host", progress=False)
+    assert task.task_name in kernels_decided(cm)
+    for i in range(3):
+        xi = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+        assert torch.equal(cm(xi), untuned(xi))
+
+
+def _replayed(record, func):
+    sch = tvm.s_tir.Schedule(func)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch.mod
