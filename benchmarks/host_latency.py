@@ -44,17 +44,27 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
-    """(median, min) ms of each callable, timed alternately so machine load hits them alike."""
+def _interleaved_times(fns: dict, runs: int, warmup: int = 5) -> dict:
+    """Per-round seconds of each callable, timed alternately so machine load hits them alike.
+
+    Round ``r`` starts at callable ``r % len(fns)``, so none always runs right after the same neighbour.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict = {name: [] for name in names}
+    for r in range(runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
+    """(median, min) ms of each callable, timed alternately (`_interleaved_times`)."""
+    times = _interleaved_times(fns, runs, warmup)
     return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
