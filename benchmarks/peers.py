@@ -22,8 +22,13 @@ average is printed: on a shared machine absolute figures are noisy, same-run rat
 graphopt default vs tuned kernels for arm-a53 (cortex-a53) and arm-a55 (dotprod), tuned with
 the emulated-icount runner (``--arm-trials``). Emulated ARM at 224x224 is slow: minutes per model.
 
+``--save DIR`` keeps graphopt's untuned fp32 and int8 artifacts; a later ``--baseline DIR`` times them
+as extra rows beside the fresh builds (the weights are seeded): kernels before/after a change in
+one interleaved run (the Python call path is the current one for both).
+
 Usage: python benchmarks/peers.py [--models resnet18,mobilenetv2,resnet20] [--trials 64] [--runs 40]
-                                  [--db tuning/] [--json peers.json] [--arm --arm-trials 16]
+                                  [--db tuning/] [--json peers.json] [--save DIR] [--baseline DIR]
+                                  [--arm --arm-trials 16]
 """
 from __future__ import annotations
 
@@ -112,12 +117,26 @@ def _builders(name: str, model, x, calib, threads: int, args, workdir: Path, not
             return sessions[label]
         return build
 
-    rows = [(Row("graphopt fp32", "fp32", False), lambda: graphopt.compile(model, (x,), "host", progress=False))]
+    def saved(label, build):
+        def wrapped():
+            cm = build()
+            if args.save:
+                cm.save(Path(args.save) / name / label)
+            return cm
+        return wrapped
+
+    rows = [(Row("graphopt fp32", "fp32", False),
+             saved("fp32", lambda: graphopt.compile(model, (x,), "host", progress=False)))]
+    for label in ("fp32", "int8") if args.baseline else ():
+        if (Path(args.baseline) / name / label).is_dir():
+            rows.append((Row(f"graphopt {label} (baseline)", label, False),
+                         lambda label=label: graphopt.CompiledModel.load(Path(args.baseline) / name / label)))
     if args.trials:
         rows.append((Row(f"graphopt fp32 tuned ({args.trials} trials)", "fp32", False), tuned))
     rows += [
         (Row("graphopt int8", "int8", False),
-         lambda: graphopt.compile(graphopt.quantize(model, (x,), calib), (x,), "host", progress=False)),
+         saved("int8", lambda: graphopt.compile(graphopt.quantize(model, (x,), calib), (x,), "host",
+                                                progress=False))),
         (Row("PyTorch eager", "fp32", True), lambda: model),
         (Row("torch.compile (freezing)", "fp32", True), lambda: torch.compile(model)),
         (Row("PT2E int8 + inductor", "int8", True), lambda: _pt2e_int8(model, x, calib)),
@@ -232,6 +251,9 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=16, help="calibration inputs (batch 1 each), shared by all int8 paths")
     p.add_argument("--db", default="tuning", help="parent folder of the per-target databases")
     p.add_argument("--json", default="peers.json", help="where to write the results")
+    p.add_argument("--save", help="save graphopt's untuned fp32 and int8 artifacts under SAVE/<model>/")
+    p.add_argument("--baseline", help="also time the artifacts an earlier --save wrote there (same weights): "
+                                      "before/after a change in one interleaved run")
     p.add_argument("--arm", action="store_true", help="also count aarch64 instructions (proxy), default vs tuned")
     p.add_argument("--arm-trials", type=int, default=16)
     p.add_argument("--quiet", action="store_true")
