@@ -219,6 +219,28 @@ def _print(r: dict) -> None:
               f"{row['build_s']:8.1f}", flush=True)
 
 
+def markdown(results: dict) -> str:
+    """The run's tables in Markdown (for docs/benchmarks.md and the README)."""
+    out = []
+    for r in results["models"].values():
+        load = ", ".join(f"{v:.1f}" for v in r["load_average"])
+        out += [f"{r['title']}, {r['size']}×{r['size']}, batch 1, {r['threads']} thread(s), {r['runs']} interleaved "
+                f"rounds, load average at the end {load}; paired ratios against the best fp32 peer "
+                f"({r['best_fp32_peer']}) and the best int8 peer ({r['best_int8_peer']}):", "",
+                "| | median ms | min ms | / best fp32 peer | / best int8 peer | max rel. error vs eager |",
+                "|---|---|---|---|---|---|"]
+        for label, row in r["rows"].items():
+            if "error" in row:
+                out.append(f"| {label} | failed: {row['error']} | | | | |")
+                continue
+            ratios = " | ".join(f"{row[k]:.2f}×" if row[k] is not None else "n/a"
+                                for k in ("vs_best_fp32_peer", "vs_best_int8_peer"))
+            out.append(f"| {label} | {row['median_ms']:.3f} | {row['min_ms']:.3f} | {ratios} | "
+                       f"{row['rel_err_vs_eager']:.1e} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def arm(name: str, args) -> None:
     from graphopt.targets.lowering.phases import lower
     from graphopt.targets.lowering.tuned import applying
@@ -276,7 +298,7 @@ def main() -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, path)
-    print(f"\nresults written to {path}")
+    print(f"\nresults written to {path}\n\n{markdown(results)}")
 
 
 if __name__ == "__main__":
