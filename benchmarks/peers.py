@@ -12,11 +12,13 @@ a CIFAR ResNet-20 at 32x32 on 1 thread (`graphopt.zoo`). Measured callables:
   ``pip install -e .[bench]``).
 
 All int8 paths calibrate on the same images (`benchmarks/int8.py`'s ``_images``). Every callable is
-timed once per round, rounds interleaved (`host_latency._interleaved_times`), so load hits all
-alike; the ratios are *paired*: the median over rounds of (this row's time / the peer's time in the
-same round), against the best fp32 peer and the best int8 peer (lowest median; graphopt's rows are
-not peers). A peer that fails to build is reported in its row and the run goes on. The load
-average is printed: on a shared machine absolute figures are noisy, same-run ratios less so.
+timed once per round, rounds interleaved in a shuffled order (`host_latency._interleaved_times`), so
+load hits all alike (PyTorch's OpenMP pool is made passive, as ORT's is, so neither spins against
+the next callable; TVM's keeps its default); the ratios are *paired*: the median over rounds of
+(this row's time / the peer's time in the same round), against the best fp32 peer and the best int8
+peer (lowest median; graphopt's rows are not peers). A peer that fails to build is reported in its
+row and the run goes on. The load average is printed: on a shared machine absolute figures are
+noisy, same-run ratios less so.
 
 ``--arm`` also prints aarch64 instruction counts (a PROXY under qemu-aarch64, not a speed) of
 graphopt default vs tuned kernels for arm-a53 (cortex-a53) and arm-a55 (dotprod), tuned with
@@ -44,9 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch._inductor.config
+# PyTorch's idle OpenMP workers spin after each call (eager ran 896 ms median vs 134 ms min on ResNet-18
+# at load 6) and take a core from whichever callable runs next; ORT's are told not to spin below. TVM's
+# pool keeps its default (a passive one measured 2.8x its min): its worker spins briefly after a call.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_latency import _interleaved_times, _randomize_bn  # noqa: E402
