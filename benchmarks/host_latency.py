@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import random
 import statistics
 import tempfile
 import time
@@ -44,17 +45,30 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
-    """(median, min) ms of each callable, timed alternately so machine load hits them alike."""
+def _interleaved_times(fns: dict, runs: int, warmup: int = 5) -> dict:
+    """Per-round seconds of each callable, timed alternately so machine load hits them alike.
+
+    Each round runs the callables in a fresh (seeded) random order: in a fixed cyclic order each one
+    always follows the same neighbour, whose cache and thread state it inherits (measured: the same
+    ResNet-20 artifact ran 1.2-1.3x slower behind ONNX Runtime than behind another graphopt model).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict = {name: [] for name in fns}
+    names = list(fns)
+    times: dict = {name: [] for name in names}
+    order = random.Random(0)
     for _ in range(runs):
-        for name, fn in fns.items():
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _interleaved_ms(fns: dict, runs: int, warmup: int = 5) -> dict:
+    """(median, min) ms of each callable, timed alternately (`_interleaved_times`)."""
+    times = _interleaved_times(fns, runs, warmup)
     return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from graphopt.torchvision_style import BasicBlock as TVBasicBlock
+from graphopt.torchvision_style import conv1x1, conv3x3
+
 
 class Expect(str, enum.Enum):
     PASS = "pass"  # compiles and matches PyTorch
@@ -172,6 +175,31 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (He et al. 2016: 3 stages of 3 basic blocks, 16/32/64 channels) for benchmarks at
+    32×32, written with torchvision's blocks (``ReLU(inplace=True)``, ``out += identity``, 1×1 projection
+    shortcuts where the shape changes)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        blocks, c = [], 16
+        for cout, stride in [(16, 1)] * 3 + [(32, 2), (32, 1), (32, 1), (64, 2), (64, 1), (64, 1)]:
+            down = None if stride == 1 and c == cout else nn.Sequential(conv1x1(c, cout, stride),
+                                                                        nn.BatchNorm2d(cout))
+            blocks.append(TVBasicBlock(c, cout, stride, down))
+            c = cout
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class TinyTransformer(nn.Module):

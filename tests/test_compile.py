@@ -11,7 +11,7 @@ from torch import nn
 
 import graphopt
 from graphopt.passes.manager import max_rel_error
-from graphopt.zoo import ZOO, Expect, ResidualCNN
+from graphopt.zoo import ZOO, Expect, ResidualCNN, ResNet20, recalibrate_bn
 
 RTOL = 1e-4
 
@@ -157,6 +157,36 @@ def test_host_inputs_are_read_in_place_or_copied_when_misaligned_and_outputs_are
     cm(torch.randn(x.shape))
     with torch.no_grad():
         assert torch.allclose(first, model(x), atol=1e-4)  # a later call does not overwrite an output
+
+
+def test_host_call_takes_strided_and_grad_inputs_and_runs_from_memory_once_loaded():
+    """check_inputs' fast path still copies a strided input and detaches one that requires grad; after
+    the first call the library runs from memory, so the deleted folder no longer matters."""
+    model, inputs = ZOO["residual_cnn"].factory()
+    cm = graphopt.compile(model, inputs, "host", progress=False)
+    x = inputs[0]
+    first = cm(x)
+    strided = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not strided.is_contiguous() and torch.equal(strided, x)
+    assert torch.equal(cm(strided), first)
+    assert torch.equal(cm(x.clone().requires_grad_()), first)
+    import shutil
+
+    shutil.rmtree(cm.build_dir)
+    assert torch.equal(cm(x), first)
+
+
+def test_resnet20_benchmark_model_on_host():
+    """The CIFAR ResNet-20 of benchmarks/peers.py: 19 3x3 convs (16/32/64 channels), two 1x1 projections
+    and a Linear, compiled within RTOL of PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    model = recalibrate_bn(ResNet20(), (x,))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 21 and sum(c.kernel_size == (1, 1) for c in convs) == 2
+    assert sorted({c.out_channels for c in convs}) == [16, 32, 64]
+    cm = graphopt.compile(model, (x,), "host", progress=False)
+    _check_against_pytorch(cm, model, (x,))
 
 
 def test_unknown_target_fails_before_any_work():

@@ -24,6 +24,11 @@ class Measurement:
     per_call: list[int] | None = None  # instructions of each kernel call, where the backend counts them
 
 
+# Set in a `Backend.run` cache once everything the artifact runs from is loaded in memory: the artifact
+# folder is then no longer checked before each call (a stat per call, for nothing).
+IN_MEMORY = "in_memory"
+
+
 class Backend(abc.ABC):
     @abc.abstractmethod
     def build(self, ep, spec: TargetSpec, build_dir: Path, inputs: list, outputs: list, name: str) -> BuildResult:
@@ -34,7 +39,8 @@ class Backend(abc.ABC):
     def run(self, build_dir: Path, spec: TargetSpec, arrays: list[np.ndarray], manifest: dict,
             cache: dict) -> list[np.ndarray]:
         """Run the artifact once on ``arrays``; outputs flattened in model order. ``cache`` belongs to
-        the calling `CompiledModel` (e.g. a loaded library), so it lives and dies with it."""
+        the calling `CompiledModel` (e.g. a loaded library), so it lives and dies with it; a backend
+        that no longer reads the folder sets ``cache[IN_MEMORY] = True``."""
 
     def measure(self, build_dir: Path, spec: TargetSpec, arrays: list[np.ndarray]) -> Measurement:
         """Instructions per inference where the backend can count them (emulated targets)."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from graphopt.artifact import read_manifest
 from graphopt.errors import ToolchainError
-from graphopt.targets.backends.base import Backend, BuildResult, Measurement
+from graphopt.targets.backends.base import IN_MEMORY, Backend, BuildResult, Measurement
 from graphopt.targets.backends.emulation import package_arm_artifact, run_emulated
 from graphopt.targets.lowering.phases import export_library, lower
 from graphopt.targets.spec import TargetSpec
@@ -33,13 +33,24 @@ class NativeVM(Backend):
         import tvm
         from tvm import relax
 
-        if "vm" not in cache:
+        if "main" not in cache:
             # TVM's pool defaults to half the hardware threads; the spec says how many to use.
             os.environ.setdefault("TVM_NUM_THREADS", str(spec.num_cores))
             lib = tvm.runtime.load_module(str(Path(build_dir) / manifest["library"]))
             cache["vm"] = relax.VirtualMachine(lib, tvm.cpu())
-        result = cache["vm"]["main"](*[_borrow(a) for a in arrays])
-        return [r.numpy() for r in _flatten(result)]  # copies: outputs may alias constants or inputs
+            cache["main"] = cache["vm"]["main"]
+            cache[IN_MEMORY] = True
+        result = cache["main"](*[_borrow(a) for a in arrays])
+        return [_copy_out(r) for r in _flatten(result)]
+
+
+def _copy_out(r) -> np.ndarray:
+    """A copy of output `r` (outputs may alias constants or inputs), through DLPack: TVM's ``.numpy()``
+    costs ~10x more per call, measurable on a small model (ResNet-20 at 32x32 runs in ~0.4 ms)."""
+    try:
+        return np.from_dlpack(r).copy()
+    except RuntimeError:  # a dtype numpy has no DLPack code for (bfloat16): TVM converts it
+        return r.numpy()
 
 
 def _borrow(a: np.ndarray):
