@@ -10,7 +10,8 @@ folder (see `graphopt.targets.tuning.database`). Records already in the folder c
 budgets, so re-running after Ctrl-C or kill -9 resumes; kernels shared with another model are
 not tuned again; a finished budget is not run again (trials the search had no new candidate for
 count as spent). Before tuning, graphopt's default schedule of every kernel is measured on the
-same runner: ``compile(database=...)`` applies a kernel's best record only where it beat that
+same runner, and after tuning each best record is timed against it again in paired rounds (the
+same load on both): ``compile(database=...)`` applies a kernel's best record only where it beat that
 default (``report.lowering["default_kept"]`` lists the others), so a tuned model is never slower
 per kernel than the untuned one; the default schedules cover every kernel the database lacks.
 The budget goes to kernels in order of their share of the model's default time. Tensorized int8 dot
@@ -28,6 +29,7 @@ both before any slow step.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +167,8 @@ def _runner(runner, spec: TargetSpec):
         if spec.cross_compiler or spec.is_emulated:
             raise TuningError(f"runner='local' times code on this machine, but {spec.name} code runs elsewhere; "
                               "use graphopt.RPCRunner(...) for boards or runner='emulated-icount' (a proxy)")
+        # the runner's workers use the threads the compiled model will (`NativeVM.run` sets the same)
+        os.environ.setdefault("TVM_NUM_THREADS", str(spec.num_cores))
         ev = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=10, enable_cpu_cache_flush=False)
         return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ev), "local", False, False
     if runner == "emulated-icount":

@@ -34,11 +34,11 @@ fi
 stamp="$VENV/.graphopt-deps-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] pip: installing graphopt and pinned deps"
-  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first, pinned, so nothing later pulls a CUDA build.
-  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   # the test extra brings pytest and the linters `make lint` runs (ruff, mypy), pinned in pyproject
-  "$VENV/bin/pip" install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
   touch "$stamp"
 else
   echo "[setup] pip: deps up to date"

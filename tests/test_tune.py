@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.targets.tuning.database import DEFAULTS, RECORDS, SPENT, WORKLOADS, open_database
+from graphopt.targets.tuning.database import DEFAULTS, PAIRED, RECORDS, SPENT, WORKLOADS, open_database
 
 TRIALS = 4
 
@@ -97,6 +97,34 @@ def test_a_record_applies_only_where_it_beat_the_default_schedule(killed_and_res
     assert kernels_decided(cm) == {"fused_matmul_add": uses}
     with torch.no_grad():
         np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_paired_check_overrules_a_default_measured_under_load(killed_and_resumed, tmp_path):
+    """A default schedule once measured at 1 s (a loaded stretch of the machine: stored defaults were
+    10-200x too slow that way) decides only until tune's paired check times it against the best
+    record in the same rounds; the check runs even when the budget is spent, and once per record set."""
+    src, _, _ = killed_and_resumed
+    db = tmp_path / "db"
+    db.mkdir()
+    for name in (WORKLOADS, RECORDS, SPENT):
+        if (src / name).exists():  # no SPENT line when the killed session had measured every trial
+            (db / name).write_bytes((src / name).read_bytes())
+    (db / DEFAULTS).write_text(json.dumps([0, 1.0]) + "\n")
+    model, args = _model()
+    assert kernels_decided(graphopt.compile(model, args, "host", database=db, progress=False)) == \
+        {"fused_matmul_add": "tuned"}  # the inflated default loses to any record
+    summary = graphopt.tune(model, args, "host", trials=TRIALS, database=db, progress=False)
+    assert summary.new_trials == 0  # the budget was spent: only the check ran
+    ((idx, (default_s, tuned_s, records)),) = [json.loads(line) for line in _lines(db / PAIRED)]
+    assert idx == 0 and records == TRIALS and 0 < default_s < 0.01 and 0 < tuned_s < 0.01
+    (task,) = summary.tasks
+    assert (task.default_seconds, task.best_seconds) == (default_s, tuned_s)
+    cm = graphopt.compile(model, args, "host", database=db, progress=False)
+    assert kernels_decided(cm) == {"fused_matmul_add": "default" if default_s <= tuned_s else "tuned"}
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
+    graphopt.tune(model, args, "host", trials=TRIALS, database=db, progress=False)
+    assert len(_lines(db / PAIRED)) == 1  # checked already: no new check without a new record
 
 
 def test_damaged_trailing_line_is_reported_and_skipped(killed_and_resumed, tmp_path):

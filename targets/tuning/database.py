@@ -8,6 +8,8 @@ graphopt's budget file, which it ignores):
     graphopt_trials_spent.json    one line per finished task: [workload line index, trials spent]
     graphopt_default_seconds.json one line per measurement of graphopt's default schedule of a kernel
                                   on the tuning runner: [workload line index, seconds]
+    graphopt_paired_seconds.json  one line per paired check of a kernel's default schedule against its
+                                  best record: [workload line index, [default s, tuned s, records then]]
 
 A finished task's trials spent include candidates the search could not produce (a kernel with a
 small design space yields fewer records than trials): `trials_spent` counts them, so running the
@@ -15,9 +17,12 @@ same budget again measures nothing.
 
 Tuning never loses: the queries compile's ``MetaScheduleApplyDatabase`` makes return
 a kernel's best record only when it measured faster than graphopt's default schedule of that kernel
-on the same runner (the fastest of its `mark_default` measurements); otherwise it answers "no
-record", the default rules schedule the kernel, and the decision is listed in ``kept_default``.
-Kernels whose default was never measured (databases from before this rule) take their best record.
+on the same runner; otherwise they answer "no record", the default rules schedule the kernel, and the
+decision is listed in ``kept_default``. The deciding times are the kernel's latest paired check
+(`mark_paired`: default and best record timed alternately in the same rounds, made after tuning, valid
+while no record has been added since), else the fastest `mark_default` measurement against the best
+record's. Kernels whose default was never measured (databases from before this rule) take their best
+record.
 
 Why not `JSONDatabase` itself: it appends through a buffered stream (a kill can leave half a line)
 and refuses the whole file when one line is damaged. `TuningDatabase` is a `PyDatabase` over an
@@ -49,6 +54,7 @@ WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 SPENT = "graphopt_trials_spent.json"
 DEFAULTS = "graphopt_default_seconds.json"
+PAIRED = "graphopt_paired_seconds.json"
 _LOCK = ".lock"
 
 
@@ -164,6 +170,7 @@ def _make_class():
             self._record_counts: dict[int, int] = {}
             self._spent: dict[int, int] = {}  # workload index -> trials a finished session spent on it
             self._default: dict[int, float] = {}  # workload index -> fastest default-schedule measurement
+            self._paired: dict[int, tuple[float, float, int]] = {}  # index -> latest (default s, tuned s, records)
             self.kept_default: list[dict] = []  # queries answered "keep the default": {kernel, tuned_s, default_s}
             self._lock_fd = None
             if writable:
@@ -214,9 +221,14 @@ def _make_class():
                     raise ValueError(f"default schedule time {value!r} is not a positive number of seconds")
                 return float(value)
 
+            def paired(value, _idx):
+                if not (isinstance(value, list) and len(value) == 3):
+                    raise ValueError(f"paired check {value!r} is not [default s, tuned s, records]")
+                return seconds(value[0], _idx), seconds(value[1], _idx), trials(value[2], _idx)
+
             self.damaged = list(wl_damage)
             files: dict[str, tuple[Path, list[tuple[int, Any, str]], list[Damage]]] = {}  # name -> lines, damage
-            for name, parse_value in ((RECORDS, record), (SPENT, trials), (DEFAULTS, seconds)):
+            for name, parse_value in ((RECORDS, record), (SPENT, trials), (DEFAULTS, seconds), (PAIRED, paired)):
                 damage: list[Damage] = []
                 lines = _read_lines(self.folder / name, indexed(parse_value), damage)
                 files[name] = (self.folder / name, lines, damage)
@@ -228,6 +240,8 @@ def _make_class():
                 self._spent[idx] = max(self._spent.get(idx, 0), n)
             for _, (idx, secs), _ in files[DEFAULTS][1]:
                 self._default[idx] = min(self._default.get(idx, secs), secs)
+            for _, (idx, check), _ in files[PAIRED][1]:
+                self._paired[idx] = check  # the latest check wins
             if self.writable and self.damaged:
                 # rewrite so that appended lines start clean; workload indices are renumbered densely
                 if wl_damage:
@@ -291,6 +305,22 @@ def _make_class():
                 _append(self.folder / DEFAULTS, [idx, float(seconds)])
             self._default[idx] = min(self._default.get(idx, seconds), float(seconds))
 
+        def paired_seconds(self, mod) -> tuple[float, float] | None:
+            """(default s, best record s) from `mod`'s latest paired check, None if it has none or a
+            record was added after it."""
+            idx = self._index(mod)
+            if idx is None or idx not in self._paired or self._paired[idx][2] != self._record_counts.get(idx, 0):
+                return None
+            return self._paired[idx][0], self._paired[idx][1]
+
+        def mark_paired(self, mod, default_s: float, tuned_s: float) -> None:
+            """Record durably a paired check of `mod`'s default schedule against its best record."""
+            idx = self._workload_index(mod)
+            check = (float(default_s), float(tuned_s), self._record_counts.get(idx, 0))
+            if self.writable:
+                _append(self.folder / PAIRED, [idx, list(check)])
+            self._paired[idx] = check
+
         def best_seconds(self, mod) -> float | None:
             idx = self._index(mod)
             if idx is None:
@@ -336,8 +366,10 @@ def _make_class():
             return self._mem.get_all_tuning_records()
 
         def _keeps_default(self, mod, workload_name) -> bool:
-            """True when `mod`'s default schedule measured at least as fast as its best record."""
-            tuned, default = self.best_seconds(mod), self.default_seconds(mod)
+            """True when `mod`'s default schedule measured at least as fast as its best record (in the
+            latest paired check if it is still valid, else in their own measurements)."""
+            paired = self.paired_seconds(mod)
+            default, tuned = paired if paired is not None else (self.default_seconds(mod), self.best_seconds(mod))
             if tuned is None or default is None or tuned < default:
                 return False
             if not any(k["kernel"] == workload_name for k in self.kept_default):

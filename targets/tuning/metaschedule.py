@@ -153,33 +153,93 @@ def _progress_callback(state: dict, unit: Callable[[float], str]):
     return _Progress()
 
 
-def _measure(mods: list, spec: TargetSpec, builder, runner) -> list[float | None]:
-    """Build and run each single-kernel module on `runner`: its mean run time in seconds, or None if
-    it failed to build or run (logged at debug level)."""
+def _build(mods: list, spec: TargetSpec, builder) -> list[str | None]:
+    """Build each single-kernel module: its artifact path, or None if it failed (logged at debug level)."""
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+
+    built = builder.build([BuilderInput(m, spec.tvm()) for m in mods])
+    for m, b in zip(mods, built, strict=True):
+        if b.error_msg is not None:
+            _LOG.debug("%s did not build: %s", m["main"].attrs.get("global_symbol", "kernel"), b.error_msg)
+    return [b.artifact_path if b.error_msg is None else None for b in built]
+
+
+def _run(artifact: str | None, mod, runner) -> float | None:
+    """Mean run time in seconds of a built kernel on `runner`, or None if it failed to build or run."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    if artifact is None:
+        return None
+    result = runner.run([RunnerInput(artifact, "cpu", ArgInfo.from_prim_func(mod["main"]))])[0].result()  # LLVM
+    if result.error_msg is not None or not result.run_secs:
+        _LOG.debug("%s did not run: %s", mod["main"].attrs.get("global_symbol", "kernel"), result.error_msg)
+        return None
+    return sum(float(t) for t in result.run_secs) / len(result.run_secs)
+
+
+def _discard(artifacts: list[str | None]) -> None:
     import shutil
     from pathlib import Path
 
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    from tvm.s_tir.meta_schedule.builder import BuilderInput
-    from tvm.s_tir.meta_schedule.runner import RunnerInput
+    for a in artifacts:
+        if a is not None:
+            shutil.rmtree(Path(a).parent, ignore_errors=True)
 
-    target = spec.tvm()
-    built = builder.build([BuilderInput(m, target) for m in mods])
-    futures = [runner.run([RunnerInput(b.artifact_path, "cpu", ArgInfo.from_prim_func(m["main"]))])[0]  # LLVM
-               if b.error_msg is None else None for m, b in zip(mods, built, strict=True)]
-    out: list[float | None] = []
-    for m, b, future in zip(mods, built, futures, strict=True):
-        if future is None:
-            _LOG.debug("%s did not build: %s", m["main"].attrs.get("global_symbol", "kernel"), b.error_msg)
-            out.append(None)
-            continue
-        result = future.result()
-        if result.error_msg is not None or not result.run_secs:
-            _LOG.debug("%s did not run: %s", m["main"].attrs.get("global_symbol", "kernel"), result.error_msg)
-        out.append(sum(float(t) for t in result.run_secs) / len(result.run_secs)
-                   if result.error_msg is None and result.run_secs else None)
-        shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
-    return out
+
+def _measure(mods: list, spec: TargetSpec, builder, runner) -> list[float | None]:
+    """Build and run each single-kernel module on `runner`: its mean run time in seconds, or None if
+    it failed to build or run."""
+    artifacts = _build(mods, spec, builder)
+    try:
+        return [_run(a, m, runner) for a, m in zip(artifacts, mods, strict=True)]
+    finally:
+        _discard(artifacts)
+
+
+# Rounds of a paired check: each runs the default schedule and the best record once, alternately.
+_PAIRED_ROUNDS = 3
+
+
+def check_best_records(tasks: list, spec: TargetSpec, database, builder, runner) -> None:
+    """Time each kernel's default schedule against its best record alternately, `_PAIRED_ROUNDS`
+    rounds on `runner`, and record the faster time of each side (`mark_paired`; compile decides on
+    these). The default's own measurement is made once, before the first trial, and the best record
+    is the luckiest of many trials: on a loaded machine one slow stretch made stored defaults 10-200x
+    too slow (tuned MobileNetV2 1.8x slower end to end). Paired rounds see the same load. Kernels
+    checked since their last record are skipped."""
+    from tvm import s_tir
+
+    todo = []
+    for t in tasks:
+        mod = t.dispatched[0]
+        best = database.get_top_k(database.commit_workload(mod), 1) if database.records_for(mod) else []
+        if best and best[0].run_secs and float(best[0].run_secs[0]) < 1e9 and database.paired_seconds(mod) is None:
+            sch = s_tir.Schedule(mod)
+            best[0].trace.apply_to_schedule(sch, remove_postproc=False)
+            todo.append((mod, schedule_module(mod.clone(), spec)[0], sch.mod))
+    if not todo:
+        return
+    mods = [m for _, default, tuned in todo for m in (default, tuned)]
+    artifacts = _build(mods, spec, builder)
+    try:
+        times: list[list[float]] = [[] for _ in mods]
+        for r in range(_PAIRED_ROUNDS):
+            for k in range(len(todo)):
+                for j in ((0, 1) if r % 2 == 0 else (1, 0)):  # which side runs first alternates
+                    secs = _run(artifacts[2 * k + j], mods[2 * k + j], runner)
+                    if secs is not None:
+                        times[2 * k + j].append(secs)
+    finally:
+        _discard(artifacts)
+    kept = 0
+    for k, (mod, _, _) in enumerate(todo):
+        default, tuned = times[2 * k], times[2 * k + 1]
+        if default and tuned:
+            database.mark_paired(mod, min(default), min(tuned))
+            kept += min(default) <= min(tuned)
+    _LOG.info(f"checked the best record of {len(todo)} kernels against graphopt's default schedule in "
+              f"{_PAIRED_ROUNDS} paired rounds: {kept} keep the default")
 
 
 def measure_defaults(tasks: list, spec: TargetSpec, database, builder, runner) -> None:
@@ -246,9 +306,11 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
     limit = [len(tl) - 1 if tl else bud.total for tl in tiles]  # a dot kernel: its tiles besides the default
     want = [max(0, min(bud.per_task, bud.total, n) - s) for s, n in zip(spent, limit, strict=True)]
     left_total = max(0, bud.total - sum(min(s, bud.per_task) for s in spent))
-    # its worker processes take seconds to start: only when there is something to tune
-    builder = make_builder(spec) if left_total and any(want) else None
-    if builder is not None:
+    # its worker processes take seconds to start: only when there is something to tune or check
+    unchecked = any(database.records_for(t.dispatched[0]) and database.paired_seconds(t.dispatched[0]) is None
+                    for t in tasks)
+    builder = make_builder(spec) if (left_total and any(want)) or unchecked else None
+    if builder is not None and left_total and any(want):
         measure_defaults(tasks, spec, database, builder, runner)
 
     def share(i: int) -> float:  # the kernel's part of the model's default time (weight alone if unmeasured)
@@ -266,7 +328,6 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
               + ("; the budget is already spent, nothing to do (raise trials to tune further)" if not total else ""))
     state = {"done": 0, "total": total, "start": time.perf_counter(), "n_tasks": len(tasks)}
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_progress_callback(state, unit)]
-    results = []
     for n, i in enumerate(order, 1):
         task = tasks[i]
         mod = task.dispatched[0]
@@ -291,7 +352,13 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
                 num_trials_per_iter=min(plan[i], 32), builder=builder, runner=runner,
                 measure_callbacks=callbacks, database=database, cost_model=ms.CostModel.create("xgb"))
             database.mark_spent(mod, spent[i] + plan[i])  # finished: an exhausted search still spent its plan
-        results.append(TaskResult(task.task_name, int(task.weight), database.records_for(mod),
-                                  database.records_for(mod) - have[i], database.best_seconds(mod),
-                                  database.default_seconds(mod), plan[i], database.trials_spent(mod)))
+    if builder is not None:
+        check_best_records(tasks, spec, database, builder, runner)
+    results = []
+    for i in order:
+        mod = tasks[i].dispatched[0]
+        default, best = database.paired_seconds(mod) or (database.default_seconds(mod), database.best_seconds(mod))
+        results.append(TaskResult(tasks[i].task_name, int(tasks[i].weight), database.records_for(mod),
+                                  database.records_for(mod) - have[i], best, default, plan[i],
+                                  database.trials_spent(mod)))
     return results
