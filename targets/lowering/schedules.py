@@ -579,6 +579,7 @@ class TensorizedDot(dlight.ScheduleRule):
         sch.vectorize(sch.get_loops(init)[-1])
         for lp in tile:
             sch.unroll(lp)
+        k.ensure_registered()  # first use in the process: parses its TVMScript
         sch.tensorize(calls[0], k.intrin)
 
         # prologue: padding / channel padding / +128 inlined into one materialised input copy
