@@ -23,9 +23,9 @@ _CHILD = textwrap.dedent(r"""
     NAMES = [k.intrin for k in builtin_kernels()] + ["dot_16x4_avx512", "dot_4x4_u8u8u32_udot"]
 
     def state(cm=None):
+        loaded = [m for m in sys.modules if m.startswith("tvm.s_tir.tensor_intrin.")]
         return {"registered": sorted(n for n in NAMES if s_tir.TensorIntrin.get(n, allow_missing=True) is not None),
-                "modules": sorted(m.rsplit(".", 1)[1] for m in sys.modules
-                                  if m.startswith("tvm.s_tir.tensor_intrin.") and getattr(sys.modules[m], "__file__", None)),
+                "modules": sorted(m.rsplit(".", 1)[1] for m in loaded if getattr(sys.modules[m], "__file__", None)),
                 "tensorized": cm.report.lowering["scheduled"].get("tensorized_dot", 0) if cm else 0}
 
     class Net(torch.nn.Module):  # every reduction a multiple of 16 channels: no layer needs a 4-channel kernel

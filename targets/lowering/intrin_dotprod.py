@@ -11,9 +11,10 @@ output lanes' 4 channels of chunk j. Its weights are therefore packed chunk-majo
 
     C[i] += Σ_k int32(A[k]) · int32(B[k / 4, i, k % 4])        i < 4, k < 16
 
-`register` registers the TVM intrinsic (`KERNEL.ensure_registered`, when a layer first uses it); `KERNEL` (for `Feature.DOTPROD` targets) is listed
-by `graphopt.targets.lowering.kernels` ahead of TVM's 4×4 ``sdot`` kernel (layers whose channels are
-not a multiple of 16, e.g. an RGB stem, keep using that one).
+`register` registers the TVM intrinsic (`KERNEL.ensure_registered`, when a layer first uses it);
+`KERNEL` (for `Feature.DOTPROD` targets) is listed by `graphopt.targets.lowering.kernels` ahead of
+TVM's 4×4 ``sdot`` kernel (layers whose channels are not a multiple of 16, e.g. an RGB stem, keep
+using that one).
 """
 from __future__ import annotations
 
