@@ -14,6 +14,7 @@ TVMScript (tenths of a second per intrinsic), which a model that never uses the 
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ import numpy as np
 from graphopt.targets.spec import Feature
 
 DOT_ATTR = "graphopt.dot_intrin"  # block annotation: the intrinsic the tensorizing rule applies
+_REGISTERING = threading.Lock()  # two compiles in threads must not both register one intrinsic
 
 @dataclass(frozen=True)
 class DotKernel:
@@ -61,7 +63,8 @@ class DotKernel:
     def ensure_registered(self) -> None:
         """Register the kernel's TVM intrinsic unless this process has (before tensorizing with it)."""
         if self.registrar is not None:
-            self.registrar(self)
+            with _REGISTERING:
+                self.registrar(self)
 
     def tile_layout(self, w: np.ndarray) -> np.ndarray:
         """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or

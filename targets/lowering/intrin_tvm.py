@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
 
 from graphopt.targets.lowering.dot import DotKernel
@@ -29,6 +30,7 @@ _ISA_OF_INTRIN = {"dot_16x4_vnni": "x86", "dot_4x4_i8i8s32_sdot": "arm_cpu", "do
 # MetaSchedule's LLVM rule sets: x86 with AVX-512 ("avx512", "vnni") and Arm ("neon", "dotprod") tensorize
 _ISA_OF_FEATURE = ((Feature.AVX512, "x86"), (Feature.NEON, "arm_cpu"), (Feature.A64, "arm_cpu"))
 _VNNI_FIXED = False
+_LOADING = threading.Lock()  # the stubs are swapped in and out of sys.modules: one thread at a time
 
 
 def _import_package() -> None:
@@ -52,16 +54,18 @@ def _import_package() -> None:
 
 def load(isa: str) -> types.ModuleType:
     """Import TVM's intrinsic module of one ISA (``"x86"``, ``"arm_cpu"``), registering its intrinsics."""
-    _import_package()
-    module = importlib.import_module(f"{PACKAGE}.{isa}")
-    if isa == "x86":
-        _fix_vnni(module)
+    with _LOADING:
+        _import_package()
+        module = importlib.import_module(f"{PACKAGE}.{isa}")
+        if isa == "x86":
+            _fix_vnni(module)
     return module
 
 
 def load_for(spec: TargetSpec) -> None:
     """Register the intrinsics MetaSchedule's rules for `spec` name (none for a target without them)."""
-    _import_package()  # MetaSchedule's TuneContext imports the package: never with its GPU modules
+    with _LOADING:
+        _import_package()  # MetaSchedule's TuneContext imports the package: never with its GPU modules
     for isa in dict.fromkeys(isa for feature, isa in _ISA_OF_FEATURE if spec.has(feature)):
         load(isa)
 

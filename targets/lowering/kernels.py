@@ -49,7 +49,8 @@ def _registry() -> list[DotKernel]:
 
 def register_dot_kernel(kernel: DotKernel, before: str | None = None) -> DotKernel:
     """Add `kernel` (before the kernel whose intrinsic is `before`, else last); earlier kernels are
-    preferred where several fit a layer equally well."""
+    preferred where several fit a layer equally well. Its intrinsic must be registered already, or
+    be registered by its `DotKernel.registrar` when a layer first uses it."""
     kernels = _registry()
     at = next((i for i, k in enumerate(kernels) if k.intrin == before), len(kernels))
     kernels.insert(at, kernel)
