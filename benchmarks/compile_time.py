@@ -3,22 +3,28 @@ cached (an identical build found in graphopt's build cache), per model and targe
 
 Each model runs in its own fresh Python process, which compiles three times:
   cold    the first compile in the process, build cache off (what a CI job that starts Python pays);
-  warm    the same compile again, cache off (TVM imported, intrinsics registered);
+  warm    the same compile again, cache off (TVM imported, the intrinsics its layers use registered);
   cached  the same compile with the build cache on, after a build stored it (embedded pipelines
           that rebuild an unchanged model).
-Also printed: the process's import of graphopt + torch, and the phases of the cold compile
-(``report.timings``). The load average is printed: on a shared machine only the ratios between
-rows taken together are honest.
+Also printed: the process's import of graphopt + torch, the CPU seconds of the cold and warm compiles
+(all the process's threads: less sensitive than wall time to other processes on a shared machine),
+and the phases of the cold compile (``report.timings``). With ``--repeat N`` every figure is the
+median of N fresh processes. The load average is printed: on a shared machine only the ratios
+between rows taken together are honest.
 
 Models: resnet18 and mobilenetv2 (224x224, as benchmarks/peers.py) or any `graphopt.zoo.ZOO` name.
 
-Usage: python benchmarks/compile_time.py [--models resnet18,residual_cnn] [--target host]
+Usage: python benchmarks/compile_time.py [--models resnet18,residual_cnn] [--target host] [--repeat N]
+
+Compare two checkouts by running this script with each one's interpreter from its folder (the
+child processes import graphopt from the working directory).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,16 +44,16 @@ if name in ("resnet18", "mobilenetv2"):  # 224x224, as benchmarks/peers.py
 else:
     model, example = zoo.ZOO[name].factory()
 def timed(**kw):
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     cm = graphopt.compile(model, example, target, progress=False, count_instructions=False, **kw)
-    return time.perf_counter() - t, cm.report
-cold, report = timed(cache=False)
-warm, _ = timed(cache=False)
+    return time.perf_counter() - t, time.process_time() - cpu, cm.report
+cold, cold_cpu, report = timed(cache=False)
+warm, warm_cpu, _ = timed(cache=False)
 timed(cache=True)  # stores the build
-cached, hit = timed(cache=True)
+cached, _, hit = timed(cache=True)
 assert hit.build_cache["hit"], hit.build_cache
-print(json.dumps({"import": imported, "cold": cold, "warm": warm, "cached": cached,
-                  "phases": {k: round(v, 2) for k, v in report.timings.items()}}))
+print(json.dumps({"import": imported, "cold": cold, "warm": warm, "cached": cached, "cold_cpu": cold_cpu,
+                  "warm_cpu": warm_cpu, "phases": report.timings}))
 """
 
 
@@ -60,18 +66,27 @@ def measure(name: str, target: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_of(runs: list[dict]) -> dict:
+    """Each figure's median over `runs` (the phases' too)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "phases"}
+    out["phases"] = {k: statistics.median(r["phases"].get(k, 0.0) for r in runs) for k in runs[0]["phases"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet18,residual_cnn")
     p.add_argument("--target", default="host")
+    p.add_argument("--repeat", type=int, default=1, help="fresh processes per model; figures are medians")
     args = p.parse_args()
     print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} CPUs")
-    print("\n| model | target | import s | cold s | warm s | cached s | cold phases |\n|---|---|---|---|---|---|---|")
+    print("\n| model | target | import s | cold s | cold CPU s | warm s | warm CPU s | cached s | cold phases |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        r = measure(name, args.target)
-        phases = ", ".join(f"{k} {v}" for k, v in r["phases"].items())
-        print(f"| {name} | {args.target} | {r['import']:.1f} | {r['cold']:.1f} | {r['warm']:.1f} | "
-              f"{r['cached']:.2f} | {phases} |", flush=True)
+        r = median_of([measure(name, args.target) for _ in range(args.repeat)])
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
+        print(f"| {name} | {args.target} | {r['import']:.1f} | {r['cold']:.1f} | {r['cold_cpu']:.1f} | "
+              f"{r['warm']:.1f} | {r['warm_cpu']:.1f} | {r['cached']:.2f} | {phases} |", flush=True)
     print(f"\nload average at end: {os.getloadavg()}")
 
 

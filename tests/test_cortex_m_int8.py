@@ -65,6 +65,7 @@ def _schedule(out, args, kern):
     sch.decompose_reduction(block, (reduce[:-1] or [r_o])[0])
     for p in pixels:
         sch.unroll(p)
+    kern.ensure_registered()
     sch.tensorize(f_i, kern.intrin)
     return sch.mod["main"]
 

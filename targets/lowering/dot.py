@@ -7,17 +7,23 @@ A `DotKernel` names a registered TVM tensor intrinsic with the contract
 
 and the target feature that enables it; `dot_desc` is the TensorIntrin description every kernel
 shares (B in the packed tile layout of `tile`). Intrinsic modules (`intrin_*.py`) build kernels
-from these; `graphopt.targets.lowering.kernels` lists them; `int8` packs weights for them.
+from these; `graphopt.targets.lowering.kernels` lists them; `int8` packs weights for them. A kernel
+carries the function of its module that registers its intrinsic with TVM (`DotKernel.registrar`),
+called by `DotKernel.ensure_registered` when a layer is first tensorized with it: registering parses
+TVMScript (tenths of a second per intrinsic), which a model that never uses the kernel must not pay.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from graphopt.targets.spec import Feature
 
 DOT_ATTR = "graphopt.dot_intrin"  # block annotation: the intrinsic the tensorizing rule applies
+_REGISTERING = threading.Lock()  # two compiles in threads must not both register one intrinsic
 
 @dataclass(frozen=True)
 class DotKernel:
@@ -36,6 +42,8 @@ class DotKernel:
     even_odd: bool = False  # weight tiles [lanes, 2, depth/2]: even reduction indices, then odd (SXTB16's order)
     pixels: int = 1  # 2: a matrix-multiply kernel over 2 pixels × 2 lanes, accumulating 2×2 blocks (`mmla_desc`)
     min_reduction: int = 0  # layers reducing fewer values per output (KH·KW·C) take another kernel
+    # registrar(kernel) registers `intrin` with TVM, idempotent (None: whoever built the kernel registered it)
+    registrar: Callable[[DotKernel], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.data_dtype not in ("int8", "uint8"):
@@ -51,6 +59,12 @@ class DotKernel:
         if self.pixels not in (1, 2) or (self.pixels == 2 and (self.lanes != 2 or self.even_odd
                                                                or self.data_dtype != "int8")):
             raise ValueError("DotKernel.pixels must be 1, or 2 with 2 lanes, int8 data and no even_odd")
+
+    def ensure_registered(self) -> None:
+        """Register the kernel's TVM intrinsic unless this process has (before tensorizing with it)."""
+        if self.registrar is not None:
+            with _REGISTERING:
+                self.registrar(self)
 
     def tile_layout(self, w: np.ndarray) -> np.ndarray:
         """[..., lanes, depth] weight tiles → the intrinsic's layout ([..., depth/chunk, lanes, chunk] or

@@ -22,7 +22,8 @@ lanes (`ACCUMULATORS` = 2 calls): the two calls read the same weights, which LLV
 once for both pixels (CMSIS-NN's 2×2 tile). Per 16 MACs: 2 LDR + 4 SXTB16 for the weights, the same
 for the activations, 8 SMLAD — 1.25 instructions per MAC against 1.44 for a 1-pixel × 4-lane tile.
 
-Importing the module registers both TVM intrinsics; `KERNELS` are their `DotKernel`s for
+`register` registers either TVM intrinsic (`DotKernel.ensure_registered`, when a layer first uses
+it); `KERNELS` are their `DotKernel`s for
 `Feature.DSP` targets, the int16-weight one first (`int8.choose` prefers it where both fit), which
 `graphopt.targets.lowering.kernels` lists.
 """
@@ -104,20 +105,20 @@ def _functions(lanes: int, weight_dtype: str):
     return dot_desc(lanes, DEPTH, weight_dtype), impl8
 
 
-def dsp_dot_intrin(lanes: int = LANES, weight_dtype: str = "int8") -> str:
-    """Register (once) the SMLAD intrinsic for `lanes` output channels and int8 or int16 weights;
-    returns its name."""
-    name = f"cortex_m_dsp_dot_{lanes}x{DEPTH}_i8{'i16' if weight_dtype == 'int16' else 'i8'}s32"
-    if s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-        s_tir.TensorIntrin.register(name, *_functions(lanes, weight_dtype))
-    return name
+def intrin_name(lanes: int, weight_dtype: str) -> str:
+    """The name of the SMLAD intrinsic for `lanes` output channels and int8 or int16 weights."""
+    return f"cortex_m_dsp_dot_{lanes}x{DEPTH}_i8{'i16' if weight_dtype == 'int16' else 'i8'}s32"
 
 
-INTRIN = dsp_dot_intrin(LANES_8)
-INTRIN_16 = dsp_dot_intrin(weight_dtype="int16")
+def register(kernel: DotKernel) -> None:
+    """Register the TVM intrinsic of `kernel` (one of `KERNELS`: its lanes and weight type) unless it is."""
+    if s_tir.TensorIntrin.get(kernel.intrin, allow_missing=True) is None:
+        s_tir.TensorIntrin.register(kernel.intrin, *_functions(kernel.lanes, kernel.weight_dtype))
 
-DSP_KERNEL = DotKernel(feature=Feature.DSP, intrin=INTRIN, lanes=LANES_8, depth=DEPTH, data_dtype="int8",
-                       accumulators=ACCUMULATORS)
-DSP16_KERNEL = DotKernel(feature=Feature.DSP, intrin=INTRIN_16, lanes=LANES, depth=DEPTH, data_dtype="int8",
-                         accumulators=ACCUMULATORS_16, weight_dtype="int16", max_weights=MAX_WEIGHTS_16, even_odd=True)
+
+DSP_KERNEL = DotKernel(feature=Feature.DSP, intrin=intrin_name(LANES_8, "int8"), lanes=LANES_8, depth=DEPTH,
+                       data_dtype="int8", accumulators=ACCUMULATORS, registrar=register)
+DSP16_KERNEL = DotKernel(feature=Feature.DSP, intrin=intrin_name(LANES, "int16"), lanes=LANES, depth=DEPTH,
+                         data_dtype="int8", accumulators=ACCUMULATORS_16, weight_dtype="int16",
+                         max_weights=MAX_WEIGHTS_16, even_odd=True, registrar=register)
 KERNELS = (DSP16_KERNEL, DSP_KERNEL)  # int16 weights first: small layers take them

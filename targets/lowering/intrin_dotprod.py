@@ -11,9 +11,10 @@ output lanes' 4 channels of chunk j. Its weights are therefore packed chunk-majo
 
     C[i] += Σ_k int32(A[k]) · int32(B[k / 4, i, k % 4])        i < 4, k < 16
 
-Importing the module registers the TVM intrinsic; `KERNEL` (for `Feature.DOTPROD` targets) is listed
-by `graphopt.targets.lowering.kernels` ahead of TVM's 4×4 ``sdot`` kernel (layers whose channels are
-not a multiple of 16, e.g. an RGB stem, keep using that one).
+`register` registers the TVM intrinsic (`KERNEL.ensure_registered`, when a layer first uses it);
+`KERNEL` (for `Feature.DOTPROD` targets) is listed by `graphopt.targets.lowering.kernels` ahead of
+TVM's 4×4 ``sdot`` kernel (layers whose channels are not a multiple of 16, e.g. an RGB stem, keep
+using that one).
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def _sdots(a, b, c):
     return acc
 
 
-if s_tir.TensorIntrin.get(NAME, allow_missing=True) is None:
-    s_tir.TensorIntrin.register(NAME, *_functions())
+def register(kernel: DotKernel) -> None:
+    """Register the TVM intrinsic of `kernel` (`KERNEL`) unless it is."""
+    if s_tir.TensorIntrin.get(kernel.intrin, allow_missing=True) is None:
+        s_tir.TensorIntrin.register(kernel.intrin, *_functions())
 
-KERNEL = DotKernel(Feature.DOTPROD, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK)
+
+KERNEL = DotKernel(Feature.DOTPROD, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK, registrar=register)

@@ -12,11 +12,11 @@ reduced channels: the two pixels' 16-byte activation rows (any row stride) are l
 
     C[p, i] += Σ_k int32(A[p, k]) · int32(B[k / 8, i, k % 8])        p < 2, i < 2, k < 16
 
-Importing the module registers the TVM intrinsic; `KERNEL` (for `Feature.I8MM` targets) is listed
-by `graphopt.targets.lowering.kernels` ahead of the indexed-``sdot`` kernel; `int8.choose` takes it
-where its reduction pads no more, a layer has more than one pixel per row (a batch-1 dense keeps
-``sdot``: a 2-pixel tile would compute a zero row) and each output reduces at least `MIN_REDUCTION`
-values.
+`register` registers the TVM intrinsic (`KERNEL.ensure_registered`, when a layer first uses it);
+`KERNEL` (for `Feature.I8MM` targets) is listed by `graphopt.targets.lowering.kernels` ahead of the
+indexed-``sdot`` kernel; `int8.choose` takes it where its reduction pads no more, a layer has more
+than one pixel per row (a batch-1 dense keeps ``sdot``: a 2-pixel tile would compute a zero row) and
+each output reduces at least `MIN_REDUCTION` values.
 """
 from __future__ import annotations
 
@@ -66,8 +66,11 @@ def _smmlas(a, b, c):
     return acc
 
 
-if s_tir.TensorIntrin.get(NAME, allow_missing=True) is None:
-    s_tir.TensorIntrin.register(NAME, *_functions())
+def register(kernel: DotKernel) -> None:
+    """Register the TVM intrinsic of `kernel` (`KERNEL`) unless it is."""
+    if s_tir.TensorIntrin.get(kernel.intrin, allow_missing=True) is None:
+        s_tir.TensorIntrin.register(kernel.intrin, *_functions())
+
 
 KERNEL = DotKernel(Feature.I8MM, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK, pixels=PIXELS,
-                   min_reduction=MIN_REDUCTION)
+                   min_reduction=MIN_REDUCTION, registrar=register)

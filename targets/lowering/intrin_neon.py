@@ -4,7 +4,7 @@ TVM's ``dot_4x4_i8i8s32_neon`` spends ~9 instructions per 16 MACs (``smull``, ``
 ``saddlp``, ``addp`` and the loads around them; ~0.5 per MAC in a conv's inner loop) because it
 reduces over only 4 channels per call.
 
-`neon_dot_intrin(depth)` registers ``neon_dot_4x<depth>_i8i8s32`` with the same contract
+``neon_dot_4x<depth>_i8i8s32`` (`intrin_name(depth)`) has the same contract
 (``A: int8[depth]``, ``B: int8[4, depth]`` packed contiguously, ``C: int32[4]``,
 ``C[i] += Σ_k int32(A[k]) · int32(B[i, k])``) over a longer reduction. The activations are loaded
 once per call (``depth / 16`` q registers, shared by the 4 output lanes); per lane and 16 MACs it
@@ -16,7 +16,8 @@ outputs, added to C. That is depth + 4 instructions per 4·depth MACs plus the a
 Each int16 lane sums two int8 products, which cannot overflow only if no weight is −128: the kernels
 carry ``min_weight=-127`` so `int8.choose` gives layers with a −128 weight to another kernel.
 
-Importing the module registers the 4×64, 4×32 and 4×16 TVM intrinsics; `KERNELS` (for `Feature.A64`,
+`register` registers the 4×64, 4×32 or 4×16 TVM intrinsic (`DotKernel.ensure_registered`, when a
+layer first uses it); `KERNELS` (for `Feature.A64`,
 AArch64 NEON, targets) are listed by `graphopt.targets.lowering.kernels` ahead of TVM's 4×4 one
 (layers whose channels are not a multiple of 16, e.g. an RGB stem, keep using it).
 """
@@ -78,14 +79,18 @@ def _functions(depth: int):
     return dot_desc(LANES, depth), impl
 
 
-def neon_dot_intrin(depth: int) -> str:
-    """Register (once) the 4-lane intrinsic reducing `depth` (a multiple of 16) channels; returns its name."""
-    name = f"neon_dot_{LANES}x{depth}_i8i8s32"
-    if s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-        s_tir.TensorIntrin.register(name, *_functions(depth))
-    return name
+def intrin_name(depth: int) -> str:
+    """The name of the 4-lane intrinsic reducing `depth` (a multiple of 16) channels."""
+    return f"neon_dot_{LANES}x{depth}_i8i8s32"
+
+
+def register(kernel: DotKernel) -> None:
+    """Register the TVM intrinsic of `kernel` (one of `KERNELS`: its depth) unless it is."""
+    if s_tir.TensorIntrin.get(kernel.intrin, allow_missing=True) is None:
+        s_tir.TensorIntrin.register(kernel.intrin, *_functions(kernel.depth))
 
 
 KERNELS = tuple(  # longest reduction first: `int8.choose` takes the first kernel needing no channel padding
-    DotKernel(Feature.A64, neon_dot_intrin(depth), LANES, depth, "int8", accumulators=acc, min_weight=-127)
+    DotKernel(Feature.A64, intrin_name(depth), LANES, depth, "int8", accumulators=acc, min_weight=-127,
+              registrar=register)
     for depth, acc in ACCUMULATORS.items())

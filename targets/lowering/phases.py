@@ -299,6 +299,7 @@ def export_library(result: LoweringResult, spec: TargetSpec, path: pathlib.Path)
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _LOG.info("  machine code and link")  # LLVM generates the kernels' machine code here, then the linker runs
     fcompile = None
     if spec.cross_compiler:
         if shutil.which(spec.cross_compiler) is None:

@@ -648,6 +648,7 @@ class TensorizedDot(dlight.ScheduleRule):
         sch.vectorize(sch.get_loops(init)[-1])
         for lp in unrolled:
             sch.unroll(lp)
+        k.ensure_registered()  # first use in the process: parses its TVMScript
         sch.tensorize(plan.calls[0], k.intrin)
 
         # prologue: padding / channel padding / +128 inlined into one materialised input copy

@@ -38,7 +38,7 @@ def apply_database(mod, spec: TargetSpec, database) -> tuple:
     import tvm
     from tvm import relax
 
-    prepare_tvm()
+    prepare_tvm(spec)
     before = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     kept = getattr(database, "kept_default", None)
     if kept is not None:

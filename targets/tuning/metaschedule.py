@@ -12,7 +12,8 @@
 
 Compile applies the records with `graphopt.targets.lowering.tuned`. Builder workers build
 without importing tensor intrinsics (`_fast_build`: importing every GPU intrinsic costs ~55 s per
-worker in apache-tvm 0.27); the parent registers them with `kernels.prepare_tvm`. Refuses
+worker in apache-tvm 0.27); the parent registers those its target's rules name with
+`kernels.prepare_tvm`. Refuses
 (`TuningError`): targets MetaSchedule cannot tune (no LLVM kind), a runner that does not fit the
 target.
 """
@@ -87,7 +88,7 @@ def extract(mod, spec: TargetSpec) -> list:
     XNOR-popcount ones). Tensorized int8 dot kernels are tasks too, tuned by `tune_dot_task`."""
     from tvm.s_tir import meta_schedule as ms
 
-    prepare_tvm()
+    prepare_tvm(spec)
     return [t for t in ms.relax_integration.extract_tasks(mod, spec.tvm()) if not is_scheduled(t.dispatched[0]["main"])]
 
 
@@ -298,7 +299,7 @@ def tune_tasks(tasks: list, spec: TargetSpec, database, bud: Budget, runner, *,
     finished sessions the search had no new candidate for), so a finished budget runs nothing."""
     from tvm.s_tir import meta_schedule as ms
 
-    prepare_tvm()
+    prepare_tvm(spec)
     target = spec.tvm()
     have = [database.records_for(t.dispatched[0]) for t in tasks]
     spent = [database.trials_spent(t.dispatched[0]) for t in tasks]
