@@ -25,6 +25,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
+from graphopt.targets.lowering.fixed_point import has_sqrdmulh, use_sqrdmulh
 from graphopt.targets.lowering.int8 import GROUPED_ATTR, legalize_conv2d, legalize_grouped_conv2d, legalize_matmul
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
 from graphopt.targets.spec import Feature, TargetSpec
@@ -769,9 +770,9 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
     """Schedule every PrimFunc of `mod` for `spec`.
 
-    Updates `mod` in place and returns it, ``{rule name: count}`` (``"fallback"`` for `Generic`,
-    ``"tuned"`` for PrimFuncs already marked ``tirx.is_scheduled``, which are left as they are),
-    and the names of PrimFuncs left as TVM emitted them.
+    Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` applied),
+    ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
+    ``tirx.is_scheduled``, which are left as they are), and the names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -796,4 +797,6 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                     break
             else:
                 unscheduled.append(gv.name_hint)
+    if has_sqrdmulh(spec):
+        mod = use_sqrdmulh(mod)
     return mod, counts, unscheduled
