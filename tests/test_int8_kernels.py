@@ -109,8 +109,9 @@ def test_host_kernels_are_bit_exact_and_requantize_is_fused(quantized):
 @pytest.mark.parametrize("target", ["host", "arm-a55", "cortex-m4"])
 def test_zero_point_pads_are_read_inside_dot_kernels(quantized, target):
     """`down`'s zero-point pad (the stem's output, 14×14×32) is no kernel of its own: its conv reads the
-    unpadded tensor and the zero point at the border (`int8.fuse_input_pads`); exactness is checked
-    on each kernel by the tests around."""
+    unpadded tensor and the zero point at the border (`int8.fuse_input_pads`) — except on a board with a
+    RAM budget, where a separate pad keeps the arena smaller; exactness is checked on each kernel by
+    the tests around."""
     from tvm import tirx
 
     from graphopt.targets.lowering.phases import lower
@@ -120,9 +121,10 @@ def test_zero_point_pads_are_read_inside_dot_kernels(quantized, target):
     ir = lower(torch.export.export(integer_graph, (X,)).run_decompositions(), get_target(target)).ir_module
     inputs = {gv.name_hint: [tuple(shape) for _, shape in _buffer_args(f)]
               for gv, f in ir.functions_items() if isinstance(f, tirx.PrimFunc)}
+    fused = get_target(target).ram_bytes is None
     down = [name for name, shapes in inputs.items() if "conv2d_int8" in name and shapes[0] == (1, 14, 14, 32)]
-    assert len(down) == 1, inputs
-    assert not any((1, 16, 16, 32) in shapes for shapes in inputs.values()), inputs
+    assert len(down) == fused, inputs
+    assert any((1, 16, 16, 32) in shapes for shapes in inputs.values()) != fused, inputs
 
 
 @pytest.mark.parametrize("target", ["arm-a55", "arm-a53"])

@@ -113,9 +113,11 @@ def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     """`int8.fuse_input_pads` into `spec`'s dot-product conv kernels (before LegalizeOps), whose
     `TensorizedDot` schedule copies the input once per kernel anyway. Not into `GroupedInt8`'s: it reads
     the input in place, so a border test lands on every tap's load (mobilenet_blocks' depthwise convs
-    on arm-a55: +30k instructions each against 11k for a separate pad)."""
+    on arm-a55: +30k instructions each against 11k for a separate pad). Nor on boards with a RAM budget,
+    whose arena holds the kernel's padded copy beside its input and output (cortex-m4 residual_cnn:
+    51,264 → 67,648 B)."""
     params = CpuParams.from_spec(spec)
-    if not params.dots:
+    if not params.dots or spec.ram_bytes is not None:
         return mod
     return fuse_input_pads(mod, lambda bb, call, value: legalize_conv2d(bb, call, params.dots, value))
 
