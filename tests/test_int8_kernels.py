@@ -84,7 +84,8 @@ def test_kernel_choice_per_layer():
     narrow = DotKernel(Feature.NEON, "narrow", lanes=4, depth=4, data_dtype="int8", accumulators=8)
     w = np.zeros((3, 3, 32, 8), np.int8)
     assert choose((wide, narrow), w, 32) is wide  # no padding for either: the preferred one
-    assert choose((wide, narrow), w, 12) is narrow  # less padding
+    assert choose((wide, narrow), w, 12) is wide  # 16 values against 12: within PAD_TOLERANCE, the preferred one
+    assert choose((wide, narrow), w, 5) is narrow  # 16 values against 8: less padding
     w[0, 0, 0, 0] = -128
     assert choose((wide, narrow), w, 32) is narrow  # −128 would overflow the wide kernel's int16 pairs
     assert choose((narrow,), w, 1) is None  # 1 → 4 channels: 4× the MACs, the generic kernel wins
