@@ -65,6 +65,11 @@ def _srdhm(cast):
     return tirx.call_llvm_pure_intrin("int32", INTRINSIC, a, b)
 
 
+def is_srdhm(expr) -> bool:
+    """Whether `expr` is a rounding doubling high multiply in the int64 form `use_sqrdmulh` rewrites."""
+    return isinstance(expr, tvm.ir.prim.expr.Cast) and not _srdhm(expr).same_as(expr)
+
+
 def _calls_intrinsic(stmt) -> bool:
     ident = llvm_lookup_intrinsic_id(INTRINSIC)
     found = []
