@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from graphopt.torchvision_style import BasicBlock as TVBasicBlock
-from graphopt.torchvision_style import conv1x1, conv3x3
+from graphopt.torchvision_style import Conv2dNormActivation, InvertedResidualV2, conv1x1, conv3x3
 
 
 class Expect(str, enum.Enum):
@@ -139,6 +139,29 @@ class MobileNetBlocks(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class DepthwiseConcat(nn.Module):
+    """Residual + depthwise + concat + linear, written as torchvision writes MobileNetV2
+    (`torchvision_style`: ``Conv2dNormActivation``, in-place ReLU6, ``x + self.conv(x)``): inverted
+    residuals, a block concatenating a 1×1 branch and a depthwise-separable branch, an inverted
+    residual over the concatenation, global average pool and a linear head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = Conv2dNormActivation(3, 16, stride=2, activation_layer=nn.ReLU6)
+        self.blocks = nn.Sequential(InvertedResidualV2(16, 16, 1, 4), InvertedResidualV2(16, 24, 2, 4),
+                                    InvertedResidualV2(24, 24, 1, 4))
+        self.pointwise = Conv2dNormActivation(24, 16, kernel_size=1, activation_layer=nn.ReLU6)
+        self.separable = nn.Sequential(Conv2dNormActivation(24, 24, groups=24, activation_layer=nn.ReLU6),
+                                       Conv2dNormActivation(24, 16, kernel_size=1, activation_layer=nn.ReLU6))
+        self.mix = InvertedResidualV2(32, 32, 1, 2)
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        x = self.mix(torch.cat([self.pointwise(x), self.separable(x)], 1))
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 class ResNet18(nn.Module):
     """ResNet-18 (ImageNet layout) for benchmarks at 224×224."""
 
@@ -247,6 +270,12 @@ def mobilenet_blocks():
 
 
 @_seeded
+def depthwise_concat():
+    """Inverted residuals, a concat of a 1×1 and a depthwise-separable branch, a linear head (3×32×32)."""
+    return DepthwiseConcat(), (torch.randn(1, 3, 32, 32),)
+
+
+@_seeded
 def tiny_transformer():
     """Two-layer transformer encoder over 16 tokens."""
     return TinyTransformer(), (torch.randint(0, 100, (1, 16)),)
@@ -296,6 +325,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("plain_cnn", plain_cnn),
     ZooEntry("residual_cnn", residual_cnn),
     ZooEntry("mobilenet_blocks", mobilenet_blocks),
+    ZooEntry("depthwise_concat", depthwise_concat),
     ZooEntry("tiny_transformer", tiny_transformer),
     ZooEntry("hf_resnet", hf_resnet, needs=("transformers",)),
     ZooEntry("hf_mobilenet_v2", hf_mobilenet_v2, needs=("transformers",)),

@@ -77,12 +77,31 @@ def _fixed_point_multiply(imp, x, mults, shifts, const, bound: int | None = None
         high = (2x·M0 + 2^31) ≫ 32                            (same floor: numerator and 2^31 doubled)
         y = (high + 2^(right−1) + (high ≫ 31)) ≫ right         (every right in 1..31; |high| ≤ |x| < 2^30)
 
+    On aarch64 (`fixed_point.has_sqrdmulh`) both steps are written as SRDHM in the one int64 form
+    that `fixed_point.use_sqrdmulh` turns into ``sqrdmulh`` after scheduling — the rounding shift as a
+    product too, exact for every right in 1..31 (|high| < 2^31 − 1, so the fix-up cannot overflow):
+
+        high = SRDHM(x, M0) = (x·M0 + 2^30) ≫ 31
+        y = SRDHM(high + (high ≫ 31), 2^(31−right))   (= RDBPOT: rounds half away from zero)
+
     `const(values, dtype)` makes a constant broadcasting along the multiplier's axis."""
     import numpy as np
     from tvm import relax
 
+    from graphopt.targets.lowering.fixed_point import has_sqrdmulh
+
     op, e = relax.op, lambda v: _emit(imp, v)
     left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
+    if has_sqrdmulh(import_target()) and (not right.any() or right.min() >= 1):
+        if left.any():
+            x = e(op.left_shift(x, const(left, "int32"))) if bound is not None \
+                and (np.int64(bound) << left).max() < 2 ** 31 \
+                else _saturate32(imp, op.left_shift(op.astype(x, "int64"), const(left, "int64")), const)
+        high = e(_srdhm(x, mults, const))
+        if not right.any():
+            return high
+        fixed = op.add(high, op.right_shift(high, const(31, "int32")))
+        return e(_srdhm(fixed, np.int64(1) << (31 - right), const))
     if bound is not None and (np.int64(bound) << left).max() < 2 ** 30:
         doubled = e(op.left_shift(x, const(left + 1, "int32")))  # no saturation: |x ≪ left| < 2^30
         high = e(op.astype(op.right_shift(op.add(op.multiply(op.astype(doubled, "int64"), const(mults, "int64")),
@@ -102,6 +121,16 @@ def _fixed_point_multiply(imp, x, mults, shifts, const, bound: int | None = None
     threshold = op.add(op.astype(op.less(high, const(0, "int32")), "int32"), const(mask >> 1, "int32"))
     return e(op.add(op.right_shift(high, const(right, "int32")),
                     op.astype(op.greater(op.bitwise_and(high, const(mask, "int32")), threshold), "int32")))
+
+
+def _srdhm(x, mults, const):
+    """gemmlowp's SaturatingRoundingDoublingHighMul of an int32 Relax expression by int32 constants
+    (< 2^31) as ``(x·M + 2^30) ≫ 31`` in int64: the form `fixed_point.use_sqrdmulh` recognizes."""
+    from tvm import relax
+
+    op = relax.op
+    product = op.multiply(op.astype(x, "int64"), const(mults, "int64"))
+    return op.astype(op.right_shift(op.add(product, const(1 << 30, "int64")), const(31, "int64")), "int32")
 
 
 def _saturate32(imp, wide, const):

@@ -166,10 +166,11 @@ def _legalize(mod, spec, state):
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from graphopt.targets.lowering.schedules import legalize_map
+    from graphopt.targets.lowering.schedules import fuse_conv_input_pads, legalize_map
 
     target = spec.tvm()
     with target:
+        mod = fuse_conv_input_pads(mod, spec)  # zero-point pads read inside the int8 conv kernels
         return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [  # sort/scan/sampling
             relax.transform.LegalizeOps(legalize_map(spec)),
             relax.transform.AnnotateTIROpPattern(),

@@ -25,7 +25,14 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
-from graphopt.targets.lowering.int8 import GROUPED_ATTR, legalize_conv2d, legalize_grouped_conv2d, legalize_matmul
+from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
+from graphopt.targets.lowering.int8 import (
+    GROUPED_ATTR,
+    fuse_input_pads,
+    legalize_conv2d,
+    legalize_grouped_conv2d,
+    legalize_matmul,
+)
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
 from graphopt.targets.spec import Feature, TargetSpec
 
@@ -57,12 +64,13 @@ class CpuParams:
     # NEON: grouped int8 convs take `GroupedInt8` (int16 pair products: smull/smlal). Not on x86, which has no
     # int8×int8→int16 widening multiply: mobilenet_blocks int8 ran 0.185 ms there vs 0.152 on the generic kernel
     int8_pairs: bool = False
+    sqrdmulh: bool = False  # aarch64: requantize epilogues staged for `fixed_point.use_sqrdmulh` (`_tile_epilogue`)
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
-                   dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON))
+                   dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec))
 
 
 def _int(expr) -> int | None:
@@ -100,6 +108,19 @@ def _conv2d_nhwc_packed(data, wpack, strides, padding, dilation, groups, out_dty
         return te.sum(a * wpack[f // f_tile, ry, rx, rc, f % f_tile].astype(out_dtype), axis=[ry, rx, rc])
 
     return te.compute((data.shape[0], out_h, out_w, f_outer * f_tile), body, name="conv2d_nhwc")
+
+
+def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
+    """`int8.fuse_input_pads` into `spec`'s dot-product conv kernels (before LegalizeOps), whose
+    `TensorizedDot` schedule copies the input once per kernel anyway. Not into `GroupedInt8`'s: it reads
+    the input in place, so a border test lands on every tap's load (mobilenet_blocks' depthwise convs
+    on arm-a55: +30k instructions each against 11k for a separate pad). Nor on boards with a RAM budget,
+    whose arena holds the kernel's padded copy beside its input and output (cortex-m4 residual_cnn:
+    51,264 → 67,648 B)."""
+    params = CpuParams.from_spec(spec)
+    if not params.dots or spec.ram_bytes is not None:
+        return mod
+    return fuse_input_pads(mod, lambda bb, call, value: legalize_conv2d(bb, call, params.dots, value))
 
 
 def conv2d_legalizer(params: CpuParams):
@@ -315,9 +336,22 @@ def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
     sch.vectorize(loop)
 
 
+# Innermost spatial loops this short (e.g. the 3 channels of an NHWC image) are unrolled, not vectorized
+_SHORT_SPATIAL = 3
+
+
 def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Parallelize the outer loops of a spatial block and vectorize its innermost loop."""
+    """Parallelize the outer loops of a spatial block and vectorize its innermost loop. An innermost loop
+    of at most `_SHORT_SPATIAL` is unrolled inside a serial loop over the next axis instead: fused into
+    the parallel loop, that axis cost an index division per element (a graph input's NCHW → NHWC
+    transpose and zero-point pad, 3×34×34 int8: 7.9 instructions per element on arm-a55). Not on scalar
+    targets (Cortex-M4), whose flash the unrolled copies would grow."""
     loops = sch.get_loops(block)
+    short = lanes > 1 and len(loops) > 2 and (_loop_extent(sch, loops[-1]) or _SHORT_SPATIAL + 1) <= _SHORT_SPATIAL
+    if short:
+        sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0])
+        sch.unroll(loops[-1])
+        return
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
     _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
@@ -327,8 +361,14 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
 _STACK_BYTES = 1024
 
 
+def _stages_fixed_point(sch: s_tir.Schedule, block) -> bool:
+    """Whether `block` (its producers inlined) computes a requantize's rounding doubling high multiply."""
+    store = sch.get(block).body
+    return isinstance(store, tirx.BufferStore) and is_srdhm(store.value)
+
+
 def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int,
-                   tile_shape: list | None = None) -> None:
+                   tile_shape: list | None = None, staged: bool = False) -> None:
     """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
     consumer, or not reading the accumulator at all (e.g. the other operand's rescale in a fused
     residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
@@ -336,7 +376,12 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
     expressions at every use, which grows chained requantizations multiplicatively (and once made
     LLVM run for many minutes). An epilogue that does not map onto the tile (e.g. a fused transpose,
     or a pad, whose output is larger) runs as its own loop nest; with no epilogue, the accumulator is
-    written back per tile. `tile_shape`: the output shape the tile covers (default: the accumulator's)."""
+    written back per tile. `tile_shape`: the output shape the tile covers (default: the accumulator's).
+
+    `staged` (aarch64, `fixed_point`): the fixed-point products are computed per tile as a block of their
+    own, in the 4-lane vectors ``sqrdmulh`` exists for, and the narrowing to int8 after them in vectors as
+    wide as the tile's channels; both unrolled, so the tile stays in registers between them (one vector
+    loop for both computes the int8 narrowing 4 lanes at a time)."""
     placed = []
     on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
     tile_shape = tile_shape or [_int(d) for d in sch.get(main).writes[0].source.shape]
@@ -344,7 +389,10 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         name = sch.get(block).name_hint
         if {sch.get(p).name_hint for p in sch.get_producers(block)} & on_main:
             on_main.add(name)
-        if block is not consumers[-1] and len(sch.get_consumers(block)) == 1:
+        if staged and block is not consumers[-1] and name in on_main and _stages_fixed_point(sch, block):
+            sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
+            placed.append(block)
+        elif block is not consumers[-1] and len(sch.get_consumers(block)) == 1:
             sch.compute_inline(block)
         elif name not in on_main:  # e.g. the other operand's rescale in a fused residual add: a
             sch.compute_inline(block)  # few ops per element, cheaper recomputed than stored
@@ -363,7 +411,14 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
     for block in placed:
         if lanes > 1:  # scalar targets (Cortex-M4): a <2 x i64> fixed-point product loses its 32x32->64 multiply
-            _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
+            widest = (lanes // 2 if _stages_fixed_point(sch, block) else 2 * lanes) if staged else lanes
+            _vectorize_innermost(sch, sch.get_loops(block)[-1], widest)
+        if staged:
+            loops = sch.get_loops(block)
+            below = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(tile_loop))) + 1
+            for loop in loops[below:]:
+                if sch.get(loop).kind != tirx.ForKind.VECTORIZED:
+                    sch.unroll(loop)
 
 
 class ChannelLastReduction(dlight.ScheduleRule):
@@ -495,7 +550,7 @@ class GroupedInt8(dlight.ScheduleRule):
         sch.reorder(*outer, fo, *reduce, *tile, fi)
         if outer:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes, staged=p.sqrdmulh)
         for lp in [*reduce, *tile]:
             sch.unroll(lp)
         sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
@@ -552,8 +607,8 @@ class TensorizedDot(dlight.ScheduleRule):
     tile by a load-count model (`default_tile`); `tiles` lists every valid one for tuning
     (`graphopt.tune` measures them as the kernel's design spaces)."""
 
-    def __init__(self, kernels: tuple[DotKernel, ...], cores: int, lanes: int):
-        self.kernels, self.cores, self.lanes = kernels, cores, lanes
+    def __init__(self, kernels: tuple[DotKernel, ...], cores: int, lanes: int, staged: bool = False):
+        self.kernels, self.cores, self.lanes, self.staged = kernels, cores, lanes, staged  # `_tile_epilogue`
 
     def apply(self, func, target, tunable):
         sch = s_tir.Schedule(func)
@@ -642,7 +697,7 @@ class TensorizedDot(dlight.ScheduleRule):
         # a 2-pixel kernel's blocks are read back in the output's shape (its `int8._finish`)
         consumers = plan.consumers
         shape = [_int(d) for d in sch.get(consumers[0].block_rv).writes[0].source.shape] if k.pixels > 1 else None
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape, self.staged)
 
         init = sch.decompose_reduction(main, reduce[0])
         sch.vectorize(sch.get_loops(init)[-1])
@@ -836,7 +891,7 @@ def _try(step) -> None:
 
 def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     """The rules, in priority order, as (name reported in stats, rule)."""
-    tensorized = [("tensorized_dot", TensorizedDot(params.dots, params.cores, params.lanes))] if params.dots else []
+    tensorized = [("tensorized_dot", _tensorized_dot(params))] if params.dots else []
     grouped = [("grouped_int8", GroupedInt8(params))] if params.int8_pairs else []
     return tensorized + grouped + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
@@ -845,9 +900,13 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     ]
 
 
+def _tensorized_dot(params: CpuParams) -> TensorizedDot:
+    return TensorizedDot(params.dots, params.cores, params.lanes, params.sqrdmulh)
+
+
 def _dot_rule(spec: TargetSpec) -> TensorizedDot | None:
     params = CpuParams.from_spec(spec)
-    return TensorizedDot(params.dots, params.cores, params.lanes) if params.dots else None
+    return _tensorized_dot(params) if params.dots else None
 
 
 def dot_tiles(func: tirx.PrimFunc, spec: TargetSpec) -> list[DotTile]:
@@ -868,9 +927,9 @@ def dot_schedule(sch: s_tir.Schedule, spec: TargetSpec, tile: DotTile) -> s_tir.
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
     """Schedule every PrimFunc of `mod` for `spec`.
 
-    Updates `mod` in place and returns it, ``{rule name: count}`` (``"fallback"`` for `Generic`,
-    ``"tuned"`` for PrimFuncs already marked ``tirx.is_scheduled``, which are left as they are),
-    and the names of PrimFuncs left as TVM emitted them.
+    Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` applied),
+    ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
+    ``tirx.is_scheduled``, which are left as they are), and the names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -895,4 +954,6 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                     break
             else:
                 unscheduled.append(gv.name_hint)
+    if has_sqrdmulh(spec):
+        mod = use_sqrdmulh(mod)
     return mod, counts, unscheduled
