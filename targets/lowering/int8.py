@@ -153,8 +153,10 @@ def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels:
     fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)
            and k.pixels <= pixels and per_output >= k.min_reduction]
     best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
-    least = None if best is None else reduction(best, channels, window)[0]
-    if best is None or least >= 2 * window * channels:
+    if best is None:
+        return None
+    least = reduction(best, channels, window)[0]
+    if least >= 2 * window * channels:
         return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs
     if best.depth < WIDE_DEPTH:  # a 4-deep kernel costs several times a wide one per reduced value: a wide one
         # padding a little more still wins (a 24-channel 1×1 conv on arm-a53: NEON 4×32 over 32 values, not
