@@ -134,14 +134,16 @@ def _record(kernels, w: np.ndarray, packed: np.ndarray, k: DotKernel, layer: str
                       "wide_extra_bytes": int(packed.nbytes // 2) if _wide(k) else 0})
 
 
-# `choose` takes the first kernel (in preference order) whose padded reduction is at most this × the least
-PAD_TOLERANCE = 4 / 3
+# Where the least padding is a narrow kernel's (depth < WIDE_DEPTH), `choose` takes the first kernel (in
+# preference order) whose padded reduction is at most PAD_TOLERANCE × the least
+PAD_TOLERANCE, WIDE_DEPTH = 4 / 3, 16
 
 
 def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels: int = 1) -> DotKernel | None:
     """The kernel for one layer: among those whose weight range fits and whose weight storage the
-    active `WeightStorage` allows, the first (preferred) whose padded reduction is within `PAD_TOLERANCE`
-    of the least padded one (e.g. a 3-channel stem conv); None when even that would double the reduction. `window` > 1
+    active `WeightStorage` allows, the first padding least — or, where that is a narrow kernel, the first
+    (preferred) whose padded reduction is within `PAD_TOLERANCE` of it (e.g. a 3-channel stem conv); None
+    when even the least padding would double the reduction. `window` > 1
     (a conv's kernel width, dilation 1) lets a kernel reduce over the window's `window`·`channels`
     contiguous values instead of over channels (`reduction`). Multi-pixel kernels (`DotKernel.pixels`) need a
     layer with at least that many `pixels` along the row they tile (an odd count computes one padding pixel).
@@ -150,12 +152,17 @@ def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels:
     per_output = weights.size // max(1, weights.shape[-1])
     fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)
            and k.pixels <= pixels and per_output >= k.min_reduction]
-    least = min((reduction(k, channels, window)[0] for k in fit), default=None)
-    if least is None or least >= 2 * window * channels:
+    best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
+    if best is None:
+        return None
+    least = reduction(best, channels, window)[0]
+    if least >= 2 * window * channels:
         return None  # e.g. a 1-channel dense input: the generic kernel does a quarter of the MACs
-    # preferred kernels are the faster per reduced value: one padding a little more still wins (a 24-channel
-    # 1×1 conv on arm-a53: NEON 4×32 over 32 values, not TVM's 4×4 over 24 at 4× the instructions)
-    return next(k for k in fit if reduction(k, channels, window)[0] <= PAD_TOLERANCE * least)
+    if best.depth < WIDE_DEPTH:  # a 4-deep kernel costs several times a wide one per reduced value: a wide one
+        # padding a little more still wins (a 24-channel 1×1 conv on arm-a53: NEON 4×32 over 32 values, not
+        # TVM's 4×4 over 24 at 4× the instructions)
+        best = next(k for k in fit if reduction(k, channels, window)[0] <= PAD_TOLERANCE * least)
+    return best
 
 
 def reduction(k: DotKernel, channels: int, window: int = 1) -> tuple[int, bool]:
