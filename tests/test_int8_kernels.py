@@ -211,20 +211,24 @@ def test_conv_kernels_write_int8_not_int32(quantized):
     assert dtypes and set(dtypes) == {"int8"}, dtypes
 
 
-def test_metaschedule_tasks_leave_tensorized_kernels_to_graphopt(quantized):
-    """MetaSchedule cannot express the packed-weight register tile around the intrinsic: those kernels
-    are not tuning tasks (the depthwise and data-movement kernels are)."""
+def test_tensorized_kernels_are_tuned_over_their_tiles(quantized):
+    """Every kernel is a tuning task: the tensorized dot kernels with their register tiles and loop
+    orders as the design spaces (`schedules.dot_tiles`, the default first), the others (the depthwise
+    int8 conv, data movement) with MetaSchedule's rules."""
     from graphopt.targets.lowering.dot import DOT_ATTR
+    from graphopt.targets.lowering.schedules import dot_tiles
     from graphopt.targets.tuning.metaschedule import extract, fused_module
 
     _, integer_graph = quantized
     spec = get_target("host")
     mod = fused_module(torch.export.export(integer_graph, (X,)).run_decompositions(), spec)
-    tensorized = [gv.name_hint for gv, f in mod.functions_items() if DOT_ATTR in f.script()]
+    tensorized = {f.script() for _, f in mod.functions_items() if DOT_ATTR in f.script()}
     tasks = extract(mod, spec)
-    assert len(tensorized) >= 3 and tasks
-    assert not [t.task_name for t in tasks if DOT_ATTR in t.dispatched[0].script()]
-    assert any("conv2d" in t.task_name for t in tasks)  # the depthwise int8 conv is tunable
+    dot_tasks = [t for t in tasks if DOT_ATTR in t.dispatched[0].script()]
+    assert len(tensorized) >= 3 and len(dot_tasks) == len(tensorized)
+    assert all(dot_tiles(t.dispatched[0]["main"], spec) for t in dot_tasks)
+    assert not [t.task_name for t in tasks if t not in dot_tasks and dot_tiles(t.dispatched[0]["main"], spec)]
+    assert any("conv2d" in t.task_name for t in tasks if t not in dot_tasks)  # the depthwise int8 conv
 
 
 # ---- edge sizes: reductions of length 1 (issue 15) and other degenerate shapes
