@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import require_tools
+from conftest import require_tools, saturating_inputs
 from torch import nn
 
 import graphopt
@@ -34,14 +34,6 @@ class _Net(nn.Module):
     def forward(self, x):
         y = torch.relu(self.c2(torch.relu(self.c1(x))))
         return self.fc(torch.relu(self.c3(y)).flatten(1))
-
-
-def _inputs() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    signs = torch.sign(torch.randn(SHAPE, generator=g))
-    # saturating the input quantizer: all −128, all 127, mixed extremes; then ordinary values
-    return [torch.full(SHAPE, -1e3), torch.full(SHAPE, 1e3), 1e3 * signs,
-            torch.randn(SHAPE, generator=g), 4 * torch.randn(SHAPE, generator=g)]
 
 
 def test_chunked_packing_reproduces_the_convolution_and_dense():
@@ -80,7 +72,7 @@ def test_kernel_is_preferred_on_dotprod_only_where_channels_fit():
 def test_quantized_model_is_bit_exact_and_uses_indexed_sdot(target):
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump")
     torch.manual_seed(0)
-    x = _inputs()[3]
+    x = saturating_inputs(SHAPE)[3]
     calib = [(torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     q = graphopt.quantize(_Net().eval(), (x,), calib)
     ig = graphopt.to_integer(q, (x,))
@@ -88,7 +80,7 @@ def test_quantized_model_is_bit_exact_and_uses_indexed_sdot(target):
     assert min(int(w.min()) for w in weights) <= -127 and max(int(w.max()) for w in weights) == 127
     cm = graphopt.compile(q, (x,), target, progress=False, count_instructions=False)
     assert cm.report.lowering["scheduled"].get("tensorized_dot", 0) >= 4
-    for inp in _inputs():
+    for inp in saturating_inputs(SHAPE):
         got, want = cm(inp), ig(inp)
         assert torch.equal(got, want), f"max difference {(got.float() - want.float()).abs().max()}"
     asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(cm.build_dir / "model.so")],

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import require_tools
+from conftest import require_tools, saturating_inputs
 from torch import nn
 
 import graphopt
@@ -38,14 +38,6 @@ class _Net(nn.Module):
         y = torch.relu(self.c3(y))  # [1, 32, 4, 5]
         y = torch.relu(self.rows(y.permute(0, 2, 3, 1).reshape(4, 160)[1:]))  # 3 rows of a dense
         return self.fc(torch.cat([y, y[:1]]).flatten().unsqueeze(0))
-
-
-def _inputs() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    signs = torch.sign(torch.randn(SHAPE, generator=g))
-    # saturating the input quantizer: all −128, all 127, mixed extremes; then ordinary values
-    return [torch.full(SHAPE, -1e3), torch.full(SHAPE, 1e3), 1e3 * signs,
-            torch.randn(SHAPE, generator=g), 4 * torch.randn(SHAPE, generator=g)]
 
 
 def test_packing_and_blocks_reproduce_the_convolution():
@@ -105,7 +97,7 @@ def _disassembly(cm) -> str:
 def test_quantized_model_is_bit_exact_with_smmla_on_a76_only():
     require_tools("qemu-aarch64", "aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump")
     torch.manual_seed(0)
-    x = _inputs()[3]
+    x = saturating_inputs(SHAPE)[3]
     calib = [(torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     q = graphopt.quantize(_Net().eval(), (x,), calib)
     ig = graphopt.to_integer(q, (x,))
@@ -118,7 +110,7 @@ def test_quantized_model_is_bit_exact_with_smmla_on_a76_only():
         kernels = [r["kernel"] for r in cm.report.lowering["weight_storage"]["layers"]]
         smmla = [kn == intrin_i8mm.NAME for kn in kernels]
         assert smmla == ([True] * 4 + [False] if target == "arm-a76" else [False] * 5), kernels
-        for inp in _inputs():
+        for inp in saturating_inputs(SHAPE):
             got, want = cm(inp), ig(inp)
             assert torch.equal(got, want), f"{target}: max difference {(got.float() - want.float()).abs().max()}"
         asm[target] = _disassembly(cm)
