@@ -69,7 +69,7 @@ class CompiledModel:
             raise ArtifactError(f"running the artifact in {self.build_dir} failed: {type(exc).__name__}: "
                                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}. If its files were "
                                 "modified, recompile the model; otherwise please report this.") from exc
-        tensors = tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+        tensors = tuple(_to_torch(np.ascontiguousarray(o)) for o in outs)
         return tensors[0] if self.manifest.get("single_output", False) else tensors
 
     def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
@@ -91,7 +91,7 @@ class CompiledModel:
         arrays = []
         for t, s, (shape, dtype) in zip(inputs, self.inputs, self._expected, strict=True):
             if isinstance(t, torch.Tensor) and t.dtype == dtype and t.shape == shape and t.device.type == "cpu":
-                arrays.append(np.ascontiguousarray(t.detach().numpy()))  # per call: the checks below cost ~5x
+                arrays.append(_to_numpy(t))  # per call: the checks below cost ~5x
                 continue
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"input {s.name} must be a torch.Tensor, got {type(t).__name__}")
@@ -99,7 +99,7 @@ class CompiledModel:
             if got.shape != s.shape or got.dtype != s.dtype:
                 raise InputError(f"input {s.name}: compiled for shape {list(s.shape)} {s.dtype}, got "
                                  f"{list(got.shape)} {got.dtype}. Recompile with matching example_inputs.")
-            arrays.append(np.ascontiguousarray(t.detach().cpu().numpy()))
+            arrays.append(_to_numpy(t.cpu()))
         return arrays
 
     def __repr__(self) -> str:
@@ -119,3 +119,20 @@ def new_build_dir() -> Path:
                 and not pid_alive(int(m[1]))):
             shutil.rmtree(entry, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"graphopt-build-{os.getpid()}-", dir=tmp))
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """`t` as a C-contiguous array, without a copy when it already is one; bfloat16 (which torch
+    cannot hand to numpy) as ml_dtypes' bfloat16, the dtype TVM reads and writes."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return np.ascontiguousarray(t.detach().view(torch.int16).numpy()).view(ml_dtypes.bfloat16)
+    return np.ascontiguousarray(t.detach().numpy())
+
+
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    """`a` as a torch tensor sharing its memory (ml_dtypes' bfloat16 as torch.bfloat16)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

@@ -176,6 +176,28 @@ def test_host_call_takes_strided_and_grad_inputs_and_runs_from_memory_once_loade
     assert torch.equal(cm(x), first)
 
 
+class _Bfloat16Boundary(nn.Module):
+    """bfloat16 in and out (torch cannot hand bfloat16 to numpy; graphopt passes it as ml_dtypes')."""
+
+    def forward(self, x, h):
+        return (x.float() * 3 + h).to(torch.bfloat16), x * 2
+
+
+@pytest.mark.parametrize("target", ["host", pytest.param("arm", marks=pytest.mark.emulation)])
+def test_bfloat16_inputs_and_outputs_round_trip(target):
+    if target == "arm":
+        require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
+    model = _Bfloat16Boundary().eval()
+    torch.manual_seed(0)
+    x, h = torch.randn(2, 5).to(torch.bfloat16), torch.randn(2, 5)
+    cm = graphopt.compile(model, (x, h), target, progress=False, count_instructions=False)
+    for _ in range(2):  # bit-exact: the same float32 arithmetic and round-to-nearest-even casts
+        got, want = cm(x, h), model(x, h)
+        assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        x, h = torch.randn(2, 5).to(torch.bfloat16), torch.randn(2, 5)
+
+
 def test_resnet20_benchmark_model_on_host():
     """The CIFAR ResNet-20 of benchmarks/peers.py: 19 3x3 convs (16/32/64 channels), two 1x1 projections
     and a Linear, compiled within RTOL of PyTorch."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" (outputs of that dtype)
 import numpy as np
 
 from graphopt.artifact import write_manifest
@@ -41,7 +42,7 @@ from graphopt.targets.spec import Runtime, TargetSpec
 _log = logging.getLogger(__name__)
 
 RUNTIME_SRC = Path(__file__).resolve().parent / "runtime"
-SUPPORTED_DTYPES = ("float32", "float64", "float16", "int8", "uint8", "int16", "uint16",
+SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16",
                     "int32", "uint32", "int64", "uint64", "bool")
 DEPLOYED_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 MANIFEST_FORMAT = "graphopt-tvm-vm-artifact"

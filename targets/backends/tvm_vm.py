@@ -55,11 +55,12 @@ def _copy_out(r) -> np.ndarray:
 
 def _borrow(a: np.ndarray):
     """`a` as a TVM tensor without a copy when its buffer is C-contiguous and 64-byte aligned (what
-    TVM's kernels assume; torch's CPU allocator aligns so), else an aligned copy."""
+    TVM's kernels assume; torch's CPU allocator aligns so) in a dtype numpy exports through DLPack
+    (not ml_dtypes' bfloat16), else an aligned copy."""
     import tvm
     import tvm_ffi
 
-    if a.flags.c_contiguous and a.ctypes.data % 64 == 0 and a.flags.writeable:
+    if a.dtype.kind in "biufc" and a.flags.c_contiguous and a.ctypes.data % 64 == 0 and a.flags.writeable:
         return tvm_ffi.from_dlpack(a, require_alignment=64, require_contiguous=True)
     return tvm.runtime.tensor(a)
 
