@@ -1,6 +1,7 @@
 """The x86-64 host target: LLVM with the detected CPU (never the generic, AVX-less default).
 
-Detection uses TVM's own probe (`Target.from_device`); feature flags come from /proc/cpuinfo.
+Detection uses TVM's own probe (`Target.from_device`); feature flags come from /proc/cpuinfo, the
+L1 data cache size from sysfs (unknown if absent).
 """
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _l1d_bytes() -> int | None:
+    """Core 0's level-1 data cache in bytes (sysfs ``cpu0/cache/index*``), or None."""
+    import glob
+
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as f, open(f"{index}/type") as t, open(f"{index}/size") as z:
+                level, kind, size = f.read().strip(), t.read().strip(), z.read().strip()
+        except OSError:
+            continue
+        if level == "1" and kind == "Data" and size[:-1].isdigit() and size.endswith("K"):
+            return int(size[:-1]) * 1024
+    return None
+
+
 def detect_host() -> TargetSpec:
     import tvm
 
@@ -47,5 +63,6 @@ def detect_host() -> TargetSpec:
         num_cores=cores,
         channel_multiple=vector_bits // 32,
         aliases=("x86",),
+        l1d_bytes=_l1d_bytes(),
     )
 

@@ -69,6 +69,8 @@ class TargetSpec:
                      libraries (the generated code must be compiled with them to link with the kernels).
     flash_bytes / ram_bytes: the board's code+constant and data memory; a model that does not fit
                      is refused at compile time (None = no limit, e.g. a Linux target).
+    l1d_bytes:       one core's L1 data cache; the int8 dot kernels' tile model charges weight tiles
+                     larger than it as streamed from L2 (None = unknown: the model counts loads only).
     ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
                      legalizes the graph into it or refuses the model (`graphopt.passes.legalization`).
     """
@@ -90,6 +92,7 @@ class TargetSpec:
     cflags: Sequence[str] = ()  # stored as a tuple
     flash_bytes: int | None = None
     ram_bytes: int | None = None
+    l1d_bytes: int | None = None
     ops: OperatorSet = EVERYTHING
 
     def __post_init__(self) -> None:
@@ -103,8 +106,9 @@ class TargetSpec:
         object.__setattr__(self, "features", frozenset(self.features))
         object.__setattr__(self, "aliases", tuple(self.aliases))
         object.__setattr__(self, "cflags", tuple(self.cflags))
-        if any(v is not None and (not isinstance(v, int) or v <= 0) for v in (self.flash_bytes, self.ram_bytes)):
-            raise ConfigError(f"target {self.name}: flash_bytes and ram_bytes must be positive ints or None")
+        if any(v is not None and (not isinstance(v, int) or v <= 0)
+               for v in (self.flash_bytes, self.ram_bytes, self.l1d_bytes)):
+            raise ConfigError(f"target {self.name}: flash_bytes, ram_bytes and l1d_bytes must be positive ints or None")
         if not isinstance(self.ops, OperatorSet):
             raise ConfigError(f"target {self.name}: ops must be a graphopt.OperatorSet, got {type(self.ops).__name__}")
         if "kind" not in self.tvm_target:
@@ -144,6 +148,6 @@ class TargetSpec:
             "channel_multiple": self.channel_multiple,
             "aliases": list(self.aliases),
             "cflags": list(self.cflags),
-            "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes},
+            "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes, "l1d_bytes": self.l1d_bytes},
             "ops": self.ops.to_dict(),
         }
