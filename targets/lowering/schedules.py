@@ -24,12 +24,16 @@ import tvm_ffi
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
+from graphopt.targets.lowering import intrin_depthwise
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
+    COLUMNS_NAME,
+    DEPTHWISE_ATTR,
     GROUPED_ATTR,
     fuse_input_pads,
     legalize_conv2d,
+    legalize_depthwise_dot,
     legalize_grouped_conv2d,
     legalize_matmul,
 )
@@ -65,12 +69,14 @@ class CpuParams:
     # int8×int8→int16 widening multiply: mobilenet_blocks int8 ran 0.185 ms there vs 0.152 on the generic kernel
     int8_pairs: bool = False
     sqrdmulh: bool = False  # aarch64: requantize epilogues staged for `fixed_point.use_sqrdmulh` (`_tile_epilogue`)
+    depthwise_dot: bool = False  # aarch64 with dotprod: depthwise 3×3 int8 convs take `DepthwiseDot` (lane-wise sdot)
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
-                   dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec))
+                   dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
+                   depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD))
 
 
 def _int(expr) -> int | None:
@@ -131,6 +137,8 @@ def conv2d_legalizer(params: CpuParams):
 
     def legalize(bb, call):
         packed = legalize_conv2d(bb, call, params.dots) if params.dots else None
+        if packed is None and params.depthwise_dot:
+            packed = legalize_depthwise_dot(bb, call)
         if packed is None and params.int8_pairs:
             packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
         if packed is not None:
@@ -563,6 +571,65 @@ class GroupedInt8(dlight.ScheduleRule):
         return sch
 
 
+# int32 accumulator vectors of a `DepthwiseDot` tile: beside them the tile's 3 × 4 weight vectors and the
+# re-laid columns its pixels read
+_DEPTHWISE_ACCUMULATORS = 16
+
+
+class DepthwiseDot(dlight.ScheduleRule):
+    """Schedules a PrimFunc built around the `DEPTHWISE_ATTR` compute of `int8.legalize_depthwise_dot`
+    (with fused prologue and epilogue):
+
+        parallel(rows) · [re-layout of the row: columns · 16-channel calls] ·
+            pixel tiles · 16-channel tiles · unrolled(kx · pixels · 4-channel vectors) · sdot(4 channels × 4 taps)
+
+    The row's re-laid input (`intrin_depthwise.COLUMNS`, one ``st4`` per column and 16 channels) is
+    computed once per output row and read by every pixel of the row; the accumulators of a tile (pixels ×
+    16 channels) stay in registers over the 3 kx taps, and the epilogue (bias, requantize, activation) is
+    applied per tile while it is hot."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        infos = dlight.analysis.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        idx = next((i for i, b in enumerate(infos) if DEPTHWISE_ATTR in sch.get(b.block_rv).annotations), None)
+        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
+            return None
+        main, consumers = infos[idx].block_rv, infos[idx + 1:]
+        columns = next(b.block_rv for b in infos[:idx] if sch.get(b.block_rv).name_hint == COLUMNS_NAME)
+        others = [b.block_rv for b in infos[:idx] if sch.get(b.block_rv).name_hint != COLUMNS_NAME]
+        loops = sch.get_loops(main)  # ([n,] y, x, channels, kx, taps): normalization drops a unit batch
+        if len(loops) not in (5, 6):
+            return None
+        *rows, x, ch, rx, rk = loops
+        p = self.params
+        lanes, calls = intrin_depthwise.LANES, intrin_depthwise.CHANNELS // intrin_depthwise.LANES
+        width = _loop_extent(sch, x)
+        pixels = _largest_divisor(width, _DEPTHWISE_ACCUMULATORS // calls)
+        xo, xi = sch.split(x, [None, pixels])
+        co, cv, ci = sch.split(ch, [None, calls, lanes])
+        sch.reorder(*rows, xo, co, rx, xi, cv, ci, rk)
+        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        sch.parallel(row)
+        sch.compute_at(columns, row, preserve_unit_loops=True)
+        _, c_all, _ = sch.get_loops(columns)[-3:]
+        _, c_in = sch.split(c_all, [None, intrin_depthwise.CHANNELS])
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], co, p.lanes, staged=p.sqrdmulh)
+        init = sch.decompose_reduction(main, rx)
+        sch.vectorize(sch.get_loops(init)[-1])
+        for lp in (rx, xi, cv):
+            sch.unroll(lp)
+        intrin_depthwise.register()
+        sch.tensorize(ci, intrin_depthwise.TAPS)
+        sch.tensorize(c_in, intrin_depthwise.COLUMNS)
+        for block in others:  # channel / spatial padding: its own loop nest (the re-layout reads whole rows)
+            schedule_spatial(sch, block, p.lanes)
+        return sch
+
 @dataclass(frozen=True)
 class DotTile:
     """One schedule of a tensorized dot kernel: its accumulator tile — `pixels` (pixel pairs for a
@@ -893,7 +960,8 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     """The rules, in priority order, as (name reported in stats, rule)."""
     tensorized = [("tensorized_dot", _tensorized_dot(params))] if params.dots else []
     grouped = [("grouped_int8", GroupedInt8(params))] if params.int8_pairs else []
-    return tensorized + grouped + [
+    depthwise = [("depthwise_dot", DepthwiseDot(params))] if params.depthwise_dot else []
+    return tensorized + depthwise + grouped + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
         ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
         ("injective", Injective(params)),  # elementwise/transpose/pad chains
