@@ -152,20 +152,23 @@ def test_depthwise_kernel_instructions_per_mac_on_a53():
 
 
 class _DepthwiseNet(nn.Module):
-    """Depthwise 3×3 convs as MobileNetV2 writes them, on a 7×9 map: 24 and 40 channels (not whole
-    16-channel re-layout calls), stride 1 and 2, padding 1 and 0, in-place ReLU6, a residual ``out += x``
-    around a depthwise block, and a 1-channel depthwise conv (groups = channels = 1)."""
+    """Depthwise 3×3 convs as MobileNetV2 writes them, on a 7×9 map: 32 channels (whole 16-channel re-layout
+    calls: the zero-point pad fused into the re-layout kernel) at stride 1 and 2, 40 and 24 channels (not
+    whole calls: the pad a stage of the conv's kernel) unpadded and padded, in-place ReLU6, a residual
+    ``out += x`` around a depthwise block, and a 1-channel depthwise conv (groups = channels = 1)."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 24, 1)
-        self.dw1 = nn.Conv2d(24, 24, 3, padding=1, groups=24)
-        self.pw1 = nn.Conv2d(24, 24, 1)
-        self.dw2 = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24)
-        self.expand = nn.Conv2d(24, 40, 1)
+        self.stem = nn.Conv2d(3, 32, 1)
+        self.dw1 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pw1 = nn.Conv2d(32, 32, 1)
+        self.dw2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)  # 7×9 → 4×5
+        self.expand = nn.Conv2d(32, 40, 1)
         self.dw3 = nn.Conv2d(40, 40, 3, groups=40)  # padding 0: 4×5 → 2×3
-        self.squeeze = nn.Conv2d(40, 1, 1)
-        self.dw4 = nn.Conv2d(1, 1, 3, padding=1)
+        self.squeeze = nn.Conv2d(40, 24, 1)
+        self.dw4 = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.to_one = nn.Conv2d(24, 1, 1)
+        self.dw5 = nn.Conv2d(1, 1, 3, padding=1)
         self.act = nn.ReLU6(inplace=True)
 
     def forward(self, x):
@@ -174,7 +177,8 @@ class _DepthwiseNet(nn.Module):
         out += x
         out = self.act(self.expand(self.act(self.dw2(out))))
         out = self.squeeze(self.act(self.dw3(out)))
-        return self.dw4(out)
+        out = self.to_one(self.act(self.dw4(out)))
+        return self.dw5(out)
 
 
 DEPTHWISE_SHAPE = (1, 3, 7, 9)
@@ -195,7 +199,9 @@ def depthwise_net():
 def _assert_depthwise_exact(depthwise_net, target: str, depthwise: int):
     q, ig, x, inputs = depthwise_net
     cm = graphopt.compile(q, (x,), target, progress=False, count_instructions=False)
-    assert cm.report.lowering["scheduled"].get("depthwise_dot", 0) == depthwise
+    scheduled = cm.report.lowering["scheduled"]
+    assert scheduled.get("depthwise_dot", 0) == depthwise
+    assert scheduled.get("depthwise_columns", 0) == (2 if depthwise else 0)  # the 32-channel convs' re-layouts
     for inp in inputs:
         want = ig(inp)
         assert torch.equal(cm(inp), want), f"{target}: max difference {(cm(inp).float() - want.float()).abs().max()}"
@@ -204,14 +210,14 @@ def _assert_depthwise_exact(depthwise_net, target: str, depthwise: int):
 
 @pytest.mark.emulation
 def test_depthwise_sdot_is_bit_exact_on_a55(depthwise_net):
-    """The lane-wise sdot kernel takes the four 3×3 depthwise convs (24, 24 stride 2, 40 unpadded, 1 channel)
-    and matches the integer reference bit for bit."""
+    """The lane-wise sdot kernel takes the five 3×3 depthwise convs and matches the integer reference bit for
+    bit (inputs saturating at both ends included)."""
     require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
-    _assert_depthwise_exact(depthwise_net, "arm-a55", 4)
+    _assert_depthwise_exact(depthwise_net, "arm-a55", 5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("target", "depthwise"), [("arm-a76", 4), ("arm-a53", 0)])
+@pytest.mark.parametrize(("target", "depthwise"), [("arm-a76", 5), ("arm-a53", 0)])
 def test_depthwise_sdot_only_with_dotprod(depthwise_net, target, depthwise):
     """arm-a76 (dotprod, i8mm) takes the sdot kernel too; arm-a53 (no dotprod) keeps the grouped kernel; both exact."""
     require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")

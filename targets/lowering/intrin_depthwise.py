@@ -26,6 +26,7 @@ LANES, TAPS_PER_LANE = 4, 4  # int32 lanes of one sdot, taps each lane reduces
 ROWS, CHANNELS = 3, 16  # kernel rows (3×3 windows) and channels one re-layout call covers
 TAPS = "sdot_4x4_lanewise_i8i8s32"
 COLUMNS = f"tap_columns_{ROWS}x{CHANNELS}_i8"
+COLUMNS_ATTR = "graphopt.depthwise_columns"  # function attribute of `padded_columns`' PrimFuncs
 _REGISTERING = threading.Lock()
 
 
@@ -93,3 +94,43 @@ def register() -> None:
         for name, functions in ((TAPS, _taps), (COLUMNS, _columns)):
             if s_tir.TensorIntrin.get(name, allow_missing=True) is None:
                 s_tir.TensorIntrin.register(name, *functions())
+
+
+def padded_columns(shape: tuple[int, int, int, int], rows: int, width: int, stride: int, top: int, left: int,
+                   value: int):
+    """A PrimFunc ``columns(x, p)`` writing the re-laid input of a depthwise 3×3 conv straight from its
+    unpadded NHWC input ``x`` (`shape`; channels a multiple of `CHANNELS`): ``p[n, y, u, c, k] =
+    x′[n, y·stride + min(k, 2), u, c]`` for `rows` output rows and `width` padded columns, where ``x′`` is
+    ``x`` padded by `top` rows and `left` columns (and whatever more the rows and columns need) with `value`
+    (the zero point). Interior columns interleave three clamped row loads (a pad row: the broadcast value)
+    with one shuffle (``st4``); pad columns store the value. Scheduled by hand (parallel over output rows)."""
+    from tvm import tirx
+
+    n, h, w, c = shape
+    calls, vec = c // CHANNELS, CHANNELS * TAPS_PER_LANE
+    interleave = [k * CHANNELS + i for i in range(CHANNELS) for k in range(TAPS_PER_LANE)]
+
+    def tap_row(x, b, y, u, cb, k):
+        """Row min(k, 2) of output row y's window, 16 channels from cb·16: loaded, or the pad value."""
+        r = y * stride + min(k, ROWS - 1) - top
+        load = x[b, tirx.max(tirx.min(r, h - 1), 0), u - left, tirx.Ramp(cb * CHANNELS, 1, CHANNELS)]
+        return tirx.Select(tirx.all(r >= 0, r < h), load, tirx.Broadcast(tirx.const(value, "int8"), CHANNELS))
+
+    def column(x, b, y, u, cb):
+        return tirx.Shuffle([tap_row(x, b, y, u, cb, k) for k in range(TAPS_PER_LANE)], interleave)
+
+    @T.prim_func(private=True, s_tir=True)
+    def columns(x: T.Buffer((n, h, w, c), "int8"),  # type: ignore[valid-type]  # TVMScript
+                p: T.Buffer((n, rows, width, c, TAPS_PER_LANE), "int8")):  # type: ignore[valid-type]  # TVMScript
+        # scheduled here and opaque (op_pattern 8), so FuseOps leaves it whole
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, COLUMNS_ATTR: True})
+        with T.sblock("root"):
+            for by in T.parallel(n * rows):
+                for u, cb in T.grid(width, calls):
+                    if u < left or u >= left + w:
+                        p[by // rows, by % rows, u, cb * CHANNELS, T.ramp(0, 1, vec)] = T.broadcast(T.int8(value), vec)
+                    else:
+                        p[by // rows, by % rows, u, cb * CHANNELS, T.ramp(0, 1, vec)] = column(
+                            x, by // rows, by % rows, u, cb)
+
+    return columns

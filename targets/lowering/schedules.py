@@ -118,7 +118,8 @@ def _conv2d_nhwc_packed(data, wpack, strides, padding, dilation, groups, out_dty
 
 def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     """`int8.fuse_input_pads` into `spec`'s dot-product conv kernels (before LegalizeOps), whose
-    `TensorizedDot` schedule copies the input once per kernel anyway. Not into `GroupedInt8`'s: it reads
+    `TensorizedDot` schedule copies the input once per kernel anyway, and into the depthwise ``sdot``
+    kernel's re-layout (`int8.legalize_depthwise_dot`), which does too. Not into `GroupedInt8`'s: it reads
     the input in place, so a border test lands on every tap's load (mobilenet_blocks' depthwise convs
     on arm-a55: +30k instructions each against 11k for a separate pad). Nor on boards with a RAM budget,
     whose arena holds the kernel's padded copy beside its input and output (cortex-m4 residual_cnn:
@@ -126,7 +127,12 @@ def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     params = CpuParams.from_spec(spec)
     if not params.dots or spec.ram_bytes is not None:
         return mod
-    return fuse_input_pads(mod, lambda bb, call, value: legalize_conv2d(bb, call, params.dots, value))
+
+    def legalize(bb, call, value):
+        out = legalize_conv2d(bb, call, params.dots, value)
+        return legalize_depthwise_dot(bb, call, value) if out is None and params.depthwise_dot else out
+
+    return fuse_input_pads(mod, legalize)
 
 
 def conv2d_legalizer(params: CpuParams):
@@ -603,7 +609,8 @@ class DepthwiseDot(dlight.ScheduleRule):
         if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
             return None
         main, consumers = infos[idx].block_rv, infos[idx + 1:]
-        columns = next(b.block_rv for b in infos[:idx] if sch.get(b.block_rv).name_hint == COLUMNS_NAME)
+        # the re-layout: a stage here, or a kernel of its own (`intrin_depthwise.padded_columns`)
+        columns = next((b.block_rv for b in infos[:idx] if sch.get(b.block_rv).name_hint == COLUMNS_NAME), None)
         others = [b.block_rv for b in infos[:idx] if sch.get(b.block_rv).name_hint != COLUMNS_NAME]
         loops = sch.get_loops(main)  # ([n,] y, x, channels, kx, taps): normalization drops a unit batch
         if len(loops) not in (5, 6):
@@ -618,10 +625,11 @@ class DepthwiseDot(dlight.ScheduleRule):
         sch.reorder(*rows, xo, co, rx, xi, cv, ci, rk)
         row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
         sch.parallel(row)
-        c_loops = sch.get_loops(columns)  # ([n,] y, columns, channels, taps)
-        sch.parallel(sch.fuse(*c_loops[:-3]) if len(c_loops) > 4 else c_loops[0])
-        _, c_all, _ = sch.get_loops(columns)[-3:]
-        _, c_in = sch.split(c_all, [None, intrin_depthwise.CHANNELS])
+        if columns is not None:
+            c_loops = sch.get_loops(columns)  # ([n,] y, columns, channels, taps)
+            sch.parallel(sch.fuse(*c_loops[:-3]) if len(c_loops) > 4 else c_loops[0])
+            _, c_all, _ = sch.get_loops(columns)[-3:]
+            _, c_in = sch.split(c_all, [None, intrin_depthwise.CHANNELS])
         _tile_epilogue(sch, main, [c.block_rv for c in consumers], co, p.lanes, staged=p.sqrdmulh)
         init = sch.decompose_reduction(main, rx)
         sch.vectorize(sch.get_loops(init)[-1])
@@ -629,7 +637,8 @@ class DepthwiseDot(dlight.ScheduleRule):
             sch.unroll(lp)
         intrin_depthwise.register()
         sch.tensorize(ci, intrin_depthwise.TAPS)
-        sch.tensorize(c_in, intrin_depthwise.COLUMNS)
+        if columns is not None:
+            sch.tensorize(c_in, intrin_depthwise.COLUMNS)
         for block in others:  # channel / spatial padding: its own loop nest (the re-layout reads whole rows)
             schedule_spatial(sch, block, p.lanes)
         return sch
@@ -1002,7 +1011,8 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
 
     Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` applied),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
-    ``tirx.is_scheduled``, which are left as they are), and the names of PrimFuncs left as TVM emitted them.
+    ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
+    kernels, scheduled when written), and the names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -1012,6 +1022,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
     with target:
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and intrin_depthwise.COLUMNS_ATTR in func.attrs:  # scheduled when written
+                counts["depthwise_columns"] = counts.get("depthwise_columns", 0) + 1
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
                 counts["tuned"] = counts.get("tuned", 0) + 1
