@@ -102,22 +102,28 @@ def padded_columns(shape: tuple[int, int, int, int], rows: int, width: int, stri
     unpadded NHWC input ``x`` (`shape`; channels a multiple of `CHANNELS`): ``p[n, y, u, c, k] =
     x′[n, y·stride + min(k, 2), u, c]`` for `rows` output rows and `width` padded columns, where ``x′`` is
     ``x`` padded by `top` rows and `left` columns (and whatever more the rows and columns need) with `value`
-    (the zero point). Interior columns interleave three clamped row loads (a pad row: the broadcast value)
-    with one shuffle (``st4``); pad columns store the value. Scheduled by hand (parallel over output rows)."""
+    (the zero point). Interior columns interleave three row loads with one shuffle (``st4``) — in the rows
+    whose window reaches into the padding, loads of a clamped row or the broadcast value —; pad columns
+    store the value. Scheduled by hand (parallel over output rows)."""
     from tvm import tirx
 
     n, h, w, c = shape
     calls, vec = c // CHANNELS, CHANNELS * TAPS_PER_LANE
     interleave = [k * CHANNELS + i for i in range(CHANNELS) for k in range(TAPS_PER_LANE)]
 
-    def tap_row(x, b, y, u, cb, k):
-        """Row min(k, 2) of output row y's window, 16 channels from cb·16: loaded, or the pad value."""
+    def tap_row(x, b, y, u, cb, k, border: bool):
+        """Row min(k, 2) of output row y's window, columns u, 16 channels from cb·16 (in a `border` row's
+        window: loaded from a clamped row, or the pad value)."""
         r = y * stride + min(k, ROWS - 1) - top
-        load = x[b, tirx.max(tirx.min(r, h - 1), 0), u - left, tirx.Ramp(cb * CHANNELS, 1, CHANNELS)]
+        if not border:
+            return x[b, r, u, tirx.Ramp(cb * CHANNELS, 1, CHANNELS)]
+        load = x[b, tirx.max(tirx.min(r, h - 1), 0), u, tirx.Ramp(cb * CHANNELS, 1, CHANNELS)]
         return tirx.Select(tirx.all(r >= 0, r < h), load, tirx.Broadcast(tirx.const(value, "int8"), CHANNELS))
 
-    def column(x, b, y, u, cb):
-        return tirx.Shuffle([tap_row(x, b, y, u, cb, k) for k in range(TAPS_PER_LANE)], interleave)
+    def column(x, b, y, u, cb, border: bool):
+        return tirx.Shuffle([tap_row(x, b, y, u, cb, k, border) for k in range(TAPS_PER_LANE)], interleave)
+
+    right = width - left - w
 
     @T.prim_func(private=True, s_tir=True)
     def columns(x: T.Buffer((n, h, w, c), "int8"),  # type: ignore[valid-type]  # TVMScript
@@ -126,11 +132,18 @@ def padded_columns(shape: tuple[int, int, int, int], rows: int, width: int, stri
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, COLUMNS_ATTR: True})
         with T.sblock("root"):
             for by in T.parallel(n * rows):
-                for u, cb in T.grid(width, calls):
-                    if u < left or u >= left + w:
-                        p[by // rows, by % rows, u, cb * CHANNELS, T.ramp(0, 1, vec)] = T.broadcast(T.int8(value), vec)
-                    else:
-                        p[by // rows, by % rows, u, cb * CHANNELS, T.ramp(0, 1, vec)] = column(
-                            x, by // rows, by % rows, u, cb)
+                for u, cb in T.grid(left, calls):
+                    p[by // rows, by % rows, u, cb * CHANNELS, T.ramp(0, 1, vec)] = T.broadcast(T.int8(value), vec)
+                if (by % rows) * stride - top >= 0 and (by % rows) * stride - top + ROWS <= h:
+                    for u, cb in T.grid(w, calls):
+                        p[by // rows, by % rows, u + left, cb * CHANNELS, T.ramp(0, 1, vec)] = column(
+                            x, by // rows, by % rows, u, cb, False)
+                else:
+                    for u, cb in T.grid(w, calls):
+                        p[by // rows, by % rows, u + left, cb * CHANNELS, T.ramp(0, 1, vec)] = column(
+                            x, by // rows, by % rows, u, cb, True)
+                for u, cb in T.grid(right, calls):
+                    p[by // rows, by % rows, u + left + w, cb * CHANNELS, T.ramp(0, 1, vec)] = T.broadcast(
+                        T.int8(value), vec)
 
     return columns
