@@ -444,8 +444,8 @@ def legalize_depthwise_dot(bb: relax.BlockBuilder, call: relax.Call, pad_value: 
     x, c] = Σ_kx Σ_k P[n, y, x·sw + kx, c, k] · W′[kx, c, k]`` with ``W′[kx, c, k] = w[k, kx, c]`` for
     k < 3 and 0 for k = 3 (packed here, channels zero-padded to whole 16-channel re-layout calls; the
     padding outputs are dropped). With whole 16-channel calls, P is written straight from the unpadded
-    input by a kernel of its own (`intrin_depthwise.padded_columns`: the pad costs a select per row
-    vector); otherwise the padded input is a stage of the conv's kernel, re-laid by
+    input by a kernel of its own (`intrin_depthwise.padded_columns`, the pad included: no pad kernel);
+    otherwise the padded input is a stage of the conv's kernel, re-laid by
     `intrin_depthwise.COLUMNS`. The products are summed in int32 (no −128 restriction). Scheduled by
     `schedules.DepthwiseDot`. Declines (None) other windows, dilation, channel multipliers > 1 and outputs
     of a single row or column."""

@@ -2,7 +2,7 @@
 
 A depthwise conv reduces over taps, not channels, so the indexed ``sdot`` of the dense kernels (one
 activation broadcast against 4 output channels) does not fit it. Here each 32-bit lane is one channel
-and its 4 bytes are that channel's 4 vertical taps (the third repeated against a zero weight), so one
+and its 4 bytes are that channel's 3 vertical taps and the third again (against a zero weight), so one
 plain ``sdot`` does 4 channels × 4 taps:
 
     `TAPS` (``sdot_4x4_lanewise_i8i8s32``):   C[i] += Σ_k int32(A[i, k]) · int32(B[i, k])     i, k < 4
@@ -14,6 +14,8 @@ into ``[16 channels, 4 taps]`` by one shuffle, which LLVM stores with a single `
     P[i, k] = X[min(k, 2), 0, i]        i < 16, k < 4
 
 `register` registers both with TVM when a layer first uses them (as `DotKernel.ensure_registered`).
+`padded_columns` builds the re-layout as a kernel of its own, reading the unpadded input (the zero-point
+pad written by the same shuffles and stores), for layers whose channels are whole 16-channel calls.
 """
 from __future__ import annotations
 

@@ -586,13 +586,14 @@ class DepthwiseDot(dlight.ScheduleRule):
     """Schedules a PrimFunc built around the `DEPTHWISE_ATTR` compute of `int8.legalize_depthwise_dot`
     (with fused prologue and epilogue):
 
-        parallel(output rows) · columns · 16-channel calls · re-layout (`intrin_depthwise.COLUMNS`: one ``st4``)
+        [parallel(output rows) · columns · 16-channel calls · re-layout (`intrin_depthwise.COLUMNS`: one ``st4``)]
         parallel(output rows) · pixel tiles · 16-channel tiles · unrolled(kx · pixels · 4-channel vectors)
             · sdot(4 channels × 4 taps)
 
-    The re-laid input is written once, for all rows, before the convolution reads it (a workspace of 4 bytes
-    per channel, column and output row): re-laid per output row under the convolution's parallel loop it
-    cost a workspace allocation per row (64-channel 16×16 on arm-a55: 57.9k instructions against 53.7k).
+    The re-layout is a stage here where the channels are not whole 16-channel calls (else a kernel of its
+    own, `intrin_depthwise.padded_columns`, whose output this PrimFunc reads): written once, for all rows,
+    before the convolution reads it — re-laid per output row under the convolution's parallel loop it cost
+    a workspace allocation per row (64-channel 16×16 on arm-a55: 57.9k instructions against 53.7k).
     A tile's accumulators (4 pixels × 16 channels, measured against 2–16 pixels × 4–16 channels and channel
     tiles outermost) stay in registers over the 3 kx taps, and the epilogue (bias, requantize, activation)
     is applied per tile while it is hot."""
