@@ -27,7 +27,9 @@ Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non
 targets without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling)
 becomes a weightless window sum instead; other grouped and depthwise convs with few taps × channels
 per group take `legalize_grouped_conv2d` (int16 pair products vectorized over output channels,
-scheduled by `schedules.GroupedInt8`) on NEON targets.
+scheduled by `schedules.GroupedInt8`) on NEON targets — except depthwise 3×3 convs on aarch64 with
+dotprod, which take `legalize_depthwise_dot` (4 vertical taps per 32-bit lane of a plain ``sdot``,
+`intrin_depthwise`, scheduled by `schedules.DepthwiseDot`).
 """
 from __future__ import annotations
 
@@ -426,6 +428,71 @@ def legalize_grouped_conv2d(bb: relax.BlockBuilder, call: relax.Call, vector_byt
         return _finish(acc, f, ())
 
     return bb.call_te(compute, data, relax.const(packed, "int8"), primfunc_name_hint="conv2d_int8_grouped")
+
+
+DEPTHWISE_ATTR = "graphopt.depthwise_dot"  # block annotation of `legalize_depthwise_dot`'s accumulation
+COLUMNS_NAME = "tap_columns"  # its re-laid input block (`intrin_depthwise.COLUMNS`)
+
+
+def legalize_depthwise_dot(bb: relax.BlockBuilder, call: relax.Call, pad_value: int = 0):
+    """int8 NHWC/HWIO depthwise 3×3 conv2d (channel multiplier 1, dilation 1, constant weights) for the
+    lane-wise ``sdot`` of `intrin_depthwise` (aarch64 with dotprod), or None. Its spatial padding reads
+    `pad_value` (an activation's zero point: `fuse_input_pads`).
+
+    The padded input is re-laid per output row ``y`` as ``P[n, y, x′, c, k] = in[n, y·sh + min(k, 2), x′,
+    c]`` — each channel's 3 vertical taps and the third again, 4 bytes per 32-bit lane — and ``out[n, y,
+    x, c] = Σ_kx Σ_k P[n, y, x·sw + kx, c, k] · W′[kx, c, k]`` with ``W′[kx, c, k] = w[k, kx, c]`` for
+    k < 3 and 0 for k = 3 (packed here, channels zero-padded to whole 16-channel re-layout calls; the
+    padding outputs are dropped). With whole 16-channel calls, P is written straight from the unpadded
+    input by a kernel of its own (`intrin_depthwise.padded_columns`, the pad included: no pad kernel);
+    otherwise the padded input is a stage of the conv's kernel, re-laid by
+    `intrin_depthwise.COLUMNS`. The products are summed in int32 (no −128 restriction). Scheduled by
+    `schedules.DepthwiseDot`. Declines (None) other windows, dilation, channel multipliers > 1 and outputs
+    of a single row or column."""
+    from graphopt.targets.lowering import intrin_depthwise as intrin
+
+    attrs = call.attrs
+    data, weight = call.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
+            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    kh, kw, g_in, f = w.shape
+    n, h, wd, c = (int(d) for d in data.ty.shape)
+    if (kh, kw, g_in) != (intrin.ROWS, intrin.ROWS, 1) or int(attrs.groups) != c or f != c \
+            or any(int(v) != 1 for v in attrs.dilation) or min(int(call.ty.shape[1]), int(call.ty.shape[2])) < 2:
+        return None  # a single output row or column: its loop vanishes in the schedule; the grouped kernel takes it
+    cp = _ceil(c, intrin.CHANNELS)
+    taps = np.zeros((kw, cp, intrin.TAPS_PER_LANE), np.int8)
+    taps[:, :c, :kh] = w[:, :, 0, :].transpose(1, 2, 0)
+    sh, sw = (int(v) for v in attrs.strides)
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+    oh, ow = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1
+
+    def accumulate(columns, wp):
+        rx, rk = te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, intrin.TAPS_PER_LANE), "rk")
+        acc = te.compute((n, oh, ow, cp), lambda b, y, xx, ch: te.sum(
+            columns[b, y, xx * sw + rx, ch, rk].astype("int32") * wp[rx, ch, rk].astype("int32"), axis=[rx, rk]),
+            name="conv2d_int8_depthwise", attrs={DEPTHWISE_ATTR: intrin.TAPS})
+        return _finish(acc, f, ())
+
+    if cp == c:
+        width = wd + pl + pr
+        func = intrin.padded_columns((n, h, wd, c), oh, width, sh, pt, pl, pad_value)
+        gv = bb.add_func(func, "depthwise_columns")
+        columns = bb.emit(relax.call_tir(gv, [data], relax.TensorType((n, oh, width, c, intrin.TAPS_PER_LANE),
+                                                                       "int8")))
+        return bb.call_te(accumulate, columns, relax.const(taps, "int8"), primfunc_name_hint="conv2d_int8_depthwise")
+
+    def compute(x, wp):
+        x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, cp - c], pad_value=pad_value, name="pad_temp")
+        src = x
+        columns = te.compute((n, oh, int(x.shape[2]), cp, intrin.TAPS_PER_LANE),
+                             lambda b, y, u, ch, k: src[b, y * sh + tvm.tirx.min(k, kh - 1), u, ch], name=COLUMNS_NAME)
+        return accumulate(columns, wp)
+
+    return bb.call_te(compute, data, relax.const(taps, "int8"), primfunc_name_hint="conv2d_int8_depthwise")
 
 
 def legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):
