@@ -47,5 +47,6 @@ def detect_host() -> TargetSpec:
         num_cores=cores,
         channel_multiple=vector_bits // 32,
         aliases=("x86",),
+        winograd=True,
     )
 

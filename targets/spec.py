@@ -71,6 +71,9 @@ class TargetSpec:
                      is refused at compile time (None = no limit, e.g. a Linux target).
     ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
                      legalizes the graph into it or refuses the model (`graphopt.passes.legalization`).
+    winograd:        fp32 3×3 stride-1 convs may be lowered as Winograd F(4, 3) where it was measured to
+                     win (`graphopt.targets.lowering.winograd`); off unless a target's schedules were
+                     measured with it.
     """
 
     name: str
@@ -91,6 +94,7 @@ class TargetSpec:
     flash_bytes: int | None = None
     ram_bytes: int | None = None
     ops: OperatorSet = EVERYTHING
+    winograd: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -146,4 +150,5 @@ class TargetSpec:
             "cflags": list(self.cflags),
             "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes},
             "ops": self.ops.to_dict(),
+            "winograd": self.winograd,
         }
