@@ -34,6 +34,9 @@ TRANSFORM_ATTR = "graphopt.winograd_transform"
 # rounding error (Barabasz et al., arXiv:1803.10986: 3.3e-7 vs 7.7e-8 relative on fp32 conv layers).
 TILE = 4
 
+# relax OpPatternKind values (tvm/relax/op_attr_types.h)
+_OUT_ELEMWISE_FUSABLE, _OPAQUE = 4, 8
+
 
 @cache
 def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,8 +190,12 @@ def legalize_winograd(bb: relax.BlockBuilder, call: relax.Call, k_tile, taken: l
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     if taken is not None:
         taken.append(WinogradLayer((n, height, width, c), f, m))
+    # FuseOps patterns: the input transform stays alone (injective, it would join the previous conv's
+    # output transform in one PrimFunc no rule schedules well); the output transform takes the conv's
+    # elementwise epilogue, as a conv does
     v = bb.emit(bb.call_te(_input_transform, data, m, pt, pl, tiles_h, tiles_w,
-                           primfunc_name_hint="winograd_input_transform"))
+                           primfunc_name_hint="winograd_input_transform", primfunc_attrs={"op_pattern": _OPAQUE}))
     mm = bb.emit(bb.call_te(_gemm, v, relax.const(u_packed), primfunc_name_hint="winograd_gemm"))
     return bb.call_te(_output_transform, mm, m, n, out_h, out_w, tiles_h, tiles_w,
-                      primfunc_name_hint="winograd_output_transform")
+                      primfunc_name_hint="winograd_output_transform",
+                      primfunc_attrs={"op_pattern": _OUT_ELEMWISE_FUSABLE})
