@@ -552,7 +552,7 @@ class WinogradTransform(dlight.ScheduleRule):
             y_o, y_i = sch.split(loops[1], [None, -mark])
             x_o, x_i = sch.split(loops[2], [None, -mark])
             tiles, positions = [loops[0], y_o, x_o], [y_i, x_i]
-        else:  # the input transform (i, j, tile, c): columns j outermost, so the row stage T[:, j]
+        else:  # the input transform (tile, i, j, c): columns j outermost, so the row stage T[:, j]
             positions = [loops[mark + 1], loops[mark]]  # one column needs fits on the stack (≤ 1 KiB)
             tiles = [lp for i, lp in enumerate(loops[:3]) if i not in (mark, mark + 1)]
         c_o, c_i = self._split_channels(sch, loops[3])

@@ -4,10 +4,10 @@ A direct 3×3 conv costs 9 multiplies per output per input channel; F(m, 3) comp
 tile from an α×α input tile (α = m + 2) with α² multiplies per input channel — 36/16 = 2.25 per
 output for F(4, 3), 4× fewer. `legalize_winograd` emits three PrimFuncs:
 
-1. input transform  ``V[a, b, p, c] = (Bᵀ d_p B)[a, b]`` over each tile ``p`` of the (padded) input,
+1. input transform  ``V[p, a, b, c] = (Bᵀ d_p B)[a, b]`` over each tile ``p`` of the (padded) input,
    written as unrolled sums of B's nonzero constants (`TRANSFORM_ATTR` block; `WinogradTransform`
    in `schedules` unrolls a, b and vectorizes c);
-2. a batched GEMM ``M[a, b, p, k] = Σ_c V[a, b, p, c] · U[a, b, c, k]`` whose innermost output axis is
+2. a batched GEMM ``M[a, b, p, k] = Σ_c V[p, a, b, c] · U[a, b, c, k]`` whose innermost output axis is
    the output channel, so `schedules.ChannelLastReduction` register-tiles it (U = G g Gᵀ is computed
    in numpy at compile time and packed ``[α, α, K/ft, C, ft]`` as the direct conv's weights are);
 3. output transform ``Y_p = Aᵀ M_p A`` per tile (`TRANSFORM_ATTR`), cropped to the conv's output;
@@ -61,14 +61,14 @@ class WinogradLayer:
         return f"conv3x3 {h}x{w}x{c}->{self.out_channels} F({self.tile},3)"
 
 
-# Where Winograd F(4, 3) was measured to win (per-kernel, interleaved against the direct conv;
-# docs/benchmarks.md): at least this many input channels (32×32×16: 1.03×, 16×16×32: 0.47×) …
-MIN_CHANNELS = 32
-# … and output pixels (8×8×64: 0.35×) …
+# Where Winograd F(4, 3) was measured to win (per-kernel sums, interleaved against the direct conv;
+# docs/benchmarks.md): at least this many input channels (32×32×16: 0.71×; fewer were not measured) …
+MIN_CHANNELS = 16
+# … and output pixels (8×8×64: 0.34×) …
 MIN_PIXELS = 64
 # … with the transformed weights (α²/9 = 4× the direct conv's) either reused by this many tiles
-# (14×14×256: 16 tiles, 0.46×) or small enough to stay in cache (8×8×64: 4 tiles, 0.6 MB, 0.35×);
-# 7×7×512 (4 tiles, 38 MB of weights) ran 1.23× slower, its GEMM bound by weight traffic.
+# (14×14×256: 16 tiles, 0.50×) or small enough to stay in cache (8×8×64: 4 tiles, 0.6 MB);
+# 7×7×512 (4 tiles, 38 MB of weights) ran 1.6× slower, its GEMM bound by weight traffic.
 MIN_TILES = 16
 MAX_CACHED_WEIGHT_BYTES = 1 << 20
 
@@ -125,18 +125,20 @@ def _input_transform(data, m: int, pad_top: int, pad_left: int, tiles_h: int, ti
                            for col in range(alpha)])
 
     t = te.compute((n * per_image, alpha, alpha, c), rows, name="winograd_input_rows", attrs={TRANSFORM_ATTR: 1})
-    return te.compute((alpha, alpha, n * per_image, c),  # (Bᵀ T)[i, j] = Σ_r B[r, i] T[r, j]
-                      lambda i, j, p, ch: _select(i, [_combination([(b[r, row], t[p, r, j, ch]) for r in range(alpha)])
+    # tile-major, so a tile's α² vectors are stored contiguously (position-major put them a power of two
+    # apart on 32×32×16: 4 KiB, one L1 set, 3× slower)
+    return te.compute((n * per_image, alpha, alpha, c),  # (Bᵀ T)[i, j] = Σ_r B[r, i] T[r, j]
+                      lambda p, i, j, ch: _select(i, [_combination([(b[r, row], t[p, r, j, ch]) for r in range(alpha)])
                                                       for row in range(alpha)]),
-                      name="winograd_input", attrs={TRANSFORM_ATTR: 0})
+                      name="winograd_input", attrs={TRANSFORM_ATTR: 1})
 
 
 def _gemm(v, u_packed):
-    alpha, _, tiles, c = (int(d) for d in v.shape)
+    tiles, alpha, _, c = (int(d) for d in v.shape)
     _, _, k_outer, _, k_tile = (int(d) for d in u_packed.shape)
     rc = te.reduce_axis((0, c), "rc")
     return te.compute((alpha, alpha, tiles, k_outer * k_tile),
-                      lambda a, b, p, k: te.sum(v[a, b, p, rc] * u_packed[a, b, k // k_tile, rc, k % k_tile], axis=rc),
+                      lambda a, b, p, k: te.sum(v[p, a, b, rc] * u_packed[a, b, k // k_tile, rc, k % k_tile], axis=rc),
                       name="winograd_gemm")
 
 
