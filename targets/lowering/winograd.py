@@ -61,24 +61,23 @@ class WinogradLayer:
         return f"conv3x3 {h}x{w}x{c}->{self.out_channels} F({self.tile},3)"
 
 
-# Where Winograd F(4, 3) was measured to win (per-kernel sums, interleaved against the direct conv;
-# docs/benchmarks.md): at least this many input channels (32×32×16: 0.71×; fewer were not measured) …
+# Where Winograd F(4, 3) was measured to win (docs/benchmarks.md): at least this many input channels
+# (32×32×16: 0.71× the direct conv per kernel; fewer were not measured) …
 MIN_CHANNELS = 16
-# … and output pixels (8×8×64: 0.34×) …
+# … and output pixels …
 MIN_PIXELS = 64
-# … with the transformed weights (α²/9 = 4× the direct conv's) either reused by this many tiles
-# (14×14×256: 16 tiles, 0.50×) or small enough to stay in cache (8×8×64: 4 tiles, 0.6 MB);
-# 7×7×512 (4 tiles, 38 MB of weights) ran 1.6× slower, its GEMM bound by weight traffic.
+# … and tiles (over the batch) reusing the transformed weights, which are α²/9 = 4× the direct conv's:
+# 14×14×256 (16 tiles) ran 0.50×, 7×7×512 (4 tiles, 38 MB of weights) 1.6× per kernel. 8×8×64 (4 tiles)
+# ran 0.34× alone, but ResNet-20 end to end was faster without its five (0.94× against 1.05× of the
+# direct model with caches flushed between calls; 0.85× against 0.90× warm): their 2.9 MB of
+# transformed weights do not stay in the 2 MiB L2 beside the rest of the model.
 MIN_TILES = 16
-MAX_CACHED_WEIGHT_BYTES = 1 << 20
 
 
-def worthwhile(out_h: int, out_w: int, in_channels: int, out_channels: int, m: int = TILE) -> bool:
+def worthwhile(batch: int, out_h: int, out_w: int, in_channels: int, m: int = TILE) -> bool:
     """Whether Winograd F(m, 3) beats the direct conv on this layer (the constants above)."""
-    tiles = -(-out_h // m) * -(-out_w // m)
-    weight_bytes = 4 * (m + 2) ** 2 * in_channels * out_channels
-    return in_channels >= MIN_CHANNELS and out_h * out_w >= MIN_PIXELS \
-        and (tiles >= MIN_TILES or weight_bytes <= MAX_CACHED_WEIGHT_BYTES)
+    tiles = batch * -(-out_h // m) * -(-out_w // m)
+    return in_channels >= MIN_CHANNELS and out_h * out_w >= MIN_PIXELS and tiles >= MIN_TILES
 
 
 def _static(shape) -> list[int] | None:
@@ -182,7 +181,7 @@ def legalize_winograd(bb: relax.BlockBuilder, call: relax.Call, k_tile, taken: l
     f = wshape[3]
     pt, pl, pb, pr = (int(v) for v in attrs.padding)
     out_h, out_w = height + pt + pb - 2, width + pl + pr - 2
-    if out_h < 1 or out_w < 1 or not worthwhile(out_h, out_w, c, f, m):
+    if out_h < 1 or out_w < 1 or not worthwhile(n, out_h, out_w, c, m):
         return None
     _, _, g = matrices(m)
     alpha = m + 2
