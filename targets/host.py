@@ -64,5 +64,6 @@ def detect_host() -> TargetSpec:
         channel_multiple=vector_bits // 32,
         aliases=("x86",),
         l1d_bytes=_l1d_bytes(),
+        winograd=True,
     )
 

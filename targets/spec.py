@@ -73,6 +73,9 @@ class TargetSpec:
                      larger than it as streamed from L2 (None = unknown: the model counts loads only).
     ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
                      legalizes the graph into it or refuses the model (`graphopt.passes.legalization`).
+    winograd:        fp32 3×3 stride-1 convs may be lowered as Winograd F(4, 3) where it was measured to
+                     win (`graphopt.targets.lowering.winograd`); off unless a target's schedules were
+                     measured with it.
     """
 
     name: str
@@ -94,6 +97,7 @@ class TargetSpec:
     ram_bytes: int | None = None
     l1d_bytes: int | None = None
     ops: OperatorSet = EVERYTHING
+    winograd: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -150,4 +154,5 @@ class TargetSpec:
             "cflags": list(self.cflags),
             "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes, "l1d_bytes": self.l1d_bytes},
             "ops": self.ops.to_dict(),
+            "winograd": self.winograd,
         }

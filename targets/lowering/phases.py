@@ -169,13 +169,16 @@ def _legalize(mod, spec, state):
     from graphopt.targets.lowering.schedules import fuse_conv_input_pads, legalize_map
 
     target = spec.tvm()
+    winograd: list = []
     with target:
         mod = fuse_conv_input_pads(mod, spec)  # zero-point pads read inside the int8 conv kernels
-        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [  # sort/scan/sampling
-            relax.transform.LegalizeOps(legalize_map(spec)),
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [  # sort/scan/sampling
+            relax.transform.LegalizeOps(legalize_map(spec, winograd)),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),  # constant subgraphs the numpy folding left
         ])(mod)
+    state["winograd"] = [layer.describe() for layer in winograd]  # the convs lowered as Winograd stages
+    return mod
 
 
 def _fuse(mod, spec, state):
@@ -287,6 +290,8 @@ def lower(ep, spec: TargetSpec) -> LoweringResult:
         "scheduled": state["scheduled"],
         "unscheduled": state["unscheduled"],
     }
+    if state.get("winograd"):
+        stats["winograd"] = state["winograd"]
     if "from_database" in state:
         stats["from_database"] = state["from_database"]
         stats["default_kept"] = state["default_kept"]

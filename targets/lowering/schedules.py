@@ -38,6 +38,7 @@ from graphopt.targets.lowering.int8 import (
     legalize_matmul,
 )
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
+from graphopt.targets.lowering.winograd import TRANSFORM_ATTR, WinogradLayer, legalize_winograd
 from graphopt.targets.spec import Feature, TargetSpec
 
 # Relax layouts lowering converts conv2d to: channel-last data and HWIO weights, so the output
@@ -71,13 +72,15 @@ class CpuParams:
     sqrdmulh: bool = False  # aarch64: requantize epilogues staged for `fixed_point.use_sqrdmulh` (`_tile_epilogue`)
     l1d_bytes: int | None = None  # one core's L1 data cache (`TensorizedDot`'s tile model), None if unknown
     depthwise_dot: bool = False  # aarch64 with dotprod: depthwise 3×3 int8 convs take `DepthwiseDot` (lane-wise sdot)
+    winograd: bool = False  # fp32 3×3 stride-1 convs may take `winograd.legalize_winograd` (`TargetSpec.winograd`)
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
                    dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
-                   l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD))
+                   l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
+                   winograd=spec.winograd)
 
 
 def _int(expr) -> int | None:
@@ -136,10 +139,11 @@ def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     return fuse_input_pads(mod, legalize)
 
 
-def conv2d_legalizer(params: CpuParams):
+def conv2d_legalizer(params: CpuParams, winograd: list[WinogradLayer] | None = None):
     """LegalizeOps override for NHWC/HWIO conv2d: packs the weights once (folded at compile time when
     they are constants) so each output-channel tile reads one contiguous weight slab; other layouts
-    and shapes use TVM's own legalization."""
+    and shapes use TVM's own legalization. With `CpuParams.winograd`, the fp32 3×3 stride-1 convs
+    `winograd.legalize_winograd` takes become its three stages, each appended to `winograd`."""
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def legalize(bb, call):
@@ -148,6 +152,8 @@ def conv2d_legalizer(params: CpuParams):
             packed = legalize_depthwise_dot(bb, call)
         if packed is None and params.int8_pairs:
             packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
+        if packed is None and params.winograd:
+            packed = legalize_winograd(bb, call, lambda f: _lane_tile(f, params.lanes), winograd)
         if packed is not None:
             return packed
         attrs = call.attrs
@@ -232,11 +238,11 @@ def widening_multiply_legalizer():
     return legalize
 
 
-def legalize_map(spec: TargetSpec) -> dict:
-    """LegalizeOps overrides whose computes (packed weights, widening products) the rules below are
-    written for."""
+def legalize_map(spec: TargetSpec, winograd: list[WinogradLayer] | None = None) -> dict:
+    """LegalizeOps overrides whose computes (packed weights, widening products, Winograd stages) the
+    rules below are written for; the convs that take Winograd are appended to `winograd`."""
     params = CpuParams.from_spec(spec)
-    return {"relax.nn.conv2d": conv2d_legalizer(params), "relax.matmul": matmul_legalizer(params),
+    return {"relax.nn.conv2d": conv2d_legalizer(params, winograd), "relax.matmul": matmul_legalizer(params),
             "relax.multiply": widening_multiply_legalizer()}
 
 
@@ -520,6 +526,70 @@ class ChannelLastReduction(dlight.ScheduleRule):
                 schedule_spatial(sch, b.block_rv, p.lanes)
         return sch
 
+
+
+class WinogradTransform(dlight.ScheduleRule):
+    """The input and output transforms of `winograd.legalize_winograd` (`TRANSFORM_ATTR` blocks):
+
+        parallel(tiles · channel tiles) · unrolled(positions in a tile) · vector(channels)
+
+    Unrolling the positions resolves the bodies' selects to one constant combination per copy. The
+    input transform's pad is inlined and its row stage computed per tile, in the same parallel loop;
+    the conv's fused epilogue is inlined into the output transform, which writes the output directly
+    (one parallel region per stage: on a shared 2-core machine each costs microseconds to start)."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        marked = [i for i, b in enumerate(blocks) if TRANSFORM_ATTR in sch.get(b).annotations]
+        if not marked or any(iv.iter_type != tirx.IterVar.DataPar for b in blocks for iv in sch.get(b).iter_vars):
+            return None
+        main = blocks[marked[-1]]
+        names = [sch.get(b).name_hint for b in blocks]
+        producers = [b for i, b in enumerate(blocks) if i < marked[0]]
+        consumers = [sch.get_sblock(n) for n in names[marked[-1] + 1:]]
+        inner = [sch.get_sblock(names[i]) for i in marked[:-1]]
+        for b in consumers[:-1]:  # the epilogue (bias, residual add, activation), into the transform
+            sch.compute_inline(b)
+        if consumers:
+            sch.reverse_compute_inline(consumers[-1])
+        for b in producers:  # the pad: a select in the row stage's loads
+            sch.compute_inline(b)
+        main = sch.get_sblock(names[marked[-1]])
+        mark = int(sch.get(main).annotations[TRANSFORM_ATTR])
+        loops = sch.get_loops(main)
+        if len(loops) != 4:
+            return None
+        if mark < 0:  # output coordinates: (n, y, x, k) -> (n, y/m, x/m, k tiles, y%m, x%m, k)
+            y_o, y_i = sch.split(loops[1], [None, -mark])
+            x_o, x_i = sch.split(loops[2], [None, -mark])
+            tiles, positions = [loops[0], y_o, x_o], [y_i, x_i]
+        else:  # the input transform (tile, i, j, c): columns j outermost, so the row stage T[:, j]
+            positions = [loops[mark + 1], loops[mark]]  # one column needs fits on the stack (≤ 1 KiB)
+            tiles = [lp for i, lp in enumerate(loops[:3]) if i not in (mark, mark + 1)]
+        c_o, c_i = self._split_channels(sch, loops[3])
+        sch.reorder(*tiles, c_o, *positions, c_i)
+        sch.parallel(sch.fuse(*tiles, c_o))
+        for lp in positions:
+            sch.unroll(lp)
+        if _loop_extent(sch, c_i) > 1:
+            sch.vectorize(c_i)
+        for b in inner:  # the input transform's row stage, per tile and column (kept in registers)
+            sch.compute_at(b, positions[0], preserve_unit_loops=True)
+            own = sch.get_loops(b)[2:]
+            for lp in own[:-1]:
+                sch.unroll(lp)
+            if (_loop_extent(sch, own[-1]) or 1) > 1:
+                sch.vectorize(own[-1])
+        return sch
+
+    def _split_channels(self, sch: s_tir.Schedule, loop):
+        lanes, channels = self.params.lanes, _loop_extent(sch, loop) or 1
+        vector = next((t for t in (2 * lanes, lanes, lanes // 2, lanes // 4) if t >= 2 and channels % t == 0), 1)
+        return sch.split(loop, [None, vector])
 
 
 # int32 accumulator vectors a `GroupedInt8` tile may hold: with the unrolled taps' weight vectors and the
@@ -993,7 +1063,8 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     tensorized = [("tensorized_dot", _tensorized_dot(params))] if params.dots else []
     grouped = [("grouped_int8", GroupedInt8(params))] if params.int8_pairs else []
     depthwise = [("depthwise_dot", DepthwiseDot(params))] if params.depthwise_dot else []
-    return tensorized + depthwise + grouped + [
+    winograd = [("winograd_transform", WinogradTransform(params))] if params.winograd else []
+    return tensorized + depthwise + grouped + winograd + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
         ("row_reduction", dlight.cpu.Reduction()),  # softmax/layernorm: reduce the innermost axis
         ("injective", Injective(params)),  # elementwise/transpose/pad chains
