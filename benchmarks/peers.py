@@ -24,6 +24,10 @@ noisy, same-run ratios less so.
 graphopt default vs tuned kernels for arm-a53 (cortex-a53) and arm-a55 (dotprod), tuned with
 the emulated-icount runner (``--arm-trials``). Emulated ARM at 224x224 is slow: minutes per model.
 
+Each model runs in a process of its own, started with ``TVM_NUM_THREADS`` at the model's thread count:
+TVM's pool cannot shrink once started (resized from 2 threads to 1 it still woke a worker for every
+parallel region, ~6 µs each under load, which only graphopt's rows paid).
+
 ``--save DIR`` keeps graphopt's untuned fp32 and int8 artifacts; a later ``--baseline DIR`` times them
 as extra rows beside the fresh builds (the weights are seeded): kernels before/after a change in
 one interleaved run (the Python call path is the current one for both).
@@ -272,6 +276,24 @@ def arm(name: str, args) -> None:
               f"default {default:,}  tuned {tuned:,}  ratio {tuned / default:.2f} ({args.arm_trials} trials)")
 
 
+def _in_own_process(name: str, args) -> dict:
+    """`host` (and `arm`) of one model in a child process whose TVM pool starts at the model's threads."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-peers-") as tmp:
+        out = Path(tmp) / f"{name}.json"
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # this run's options but --models and --json
+            if skip or a.split("=")[0] in ("--models", "--json"):
+                skip = not skip and "=" not in a
+                continue
+            argv.append(a)
+        argv += ["--models", name, "--json", str(out)]
+        env = dict(os.environ, TVM_NUM_THREADS=str(MODELS[name].threads))
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env, check=True)
+        return json.loads(out.read_text())["models"][name]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
@@ -296,11 +318,16 @@ def main() -> None:
                "models": {}}
     print(f"load average at start: {results['load_average_start']} on {os.cpu_count()} CPUs "
           "(shared machine: absolute figures are noisy)", flush=True)
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    if len(names) == 1:
+        name = names[0]
         print(f"\n{MODELS[name].title}: building", flush=True)
         results["models"][name] = host(name, args)
         if args.arm:
             arm(name, args)
+    else:
+        for name in names:
+            results["models"][name] = _in_own_process(name, args)
     path = Path(args.json)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1))
