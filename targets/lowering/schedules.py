@@ -442,6 +442,18 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
                     sch.unroll(loop)
 
 
+def _annotated_reduction(sch: s_tir.Schedule, attr: str) -> tuple[list, int] | None:
+    """The normalized blocks of `sch` and the index of the one annotated with `attr`, when that block is
+    the PrimFunc's only reduction (the rest its injective prologue and epilogue); else None."""
+    infos = dlight.analysis.normalize_prim_func(sch)
+    if infos is None:
+        return None
+    idx = next((i for i, b in enumerate(infos) if attr in sch.get(b.block_rv).annotations), None)
+    if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
+        return None
+    return infos, idx
+
+
 class ChannelLastReduction(dlight.ScheduleRule):
     """One reduction whose innermost output axis is its last spatial axis: conv2d (regular,
     depthwise, grouped) in NHWC, dense/matmul, pooling and mean in NHWC, with any injective
@@ -612,12 +624,10 @@ class GroupedInt8(dlight.ScheduleRule):
 
     def apply(self, func, target, tunable):
         sch = s_tir.Schedule(func)
-        infos = dlight.analysis.normalize_prim_func(sch)
-        if infos is None:
+        annotated = _annotated_reduction(sch, GROUPED_ATTR)
+        if annotated is None:
             return None
-        idx = next((i for i, b in enumerate(infos) if GROUPED_ATTR in sch.get(b.block_rv).annotations), None)
-        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
-            return None
+        infos, idx = annotated
         main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
         kinds = infos[idx].dom_kind()
         n_s = len(kinds) - len(kinds.lstrip("S"))
@@ -674,12 +684,10 @@ class DepthwiseDot(dlight.ScheduleRule):
 
     def apply(self, func, target, tunable):
         sch = s_tir.Schedule(func)
-        infos = dlight.analysis.normalize_prim_func(sch)
-        if infos is None:
+        annotated = _annotated_reduction(sch, DEPTHWISE_ATTR)
+        if annotated is None:
             return None
-        idx = next((i for i, b in enumerate(infos) if DEPTHWISE_ATTR in sch.get(b.block_rv).annotations), None)
-        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
-            return None
+        infos, idx = annotated
         main, consumers = infos[idx].block_rv, infos[idx + 1:]
         # the re-layout: a stage here, or a kernel of its own (`intrin_depthwise.padded_columns`)
         columns = next((b.block_rv for b in infos[:idx] if sch.get(b.block_rv).name_hint == COLUMNS_NAME), None)
@@ -792,12 +800,10 @@ class TensorizedDot(dlight.ScheduleRule):
         return self._schedule(sch, plan, tile)
 
     def _plan(self, sch: s_tir.Schedule) -> _DotPlan | None:
-        infos = dlight.analysis.normalize_prim_func(sch)
-        if infos is None:
+        annotated = _annotated_reduction(sch, DOT_ATTR)
+        if annotated is None:
             return None
-        idx = next((i for i, b in enumerate(infos) if DOT_ATTR in sch.get(b.block_rv).annotations), None)
-        if idx is None or sum(1 for b in infos if not b.is_injective()) != 1:
-            return None
+        infos, idx = annotated
         k = by_intrin(self.kernels, str(sch.get(infos[idx].block_rv).annotations[DOT_ATTR]))
         if k is None:
             return None
