@@ -3,7 +3,7 @@ interleaved round by round (TVM's time_evaluator per scheduled PrimFunc, summed 
 
 Each layer is a Relax NHWC conv2d 3×3/1 (padding 1) + bias + ReLU lowered through graphopt's legalize,
 fuse and schedule phases for the host, with Winograd off and with each ``--tiles`` m — on every layer,
-including those `winograd.worthwhile` declines (the measurement its rule is drawn from). Set
+including those `winograd.choose_tile` declines or gives another m (the measurements its rule is drawn from). Set
 ``TVM_NUM_THREADS`` before the run: resizing TVM's pool later leaves each parallel region several µs
 to start. Usage:
 
@@ -64,7 +64,6 @@ def main() -> None:
     p.add_argument("--number", type=int, default=20, help="calls per timing")
     args = p.parse_args()
     host = detect_host()
-    winograd.MIN_CHANNELS, winograd.MIN_PIXELS, winograd.MIN_TILES = 1, 1, 1  # every layer, for the measurement
     rng = np.random.default_rng(0)
     print(f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', '(default)')}, load average {os.getloadavg()}")
     for layer in args.layers.split(","):
@@ -72,7 +71,7 @@ def main() -> None:
         mod = conv_module(channels, size, rng)
         variants = {"direct": kernels(mod, dataclasses.replace(host, winograd=False), rng, args.number)}
         for m in (int(t) for t in args.tiles.split(",")):
-            winograd.TILE = m
+            winograd.choose_tile = lambda *_, m=m: m  # every layer takes F(m, 3), for the measurement
             variants[f"F({m},3)"] = kernels(mod, host, rng, args.number)
         totals: dict[str, list[float]] = {k: [] for k in variants}
         parts: dict[str, dict[str, list[float]]] = {k: {n: [] for n in v} for k, v in variants.items()}

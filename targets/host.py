@@ -30,18 +30,18 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _l1d_bytes() -> int | None:
-    """Core 0's level-1 data cache in bytes (sysfs ``cpu0/cache/index*``), or None."""
+def _cache_bytes(level: int, kinds: tuple[str, ...]) -> int | None:
+    """Core 0's cache of `level` and one of `kinds` in bytes (sysfs ``cpu0/cache/index*``), or None."""
     import glob
 
     for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
         try:
             with open(f"{index}/level") as f, open(f"{index}/type") as t, open(f"{index}/size") as z:
-                level, kind, size = f.read().strip(), t.read().strip(), z.read().strip()
+                found, kind, size = f.read().strip(), t.read().strip(), z.read().strip()
         except OSError:
             continue
-        if level == "1" and kind == "Data" and size[:-1].isdigit() and size.endswith("K"):
-            return int(size[:-1]) * 1024
+        if found == str(level) and kind in kinds and size[:-1].isdigit() and size[-1] in "KM":
+            return int(size[:-1]) << (10 if size[-1] == "K" else 20)
     return None
 
 
@@ -63,7 +63,8 @@ def detect_host() -> TargetSpec:
         num_cores=cores,
         channel_multiple=vector_bits // 32,
         aliases=("x86",),
-        l1d_bytes=_l1d_bytes(),
+        l1d_bytes=_cache_bytes(1, ("Data",)),
+        l2_bytes=_cache_bytes(2, ("Unified", "Data")),
         winograd=True,
     )
 

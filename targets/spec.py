@@ -71,9 +71,11 @@ class TargetSpec:
                      is refused at compile time (None = no limit, e.g. a Linux target).
     l1d_bytes:       one core's L1 data cache; the int8 dot kernels' tile model charges weight tiles
                      larger than it as streamed from L2 (None = unknown: the model counts loads only).
+    l2_bytes:        one core's L2 cache; Winograd asks more re-use of transformed weights larger than
+                     it, which stream from L3 or memory (None = unknown: as if they fit).
     ops:             the `OperatorSet` the device runs (default: everything TVM lowers); compile
                      legalizes the graph into it or refuses the model (`graphopt.passes.legalization`).
-    winograd:        fp32 3×3 stride-1 convs may be lowered as Winograd F(4, 3) where it was measured to
+    winograd:        fp32 3×3 stride-1 convs may be lowered as Winograd F(4, 3) or F(2, 3) where it was measured to
                      win (`graphopt.targets.lowering.winograd`); off unless a target's schedules were
                      measured with it.
     """
@@ -96,6 +98,7 @@ class TargetSpec:
     flash_bytes: int | None = None
     ram_bytes: int | None = None
     l1d_bytes: int | None = None
+    l2_bytes: int | None = None
     ops: OperatorSet = EVERYTHING
     winograd: bool = False
 
@@ -111,8 +114,9 @@ class TargetSpec:
         object.__setattr__(self, "aliases", tuple(self.aliases))
         object.__setattr__(self, "cflags", tuple(self.cflags))
         if any(v is not None and (not isinstance(v, int) or v <= 0)
-               for v in (self.flash_bytes, self.ram_bytes, self.l1d_bytes)):
-            raise ConfigError(f"target {self.name}: flash_bytes, ram_bytes and l1d_bytes must be positive ints or None")
+               for v in (self.flash_bytes, self.ram_bytes, self.l1d_bytes, self.l2_bytes)):
+            raise ConfigError(f"target {self.name}: flash_bytes, ram_bytes, l1d_bytes and l2_bytes must be positive "
+                              "ints or None")
         if not isinstance(self.ops, OperatorSet):
             raise ConfigError(f"target {self.name}: ops must be a graphopt.OperatorSet, got {type(self.ops).__name__}")
         if "kind" not in self.tvm_target:
@@ -152,7 +156,8 @@ class TargetSpec:
             "channel_multiple": self.channel_multiple,
             "aliases": list(self.aliases),
             "cflags": list(self.cflags),
-            "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes, "l1d_bytes": self.l1d_bytes},
+            "memory": {"flash_bytes": self.flash_bytes, "ram_bytes": self.ram_bytes, "l1d_bytes": self.l1d_bytes,
+                       "l2_bytes": self.l2_bytes},
             "ops": self.ops.to_dict(),
             "winograd": self.winograd,
         }

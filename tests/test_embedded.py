@@ -74,7 +74,7 @@ def test_targets_are_registered_with_boards():
     assert get_target("cortex-m55").qemu_machine == "mps3-an547" and get_target("cortex-m55").vector_bits == 128
     assert get_target("armv7").ram_bytes is None and get_target("armv7").qemu_cpu == "cortex-a7"
     assert get_target("m4") is M4
-    assert M4.to_dict()["memory"] == {"flash_bytes": 4 << 20, "ram_bytes": 4 << 20, "l1d_bytes": None}
+    assert M4.to_dict()["memory"] == {"flash_bytes": 4 << 20, "ram_bytes": 4 << 20, "l1d_bytes": None, "l2_bytes": None}
 
 
 def test_kernels_reading_tensor_metadata_are_refused():
@@ -101,8 +101,8 @@ def test_kernels_reading_tensor_metadata_are_refused():
 
 
 def test_spec_refuses_bad_board_limits():
-    for bad in ({"ram_bytes": -1}, {"flash_bytes": 0}, {"l1d_bytes": 32.5}):
-        with pytest.raises(ConfigError, match="flash_bytes, ram_bytes and l1d_bytes"):
+    for bad in ({"ram_bytes": -1}, {"flash_bytes": 0}, {"l1d_bytes": 32.5}, {"l2_bytes": 0}):
+        with pytest.raises(ConfigError, match="flash_bytes, ram_bytes, l1d_bytes and l2_bytes"):
             dataclasses.replace(M4, name="bad-board", aliases=(), **bad)
 
 

@@ -73,6 +73,7 @@ class CpuParams:
     l1d_bytes: int | None = None  # one core's L1 data cache (`TensorizedDot`'s tile model), None if unknown
     depthwise_dot: bool = False  # aarch64 with dotprod: depthwise 3×3 int8 convs take `DepthwiseDot` (lane-wise sdot)
     winograd: bool = False  # fp32 3×3 stride-1 convs may take `winograd.legalize_winograd` (`TargetSpec.winograd`)
+    l2_bytes: int | None = None  # one core's L2 cache (`winograd.choose_tile`), None if unknown
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
@@ -80,7 +81,7 @@ class CpuParams:
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
                    dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
                    l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
-                   winograd=spec.winograd)
+                   winograd=spec.winograd, l2_bytes=spec.l2_bytes)
 
 
 def _int(expr) -> int | None:
@@ -153,7 +154,7 @@ def conv2d_legalizer(params: CpuParams, winograd: list[WinogradLayer] | None = N
         if packed is None and params.int8_pairs:
             packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
         if packed is None and params.winograd:
-            packed = legalize_winograd(bb, call, lambda f: _lane_tile(f, params.lanes), winograd)
+            packed = legalize_winograd(bb, call, lambda f: _lane_tile(f, params.lanes), winograd, params.l2_bytes)
         if packed is not None:
             return packed
         attrs = call.attrs

@@ -2,7 +2,8 @@
 
 A direct 3×3 conv costs 9 multiplies per output per input channel; F(m, 3) computes an m×m output
 tile from an α×α input tile (α = m + 2) with α² multiplies per input channel — 36/16 = 2.25 per
-output for F(4, 3), 4× fewer. `legalize_winograd` emits three PrimFuncs:
+output for F(4, 3), 4× fewer; 16/4 = 4 for F(2, 3), whose transformed weights are 1.8× the conv's
+against F(4, 3)'s 4× (`choose_tile` picks m per layer). `legalize_winograd` emits three PrimFuncs:
 
 1. input transform  ``V[p, a, b, c] = (Bᵀ d_p B)[a, b]`` over each tile ``p`` of the (padded) input,
    separably (rows ``d B``, then ``Bᵀ ·``) as sums of B's nonzero constants (`TRANSFORM_ATTR` blocks;
@@ -15,7 +16,7 @@ output for F(4, 3), 4× fewer. `legalize_winograd` emits three PrimFuncs:
    into it as into a conv, and `WinogradTransform` applies it per element.
 
 Refuses (returns None, the conv keeps the direct path): anything but fp32 NHWC/HWIO, 3×3, stride 1,
-dilation 1, groups 1, a constant weight and static shapes; and layers `worthwhile` declines.
+dilation 1, groups 1, a constant weight and static shapes; and layers `choose_tile` declines.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ from tvm import relax, te, tirx, topi
 # output transform (in output coordinates), -m: the schedule splits its rows and columns by m.
 TRANSFORM_ATTR = "graphopt.winograd_transform"
 
-# Output tile size: F(4, 3). Against F(2, 3) it does 36/64 of the GEMM's multiplies for a ~3.5× larger
+# Output tile sizes, preferred first: F(4, 3) does 36/64 of F(2, 3)'s GEMM multiplies for a ~3.5× larger
 # rounding error (Barabasz et al., arXiv:1803.10986: 3.3e-7 vs 7.7e-8 relative on fp32 conv layers).
-TILE = 4
+TILES = (4, 2)
 
 # relax OpPatternKind values (tvm/relax/op_attr_types.h)
 _OUT_ELEMWISE_FUSABLE, _OPAQUE = 4, 8
@@ -62,23 +63,37 @@ class WinogradLayer:
         return f"conv3x3 {h}x{w}x{c}->{self.out_channels} F({self.tile},3)"
 
 
-# Where Winograd F(4, 3) was measured to win (docs/benchmarks.md): at least this many input channels
-# (32×32×16: 0.71× the direct conv per kernel; fewer were not measured) …
+# Where Winograd was measured to win (docs/benchmarks.md): at least this many input channels (32×32×16:
+# F(4, 3) 0.71× the direct conv per kernel; fewer were not measured) …
 MIN_CHANNELS = 16
 # … and output pixels …
 MIN_PIXELS = 64
-# … and tiles (over the batch) reusing the transformed weights, which are α²/9 = 4× the direct conv's:
-# 14×14×256 (16 tiles) ran 0.50×, 7×7×512 (4 tiles, 38 MB of weights) 1.6× per kernel. 8×8×64 (4 tiles)
-# ran 0.34× alone, but ResNet-20 end to end was faster without its five (0.94× against 1.05× of the
-# direct model with caches flushed between calls; 0.85× against 0.90× warm): their 2.9 MB of
-# transformed weights do not stay in the 2 MiB L2 beside the rest of the model.
+# … and tiles (over the batch) re-using the transformed weights, α²/9 = 4× the direct conv's for F(4, 3):
+# 14×14×256 (16 tiles) ran 0.50×, 7×7×512 (4 tiles, 38 MB of weights) 1.6× per kernel. F(4, 3) on 8×8×64
+# (4 tiles) ran 0.34× alone but lost in ResNet-20 end to end; F(2, 3) there (16 tiles, 262 KB of weights
+# per conv) made ResNet-20 fp32 0.93× (1 thread, back to back; 0.95× with caches flushed between calls).
 MIN_TILES = 16
+# … or, when the transformed weights do not fit one core's L2 and stream from L3 or memory on every call,
+# this many: ResNet-18's 14×14×256 (F(4, 3): 16 tiles over 9.4 MB per conv) made the model 0.93× with
+# F(2, 3) instead (49 tiles over 4.2 MB; 2 threads, paired), while its 28×28×128 keeps F(4, 3) (49 tiles
+# over 2.4 MB: F(2, 3) there measured 1.04×). 16×16×32 (16 tiles, 147 KB) keeps F(4, 3) in L2 (F(2, 3)
+# measured 1.08× end to end on ResNet-20).
+STREAMED_TILES = 32
 
 
-def worthwhile(batch: int, out_h: int, out_w: int, in_channels: int, m: int = TILE) -> bool:
-    """Whether Winograd F(m, 3) beats the direct conv on this layer (the constants above)."""
-    tiles = batch * -(-out_h // m) * -(-out_w // m)
-    return in_channels >= MIN_CHANNELS and out_h * out_w >= MIN_PIXELS and tiles >= MIN_TILES
+def choose_tile(batch: int, out_h: int, out_w: int, in_channels: int, out_channels: int,
+                l2_bytes: int | None) -> int | None:
+    """The output tile m of the Winograd F(m, 3) that should replace this layer's direct conv (the
+    constants above), or None to keep the direct conv. `l2_bytes`: one core's L2 (None: unknown, the
+    weights are taken to fit)."""
+    if in_channels < MIN_CHANNELS or out_h * out_w < MIN_PIXELS:
+        return None
+    for m in TILES:
+        tiles = batch * -(-out_h // m) * -(-out_w // m)
+        weights = (m + 2) ** 2 * in_channels * out_channels * 4
+        if tiles >= (MIN_TILES if l2_bytes is None or weights <= l2_bytes else STREAMED_TILES):
+            return m
+    return None
 
 
 def _static(shape) -> list[int] | None:
@@ -162,11 +177,11 @@ def _output_transform(mm, m: int, n: int, out_h: int, out_w: int, tiles_h: int, 
     return te.compute((n, out_h, out_w, k), body, name="winograd_output", attrs={TRANSFORM_ATTR: -m})
 
 
-def legalize_winograd(bb: relax.BlockBuilder, call: relax.Call, k_tile, taken: list[WinogradLayer] | None = None):
+def legalize_winograd(bb: relax.BlockBuilder, call: relax.Call, k_tile, taken: list[WinogradLayer] | None = None,
+                      l2_bytes: int | None = None):
     """The conv `call` as Winograd F(m, 3) stages (see the module docstring), or None when it does not
-    apply. `k_tile(K)`: the output-channel tile the GEMM's weights are packed for; a conv that takes
-    Winograd is appended to `taken`."""
-    m = TILE
+    apply. `k_tile(K)`: the output-channel tile the GEMM's weights are packed for; `l2_bytes`: one core's
+    L2 (`choose_tile`); a conv that takes Winograd is appended to `taken`."""
     attrs = call.attrs
     data, weight = call.args
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
@@ -182,7 +197,8 @@ def legalize_winograd(bb: relax.BlockBuilder, call: relax.Call, k_tile, taken: l
     f = wshape[3]
     pt, pl, pb, pr = (int(v) for v in attrs.padding)
     out_h, out_w = height + pt + pb - 2, width + pl + pr - 2
-    if out_h < 1 or out_w < 1 or not worthwhile(n, out_h, out_w, c, m):
+    m = choose_tile(n, out_h, out_w, c, f, l2_bytes) if out_h >= 1 and out_w >= 1 else None
+    if m is None:
         return None
     _, _, g = matrices(m)
     alpha = m + 2
