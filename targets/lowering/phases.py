@@ -214,7 +214,10 @@ def _build(mod, spec, state):
     target = spec.tvm()
     # legalization and fusion are done above; only VM lowering remains
     vm_lowering = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-    return relax.build(mod, target=target, relax_pipeline=vm_lowering)
+    # "compiled": the Relax main becomes native code calling the kernels and VM builtins, instead of
+    # bytecode the VM interprets per instruction (ResNet-20 at 32x32, ~70 calls: 0.97x per inference,
+    # fp32 and int8, 1 thread, paired; build and export times unchanged)
+    return relax.build(mod, target=target, relax_pipeline=vm_lowering, exec_mode="compiled")
 
 
 # The lowering pipeline: (phase name, fn(ir, spec, state) -> ir), run in order.
