@@ -137,8 +137,8 @@ def test_streamed_weights_take_f2_on_a_small_l2():
     shape = (1, 32, 13, 13)  # 16 tiles of F(4, 3): 147 KB of weights, 49 of F(2, 3): 65 KB
     host = get_target("host")
     for l2, expected in ((1 << 20, "F(4,3)"), (100 << 10, "F(2,3)")):
-        cm = graphopt.compile(model, (torch.randn(shape),), dataclasses.replace(host, name=f"host-l2-{l2}", l2_bytes=l2),
-                              progress=False)
+        spec = dataclasses.replace(host, name=f"host-l2-{l2}", l2_bytes=l2)
+        cm = graphopt.compile(model, (torch.randn(shape),), spec, progress=False)
         assert cm.report.lowering["winograd"] == [f"conv3x3 13x13x32->32 {expected}"]
         assert _max_relative_error(cm, model, shape) <= REL_BOUND
 
