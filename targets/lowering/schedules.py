@@ -25,6 +25,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
 from graphopt.targets.lowering import intrin_depthwise
+from graphopt.targets.lowering.converters import QUANTIZE_NHWC_ATTR
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
@@ -1119,7 +1120,8 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
     Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` applied),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
     ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
-    kernels, scheduled when written), and the names of PrimFuncs left as TVM emitted them.
+    kernels and ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s, scheduled when written), and the
+    names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -1132,6 +1134,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                 continue
             if func.attrs is not None and intrin_depthwise.COLUMNS_ATTR in func.attrs:  # scheduled when written
                 counts["depthwise_columns"] = counts.get("depthwise_columns", 0) + 1
+                continue
+            if func.attrs is not None and QUANTIZE_NHWC_ATTR in func.attrs:  # scheduled when written
+                counts["quantize_nhwc"] = counts.get("quantize_nhwc", 0) + 1
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
                 counts["tuned"] = counts.get("tuned", 0) + 1
