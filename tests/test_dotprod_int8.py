@@ -59,12 +59,12 @@ def test_chunked_packing_reproduces_the_convolution_and_dense():
 
 def test_kernel_is_preferred_on_dotprod_only_where_channels_fit():
     kernels = dot_kernels(graphopt.get_target("arm-a55"))
-    assert kernels[0] is intrin_dotprod.KERNEL and kernels[1].intrin == "dot_4x4_i8i8s32_sdot"
+    assert kernels[0] is intrin_dotprod.KERNEL and kernels[1].intrin == "sdot_4x4_i8i8s32"
     assert intrin_dotprod.KERNEL not in dot_kernels(graphopt.get_target("arm-a53"))
     w = np.full((3, 3, 64, 8), -128, np.int8)
     assert int8.choose(kernels, w, 64) is intrin_dotprod.KERNEL  # −128 is fine: no int16 pairs
-    assert int8.choose(kernels, w[:, :, :8], 8).intrin == "dot_4x4_i8i8s32_sdot"  # 8 channels: no padding
-    assert int8.choose(kernels, w[:, :, :3], 3).intrin == "dot_4x4_i8i8s32_sdot"  # RGB stem
+    assert int8.choose(kernels, w[:, :, :8], 8).intrin == "sdot_4x4_i8i8s32"  # 8 channels: no padding
+    assert int8.choose(kernels, w[:, :, :3], 3).intrin == "sdot_4x4_i8i8s32"  # RGB stem
 
 
 @pytest.mark.emulation

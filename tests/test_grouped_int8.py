@@ -1,5 +1,6 @@
 """Grouped and depthwise int8 convs (`int8.legalize_grouped_conv2d` + `schedules.GroupedInt8`, and on aarch64
-with dotprod the depthwise 3×3 `int8.legalize_depthwise_dot` + `schedules.DepthwiseDot`): the weight
+with dotprod the depthwise 3×3 `int8.legalize_depthwise_dot` + `schedules.DepthwiseDot` and grouped convs
+whose groups fit the dot kernels, `int8.legalize_grouped_dot` + `schedules.TensorizedDot`): the weight
 packing against a float64 oracle, bit-exact outputs against the folded integer graph and `graphopt.qref`
 on emulated ARM (int16 pair products, single products for layers with −128 weights, lane-wise ``sdot``),
 and instruction counts showing the kernel paths are taken on aarch64. x86 keeps the generic kernel
@@ -76,12 +77,15 @@ def quantized(request):
     return q, ig, x
 
 
-def _assert_exact(cm, ig, kernels: int = 7, depthwise: int = 0):
+def _assert_exact(cm, ig, kernels: int = 7, depthwise: int = 0, grouped_dot: int = 0):
     # NEON: every grouped and depthwise conv but the last, which on a 1×1 map sees data at its centre
     # tap only and lowers as a per-channel scale fused with its neighbours; with dotprod the 13-channel
-    # depthwise 3×3 takes the lane-wise sdot kernel instead; x86: the generic kernel
+    # depthwise 3×3 takes the lane-wise sdot kernel instead, and the group-width-4 conv (4 outputs per
+    # group: whole sdot lanes) a dense sdot kernel per group; x86: the generic kernel
     assert cm.report.lowering["scheduled"].get("grouped_int8", 0) == kernels
     assert cm.report.lowering["scheduled"].get("depthwise_dot", 0) == depthwise
+    layers = [d["layer"] for d in cm.report.lowering.get("weight_storage", {}).get("layers", [])]
+    assert sum("groups=" in layer for layer in layers) == grouped_dot, layers
     for inp in _inputs():
         want = ig(inp)
         got = cm(inp)
@@ -106,7 +110,7 @@ def test_host_is_bit_exact(quantized):
 def test_arm_a55_is_bit_exact(quantized):
     require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
     q, ig, x = quantized
-    _assert_exact(graphopt.compile(q, (x,), "arm-a55", progress=False, count_instructions=False), ig, 6, 1)
+    _assert_exact(graphopt.compile(q, (x,), "arm-a55", progress=False, count_instructions=False), ig, 5, 1, 1)
 
 
 @pytest.mark.slow
@@ -117,7 +121,7 @@ def test_other_arm_targets_are_bit_exact(quantized, target):
     q, ig, x = quantized
     dotprod = get_target(target).has(Feature.DOTPROD)
     _assert_exact(graphopt.compile(q, (x,), target, progress=False, count_instructions=False), ig,
-                  6 if dotprod else 7, int(dotprod))
+                  5 if dotprod else 7, int(dotprod), int(dotprod))
 
 
 class _Depthwise(nn.Module):

@@ -78,7 +78,7 @@ def test_chosen_on_i8mm_for_several_pixels_only():
     assert int8.choose(on_a76, w, 64, 3, pixels=9) is intrin_i8mm.KERNEL
     assert int8.choose(on_a76, w, 64, 3, pixels=1) is intrin_dotprod.KERNEL  # a pair would be half padding
     assert int8.choose(on_a76, w[:, :, :8], 8, 3, pixels=9) is intrin_dotprod.KERNEL  # flat rows: 32 values vs 24
-    assert int8.choose(on_a76, w[:1, :1, :8], 8, 1, pixels=9).intrin == "dot_4x4_i8i8s32_sdot"  # 16 would pad 2×
+    assert int8.choose(on_a76, w[:1, :1, :8], 8, 1, pixels=9).intrin == "sdot_4x4_i8i8s32"  # 16 would pad 2×
     # RGB stem, flat rows: 16 values against the 4×4 sdot's 12 are within int8.PAD_TOLERANCE (mobilenet_blocks'
     # stem on arm-a55: 33k instructions with the 4×16 kernel, 61k with the 4×4)
     assert int8.choose(on_a76, w[:, :, :3], 3, 3, pixels=32) is intrin_dotprod.KERNEL

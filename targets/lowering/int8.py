@@ -25,8 +25,9 @@ every layer legalized records its storage and why (`weight_storage` yields the l
 
 Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non-constant weights,
 targets without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling)
-becomes a weightless window sum instead; other grouped and depthwise convs with few taps × channels
-per group take `legalize_grouped_conv2d` (int16 pair products vectorized over output channels,
+becomes a weightless window sum instead; grouped convs whose groups' output channels are whole kernel
+lanes take `legalize_grouped_dot` (a dense dot kernel per group) on targets with an int8 dot instruction;
+other grouped and depthwise convs with few taps × channels per group take `legalize_grouped_conv2d` (int16 pair products vectorized over output channels,
 scheduled by `schedules.GroupedInt8`) on NEON targets — except depthwise 3×3 convs on aarch64 with
 dotprod, which take `legalize_depthwise_dot` (4 vertical taps per 32-bit lane of a plain ``sdot``,
 `intrin_depthwise`, scheduled by `schedules.DepthwiseDot`).
@@ -428,6 +429,68 @@ def legalize_grouped_conv2d(bb: relax.BlockBuilder, call: relax.Call, vector_byt
         return _finish(acc, f, ())
 
     return bb.call_te(compute, data, relax.const(packed, "int8"), primfunc_name_hint="conv2d_int8_grouped")
+
+
+def legalize_grouped_dot(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...], pad_value: int = 0):
+    """int8 NHWC/HWIO grouped conv2d (groups > 1, constant weights) as one dense dot-kernel conv per group, or
+    None. A kernel whose `DotKernel.lanes` divide each group's output channels is chosen (`choose`), so a
+    call's lanes lie in one group, and the call reads that group's input channels straight from the padded
+    NHWC input: ``depth`` contiguous values from channel ``g · C/groups`` per tap, C/groups padded to whole
+    `DotKernel.depth` (the values past a group's channels — the next group's, or the channel padding of
+    the last — meet zero weights). The padded input is the one copy `schedules.TensorizedDot` makes; its
+    spatial padding reads `pad_value` (`fuse_input_pads`). Declines (None) groups whose output channels no
+    kernel's lanes divide (padding them, the output's channels had to be gathered back in the epilogue:
+    32→16 groups=8 on arm-a55 ran 312k instructions against the grouped kernel's 81k) or whose reduction
+    padding would double it (`choose`; e.g. depthwise convs: `legalize_depthwise_dot` /
+    `legalize_grouped_conv2d`)."""
+    attrs = call.attrs
+    data, weight = call.args
+    groups = int(attrs.groups)
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") or groups == 1 \
+            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
+            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    w = weight.value.numpy()
+    kh, kw, g_in, f = w.shape
+    c = int(data.ty.shape[-1])
+    if c != g_in * groups or f % groups:
+        return None
+    g_out = f // groups
+    # pixels=1: one group's outputs per call, no 2-pixel blocks
+    k = choose([k for k in kernels if g_out % k.lanes == 0], w, g_in)
+    if k is None:
+        return None
+    depth = _ceil(g_in, k.depth)
+    packed = _pack_conv_weight(w, k)
+    out_shape = [int(d) for d in call.ty.shape]
+    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f} groups={groups}",
+            int(np.prod(out_shape[:-1])) * kh * kw * g_in * f)
+    correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
+        if k.data_dtype == "uint8" else None
+    tiles = g_out // k.lanes  # kernel calls per group and pixel
+    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+
+    def compute(x, wp, *corr):
+        # the last group's call reads depth - C/groups channels past the input's; whole int8 vectors per pixel
+        x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, _ceil(c + depth - g_in, 16) - c], pad_value=pad_value,
+                        name="pad_temp")
+        n, h, wd, _ = (int(d) for d in x.shape)
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (wd - dw * (kw - 1) - 1) // sw + 1
+        if k.data_dtype == "uint8":
+            src = x
+            x = te.compute(src.shape, lambda *i: _as_data(src[i], k), name="data_u8")
+        ry, rx, r = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, depth), "r")
+        acc = te.compute(  # ff // lanes: the call's tile; // tiles: its group
+            (n, oh, ow, f),
+            lambda b, y, xx, ff: te.sum(
+                x[b, y * sh + ry * dh, xx * sw + rx * dw, ff // k.lanes // tiles * g_in + r].astype("int32")
+                * k.weight(wp, (ff // k.lanes, ry, rx, r // k.depth), ff % k.lanes, r).astype("int32"),
+                axis=[ry, rx, r]),
+            name="conv2d_int8_dot", attrs={DOT_ATTR: k.intrin})
+        return _finish(acc, f, corr)
+
+    return _emit(bb, compute, data, packed, correction, "conv2d_int8_grouped_dot")
 
 
 DEPTHWISE_ATTR = "graphopt.depthwise_dot"  # block annotation of `legalize_depthwise_dot`'s accumulation

@@ -11,10 +11,16 @@ output lanes' 4 channels of chunk j. Its weights are therefore packed chunk-majo
 
     C[i] += Σ_k int32(A[k]) · int32(B[k / 4, i, k % 4])        i < 4, k < 16
 
-`register` registers the TVM intrinsic (`KERNEL.ensure_registered`, when a layer first uses it);
-`KERNEL` (for `Feature.DOTPROD` targets) is listed by `graphopt.targets.lowering.kernels` ahead of
-TVM's 4×4 ``sdot`` kernel (layers whose channels are not a multiple of 16, e.g. an RGB stem, keep
-using that one).
+``sdot_4x4_i8i8s32`` (`KERNEL_4x4`) has the contract of TVM's ``dot_4x4_i8i8s32_sdot`` (one ``ld1r`` of 4
+activation bytes, one 16-byte weight load, one ``sdot``) for layers whose reduction is not a multiple of
+16 (an RGB stem, 8-channel groups). TVM's implementation names its operands as local buffers, and each
+becomes a workspace allocation per parallel iteration of the kernel (6 runtime calls to allocate and 6 to
+free: a grouped 24→32 3×3 conv at 8×8 spent 38k of its 67k arm-a55 instructions in them); this one is a
+single expression, as `KERNEL`'s is.
+
+`register` / `register_4x4` register the TVM intrinsics (`DotKernel.ensure_registered`, when a layer first
+uses them); `KERNEL` and `KERNEL_4x4` (for `Feature.DOTPROD` targets) are listed by
+`graphopt.targets.lowering.kernels`, `KERNEL` first.
 """
 from __future__ import annotations
 
@@ -64,3 +70,34 @@ def register(kernel: DotKernel) -> None:
 
 
 KERNEL = DotKernel(Feature.DOTPROD, NAME, LANES, DEPTH, "int8", ACCUMULATORS, chunk=CHUNK, registrar=register)
+
+
+NAME_4x4 = f"sdot_{LANES}x{CHUNK}_i8i8s32"
+
+
+def _functions_4x4():
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (CHUNK,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (LANES, CHUNK), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:CHUNK], B[0:LANES, 0:CHUNK])
+            T.writes(C[0:LANES])
+            C[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], "int32x4"),
+                B.vload([0, 0], "int8x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), LANES),
+                              dtype="int8x16"), dtype="int32x4")
+
+    return dot_desc(LANES, CHUNK), impl
+
+
+def register_4x4(kernel: DotKernel) -> None:
+    """Register the TVM intrinsic of `kernel` (`KERNEL_4x4`) unless it is."""
+    if s_tir.TensorIntrin.get(kernel.intrin, allow_missing=True) is None:
+        s_tir.TensorIntrin.register(kernel.intrin, *_functions_4x4())
+
+
+# TVM's 4×4 sdot kernel had 24 accumulators
+KERNEL_4x4 = DotKernel(Feature.DOTPROD, NAME_4x4, LANES, CHUNK, "int8", 24, registrar=register_4x4)

@@ -33,8 +33,8 @@ def builtin_kernels() -> list[DotKernel]:
     return [
         DotKernel(Feature.AVX512_VNNI, "dot_16x4_vnni", 16, 4, "uint8", 16, registrar=tvm_own),  # LLVM 22-fixed
         intrin_i8mm.KERNEL,  # smmla 2 pixels × 2 channels, where a layer has 2 pixels per row and reduces ≥ 128
-        intrin_dotprod.KERNEL,  # indexed sdot 4×16, ahead of TVM's 4×4 sdot
-        DotKernel(Feature.DOTPROD, "dot_4x4_i8i8s32_sdot", 4, 4, "int8", 24, registrar=tvm_own),
+        intrin_dotprod.KERNEL,  # indexed sdot 4×16
+        intrin_dotprod.KERNEL_4x4,  # sdot 4×4 (TVM's contract, no workspace allocations)
         *intrin_neon.KERNELS,  # NEON 4×64/4×32/4×16, ahead of TVM's 4×4 NEON (aarch64 intrinsics)
         DotKernel(Feature.A64, "dot_4x4_i8i8s32_neon", 4, 4, "int8", 16, registrar=tvm_own),
         *intrin_cortex_m.KERNELS,  # Cortex-M DSP: int16 weights (small layers), then int8

@@ -158,7 +158,9 @@ def _layout(mod, spec, state):
             mod, state["layout"] = relax.transform.ConvertLayout(CONV_LAYOUT)(converted), "channel-last"
         except Exception:  # noqa: BLE001  TVM's layout inference fails on some graphs; NCHW still lowers
             pass
-    return _rewrite_main(mod, _fold_constant_transforms)
+    from graphopt.targets.lowering.converters import quantize_channel_last
+
+    return quantize_channel_last(_rewrite_main(mod, _fold_constant_transforms))
 
 
 def _legalize(mod, spec, state):

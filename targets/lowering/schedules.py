@@ -25,6 +25,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
 from graphopt.targets.lowering import intrin_depthwise
+from graphopt.targets.lowering.converters import QUANTIZE_NHWC_ATTR
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
@@ -35,6 +36,7 @@ from graphopt.targets.lowering.int8 import (
     legalize_conv2d,
     legalize_depthwise_dot,
     legalize_grouped_conv2d,
+    legalize_grouped_dot,
     legalize_matmul,
 )
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
@@ -79,6 +81,11 @@ class CpuParams:
     # kernel, ResNet-20 int8 0.93x end to end (1 thread). Not on ARM or Cortex-M, where that order
     # counted 1.01x the instructions (mobilenet_blocks on arm-a53, residual_cnn on cortex-m4)
     channels_outer_on_ties: bool = False
+    # grouped int8 convs may take `int8.legalize_grouped_dot` (a dense dot kernel per group): with an int8 dot
+    # instruction (aarch64 dotprod, x86 VNNI). Measured: arm-a55 mobilenet_blocks' 24→32 groups=4 conv 59.0k
+    # instructions (grouped kernel + its pad) → 28.2k; host VNNI 32→64 groups=4 at 16×16 392 → 17 µs (the generic
+    # kernel); arm-a53's NEON 4×4 kernel lost to the grouped kernel (24→32 groups=4: 158k against 61k)
+    grouped_dot: bool = False
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
@@ -87,7 +94,8 @@ class CpuParams:
                    dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
                    l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
                    winograd=spec.winograd, l2_bytes=spec.l2_bytes,
-                   channels_outer_on_ties=spec.has(Feature.AVX2) or spec.has(Feature.AVX512))
+                   channels_outer_on_ties=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
+                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI))
 
 
 def _int(expr) -> int | None:
@@ -129,8 +137,9 @@ def _conv2d_nhwc_packed(data, wpack, strides, padding, dilation, groups, out_dty
 
 def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     """`int8.fuse_input_pads` into `spec`'s dot-product conv kernels (before LegalizeOps), whose
-    `TensorizedDot` schedule copies the input once per kernel anyway, and into the depthwise ``sdot``
-    kernel's re-layout (`int8.legalize_depthwise_dot`), which does too. Not into `GroupedInt8`'s: it reads
+    `TensorizedDot` schedule copies the input once per kernel anyway (per-group ones of grouped convs,
+    `int8.legalize_grouped_dot`, included), and into the depthwise ``sdot`` kernel's re-layout
+    (`int8.legalize_depthwise_dot`), which does too. Not into `GroupedInt8`'s: it reads
     the input in place, so a border test lands on every tap's load (mobilenet_blocks' depthwise convs
     on arm-a55: +30k instructions each against 11k for a separate pad). Nor on boards with a RAM budget,
     whose arena holds the kernel's padded copy beside its input and output (cortex-m4 residual_cnn:
@@ -141,7 +150,9 @@ def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
 
     def legalize(bb, call, value):
         out = legalize_conv2d(bb, call, params.dots, value)
-        return legalize_depthwise_dot(bb, call, value) if out is None and params.depthwise_dot else out
+        if out is None and params.depthwise_dot:
+            out = legalize_depthwise_dot(bb, call, value)
+        return legalize_grouped_dot(bb, call, params.dots, value) if out is None and params.grouped_dot else out
 
     return fuse_input_pads(mod, legalize)
 
@@ -157,6 +168,8 @@ def conv2d_legalizer(params: CpuParams, winograd: list[WinogradLayer] | None = N
         packed = legalize_conv2d(bb, call, params.dots) if params.dots else None
         if packed is None and params.depthwise_dot:
             packed = legalize_depthwise_dot(bb, call)
+        if packed is None and params.grouped_dot:
+            packed = legalize_grouped_dot(bb, call, params.dots)
         if packed is None and params.int8_pairs:
             packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
         if packed is None and params.winograd:
@@ -1117,7 +1130,8 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
     Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` applied),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
     ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
-    kernels, scheduled when written), and the names of PrimFuncs left as TVM emitted them.
+    kernels and ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s, scheduled when written), and the
+    names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -1130,6 +1144,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                 continue
             if func.attrs is not None and intrin_depthwise.COLUMNS_ATTR in func.attrs:  # scheduled when written
                 counts["depthwise_columns"] = counts.get("depthwise_columns", 0) + 1
+                continue
+            if func.attrs is not None and QUANTIZE_NHWC_ATTR in func.attrs:  # scheduled when written
+                counts["quantize_nhwc"] = counts.get("quantize_nhwc", 0) + 1
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
                 counts["tuned"] = counts.get("tuned", 0) + 1
