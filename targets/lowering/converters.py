@@ -423,7 +423,8 @@ def _floor(a, lanes: int = 1):
     """⌊a⌋ via truncation (one convert; no floorf call on FPUs without rounding ops)."""
     from tvm import tirx
 
-    t = tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", a))
+    as_int = tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", a)
+    t = tirx.Cast("float32" if lanes == 1 else f"float32x{lanes}", as_int)
     return t - tirx.Select(a < t, _f32(1.0, lanes), _f32(0.0, lanes))
 
 

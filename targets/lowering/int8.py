@@ -23,14 +23,14 @@ Weight storage: where a target has kernels for int8 and for wider (int16) weight
 follows the active `WeightStorage` (set with `weight_storage`, from ``compile(optimize_for=...)``):
 every layer legalized records its storage and why (`weight_storage` yields the list).
 
-Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non-constant weights,
-targets without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling)
-becomes a weightless window sum instead; grouped convs whose groups' output channels are whole kernel
-lanes take `legalize_grouped_dot` (a dense dot kernel per group) on targets with an int8 dot instruction;
-other grouped and depthwise convs with few taps × channels per group take `legalize_grouped_conv2d` (int16 pair products vectorized over output channels,
-scheduled by `schedules.GroupedInt8`) on NEON targets — except depthwise 3×3 convs on aarch64 with
-dotprod, which take `legalize_depthwise_dot` (4 vertical taps per 32-bit lane of a plain ``sdot``,
-`intrin_depthwise`, scheduled by `schedules.DepthwiseDot`).
+Declines (returns None, the generic int8 path runs): grouped/depthwise conv, non-constant weights, targets
+without a dot kernel. An int8 depthwise conv with all-one weights (graphopt's sum pooling) becomes a
+weightless window sum instead; grouped convs whose groups' output channels are whole kernel lanes take
+`legalize_grouped_dot` (a dense dot kernel per group) on targets with an int8 dot instruction; other grouped
+and depthwise convs with few taps × channels per group take `legalize_grouped_conv2d` (int16 pair products
+vectorized over output channels, scheduled by `schedules.GroupedInt8`) on NEON targets — except depthwise 3×3
+convs on aarch64 with dotprod, which take `legalize_depthwise_dot` (4 vertical taps per 32-bit lane of a plain
+``sdot``, `intrin_depthwise`, scheduled by `schedules.DepthwiseDot`).
 """
 from __future__ import annotations
 
