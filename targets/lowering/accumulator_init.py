@@ -12,8 +12,9 @@ wrap the same in any order.
 one's buffer elementwise (same shape, the same index) and are its only reader: a block computing
 ``prev + t`` or ``prev − t``, where t reads only the PrimFunc's inputs at indices of the element, moves t
 into the initial value and becomes a copy (inlined by every schedule); a plain copy is passed through.
-The reduction block's declared reads stay as they were (tensorization matches them against its intrinsic's;
-the moved terms read only inputs, so no dependency is hidden). Refuses nothing: a reduction with other readers, a padded or re-laid-out accumulator (channel padding, the
+The reduction block's declared reads stay as they were (tensorization matches them against its
+intrinsic's; the moved terms read only inputs, so no dependency is hidden). Refuses nothing: a reduction
+with other readers, a padded or re-laid-out accumulator (channel padding, the
 2-pixel ``smmla`` blocks), a non-zero or non-int32 initial value, or terms reading intermediate buffers
 stop the chain where they are found, leaving the rest as it was.
 """
@@ -67,6 +68,11 @@ def _split(value, source):
     return None
 
 
+def _substitute(node, pairs: list):
+    """`node` with each variable of (variable, value) `pairs` replaced by its value."""
+    return tvm_ffi.structural_map(node, (tvm.ir.Var, lambda v: next((w for i, w in pairs if i.same_as(v)), v)))
+
+
 def _fold(func):
     blocks = _blocks(func)
     main = next((b for b in blocks if any(a in b.annotations for a in _ATTRS) and _is_zero_init(b)), None)
@@ -97,11 +103,8 @@ def _fold(func):
             tvm_ffi.structural_walk(term, (tvm.ir.Var, free.append))
             if not all(any(v.same_as(i) for i in indices) or any(v.same_as(b) for b in _loaded(term)) for v in free):
                 break
-
-            def to_main(node, pairs=tuple(zip(indices, init.indices, strict=True))):
-                return tvm_ffi.structural_map(node, (tvm.ir.Var, lambda v: next((w for i, w in pairs if i.same_as(v)), v)))
-
-            moved = to_main(term) if sign > 0 else tirx.const(0, "int32") - to_main(term)
+            moved = _substitute(term, list(zip(indices, init.indices, strict=True)))
+            moved = moved if sign > 0 else tirx.const(0, "int32") - moved
             start = moved if start is None else start + moved
             edits.append((block, load, _loaded(term)))
         source = store.buffer

@@ -43,6 +43,10 @@ def _clamp(e):
     return None
 
 
+def _int8_bounds(lo: int | None, hi: int | None) -> bool:
+    return lo is not None and hi is not None and _INT8[0] <= lo <= hi <= _INT8[1]
+
+
 def _offset(e):
     """(y, c) for ``y + c`` or ``y − c`` with an immediate c, else (e, 0)."""
     if isinstance(e, _expr.Add) and _imm(e.b) is not None:
@@ -60,12 +64,13 @@ def _narrow(cast):
     if clamped is None:
         return cast
     inner, lo, hi = clamped
-    if lo is None or hi is None or not _INT8[0] <= lo <= hi <= _INT8[1]:
+    if not _int8_bounds(lo, hi):
         return cast
     y, zp = _offset(inner)
     if abs(zp) >= _ZERO_POINT:
         return cast
-    wide = tirx.Cast("int16", tirx.Min(tirx.Max(y, tirx.const(_INT16[0], "int32")), tirx.const(_INT16[1], "int32")))
+    wide = tirx.Cast("int16", tirx.Min(tirx.Max(y, tirx.const(_INT16[0], "int32")),
+                                       tirx.const(_INT16[1], "int32")))
     if zp:
         wide = tirx.call_llvm_pure_intrin("int16", _SADD_SAT, wide, tirx.const(zp, "int16"))
     out = tirx.Cast("int8", tirx.Min(tirx.Max(wide, tirx.const(_INT8[0], "int16")), tirx.const(_INT8[1], "int16")))
@@ -84,7 +89,7 @@ def _unwiden(cast):
             or str(inner.value.ty) != "int32":
         return cast
     clamped = _clamp(inner.value)
-    if clamped is None or clamped[1] is None or clamped[2] is None or not _INT8[0] <= clamped[1] <= clamped[2] <= _INT8[1]:
+    if clamped is None or not _int8_bounds(*clamped[1:]):
         return cast
     return inner.value
 
