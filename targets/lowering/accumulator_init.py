@@ -32,7 +32,7 @@ _expr = tvm.ir.prim.expr
 
 
 def _blocks(func) -> list:
-    found = []
+    found: list = []
     tvm_ffi.structural_walk(func.body, (s_tir.SBlock, found.append))
     return found
 
