@@ -187,12 +187,13 @@ def _fuse(mod, spec, state):
     import tvm
     from tvm import relax
 
+    from graphopt.targets.lowering.accumulator_init import fold_into_init
     from graphopt.targets.lowering.schedules import spatialize_unit_reductions
 
     with spec.tvm():
         mod = tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR(),
                                         relax.transform.DeadCodeElimination()])(mod)
-    return spatialize_unit_reductions(mod)  # before any rule or tuning record sees them
+    return fold_into_init(spatialize_unit_reductions(mod))  # before any rule or tuning record sees them
 
 
 def _schedule(mod, spec, state):

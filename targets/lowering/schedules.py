@@ -40,6 +40,7 @@ from graphopt.targets.lowering.int8 import (
     legalize_matmul,
 )
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
+from graphopt.targets.lowering.narrowing import narrow_through_int16
 from graphopt.targets.lowering.winograd import TRANSFORM_ATTR, WinogradLayer, legalize_winograd
 from graphopt.targets.spec import Feature, TargetSpec
 
@@ -1134,7 +1135,8 @@ def dot_schedule(sch: s_tir.Schedule, spec: TargetSpec, tile: DotTile) -> s_tir.
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
     """Schedule every PrimFunc of `mod` for `spec`.
 
-    Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` applied),
+    Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` and
+    `narrowing.narrow_through_int16` applied),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
     ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
     kernels and ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s, scheduled when written), and the
@@ -1170,5 +1172,5 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
             else:
                 unscheduled.append(gv.name_hint)
     if has_sqrdmulh(spec):
-        mod = use_sqrdmulh(mod)
+        mod = narrow_through_int16(use_sqrdmulh(mod))
     return mod, counts, unscheduled
