@@ -17,6 +17,7 @@ import torch
 
 from graphopt.errors import ConfigError
 from graphopt.targets.lowering.importing import constant_value, import_target
+from graphopt.targets.lowering.int8 import QUANTIZE_NHWC_ATTR
 
 _CONVERTERS: dict[str, Callable] = {}
 _DTYPES = {torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32", torch.float32: "float32"}
@@ -416,7 +417,6 @@ _CLIP = 2.0 ** 30  # |x/scale| clipped here before rounding (int32 conversion), 
 
 
 QUANTIZE_ATTR = "graphopt.quantize"  # PrimFunc attribute of `_quantize`'s kernels: [qmin, qmax, rint]
-QUANTIZE_NHWC_ATTR = "graphopt.quantize_nhwc"  # PrimFunc attribute of `quantize_channel_last`'s kernels
 
 
 def _floor(a, lanes: int = 1):

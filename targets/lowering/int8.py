@@ -495,6 +495,8 @@ def legalize_grouped_dot(bb: relax.BlockBuilder, call: relax.Call, kernels: tupl
 
 DEPTHWISE_ATTR = "graphopt.depthwise_dot"  # block annotation of `legalize_depthwise_dot`'s accumulation
 COLUMNS_NAME = "tap_columns"  # its re-laid input block (`intrin_depthwise.COLUMNS`)
+# PrimFunc attribute of `converters.quantize_channel_last`'s kernels (scheduled when written)
+QUANTIZE_NHWC_ATTR = "graphopt.quantize_nhwc"
 
 
 def legalize_depthwise_dot(bb: relax.BlockBuilder, call: relax.Call, pad_value: int = 0):

@@ -25,13 +25,13 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
 from graphopt.targets.lowering import intrin_depthwise
-from graphopt.targets.lowering.converters import QUANTIZE_NHWC_ATTR
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
     COLUMNS_NAME,
     DEPTHWISE_ATTR,
     GROUPED_ATTR,
+    QUANTIZE_NHWC_ATTR,
     fuse_input_pads,
     legalize_conv2d,
     legalize_depthwise_dot,
