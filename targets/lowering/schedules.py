@@ -517,7 +517,11 @@ class ChannelLastReduction(dlight.ScheduleRule):
         fo, fi = sch.split(spatial[-1], [None, f_tile])
         outer, wi = spatial[:-1], None
         if n_s >= 2 and _int(main.iters[n_s - 2].dom) is not None:
-            w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom), max(1, (p.vector_regs - 4) // vecs))
+            # at most what TVM keeps on the stack: a larger tile went to TVMBackendAllocWorkspace, was zeroed
+            # by a memset and spilled (AVX-512's 28 px × 16 channels, 1,792 B: MobileNetV2's depthwise 3×3 over
+            # 144 channels at 56×56 334 → 100 µs alone, 2 threads; its 1×1 expand 24→144 0.78×)
+            w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom),
+                                      max(1, min((p.vector_regs - 4) // vecs, _STACK_BYTES // (4 * f_tile))))
             wo, wi = sch.split(spatial[-2], [None, w_tile])
             outer = spatial[:-2] + [wo]
         # few accumulators (e.g. a batch-1 dense): add output-channel tiles to the register block
