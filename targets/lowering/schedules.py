@@ -537,7 +537,11 @@ class ChannelLastReduction(dlight.ScheduleRule):
         window = 1
         for r in reduce:
             window *= _loop_extent(sch, r) or _WINDOW_REDUCTION + 1
-        tiles = outer + [fo] if window <= _WINDOW_REDUCTION else [fo] + outer
+        # ... unless all the weights fit in half of a known L1: channel tiles outermost then gave the two
+        # cores the two channel halves of the same pixels (cache lines written by both)
+        weight_bytes = window * f_ext * 4
+        pixels_outer = window <= _WINDOW_REDUCTION or (p.l1d_bytes is not None and 2 * weight_bytes <= p.l1d_bytes)
+        tiles = outer + [fo] if pixels_outer else [fo] + outer
         if _parallel_extent(sch, tiles) < p.cores:  # e.g. a small matmul: parallelize its channels
             tiles = [fo] + outer
         sch.reorder(*tiles, *reduce, fu, *([wi] if wi is not None else []), fi)
