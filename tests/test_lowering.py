@@ -433,8 +433,9 @@ def test_register_tiles_stay_off_the_heap_with_avx512():
     """With 32 vector registers of 16 lanes, a 28-pixel × 16-channel accumulator tile (1,792 B) was more
     than TVM puts on the stack (1 KiB): each tile went through `TVMBackendAllocWorkspace`, was zeroed by a
     memset and spilled (MobileNetV2's depthwise 3×3 over 144 channels at 56×56: 334 → 100 µs alone once its
-    tile fits, 2 threads). The depthwise and 1×1 kernels of a 144-channel block at 28×28 for an AVX-512 CPU
-    compile without any workspace allocation."""
+    tile fits, 2 threads); so did a tile of exactly 1 KiB (8 px × 32 channels: TVM's bound is strict). The
+    depthwise and 1×1 kernels of 144- and 96-channel blocks for an AVX-512 CPU compile without any workspace
+    allocation."""
     import dataclasses
 
     from graphopt.targets.lowering.phases import run_phases
@@ -444,11 +445,13 @@ def test_register_tiles_stay_off_the_heap_with_avx512():
     spec = dataclasses.replace(host, name="avx512", vector_bits=512, num_cores=2, aliases=(),
                                features=frozenset({Feature.AVX2, Feature.FMA, Feature.AVX512}),
                                tvm_target={"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
-    model, x = InvertedResidual(24, 6, 24, 1).eval(), torch.randn(1, 24, 28, 28)
-    mod = run_phases(torch.export.export(model, (x,)), spec, {}, {}, until="schedule")
-    convs = [(gv.name_hint, f) for gv, f in mod.functions_items()
-             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
-    assert len(convs) == 3
+    convs = []
+    for cin, size in ((24, 28), (16, 32)):  # 144 channels (one vector per tile), 96 (two: 8 px × 32 ch = 1 KiB)
+        model, x = InvertedResidual(cin, 6, 24, 1).eval(), torch.randn(1, cin, size, size)
+        mod = run_phases(torch.export.export(model, (x,)), spec, {}, {}, until="schedule")
+        convs += [(gv.name_hint, f) for gv, f in mod.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert len(convs) == 6
     for name, func in convs:
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=spec.tvm())
         asm = (lib.mod.imports[0] if lib.mod.imports else lib.mod).inspect_source("asm")

@@ -399,7 +399,7 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
     _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
 
 
-# Stack bytes TVM allows a buffer; larger per-tile buffers go to the heap (and out of registers).
+# TVM puts a buffer on the stack only below this many bytes; others go to the heap (and out of registers).
 _STACK_BYTES = 1024
 
 
@@ -517,11 +517,12 @@ class ChannelLastReduction(dlight.ScheduleRule):
         fo, fi = sch.split(spatial[-1], [None, f_tile])
         outer, wi = spatial[:-1], None
         if n_s >= 2 and _int(main.iters[n_s - 2].dom) is not None:
-            # at most what TVM keeps on the stack: a larger tile went to TVMBackendAllocWorkspace, was zeroed
+            # below what TVM keeps on the stack: a larger tile went to TVMBackendAllocWorkspace, was zeroed
             # by a memset and spilled (AVX-512's 28 px × 16 channels, 1,792 B: MobileNetV2's depthwise 3×3 over
-            # 144 channels at 56×56 334 → 100 µs alone, 2 threads; its 1×1 expand 24→144 0.78×)
+            # 144 channels at 56×56 334 → 100 µs alone, 2 threads; its 1×1 expand 24→144 0.78×); so did
+            # 8 px × 32 channels, exactly 1 KiB (its 16→96 expand at 112×112 0.79×, the stem 0.77×)
             w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom),
-                                      max(1, min((p.vector_regs - 4) // vecs, _STACK_BYTES // (4 * f_tile))))
+                                      max(1, min((p.vector_regs - 4) // vecs, (_STACK_BYTES - 1) // (4 * f_tile))))
             wo, wi = sch.split(spatial[-2], [None, w_tile])
             outer = spatial[:-2] + [wo]
         # few accumulators (e.g. a batch-1 dense): add output-channel tiles to the register block
