@@ -487,3 +487,15 @@ def test_small_fp32_weights_keep_each_pixels_channels_on_one_core():
 
     assert parallel_extent(params) == 56 * 2  # rows × 28-pixel tiles: a tile's 24 channels on one core
     assert parallel_extent(dataclasses.replace(params, l1d_bytes=None)) == 3 * 56  # channel tiles × rows
+
+
+def test_depthwise_taps_unrolled_on_x86_only():
+    """All nine taps of a depthwise 3×3 are unrolled on x86 (MobileNetV2's fp32 depthwise convs 0.86–0.98×
+    alone); the ARM and Cortex-M schedules keep their tap loop (not measured there; flash on the M4)."""
+    from graphopt.targets.lowering.schedules import CpuParams
+    from graphopt.targets.spec import Feature
+
+    host = get_target("host")
+    assert CpuParams.from_spec(host).unroll_windows == (host.has(Feature.AVX2) or host.has(Feature.AVX512))
+    for name in ("arm-a72", "arm-a55", "cortex-m4"):
+        assert not CpuParams.from_spec(get_target(name)).unroll_windows, name

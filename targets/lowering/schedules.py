@@ -57,6 +57,9 @@ _SHORT_REDUCTION = 4
 # Reductions at most this long are windows (depthwise conv, pooling), not channel sums.
 _WINDOW_REDUCTION = 64
 
+# Windows at most this long have all their taps unrolled (`CpuParams.unroll_windows`): a 3×3.
+_UNROLLED_WINDOW = 9
+
 # Vector register files by ISA feature, first match wins (AVX2-class x86 is the default).
 _VECTOR_REGISTERS = ((Feature.AVX512, 32), (Feature.NEON, 32), (Feature.AVX2, 16))
 
@@ -87,6 +90,10 @@ class CpuParams:
     # instructions (grouped kernel + its pad) → 28.2k; host VNNI 32→64 groups=4 at 16×16 392 → 17 µs (the generic
     # kernel); arm-a53's NEON 4×4 kernel lost to the grouped kernel (24→32 groups=4: 158k against 61k)
     grouped_dot: bool = False
+    # x86: every tap of a window reduction of at most `_UNROLLED_WINDOW` (depthwise 3×3) unrolled, not only the
+    # innermost: MobileNetV2's fp32 depthwise convs 0.86-0.98x alone (1 and 2 threads). Not measured on ARM
+    # (whose fp32 depthwise convs would change too) nor on the Cortex-M, whose flash the unrolled copies would grow
+    unroll_windows: bool = False
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
@@ -96,7 +103,8 @@ class CpuParams:
                    l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
                    winograd=spec.winograd, l2_bytes=spec.l2_bytes,
                    channels_outer_on_ties=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
-                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI))
+                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI),
+                   unroll_windows=spec.has(Feature.AVX2) or spec.has(Feature.AVX512))
 
 
 def _int(expr) -> int | None:
@@ -547,7 +555,10 @@ class ChannelLastReduction(dlight.ScheduleRule):
             tiles = [fo] + outer
         sch.reorder(*tiles, *reduce, fu, *([wi] if wi is not None else []), fi)
         sch.unroll(fu)
-        if _loop_extent(sch, reduce[-1]) is not None and _loop_extent(sch, reduce[-1]) <= _SHORT_REDUCTION:
+        if p.unroll_windows and window <= _UNROLLED_WINDOW:
+            for r in reduce:  # all taps of a depthwise 3×3 / pooling window
+                sch.unroll(r)
+        elif _loop_extent(sch, reduce[-1]) is not None and _loop_extent(sch, reduce[-1]) <= _SHORT_REDUCTION:
             sch.unroll(reduce[-1])  # e.g. the 3 input channels of a stem conv
         tile_loop = tiles[-1]  # stays valid: only the loops before it are fused
         sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
