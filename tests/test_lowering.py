@@ -54,6 +54,8 @@ class Act(nn.Module):
     (16, 32, 3, 1, 1, 1, 1, 14),  # regular 3x3
     (8, 24, 3, 2, 1, 1, 1, 15),  # strided, odd size, channels not a lane multiple
     (3, 16, 7, 2, 3, 1, 1, 32),  # stem-like
+    (3, 32, 3, 2, 1, 1, 1, 31),  # MobileNetV2's stem (a 27-term sum) at an odd size
+    (16, 96, 1, 1, 0, 1, 1, 17),  # a 16-term 1×1 expand
     (32, 32, 3, 1, 1, 32, 1, 12),  # depthwise
     (24, 24, 3, 2, 1, 24, 1, 13),  # depthwise strided
     (16, 32, 3, 1, 1, 4, 1, 10),  # grouped
@@ -491,11 +493,14 @@ def test_small_fp32_weights_keep_each_pixels_channels_on_one_core():
 
 def test_depthwise_taps_unrolled_on_x86_only():
     """All nine taps of a depthwise 3×3 are unrolled on x86 (MobileNetV2's fp32 depthwise convs 0.86–0.98×
-    alone); the ARM and Cortex-M schedules keep their tap loop (not measured there; flash on the M4)."""
+    alone), and short sums (≤ 32 terms) take one-vector channel tiles on AVX-512; the ARM and Cortex-M
+    schedules keep their tap loop and tiles (not measured there; flash on the M4)."""
     from graphopt.targets.lowering.schedules import CpuParams
     from graphopt.targets.spec import Feature
 
     host = get_target("host")
     assert CpuParams.from_spec(host).unroll_windows == (host.has(Feature.AVX2) or host.has(Feature.AVX512))
+    assert CpuParams.from_spec(host).one_vector_short_sums == host.has(Feature.AVX512)
     for name in ("arm-a72", "arm-a55", "cortex-m4"):
-        assert not CpuParams.from_spec(get_target(name)).unroll_windows, name
+        params = CpuParams.from_spec(get_target(name))
+        assert not params.unroll_windows and not params.one_vector_short_sums, name
