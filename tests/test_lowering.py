@@ -54,6 +54,8 @@ class Act(nn.Module):
     (16, 32, 3, 1, 1, 1, 1, 14),  # regular 3x3
     (8, 24, 3, 2, 1, 1, 1, 15),  # strided, odd size, channels not a lane multiple
     (3, 16, 7, 2, 3, 1, 1, 32),  # stem-like
+    (3, 32, 3, 2, 1, 1, 1, 31),  # MobileNetV2's stem (a 27-term sum) at an odd size
+    (16, 96, 1, 1, 0, 1, 1, 17),  # a 16-term 1×1 expand
     (32, 32, 3, 1, 1, 32, 1, 12),  # depthwise
     (24, 24, 3, 2, 1, 24, 1, 13),  # depthwise strided
     (16, 32, 3, 1, 1, 4, 1, 10),  # grouped
@@ -379,3 +381,126 @@ def test_narrow_vector_spec_numerics():
     x = torch.randn(1, 8, 12, 12)
     (out,) = _run(lower(torch.export.export(model, (x,)), spec), x)
     np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-4)
+
+
+# ---- MobileNetV2's inverted residual blocks (issue 17: fp32 depthwise and 1×1 convs on the host)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand + BN + ReLU6, depthwise 3×3 (stride 1 or 2) + BN + ReLU6, 1×1
+    project + BN, plus the input when the shapes allow; BatchNorm statistics randomized."""
+
+    def __init__(self, cin: int, expand: int, cout: int, stride: int):
+        super().__init__()
+        mid = cin * expand
+        self.layers = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+        for bn in self.layers:
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = self.layers(x)
+        return x + y if self.residual else y
+
+
+@pytest.mark.parametrize("cin,expand,cout,stride,hw", [
+    (24, 6, 24, 1, 29),  # MobileNetV2's 144-channel block at an odd size (9 vectors of 16 channels)
+    (16, 6, 24, 2, 23),  # 96 channels, stride 2, odd size
+    (6, 6, 6, 1, 15),  # 36 channels: not a multiple of 16 (nor of 8)
+    (5, 6, 7, 2, 17),  # 30 channels, stride 2
+    (32, 1, 16, 1, 18),  # 32 channels: two vectors per tile
+    (8, 3, 8, 2, 9),  # 24 channels, a 5×5 output
+])
+def test_inverted_residual_blocks_match_float64(cin, expand, cout, stride, hw):
+    """Each block compiled once for the host and run on three inputs against its float64 eager output
+    (the depthwise and 1×1 kernels' register tiles, their fused bias + ReLU6 and residual add)."""
+    torch.manual_seed(cin * 100 + hw)
+    model = InvertedResidual(cin, expand, cout, stride).eval()
+    x = torch.randn(1, cin, hw, hw)
+    result = lower(torch.export.export(model, (x,)), get_target("host"))
+    assert result.stats["unscheduled"] == []
+    for inp in (x, torch.randn(1, cin, hw, hw) * 3.0, torch.rand(1, cin, hw, hw) - 0.9):
+        (out,) = _run(result, inp)
+        _assert_close(out, _eager64(model, inp), f"block {cin}->{cin * expand}->{cout} stride {stride} at {hw}")
+
+
+def test_register_tiles_stay_off_the_heap_with_avx512():
+    """With 32 vector registers of 16 lanes, a 28-pixel × 16-channel accumulator tile (1,792 B) was more
+    than TVM puts on the stack (1 KiB): each tile went through `TVMBackendAllocWorkspace`, was zeroed by a
+    memset and spilled (MobileNetV2's depthwise 3×3 over 144 channels at 56×56: 334 → 100 µs alone once its
+    tile fits, 2 threads); so did a tile of exactly 1 KiB (8 px × 32 channels: TVM's bound is strict). The
+    depthwise and 1×1 kernels of 144- and 96-channel blocks for an AVX-512 CPU compile without any workspace
+    allocation."""
+    import dataclasses
+
+    from graphopt.targets.lowering.phases import run_phases
+    from graphopt.targets.spec import Feature
+
+    host = get_target("host")
+    spec = dataclasses.replace(host, name="avx512", vector_bits=512, num_cores=2, aliases=(),
+                               features=frozenset({Feature.AVX2, Feature.FMA, Feature.AVX512}),
+                               tvm_target={"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    convs = []
+    for cin, size in ((24, 28), (16, 32)):  # 144 channels (one vector per tile), 96 (two: 8 px × 32 ch = 1 KiB)
+        model, x = InvertedResidual(cin, 6, 24, 1).eval(), torch.randn(1, cin, size, size)
+        mod = run_phases(torch.export.export(model, (x,)), spec, {}, {}, until="schedule")
+        convs += [(gv.name_hint, f) for gv, f in mod.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert len(convs) == 6
+    for name, func in convs:
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=spec.tvm())
+        asm = (lib.mod.imports[0] if lib.mod.imports else lib.mod).inspect_source("asm")
+        assert "vfmadd" in asm and "TVMBackendAllocWorkspace" not in asm, name
+
+
+def test_small_fp32_weights_keep_each_pixels_channels_on_one_core():
+    """MobileNetV2's 144→24 1×1 project (13.8 KB of fp32 weights, 24 channels = three 8-lane tiles of 32 B,
+    28-pixel tiles): channel tiles outermost split the channel tiles of the same pixels between the two cores,
+    which wrote neighbouring bytes of shared cache lines (0.92× alone with pixel tiles outermost, 2 threads). With a
+    known L1 holding twice the weights the parallel loop runs over pixel tiles only; without one (the ARM
+    targets) the channel tiles stay outermost."""
+    import dataclasses
+
+    from graphopt.targets.lowering.phases import run_phases
+    from graphopt.targets.lowering.schedules import ChannelLastReduction, CpuParams
+
+    x = torch.randn(1, 144, 56, 56)
+    fused = run_phases(torch.export.export(nn.Conv2d(144, 24, 1).eval(), (x,)), get_target("host"), {}, {},
+                       until="fuse")
+    (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
+    params = CpuParams(lanes=16, vector_regs=32, cores=2, l1d_bytes=32 << 10)
+
+    def parallel_extent(p):
+        import tvm_ffi
+
+        sch = ChannelLastReduction(p).apply(func, get_target("host").tvm(), False)
+        loops: list = []
+        tvm_ffi.structural_walk(sch.mod["main"].body, (tvm.tirx.For, lambda n: loops.append(n)
+                                                       if n.kind == tvm.tirx.ForKind.PARALLEL else None))
+        (loop,) = loops
+        return int(loop.extent)
+
+    assert parallel_extent(params) == 56 * 2  # rows × 28-pixel tiles: a tile's 24 channels on one core
+    assert parallel_extent(dataclasses.replace(params, l1d_bytes=None)) == 3 * 56  # channel tiles × rows
+
+
+def test_depthwise_taps_unrolled_on_x86_only():
+    """All nine taps of a depthwise 3×3 are unrolled on x86 (MobileNetV2's fp32 depthwise convs 0.86–0.98×
+    alone), and short sums (≤ 32 terms) take one-vector channel tiles on AVX-512; the ARM and Cortex-M
+    schedules keep their tap loop and tiles (not measured there; flash on the M4)."""
+    from graphopt.targets.lowering.schedules import CpuParams
+    from graphopt.targets.spec import Feature
+
+    host = get_target("host")
+    assert CpuParams.from_spec(host).unroll_windows == (host.has(Feature.AVX2) or host.has(Feature.AVX512))
+    assert CpuParams.from_spec(host).one_vector_short_sums == host.has(Feature.AVX512)
+    for name in ("arm-a72", "arm-a55", "cortex-m4"):
+        params = CpuParams.from_spec(get_target(name))
+        assert not params.unroll_windows and not params.one_vector_short_sums, name

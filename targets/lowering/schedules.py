@@ -57,6 +57,12 @@ _SHORT_REDUCTION = 4
 # Reductions at most this long are windows (depthwise conv, pooling), not channel sums.
 _WINDOW_REDUCTION = 64
 
+# Windows at most this long have all their taps unrolled (`CpuParams.unroll_windows`): a 3×3.
+_UNROLLED_WINDOW = 9
+
+# Longer windows, up to this many terms, are short sums (`CpuParams.one_vector_short_sums`).
+_SHORT_SUM = 32
+
 # Vector register files by ISA feature, first match wins (AVX2-class x86 is the default).
 _VECTOR_REGISTERS = ((Feature.AVX512, 32), (Feature.NEON, 32), (Feature.AVX2, 16))
 
@@ -87,6 +93,15 @@ class CpuParams:
     # instructions (grouped kernel + its pad) → 28.2k; host VNNI 32→64 groups=4 at 16×16 392 → 17 µs (the generic
     # kernel); arm-a53's NEON 4×4 kernel lost to the grouped kernel (24→32 groups=4: 158k against 61k)
     grouped_dot: bool = False
+    # x86: every tap of a window reduction of at most `_UNROLLED_WINDOW` (depthwise 3×3) unrolled, not only the
+    # innermost: MobileNetV2's fp32 depthwise convs 0.86-0.98x alone (1 and 2 threads). Not measured on ARM
+    # (whose fp32 depthwise convs would change too) nor on the Cortex-M, whose flash the unrolled copies would grow
+    unroll_windows: bool = False
+    # AVX-512: sums of at most `_SHORT_SUM` terms (1×1 convs over ≤ 32 channels) take one-vector channel tiles of
+    # twice the pixels (16 ch × 14 px rather than 32 × 7): MobileNetV2's 16→96 expand at 112×112 0.89x (2 threads)
+    # / 0.91x (1 thread) alone, 32→192 at 28×28 0.94x / 0.96x, its 3×3×3 stem 0.95x; ResNet-20's kernels
+    # 0.96-1.00x (1 thread)
+    one_vector_short_sums: bool = False
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
@@ -96,7 +111,9 @@ class CpuParams:
                    l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
                    winograd=spec.winograd, l2_bytes=spec.l2_bytes,
                    channels_outer_on_ties=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
-                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI))
+                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI),
+                   unroll_windows=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
+                   one_vector_short_sums=spec.has(Feature.AVX512))
 
 
 def _int(expr) -> int | None:
@@ -399,7 +416,7 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
     _vectorize_innermost(sch, sch.get_loops(block)[-1], lanes)
 
 
-# Stack bytes TVM allows a buffer; larger per-tile buffers go to the heap (and out of registers).
+# TVM puts a buffer on the stack only below this many bytes; others go to the heap (and out of registers).
 _STACK_BYTES = 1024
 
 
@@ -510,14 +527,24 @@ class ChannelLastReduction(dlight.ScheduleRule):
                        if _read_along(sch, main.block_rv, b.block_rv, main.iters[n_s - 1].var)]
         p = self.params
         f_ext = _int(main.iters[n_s - 1].dom)
-        f_tile = _lane_tile(f_ext, p.lanes)
-        vecs = -(-f_tile // p.lanes)
         loops = sch.get_loops(main.block_rv)
         spatial, reduce = loops[:n_s], loops[n_s:]
+        window = 1
+        for r in reduce:
+            window *= _loop_extent(sch, r) or _WINDOW_REDUCTION + 1
+        f_tile = _lane_tile(f_ext, p.lanes)
+        if p.one_vector_short_sums and _UNROLLED_WINDOW < window <= _SHORT_SUM:
+            f_tile = min(f_tile, p.lanes)  # twice the pixels instead
+        vecs = -(-f_tile // p.lanes)
         fo, fi = sch.split(spatial[-1], [None, f_tile])
         outer, wi = spatial[:-1], None
         if n_s >= 2 and _int(main.iters[n_s - 2].dom) is not None:
-            w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom), max(1, (p.vector_regs - 4) // vecs))
+            # below what TVM keeps on the stack: a larger tile went to TVMBackendAllocWorkspace, was zeroed
+            # by a memset and spilled (AVX-512's 28 px × 16 channels, 1,792 B: MobileNetV2's depthwise 3×3 over
+            # 144 channels at 56×56 334 → 100 µs alone, 2 threads; its 1×1 expand 24→144 0.78×); so did
+            # 8 px × 32 channels, exactly 1 KiB (its 16→96 expand at 112×112 0.79×, the stem 0.77×)
+            w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom),
+                                      max(1, min((p.vector_regs - 4) // vecs, (_STACK_BYTES - 1) // (4 * f_tile))))
             wo, wi = sch.split(spatial[-2], [None, w_tile])
             outer = spatial[:-2] + [wo]
         # few accumulators (e.g. a batch-1 dense): add output-channel tiles to the register block
@@ -530,15 +557,19 @@ class ChannelLastReduction(dlight.ScheduleRule):
         fo, fu = sch.split(fo, [None, unroll])
         # channel tiles outermost when each re-reads a large weight slab (keeps it in cache), else
         # innermost (depthwise, pooling: neighbouring channels share cache lines)
-        window = 1
-        for r in reduce:
-            window *= _loop_extent(sch, r) or _WINDOW_REDUCTION + 1
-        tiles = outer + [fo] if window <= _WINDOW_REDUCTION else [fo] + outer
+        # ... unless all the weights fit in half of a known L1: channel tiles outermost then gave the two
+        # cores the two channel halves of the same pixels (cache lines written by both)
+        weight_bytes = window * f_ext * 4
+        pixels_outer = window <= _WINDOW_REDUCTION or (p.l1d_bytes is not None and 2 * weight_bytes <= p.l1d_bytes)
+        tiles = outer + [fo] if pixels_outer else [fo] + outer
         if _parallel_extent(sch, tiles) < p.cores:  # e.g. a small matmul: parallelize its channels
             tiles = [fo] + outer
         sch.reorder(*tiles, *reduce, fu, *([wi] if wi is not None else []), fi)
         sch.unroll(fu)
-        if _loop_extent(sch, reduce[-1]) is not None and _loop_extent(sch, reduce[-1]) <= _SHORT_REDUCTION:
+        if p.unroll_windows and window <= _UNROLLED_WINDOW:
+            for r in reduce:  # all taps of a depthwise 3×3 / pooling window
+                sch.unroll(r)
+        elif _loop_extent(sch, reduce[-1]) is not None and _loop_extent(sch, reduce[-1]) <= _SHORT_REDUCTION:
             sch.unroll(reduce[-1])  # e.g. the 3 input channels of a stem conv
         tile_loop = tiles[-1]  # stays valid: only the loops before it are fused
         sch.parallel(sch.fuse(*tiles[:-1]) if len(tiles) > 2 else tiles[0])
