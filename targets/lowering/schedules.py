@@ -884,7 +884,7 @@ class TensorizedDot(dlight.ScheduleRule):
         weight_bytes = int(np.prod(extents[len(rows) + 1:])) * k.lanes * np.dtype(k.weight_dtype).itemsize
         return _DotPlan(k, main, infos[:idx], infos[idx + 1:], reduce[:-1] + [r_o, r_i], calls, rows, f_o,
                         row_extents[-1] if rows else 1, int(np.prod(row_extents[:-1])), channel_tiles,
-                        min(k.accumulators, _STACK_BYTES // (4 * k.lanes * k.pixels)), loads, weight_bytes)
+                        min(k.accumulators, (_STACK_BYTES - 1) // (4 * k.lanes * k.pixels)), loads, weight_bytes)
 
     def _cost(self, plan: _DotPlan, pv: tuple[int, int]) -> tuple[float, int]:
         """`_tile_cost` of tile `pv`, its weight loads from L2 when its weights do not fit L1."""
