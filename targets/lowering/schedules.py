@@ -365,6 +365,19 @@ def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
     return _int(sch.get(loop).extent)
 
 
+class _SerialSchedule:
+    """`s_tir.Schedule` for `schedule_spatial` with ``parallel`` a no-op (the loops stay serial)."""
+
+    def __init__(self, sch: s_tir.Schedule):
+        self._sch = sch
+
+    def parallel(self, loop) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._sch, name)
+
+
 def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
     """Vectorize the largest power-of-two part (at most two vectors) of `loop` that divides it; TVM's
     code for odd-width vectors is many times slower than for power-of-two ones."""
@@ -383,13 +396,36 @@ def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
 _SHORT_SPATIAL = 3
 
 
-def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+# An int8 kernel's prologue (a padded or re-laid input copy) writing at most this many bytes runs serially
+# inside the kernel: a parallel region of its own cost ~800 instructions per call on arm-a55 (the runtime's
+# launch, single-threaded) for a few hundred instructions of copying, and a core's worth of work no other core
+# can share usefully (a 16 KiB copy: ~1 µs)
+_SERIAL_PROLOGUE_BYTES = 16 * 1024
+
+
+def _written_bytes(sch: s_tir.Schedule, block) -> int | None:
+    buf = sch.get(block).writes[0].source
+    size = max(1, tvm.DataType(str(buf.dtype)).bits // 8)
+    for d in buf.shape:
+        extent = _int(d)
+        if extent is None:
+            return None
+        size *= extent
+    return size
+
+
+def schedule_spatial(sch: s_tir.Schedule, block, lanes: int, serial_below: int = 0) -> None:
     """Parallelize the outer loops of a spatial block and vectorize its innermost loop. An innermost loop
     of at most `_SHORT_SPATIAL` is unrolled inside a serial loop over the next axis instead: fused into
     the parallel loop, that axis cost an index division per element (a graph input's NCHW → NHWC
     transpose and zero-point pad, 3×34×34 int8: 7.9 instructions per element on arm-a55). Not on scalar
-    targets (Cortex-M4), whose flash the unrolled copies would grow."""
+    targets (Cortex-M4), whose flash the unrolled copies would grow. A block writing fewer than `serial_below`
+    bytes is not parallelized (`_SERIAL_PROLOGUE_BYTES`)."""
     loops = sch.get_loops(block)
+    if serial_below:
+        size = _written_bytes(sch, block)
+        if size is not None and size < serial_below:
+            sch = _SerialSchedule(sch)
     short = lanes > 1 and len(loops) > 2 and (_loop_extent(sch, loops[-1]) or _SHORT_SPATIAL + 1) <= _SHORT_SPATIAL
     if short:
         sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0])
@@ -411,7 +447,7 @@ def _stages_fixed_point(sch: s_tir.Schedule, block) -> bool:
 
 
 def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int,
-                   tile_shape: list | None = None, staged: bool = False) -> None:
+                   tile_shape: list | None = None, staged: bool = False, serial_below: int = 0) -> None:
     """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
     consumer, or not reading the accumulator at all (e.g. the other operand's rescale in a fused
     residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
@@ -424,7 +460,8 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
     `staged` (aarch64, `fixed_point`): the fixed-point products are computed per tile as a block of their
     own, in the 4-lane vectors ``sqrdmulh`` exists for, and the narrowing to int8 after them in vectors as
     wide as the tile's channels; both unrolled, so the tile stays in registers between them (one vector
-    loop for both computes the int8 narrowing 4 lanes at a time)."""
+    loop for both computes the int8 narrowing 4 lanes at a time). `serial_below`: `schedule_spatial`'s, for the
+    epilogue blocks with a loop nest of their own."""
     placed = []
     on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
     tile_shape = tile_shape or [_int(d) for d in sch.get(main).writes[0].source.shape]
@@ -442,13 +479,13 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         elif [_int(d) for d in sch.get(block).writes[0].source.shape] != tile_shape:
             # e.g. a fused pad: reverse_compute_at would cover only the elements the tiles produce
             # and leave its border unwritten
-            schedule_spatial(sch, block, lanes)
+            schedule_spatial(sch, block, lanes, serial_below)
         else:
             try:
                 sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
                 placed.append(block)
             except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
-                schedule_spatial(sch, block, lanes)
+                schedule_spatial(sch, block, lanes, serial_below)
     if not consumers:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
@@ -667,7 +704,8 @@ class GroupedInt8(dlight.ScheduleRule):
         sch.reorder(*outer, fo, *reduce, *tile, fi)
         if outer:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes, staged=p.sqrdmulh)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes, staged=p.sqrdmulh,
+                       serial_below=_SERIAL_PROLOGUE_BYTES)
         for lp in [*reduce, *tile]:
             sch.unroll(lp)
         sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
@@ -729,10 +767,13 @@ class DepthwiseDot(dlight.ScheduleRule):
         sch.parallel(row)
         if columns is not None:
             c_loops = sch.get_loops(columns)  # ([n,] y, columns, channels, taps)
-            sch.parallel(sch.fuse(*c_loops[:-3]) if len(c_loops) > 4 else c_loops[0])
+            size = _written_bytes(sch, columns)
+            if size is None or size >= _SERIAL_PROLOGUE_BYTES:
+                sch.parallel(sch.fuse(*c_loops[:-3]) if len(c_loops) > 4 else c_loops[0])
             _, c_all, _ = sch.get_loops(columns)[-3:]
             _, c_in = sch.split(c_all, [None, intrin_depthwise.CHANNELS])
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], co, p.lanes, staged=p.sqrdmulh)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], co, p.lanes, staged=p.sqrdmulh,
+                       serial_below=_SERIAL_PROLOGUE_BYTES)
         init = sch.decompose_reduction(main, rx)
         sch.vectorize(sch.get_loops(init)[-1])
         for lp in (rx, xi, cv):
@@ -742,7 +783,7 @@ class DepthwiseDot(dlight.ScheduleRule):
         if columns is not None:
             sch.tensorize(c_in, intrin_depthwise.COLUMNS)
         for block in others:  # channel / spatial padding: its own loop nest (the re-layout reads whole rows)
-            schedule_spatial(sch, block, p.lanes)
+            schedule_spatial(sch, block, p.lanes, serial_below=_SERIAL_PROLOGUE_BYTES)
         return sch
 
 
@@ -899,7 +940,8 @@ class TensorizedDot(dlight.ScheduleRule):
         # a 2-pixel kernel's blocks are read back in the output's shape (its `int8._finish`)
         consumers = plan.consumers
         shape = [_int(d) for d in sch.get(consumers[0].block_rv).writes[0].source.shape] if k.pixels > 1 else None
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape, self.staged)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape, self.staged,
+                       _SERIAL_PROLOGUE_BYTES)
 
         init = sch.decompose_reduction(main, reduce[0])
         sch.vectorize(sch.get_loops(init)[-1])
@@ -912,7 +954,8 @@ class TensorizedDot(dlight.ScheduleRule):
         for b in plan.producers[:-1]:
             sch.compute_inline(b.block_rv)
         if plan.producers:
-            schedule_spatial(sch, plan.producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
+            schedule_spatial(sch, plan.producers[-1].block_rv, self.lanes * 4,  # int8 data: 4× the fp32 lanes
+                             serial_below=_SERIAL_PROLOGUE_BYTES)
         return sch
 
 
