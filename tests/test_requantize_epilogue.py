@@ -118,7 +118,8 @@ def test_offset_folded_into_the_accumulators_is_bit_exact(target):
 @pytest.mark.emulation
 def test_pointwise_conv_instructions_per_output_on_a55():
     """mobilenet_blocks' 1×1 16→64 conv at 16×16 (16 sdot per 16 outputs): 3.01 instructions per output with
-    a zeroed accumulator and the narrowing on 4 int32 lanes (49,308 per call), 2.46 with both (40,338)."""
+    a zeroed accumulator and the narrowing on 4 int32 lanes (49,308 per call), 2.46 with both (40,338), ~2.36 with
+    its weights kept in registers over 2-pixel × 16-channel tiles (`TensorizedDot._weights_in_registers`)."""
     require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
     from graphopt.targets.lowering.phases import lower
     from graphopt.targets.tuning.icount import kernel_counts
@@ -132,7 +133,7 @@ def test_pointwise_conv_instructions_per_output_on_a55():
               if name.startswith("fused_conv2d_int8_") and "depthwise" not in name]
     assert len(expand) == 1, list(counts)
     per_output = expand[0]["instructions_per_call"] / (16 * 16 * 64)
-    assert per_output < 2.6, per_output
+    assert per_output < 2.42, per_output
 
 
 def _srdhm_kernel(lo: int, hi: int, s: int, k: int, n: int):

@@ -898,9 +898,25 @@ class TensorizedDot(dlight.ScheduleRule):
                         min(k.accumulators, _STACK_BYTES // (4 * k.lanes * k.pixels)), loads, weight_bytes)
 
     def _cost(self, plan: _DotPlan, pv: tuple[int, int]) -> tuple[float, int]:
-        """`_tile_cost` of tile `pv`, its weight loads from L2 when its weights do not fit L1."""
+        """`_tile_cost` of tile `pv`, its weight loads from L2 when its weights do not fit L1, none when
+        they stay in registers (`_weights_in_registers`)."""
         far = self.l1d_bytes is not None and pv[1] * plan.weight_bytes > self.l1d_bytes
-        return _tile_cost(pv, plan.loads, far)
+        loads = (plan.loads[0], 0) if self._weights_in_registers(plan, pv[1]) else plan.loads
+        return _tile_cost(pv, loads, far)
+
+    def _weights_in_registers(self, plan: _DotPlan, vectors: int) -> bool:
+        """Whether a tile of `vectors` channel vectors keeps its weights in registers across the pixel tiles
+        (channel tiles outermost): the whole reduction one intrinsic call (e.g. a 1×1 conv from 16 channels)
+        and at most `_REGISTER_WEIGHT_BYTES` of weights, on `sdot`/`smmla` kernels of targets without a known L1
+        (arm-a53's NEON kernel lost: depthwise_concat int8 792k → 805k; arm-a55 409.1k → 405.8k, arm-a76 411.7k →
+        407.3k):
+        depthwise_concat's 16→64 expand at 16×16, 2 pixels × 4 vectors 38,598 instructions against 40,318
+        for the 4 × 2 the load count picks otherwise (with 64-deep reductions, 16 weight registers beside 8
+        accumulators and 8 pixels' activations spill: the 64→16 projection 49,288 at 8 × 1 against 42,920)."""
+        k = plan.kernel
+        single_call = plan.weight_bytes == k.depth * k.lanes * np.dtype(k.weight_dtype).itemsize
+        return self.l1d_bytes is None and k.feature in (Feature.DOTPROD, Feature.I8MM) and single_call \
+            and vectors * plan.weight_bytes <= _REGISTER_WEIGHT_BYTES
 
     def default_tile(self, plan: _DotPlan) -> DotTile:
         """The cheapest operand loads per call (`_cost`); pixel tiles outermost when they
@@ -921,6 +937,8 @@ class TensorizedDot(dlight.ScheduleRule):
         if self.l1d_bytes is not None and plan.channel_tiles // unroll > 1 \
                 and plan.weight_bytes * plan.channel_tiles <= self.l1d_bytes // 2:
             cheaper = True  # re-streaming weights that stay in L1 is free; splitting pixels across cores is not
+        if self._weights_in_registers(plan, unroll):
+            cheaper = False  # channel tiles outermost: the weights stay in registers over the pixel tiles
         return DotTile(px, unroll, bool(plan.rows) and pixel_tiles >= self.cores and cheaper)
 
     def _schedule(self, sch: s_tir.Schedule, plan: _DotPlan, tile: DotTile) -> s_tir.Schedule:
@@ -965,6 +983,9 @@ def _loops_by_dim(sch: s_tir.Schedule, block, loops: list) -> list:
     return [next((loops[j] for j, v in enumerate(iters) if v.same_as(r.min)), None)
             for r in sch.get(block).writes[0].region]
 
+
+# Weights a dot tile may keep in vector registers across its pixel tiles (16 NEON q registers)
+_REGISTER_WEIGHT_BYTES = 256
 
 # What a weight load streamed from L2 costs against one from L1, in `_tile_cost`. Measured on the x86
 # host's VNNI kernel (48 KiB L1d), 3×3 int8 convs, 1 thread: 256 ch at 14×14 ran 371 µs with the tile
