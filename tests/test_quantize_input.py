@@ -43,7 +43,9 @@ def _case(shape, conv):
     exact = [np.float32(h / inv) for h in halves if np.float32(np.float32(h / inv) * inv) == h]
     assert len(exact) > 100  # exactly halfway between two levels: round half to even decides
     ties = torch.tensor(np.resize(np.array(exact, np.float32), shape))
-    inputs = [x, ties, 5 * torch.randn(shape, generator=g), torch.full(shape, 1e4), torch.full(shape, -1e4)]
+    beyond = torch.tensor(np.resize(np.array([3e9, -3e9, 1e30, -1e30, 3e38, -3e38, np.inf, -np.inf], np.float32),
+                                    shape))  # x·inv past ±2^30 (the clip `quantized` leaves out with nearbyint)
+    inputs = [x, ties, 5 * torch.randn(shape, generator=g), torch.full(shape, 1e4), torch.full(shape, -1e4), beyond]
     return q, ig, x, inputs
 
 
@@ -73,3 +75,20 @@ def test_armv7_is_bit_exact():
     """ARMv7 NEON has no round-to-integral instruction: the parity formula of `converters.quantized`."""
     require_tools("arm-linux-gnueabihf-gcc", "qemu-arm")
     _assert_exact("armv7")
+
+
+@pytest.mark.emulation
+def test_arm_a55_quantize_nhwc_instructions():
+    """A 3×32×32 input into its padded 34×34×3 int8 tensor: 10,028 instructions on arm-a55 with the ±2^30 clip
+    before `nearbyint`, 8,156 without (`converters.quantized`)."""
+    require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
+    from graphopt.targets import get_target
+    from graphopt.targets.lowering.phases import lower
+    from graphopt.targets.tuning.icount import kernel_counts
+
+    _, ig, x, _ = _case((1, 3, 32, 32), dict(kernel_size=3, padding=1, stride=2))
+    spec = get_target("arm-a55")
+    counts = kernel_counts(lower(torch.export.export(ig, (x,)).run_decompositions(), spec).ir_module, spec)
+    quantize = [c for name, c in counts.items() if name.startswith("quantize_nhwc")]
+    assert len(quantize) == 1, list(counts)
+    assert quantize[0]["instructions_per_call"] < 9000, quantize[0]

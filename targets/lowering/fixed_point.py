@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tvm
 import tvm_ffi
-from tvm import tirx
+from tvm import sym, tirx
 from tvm.target.codegen import llvm_lookup_intrinsic_id
 
 from graphopt.targets.spec import Feature, TargetSpec
@@ -62,7 +62,29 @@ def _srdhm(cast):
     a, b = _int32_operand(product.a), _int32_operand(product.b)
     if a is None or b is None or (isinstance(a, tvm.ir.prim.expr.IntImm) and isinstance(b, tvm.ir.prim.expr.IntImm)):
         return cast
-    return tirx.call_llvm_pure_intrin("int32", INTRINSIC, a, b)
+    shifted = _exact_shift(a, b)
+    if shifted is None:
+        shifted = _exact_shift(b, a)
+    return tirx.call_llvm_pure_intrin("int32", INTRINSIC, a, b) if shifted is None else shifted
+
+
+def _exact_shift(a, b):
+    """SRDHM(x << s, 2^k) as ``x << (s + k − 31)`` when s + k ≥ 31 and x << s stays within int32 (x's bounds
+    by `sym.Analyzer`): then (x·2^(s+k) + 2^30) ≫ 31 is exactly x·2^(s+k−31). A residual add's rescale of the
+    operand at the output's scale reads this way (``(q − zp) << 20`` times 2^30): one shift per 4 lanes
+    instead of a shift and a ``sqrdmulh``. None otherwise."""
+    if not isinstance(b, tvm.ir.prim.expr.IntImm) or not isinstance(a, tvm.ir.prim.expr.LShift) \
+            or not isinstance(a.b, tvm.ir.prim.expr.IntImm):
+        return None
+    m, s = int(b.value), int(a.b.value)
+    k = m.bit_length() - 1
+    if m <= 0 or m != 1 << k or not 0 <= s < 31 or s + k < 31:
+        return None
+    bound = sym.Analyzer().const_int_bound(a.a)
+    if bound.min_value < _INT32[0] >> s or bound.max_value > _INT32[1] >> s:
+        return None
+    up = s + k - 31
+    return a.a if up == 0 else a.a << tirx.const(up, "int32")
 
 
 def is_srdhm(expr) -> bool:

@@ -40,6 +40,7 @@ from graphopt.targets.lowering.int8 import (
     legalize_matmul,
 )
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
+from graphopt.targets.lowering.lane_conditions import uniform_lane_conditions
 from graphopt.targets.lowering.narrowing import narrow_through_int16
 from graphopt.targets.lowering.winograd import TRANSFORM_ATTR, WinogradLayer, legalize_winograd
 from graphopt.targets.spec import Feature, TargetSpec
@@ -381,6 +382,19 @@ def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
     return _int(sch.get(loop).extent)
 
 
+class _SerialSchedule:
+    """`s_tir.Schedule` for `schedule_spatial` with ``parallel`` a no-op (the loops stay serial)."""
+
+    def __init__(self, sch: s_tir.Schedule):
+        self._sch = sch
+
+    def parallel(self, loop) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._sch, name)
+
+
 def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
     """Vectorize the largest power-of-two part (at most two vectors) of `loop` that divides it; TVM's
     code for odd-width vectors is many times slower than for power-of-two ones."""
@@ -399,13 +413,36 @@ def _vectorize_innermost(sch: s_tir.Schedule, loop, lanes: int) -> None:
 _SHORT_SPATIAL = 3
 
 
-def schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+# An int8 kernel's prologue (a padded or re-laid input copy) writing at most this many bytes runs serially
+# inside the kernel: a parallel region of its own cost ~800 instructions per call on arm-a55 (the runtime's
+# launch, single-threaded) for a few hundred instructions of copying, and a core's worth of work no other core
+# can share usefully (a 16 KiB copy: ~1 µs)
+_SERIAL_PROLOGUE_BYTES = 16 * 1024
+
+
+def _written_bytes(sch: s_tir.Schedule, block) -> int | None:
+    buf = sch.get(block).writes[0].source
+    size = max(1, tvm.DataType(str(buf.dtype)).bits // 8)
+    for d in buf.shape:
+        extent = _int(d)
+        if extent is None:
+            return None
+        size *= extent
+    return size
+
+
+def schedule_spatial(sch: s_tir.Schedule, block, lanes: int, serial_below: int = 0) -> None:
     """Parallelize the outer loops of a spatial block and vectorize its innermost loop. An innermost loop
     of at most `_SHORT_SPATIAL` is unrolled inside a serial loop over the next axis instead: fused into
     the parallel loop, that axis cost an index division per element (a graph input's NCHW → NHWC
     transpose and zero-point pad, 3×34×34 int8: 7.9 instructions per element on arm-a55). Not on scalar
-    targets (Cortex-M4), whose flash the unrolled copies would grow."""
+    targets (Cortex-M4), whose flash the unrolled copies would grow. A block writing fewer than `serial_below`
+    bytes is not parallelized (`_SERIAL_PROLOGUE_BYTES`)."""
     loops = sch.get_loops(block)
+    if serial_below:
+        size = _written_bytes(sch, block)
+        if size is not None and size < serial_below:
+            sch = _SerialSchedule(sch)
     short = lanes > 1 and len(loops) > 2 and (_loop_extent(sch, loops[-1]) or _SHORT_SPATIAL + 1) <= _SHORT_SPATIAL
     if short:
         sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0])
@@ -427,7 +464,7 @@ def _stages_fixed_point(sch: s_tir.Schedule, block) -> bool:
 
 
 def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes: int,
-                   tile_shape: list | None = None, staged: bool = False) -> None:
+                   tile_shape: list | None = None, staged: bool = False, serial_below: int = 0) -> None:
     """Apply the fused epilogue blocks per accumulator tile while it is hot. A block read by one
     consumer, or not reading the accumulator at all (e.g. the other operand's rescale in a fused
     residual add), is inlined; a block read by several (e.g. the fixed-point ``high`` term of a
@@ -440,7 +477,8 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
     `staged` (aarch64, `fixed_point`): the fixed-point products are computed per tile as a block of their
     own, in the 4-lane vectors ``sqrdmulh`` exists for, and the narrowing to int8 after them in vectors as
     wide as the tile's channels; both unrolled, so the tile stays in registers between them (one vector
-    loop for both computes the int8 narrowing 4 lanes at a time)."""
+    loop for both computes the int8 narrowing 4 lanes at a time). `serial_below`: `schedule_spatial`'s, for the
+    epilogue blocks with a loop nest of their own."""
     placed = []
     on_main = {sch.get(main).name_hint}  # blocks reading the accumulator, directly or not
     tile_shape = tile_shape or [_int(d) for d in sch.get(main).writes[0].source.shape]
@@ -458,13 +496,13 @@ def _tile_epilogue(sch: s_tir.Schedule, main, consumers: list, tile_loop, lanes:
         elif [_int(d) for d in sch.get(block).writes[0].source.shape] != tile_shape:
             # e.g. a fused pad: reverse_compute_at would cover only the elements the tiles produce
             # and leave its border unwritten
-            schedule_spatial(sch, block, lanes)
+            schedule_spatial(sch, block, lanes, serial_below)
         else:
             try:
                 sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
                 placed.append(block)
             except Exception:  # noqa: BLE001  TVM refused: the block does not map onto the tile
-                schedule_spatial(sch, block, lanes)
+                schedule_spatial(sch, block, lanes, serial_below)
     if not consumers:
         placed.append(sch.cache_write(main, 0, "global"))
         sch.reverse_compute_at(placed[-1], tile_loop, preserve_unit_loops=True)
@@ -697,7 +735,8 @@ class GroupedInt8(dlight.ScheduleRule):
         sch.reorder(*outer, fo, *reduce, *tile, fi)
         if outer:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes, staged=p.sqrdmulh)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], fo, p.lanes, staged=p.sqrdmulh,
+                       serial_below=_SERIAL_PROLOGUE_BYTES)
         for lp in [*reduce, *tile]:
             sch.unroll(lp)
         sch.vectorize(fi)  # before decompose_reduction: TVM only vectorizes blocks that keep their init
@@ -759,10 +798,13 @@ class DepthwiseDot(dlight.ScheduleRule):
         sch.parallel(row)
         if columns is not None:
             c_loops = sch.get_loops(columns)  # ([n,] y, columns, channels, taps)
-            sch.parallel(sch.fuse(*c_loops[:-3]) if len(c_loops) > 4 else c_loops[0])
+            size = _written_bytes(sch, columns)
+            if size is None or size >= _SERIAL_PROLOGUE_BYTES:
+                sch.parallel(sch.fuse(*c_loops[:-3]) if len(c_loops) > 4 else c_loops[0])
             _, c_all, _ = sch.get_loops(columns)[-3:]
             _, c_in = sch.split(c_all, [None, intrin_depthwise.CHANNELS])
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], co, p.lanes, staged=p.sqrdmulh)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], co, p.lanes, staged=p.sqrdmulh,
+                       serial_below=_SERIAL_PROLOGUE_BYTES)
         init = sch.decompose_reduction(main, rx)
         sch.vectorize(sch.get_loops(init)[-1])
         for lp in (rx, xi, cv):
@@ -772,7 +814,7 @@ class DepthwiseDot(dlight.ScheduleRule):
         if columns is not None:
             sch.tensorize(c_in, intrin_depthwise.COLUMNS)
         for block in others:  # channel / spatial padding: its own loop nest (the re-layout reads whole rows)
-            schedule_spatial(sch, block, p.lanes)
+            schedule_spatial(sch, block, p.lanes, serial_below=_SERIAL_PROLOGUE_BYTES)
         return sch
 
 
@@ -887,9 +929,25 @@ class TensorizedDot(dlight.ScheduleRule):
                         min(k.accumulators, (_STACK_BYTES - 1) // (4 * k.lanes * k.pixels)), loads, weight_bytes)
 
     def _cost(self, plan: _DotPlan, pv: tuple[int, int]) -> tuple[float, int]:
-        """`_tile_cost` of tile `pv`, its weight loads from L2 when its weights do not fit L1."""
+        """`_tile_cost` of tile `pv`, its weight loads from L2 when its weights do not fit L1, none when
+        they stay in registers (`_weights_in_registers`)."""
         far = self.l1d_bytes is not None and pv[1] * plan.weight_bytes > self.l1d_bytes
-        return _tile_cost(pv, plan.loads, far)
+        loads = (plan.loads[0], 0) if self._weights_in_registers(plan, pv[1]) else plan.loads
+        return _tile_cost(pv, loads, far)
+
+    def _weights_in_registers(self, plan: _DotPlan, vectors: int) -> bool:
+        """Whether a tile of `vectors` channel vectors keeps its weights in registers across the pixel tiles
+        (channel tiles outermost): the whole reduction one intrinsic call (e.g. a 1×1 conv from 16 channels)
+        and at most `_REGISTER_WEIGHT_BYTES` of weights, on `sdot`/`smmla` kernels of targets without a known L1
+        (arm-a53's NEON kernel lost: depthwise_concat int8 792k → 805k; arm-a55 409.1k → 405.8k, arm-a76 411.7k →
+        407.3k):
+        depthwise_concat's 16→64 expand at 16×16, 2 pixels × 4 vectors 38,598 instructions against 40,318
+        for the 4 × 2 the load count picks otherwise (with 64-deep reductions, 16 weight registers beside 8
+        accumulators and 8 pixels' activations spill: the 64→16 projection 49,288 at 8 × 1 against 42,920)."""
+        k = plan.kernel
+        single_call = plan.weight_bytes == k.depth * k.lanes * np.dtype(k.weight_dtype).itemsize
+        return self.l1d_bytes is None and k.feature in (Feature.DOTPROD, Feature.I8MM) and single_call \
+            and vectors * plan.weight_bytes <= _REGISTER_WEIGHT_BYTES
 
     def default_tile(self, plan: _DotPlan) -> DotTile:
         """The cheapest operand loads per call (`_cost`); pixel tiles outermost when they
@@ -910,6 +968,8 @@ class TensorizedDot(dlight.ScheduleRule):
         if self.l1d_bytes is not None and plan.channel_tiles // unroll > 1 \
                 and plan.weight_bytes * plan.channel_tiles <= self.l1d_bytes // 2:
             cheaper = True  # re-streaming weights that stay in L1 is free; splitting pixels across cores is not
+        if self._weights_in_registers(plan, unroll):
+            cheaper = False  # channel tiles outermost: the weights stay in registers over the pixel tiles
         return DotTile(px, unroll, bool(plan.rows) and pixel_tiles >= self.cores and cheaper)
 
     def _schedule(self, sch: s_tir.Schedule, plan: _DotPlan, tile: DotTile) -> s_tir.Schedule:
@@ -929,7 +989,8 @@ class TensorizedDot(dlight.ScheduleRule):
         # a 2-pixel kernel's blocks are read back in the output's shape (its `int8._finish`)
         consumers = plan.consumers
         shape = [_int(d) for d in sch.get(consumers[0].block_rv).writes[0].source.shape] if k.pixels > 1 else None
-        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape, self.staged)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], tile_loop, self.lanes, shape, self.staged,
+                       _SERIAL_PROLOGUE_BYTES)
 
         init = sch.decompose_reduction(main, reduce[0])
         sch.vectorize(sch.get_loops(init)[-1])
@@ -942,7 +1003,8 @@ class TensorizedDot(dlight.ScheduleRule):
         for b in plan.producers[:-1]:
             sch.compute_inline(b.block_rv)
         if plan.producers:
-            schedule_spatial(sch, plan.producers[-1].block_rv, self.lanes * 4)  # int8 data: 4× the fp32 lanes
+            schedule_spatial(sch, plan.producers[-1].block_rv, self.lanes * 4,  # int8 data: 4× the fp32 lanes
+                             serial_below=_SERIAL_PROLOGUE_BYTES)
         return sch
 
 
@@ -952,6 +1014,9 @@ def _loops_by_dim(sch: s_tir.Schedule, block, loops: list) -> list:
     return [next((loops[j] for j, v in enumerate(iters) if v.same_as(r.min)), None)
             for r in sch.get(block).writes[0].region]
 
+
+# Weights a dot tile may keep in vector registers across its pixel tiles (16 NEON q registers)
+_REGISTER_WEIGHT_BYTES = 256
 
 # What a weight load streamed from L2 costs against one from L1, in `_tile_cost`. Measured on the x86
 # host's VNNI kernel (48 KiB L1d), 3×3 int8 convs, 1 thread: 256 ch at 14×14 ran 371 µs with the tile
@@ -1012,10 +1077,17 @@ class Injective(dlight.ScheduleRule):
                 except Exception:  # noqa: BLE001  TVM refused: the block keeps its own loop nest
                     schedule_spatial(sch, block, self.params.lanes)
                 else:
-                    _try(lambda: _vectorize_innermost(sch, sch.get_loops(block)[-1], self.params.lanes))  # noqa: B023  called at once
+                    _try(lambda: _vectorize_innermost(sch, sch.get_loops(block)[-1], self._lanes(sch, block)))  # noqa: B023  called at once
             else:
-                schedule_spatial(sch, block, self.params.lanes)
+                schedule_spatial(sch, block, self._lanes(sch, block))
         return sch
+
+    def _lanes(self, sch: s_tir.Schedule, block) -> int:
+        """Vector lanes for what `block` writes: the fp32 lanes, twice as many for 8- and 16-bit data, whose
+        vectorized loops (two vectors of the lanes, `_vectorize_innermost`) then fill 16-byte registers (an
+        int8 channel concat on arm-a55, 8×8×(16+16): 1,260 instructions in 8-byte vectors, 1,148 in 16-byte ones)."""
+        dtype = str(sch.get(block).writes[0].source.dtype)
+        return self.params.lanes * (2 if dtype in ("int8", "uint8", "int16", "uint16") else 1)
 
 
 def _elementwise(sch: s_tir.Schedule, consumer, producer) -> bool:
@@ -1166,8 +1238,8 @@ def dot_schedule(sch: s_tir.Schedule, spec: TargetSpec, tile: DotTile) -> s_tir.
 def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, dict, list]:
     """Schedule every PrimFunc of `mod` for `spec`.
 
-    Updates `mod` in place and returns it (on aarch64 a copy, `fixed_point.use_sqrdmulh` and
-    `narrowing.narrow_through_int16` applied),
+    Returns a copy of `mod` (`lane_conditions.uniform_lane_conditions` applied; on aarch64
+    `fixed_point.use_sqrdmulh` and `narrowing.narrow_through_int16` too),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
     ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
     kernels and ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s, scheduled when written), and the
@@ -1202,6 +1274,7 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                     break
             else:
                 unscheduled.append(gv.name_hint)
+    mod = uniform_lane_conditions(mod)
     if has_sqrdmulh(spec):
         mod = narrow_through_int16(use_sqrdmulh(mod))
     return mod, counts, unscheduled
