@@ -91,12 +91,13 @@ def _fix_vnni(x86: types.ModuleType) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            A_i8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="int8x64")
-            B_i8x64 = B.vload([0, 0], dtype="int8x64")
+            # operands as expressions: TVMScript turns a named one into a 1-element local buffer, which the
+            # parallel lambdas allocated through TVMBackendAllocWorkspace and round-tripped through memory
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), A_i8x64, B_i8x64, dtype="int32x16")
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="int8x64"),
+                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
     TensorIntrin.register("dot_16x4_vnni", x86.dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
     _VNNI_FIXED = True
