@@ -135,6 +135,7 @@ def _compile(model, args, spec: TargetSpec, report: Report, c_name: str, *, pass
     if database is not None:
         db = open_database(database, writable=False)
         report.warnings += [f"tuning database line skipped: {d}" for d in db.damaged]
+        report.warnings += [f"tuning database line not usable here (kept in the file): {d}" for d in db.unreadable]
         tuning = applying(db)
     inputs = [TensorSpec.of(f"input{i}", t) for i, t in enumerate(args)]
     outputs = [TensorSpec.of(f"output{i}", t) for i, t in enumerate(flat_outputs(reference))]

@@ -92,6 +92,7 @@ class TuningSummary:
     tasks: list[TaskResult]
     seconds: float
     damaged_lines: list[str] = field(default_factory=list)
+    unreadable_lines: list[str] = field(default_factory=list)  # whole lines TVM cannot rebuild here (kept)
     proxy: bool = False  # True: scores are instruction counts under emulation, not times
     emulated: bool = False  # True: times measured on an emulated RPC device, not real speeds
 
@@ -124,6 +125,10 @@ class TuningSummary:
         if self.damaged_lines:
             lines += ["", "Damaged database lines skipped (moved to *.damaged):"]
             lines += [f"- {d}" for d in self.damaged_lines]
+        if self.unreadable_lines:
+            lines += ["", "Database lines this process cannot use (kept in the files; e.g. another graphopt "
+                      "version's kernels):"]
+            lines += [f"- {d}" for d in self.unreadable_lines]
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
@@ -205,13 +210,16 @@ def tune(model: torch.nn.Module, example_inputs, target: str | TargetSpec = "hos
         try:
             for d in db.damaged:
                 LOG.info("database damage skipped: %s", d)
+            for d in db.unreadable:
+                LOG.info("database line not usable here, kept: %s", d)
             with phase("tune", f"via {label}"):
                 results = tune_tasks(tasks, spec, db, bud, ms_runner, unit=lambda s: _unit(s, proxy, emulated),
                                      seed=seed)
         finally:
             db.close()
         summary = TuningSummary(spec.name, folder, label, bud.total, bud.per_task, results,
-                                time.perf_counter() - start, [str(d) for d in db.damaged], proxy, emulated)
+                                time.perf_counter() - start, damaged_lines=[str(d) for d in db.damaged],
+                                unreadable_lines=[str(d) for d in db.unreadable], proxy=proxy, emulated=emulated)
         LOG.info("tuned %d kernels: %d new trials in %.0f s (print the returned summary for the table)",
                  len(results), summary.new_trials, summary.seconds)
     return summary

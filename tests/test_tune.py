@@ -165,6 +165,46 @@ def test_damaged_workload_line_renumbers_records_and_trials_spent(killed_and_res
     assert _lines(db / SPENT) == ["[0,9]"]
 
 
+def _unreadable_record(line: str, intrin: str) -> str:
+    """`line` (a record line) with its trace ending in a tensorize with `intrin`."""
+    idx, rec = json.loads(line)
+    loop = next(rv for inst in rec[0][0] for rv in inst[3] if isinstance(rv, str) and rv.startswith("l"))
+    rec[0][0].append(["Tensorize", [loop], [intrin, 1], []])
+    return json.dumps([idx, rec], separators=(",", ":"))
+
+
+def test_lines_tvm_cannot_rebuild_here_stay_in_the_files(killed_and_resumed, tmp_path):
+    """A record naming an intrinsic no kernel in this process defines (another graphopt version's, say)
+    and a workload TVM cannot load are whole lines, not damage: skipped and reported, never moved to
+    *.damaged — not even when a truly damaged line makes the open rewrite the files — and the lines that
+    refer to such a workload stay too; appended lines refer to workloads by their line in the file."""
+    src, _, _ = killed_and_resumed
+    db = tmp_path / "db"
+    db.mkdir()
+    shift = lambda line: json.dumps([json.loads(line)[0] + 2, json.loads(line)[1]], separators=(",", ":"))  # noqa: E731
+    records = [shift(line) for line in _lines(src / RECORDS)]
+    foreign = _unreadable_record(records[0], "graphopt_test_no_such_intrin")
+    orphan = json.dumps([1, json.loads(records[0])[1]], separators=(",", ":"))  # its workload cannot be read
+    (db / WORKLOADS).write_text("damaged workload\n" + '["0","bm90IGEgbW9kdWxl"]\n' + (src / WORKLOADS).read_text())
+    (db / RECORDS).write_text("".join(line + "\n" for line in [*records, foreign, orphan]))
+    ro = open_database(db, writable=False)
+    assert len(ro) == len(records) and [d.file for d in ro.damaged] == [WORKLOADS]
+    assert sorted(d.file for d in ro.unreadable) == sorted([WORKLOADS, RECORDS, RECORDS])
+    assert any("graphopt_test_no_such_intrin" in d.reason for d in ro.unreadable), [d.reason for d in ro.unreadable]
+    rw = open_database(db, writable=True)  # quarantines the damaged workload line only; renumbers the rest
+    mod = rw._workloads[0].mod
+    rw.mark_spent(mod, 9)
+    rw.close()
+    unshift = lambda line: json.dumps([json.loads(line)[0] - 1, json.loads(line)[1]], separators=(",", ":"))  # noqa: E731
+    assert _lines(db / WORKLOADS) == ['["0","bm90IGEgbW9kdWxl"]', *_lines(src / WORKLOADS)]
+    assert _lines(db / RECORDS) == [unshift(line) for line in [*records, foreign, orphan]]
+    assert _lines(db / (WORKLOADS + ".damaged")) == ["damaged workload"]
+    assert _lines(db / SPENT) == ["[1,9]"]  # the workload's line after the rewrite
+    again = open_database(db, writable=False)
+    assert again.trials_spent(mod) == 9 and len(again) == len(records) and not again.damaged
+    assert len(again.unreadable) == 3
+
+
 class _Transpose(torch.nn.Module):
     def forward(self, x):
         return x.transpose(1, 2)

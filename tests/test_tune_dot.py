@@ -4,6 +4,8 @@ tiles in order, records them, resumes after the ones spent, and compile applies 
 beat the default."""
 import dataclasses
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from graphopt.passes.pipeline import Pipeline
 from graphopt.targets import get_target
 from graphopt.targets.lowering.schedules import CpuParams, dot_schedule, dot_tiles, schedule_module
 from graphopt.targets.spec import Feature
-from graphopt.targets.tuning.database import open_database
+from graphopt.targets.tuning.database import RECORDS, open_database
 from graphopt.targets.tuning.metaschedule import extract, fused_module
 
 SHAPE = (1, 16, 5, 6)  # 6 pixels per row (tiles of 1, 2, 3, 6), 48 channels = 3 VNNI tiles
@@ -180,6 +182,36 @@ def test_tuning_measures_tiles_in_order_resumes_and_compile_stays_exact(tmp_path
     for i in range(3):
         xi = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
         assert torch.equal(cm(xi), untuned(xi))
+
+
+_OPEN_READ_ONLY = """
+import sys
+from graphopt.targets.tuning.database import RECORDS, open_database
+db = open_database(sys.argv[1], writable=False)
+print(len(db), len(db.damaged), len(db.unreadable))
+"""
+
+
+def test_a_fresh_process_reads_tensorized_records(tmp_path):
+    """A record of a tensorized kernel replays ``tensorize`` with a dot kernel's intrinsic, which a process
+    registers only when it first schedules such a kernel: compile(database=...) in a new process (the
+    CLI, a build pipeline) skipped every tuned int8 kernel as a damaged line. The database registers the
+    intrinsics a record names before reading it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    spec = get_target("host")
+    task = _conv_task(spec)
+    func = task.dispatched[0]["main"]
+    sch = dot_schedule(tvm.s_tir.Schedule(func), spec, dot_tiles(func, spec)[0])
+    db = open_database(tmp_path / "db")
+    record = ms.database.TuningRecord(sch.trace, db.commit_workload(task.dispatched[0]), [1e-5], spec.tvm(),
+                                      ArgInfo.from_prim_func(func))
+    db.commit_tuning_record(record)
+    db.close()
+    assert '"Tensorize"' in (tmp_path / "db" / RECORDS).read_text()  # the record names a dot intrinsic
+    out = subprocess.run([sys.executable, "-c", _OPEN_READ_ONLY, str(tmp_path / "db")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["1", "0", "0"]  # read, nothing damaged or unreadable
 
 
 def _replayed(record, func):

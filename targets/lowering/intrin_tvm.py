@@ -70,6 +70,18 @@ def load_for(spec: TargetSpec) -> None:
         load(isa)
 
 
+def load_defining(name: str) -> bool:
+    """Load TVM's CPU intrinsic modules until one has registered the intrinsic `name`; whether one did."""
+    from tvm.s_tir import TensorIntrin
+
+    for isa in (None, *_CPU):
+        if isa is not None:
+            load(isa)
+        if TensorIntrin.get(name, allow_missing=True) is not None:
+            return True
+    return False
+
+
 def register(kernel: DotKernel) -> None:
     """The `DotKernel.registrar` of TVM's own kernels: loads the ISA module defining ``kernel.intrin``."""
     load(_ISA_OF_INTRIN[kernel.intrin])

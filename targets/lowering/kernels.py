@@ -9,7 +9,8 @@ The registry is data: listing or filtering kernels registers no TVM intrinsic. E
 intrinsic is registered when a layer is first tensorized with it (`DotKernel.ensure_registered`,
 called by the tensorizing schedule), so an fp32 model registers none and an int8 one only those its
 layers use. `prepare_tvm(spec)` registers the TVM intrinsics MetaSchedule's rules for `spec` name,
-for tuning and for applying a tuning database (`intrin_tvm`).
+for tuning and for applying a tuning database (`intrin_tvm`); `register_intrinsic(name)` the one
+intrinsic a stored tuning record names, for the database that reads it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def prepare_tvm(spec: TargetSpec) -> None:
     intrin_tvm.load_for(spec)
     for kernel in dot_kernels(spec):
         kernel.ensure_registered()
+
+
+def register_intrinsic(name: str) -> bool:
+    """Register the TVM tensor intrinsic `name` in this process if a dot kernel or one of TVM's CPU
+    intrinsic modules defines it (a tuning record replaying ``tensorize`` with it needs it first,
+    whatever this process compiled before); False if none does."""
+    kernel = by_intrin(_registry(), name)
+    if kernel is not None:
+        kernel.ensure_registered()
+        return True
+    return intrin_tvm.load_defining(name)
 
 
 def builtin_kernels() -> list[DotKernel]:

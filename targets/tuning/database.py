@@ -31,6 +31,11 @@ in-memory store that appends every committed workload/record as ONE ``write(2)``
 on open it parses every line: damaged lines (e.g. a trailing line cut by a power loss or a full
 disk) are reported in ``damaged`` and skipped, never fatal. A writable open also moves such lines
 to ``<file>.damaged`` (rewriting the file atomically), so new lines never join a broken one.
+A whole line TVM cannot rebuild in this process (a record replaying a tensor intrinsic no kernel
+here defines, e.g. from another graphopt version) is not damage: it is listed in ``unreadable``,
+skipped, and stays in the file, as do the lines that refer to its workload. Before parsing a record
+the database registers the tensor intrinsics its trace names (`kernels.register_intrinsic`): a
+process that has compiled nothing yet reads tuned int8 kernels too (it used to skip every one).
 
 Refuses (`TuningDatabaseError`): a path that is a file or lies under one, a folder that cannot be
 created or written (`check_folder` probes it before any tuning work), a folder that another tuning
@@ -68,6 +73,27 @@ class Damage:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
+
+
+class _Unreadable(Exception):
+    """A well-formed line whose object TVM cannot rebuild in this process: skipped, never quarantined."""
+
+
+def _rebuilt(build: Callable[[], Any]) -> Any:
+    """``build()``, its failure raised as `_Unreadable` (the line itself parsed)."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001  TVM deserialization raises many types
+        raise _Unreadable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from exc
+
+
+def _tensor_intrinsics(record_json) -> set[str]:
+    """Names of the tensor intrinsics a serialized record's trace tensorizes with."""
+    try:
+        return {inst[2][0] for inst in record_json[0][0]
+                if inst[0] == "Tensorize" and inst[2] and isinstance(inst[2][0], str)}
+    except (TypeError, IndexError, KeyError):
+        return set()  # not a trace: the record's own parse reports it
 
 
 def check_folder(folder, *, writable: bool = True) -> Path:
@@ -112,8 +138,10 @@ def _append(path: Path, obj) -> None:
         os.close(fd)
 
 
-def _read_lines(path: Path, parse: Callable[[Any], Any], damaged: list[Damage]) -> list[tuple[int, Any, str]]:
-    """(line number, parsed value, raw line) for each line `parse` accepts; the rest go to `damaged`."""
+def _read_lines(path: Path, parse: Callable[[Any], Any], damaged: list[Damage],
+                unreadable: list[Damage]) -> list[tuple[int, Any, str]]:
+    """(line number, parsed value, raw line) for each line `parse` accepts; the rest go to `damaged`, or
+    to `unreadable` when `parse` raised `_Unreadable`."""
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -128,20 +156,28 @@ def _read_lines(path: Path, parse: Callable[[Any], Any], damaged: list[Damage]) 
             continue
         try:
             good.append((i, parse(json.loads(text)), text))
-        except Exception as exc:  # noqa: BLE001  json or TVM deserialization: the line is unusable
+        except _Unreadable as exc:
+            unreadable.append(Damage(path.name, i, str(exc)))
+        except Exception as exc:  # noqa: BLE001  not JSON, or not the line's shape: the line is damaged
             message = str(exc).splitlines()[0][:160] if str(exc) else ""
             damaged.append(Damage(path.name, i, f"{type(exc).__name__}: {message}"))
     return good
 
 
-def _quarantine(path: Path, keep: list[str], bad_numbers: set[int]) -> None:
-    """Move lines `bad_numbers` of `path` to `<path>.damaged`; rewrite the rest atomically."""
+def _quarantine(path: Path, bad_numbers: set[int], renumber: dict[int, int] | None = None) -> None:
+    """Move lines `bad_numbers` (1-based) of `path` to `<path>.damaged` and rewrite the rest atomically,
+    their workload index mapped through `renumber` when given."""
     lines = path.read_bytes().split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last line
     with open(path.with_name(path.name + ".damaged"), "ab") as f:
         for n in sorted(bad_numbers):
             f.write(lines[n - 1] + b"\n")
         f.flush()
         os.fsync(f.fileno())
+    keep = [line.decode() for n, line in enumerate(lines, 1) if n not in bad_numbers]
+    if renumber is not None:
+        keep = [json.dumps([renumber[json.loads(t)[0]], json.loads(t)[1]], separators=(",", ":")) for t in keep]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write("".join(line + "\n" for line in keep))
@@ -156,7 +192,8 @@ def _make_class():
 
     @derived_object
     class TuningDatabase(ms.database.PyDatabase):
-        """See the module docstring. ``damaged``: lines skipped on open; ``folder``; ``writable``."""
+        """See the module docstring. ``damaged``: corrupt lines skipped on open; ``unreadable``: whole
+        lines skipped because TVM cannot rebuild them here (kept in the files); ``folder``; ``writable``."""
 
         def __init__(self, folder, writable: bool = True):
             import tvm_ffi
@@ -164,8 +201,9 @@ def _make_class():
             self.folder = check_folder(folder, writable=writable)
             self.writable = writable
             self.damaged: list[Damage] = []
+            self.unreadable: list[Damage] = []
             self._mem = ms.database.MemoryDatabase(module_equality="structural")
-            self._workloads: list = []  # line index -> Workload (in self._mem)
+            self._workloads: list = []  # workload index -> Workload (in self._mem); `_line_of` gives its line
             self._by_hash: dict[int, list[int]] = {}
             self._record_counts: dict[int, int] = {}
             self._spent: dict[int, int] = {}  # workload index -> trials a finished session spent on it
@@ -191,17 +229,24 @@ def _make_class():
 
         # ---------------------------------------------------------------- loading
         def _load(self) -> None:
+            from graphopt.targets.lowering.kernels import register_intrinsic
+
             wl_path = self.folder / WORKLOADS
             wl_damage: list[Damage] = []
-            workloads = _read_lines(wl_path, ms.database.Workload.from_json, wl_damage)
+            wl_unreadable: list[Damage] = []
+            workloads = _read_lines(wl_path, lambda obj: _rebuilt(lambda: ms.database.Workload.from_json(obj)),
+                                    wl_damage, wl_unreadable)
             index_of_line = {}
             for line_no, wl, _ in workloads:
                 index_of_line[line_no - 1] = self._add_workload(wl.mod)
+            unreadable_lines = {d.line - 1 for d in wl_unreadable}
 
             def indexed(parse_value):
                 def parse(obj):
                     if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
                         raise ValueError("not a [workload index, value] pair")
+                    if obj[0] in unreadable_lines:
+                        raise _Unreadable(f"refers to workload line {obj[0] + 1}, which cannot be read here")
                     if obj[0] not in index_of_line:
                         raise ValueError(f"refers to workload line {obj[0] + 1}, which is missing or damaged")
                     idx = index_of_line[obj[0]]
@@ -209,7 +254,9 @@ def _make_class():
                 return parse
 
             def record(value, idx):
-                return ms.database.TuningRecord.from_json(value, self._workloads[idx])
+                for name in _tensor_intrinsics(value):
+                    register_intrinsic(name)  # a record replays its tensorize: the intrinsic must exist first
+                return _rebuilt(lambda: ms.database.TuningRecord.from_json(value, self._workloads[idx]))
 
             def trials(value, _idx):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -227,10 +274,11 @@ def _make_class():
                 return seconds(value[0], _idx), seconds(value[1], _idx), trials(value[2], _idx)
 
             self.damaged = list(wl_damage)
+            self.unreadable = list(wl_unreadable)
             files: dict[str, tuple[Path, list[tuple[int, Any, str]], list[Damage]]] = {}  # name -> lines, damage
             for name, parse_value in ((RECORDS, record), (SPENT, trials), (DEFAULTS, seconds), (PAIRED, paired)):
                 damage: list[Damage] = []
-                lines = _read_lines(self.folder / name, indexed(parse_value), damage)
+                lines = _read_lines(self.folder / name, indexed(parse_value), damage, self.unreadable)
                 files[name] = (self.folder / name, lines, damage)
                 self.damaged += damage
             for _, (idx, rec), _ in files[RECORDS][1]:
@@ -242,20 +290,24 @@ def _make_class():
                 self._default[idx] = min(self._default.get(idx, secs), secs)
             for _, (idx, check), _ in files[PAIRED][1]:
                 self._paired[idx] = check  # the latest check wins
+            # the workload file's lines that stay (read here or not), in order: their index in the file
+            staying = sorted(index_of_line.keys() | unreadable_lines)
+            renumber = {old: new for new, old in enumerate(staying)}
             if self.writable and self.damaged:
                 # rewrite so that appended lines start clean; workload indices are renumbered densely
                 if wl_damage:
-                    _quarantine(wl_path, [t for _, _, t in workloads], {d.line for d in wl_damage})
-                    renumber = {old: new for new, old in enumerate(sorted(index_of_line))}
-                for path, lines, damage in files.values():
-                    if wl_damage:
-                        kept = [json.dumps([renumber[json.loads(t)[0]], json.loads(t)[1]], separators=(",", ":"))
-                                for _, _, t in lines]
-                    else:
-                        kept = [t for _, _, t in lines]
+                    _quarantine(wl_path, {d.line for d in wl_damage})
+                for path, _, damage in files.values():
                     if (damage or wl_damage) and path.exists():
-                        _quarantine(path, kept, {d.line for d in damage})
-            self._next_line = len(workloads)
+                        _quarantine(path, {d.line for d in damage}, renumber if wl_damage else None)
+            line_of = renumber if self.writable and wl_damage else {line: line for line in staying}
+            # workload index -> its line in the workload file (appends refer to workloads by line);
+            # a duplicated workload is referred to by its first line
+            self._line_of: dict[int, int] = {}
+            for line, idx in sorted(index_of_line.items()):
+                self._line_of.setdefault(idx, line_of[line])
+            self._lines = len(staying) if self.writable and wl_damage else \
+                len(workloads) + len(wl_damage) + len(wl_unreadable)  # lines in the workload file now
 
         def _add_workload(self, mod) -> int:
             wl = self._mem.commit_workload(mod)
@@ -290,7 +342,7 @@ def _make_class():
             """Record durably that a session finished tuning `mod` to `trials` trials."""
             idx = self._workload_index(mod)
             if self.writable:
-                _append(self.folder / SPENT, [idx, int(trials)])
+                _append(self.folder / SPENT, [self._line_of[idx], int(trials)])
             self._spent[idx] = max(self._spent.get(idx, 0), int(trials))
 
         def default_seconds(self, mod) -> float | None:
@@ -302,7 +354,7 @@ def _make_class():
             """Record durably a measurement of graphopt's default schedule of `mod` on the tuning runner."""
             idx = self._workload_index(mod)
             if self.writable:
-                _append(self.folder / DEFAULTS, [idx, float(seconds)])
+                _append(self.folder / DEFAULTS, [self._line_of[idx], float(seconds)])
             self._default[idx] = min(self._default.get(idx, seconds), float(seconds))
 
         def paired_seconds(self, mod) -> tuple[float, float] | None:
@@ -318,7 +370,7 @@ def _make_class():
             idx = self._workload_index(mod)
             check = (float(default_s), float(tuned_s), self._record_counts.get(idx, 0))
             if self.writable:
-                _append(self.folder / PAIRED, [idx, list(check)])
+                _append(self.folder / PAIRED, [self._line_of[idx], list(check)])
             self._paired[idx] = check
 
         def best_seconds(self, mod) -> float | None:
@@ -342,6 +394,8 @@ def _make_class():
             idx = self._index(mod)
             if idx is None:
                 idx = self._add_workload(mod)
+                self._line_of[idx] = self._lines
+                self._lines += 1
                 if self.writable:
                     _append(self.folder / WORKLOADS, self._workloads[idx].as_json())
             return idx
@@ -354,7 +408,7 @@ def _make_class():
             rec = ms.database.TuningRecord(record.trace, self._workloads[idx], record.run_secs, record.target,
                                            record.args_info)
             if self.writable:
-                _append(self.folder / RECORDS, [idx, rec.as_json()])
+                _append(self.folder / RECORDS, [self._line_of[idx], rec.as_json()])
             self._mem.commit_tuning_record(rec)
             self._record_counts[idx] = self._record_counts.get(idx, 0) + 1
 
