@@ -32,6 +32,7 @@ from graphopt.targets.lowering.phases import run_phases
 from graphopt.targets.lowering.schedules import dot_schedule, dot_tiles, schedule_module
 from graphopt.targets.lowering.tuned import is_scheduled
 from graphopt.targets.spec import TargetSpec
+from graphopt.targets.tuning.database import beats_default
 
 _LOG = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ class TaskResult:
     @property
     def uses_tuned(self) -> bool:
         """Whether compile takes the tuned record (it measured faster than the default schedule)."""
-        return self.best_seconds is not None and (self.default_seconds is None or
-                                                  self.best_seconds < self.default_seconds)
+        return beats_default(self.best_seconds, self.default_seconds)
 
 
 @dataclass
@@ -238,7 +238,7 @@ def check_best_records(tasks: list, spec: TargetSpec, database, builder, runner)
         default, tuned = times[2 * k], times[2 * k + 1]
         if default and tuned:
             database.mark_paired(mod, min(default), min(tuned))
-            kept += min(default) <= min(tuned)
+            kept += not beats_default(min(tuned), min(default))
     _LOG.info(f"checked the best record of {len(todo)} kernels against graphopt's default schedule in "
               f"{_PAIRED_ROUNDS} paired rounds: {kept} keep the default")
 
