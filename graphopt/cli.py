@@ -3,6 +3,7 @@
     graphopt compile pkg.module:factory --target arm --out build/ [--verify]
     graphopt optimize pkg.module:factory --data fashion-mnist --recipe recipe.toml --target arm --out build/
     graphopt tune pkg.module:factory --target host --trials 500 --db tuning/host/   # Ctrl-C, rerun resumes
+    graphopt compile pkg.module:factory --target host --db tuning/host/ --out build/   # with the tuned kernels
     graphopt targets [--json] [--ops TARGET]
     graphopt setup-runtime            # fetch the aarch64 TVM runtime and build the QEMU plugin
     graphopt rpc-device --target arm-a53 --tracker 127.0.0.1:9190 --key emulated-a53   # emulated board
@@ -96,7 +97,8 @@ def _cmd_compile(a) -> int:
     out = check_destination(a.out, overwrite=a.overwrite)
     model, inputs = build_model(a.model)
     cm = compile(model, inputs, spec, verify=a.verify, progress=not a.quiet,
-                 count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for, cache=a.cache)
+                 count_instructions=not a.no_count_instructions, optimize_for=a.optimize_for, cache=a.cache,
+                 database=a.db)
     path = cm.save(out, overwrite=a.overwrite)
     report = cm.report
     assert report is not None  # compile always reports
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="{" + ",".join(m.value for m in OptimizeFor) + "}",
                    help="where the target offers a choice (Cortex-M: int16 or int8 weights per layer), favour speed, "
                         "size, or a balance (default) — always within the board's flash")
+    c.add_argument("--db", default=None, help="a `graphopt tune` database folder: its tuned kernels where they beat "
+                                               "the default schedules (report: lowering.from_database)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,

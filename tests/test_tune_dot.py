@@ -3,9 +3,11 @@ computes the default schedule's output bit for bit; the first tile is the defaul
 tiles in order, records them, resumes after the ones spent, and compile applies a tile only where it
 beat the default."""
 import dataclasses
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,7 +198,7 @@ def test_a_fresh_process_reads_tensorized_records(tmp_path):
     """A record of a tensorized kernel replays ``tensorize`` with a dot kernel's intrinsic, which a process
     registers only when it first schedules such a kernel: compile(database=...) in a new process (the
     CLI, a build pipeline) skipped every tuned int8 kernel as a damaged line. The database registers the
-    intrinsics a record names before reading it."""
+    intrinsics a record names before reading it; ``graphopt compile --db`` applies the kernel."""
     from tvm.s_tir import meta_schedule as ms
 
     spec = get_target("host")
@@ -212,6 +214,28 @@ def test_a_fresh_process_reads_tensorized_records(tmp_path):
     out = subprocess.run([sys.executable, "-c", _OPEN_READ_ONLY, str(tmp_path / "db")], capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["1", "0", "0"]  # read, nothing damaged or unreadable
+    # the build pipeline's way: `graphopt compile --db` in a new process applies the tuned kernel
+    (tmp_path / "model.py").write_text(_FACTORY.format(tests=str(Path(__file__).parent)))
+    cli = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", str(tmp_path / "model.py:make"),
+                          "--target", "host", "--db", str(tmp_path / "db"), "--out", str(tmp_path / "out"),
+                          "--json", "--quiet", "--no-cache", "--no-count-instructions"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    report = json.loads(cli.stdout)
+    assert report["lowering"]["from_database"] == [task.task_name]
+    assert not [w for w in report["warnings"] if "database" in w]
+
+
+_FACTORY = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_tune_dot import _quantized
+
+
+def make():
+    q, x = _quantized()
+    return q, (x,)
+"""
 
 
 def _replayed(record, func):
