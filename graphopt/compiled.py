@@ -133,6 +133,6 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def _to_torch(a: np.ndarray) -> torch.Tensor:
     """`a` as a torch tensor sharing its memory (ml_dtypes' bfloat16 as torch.bfloat16)."""
-    if a.dtype.name == "bfloat16":
+    if a.dtype.kind == "V" and a.dtype.name == "bfloat16":  # `dtype.name` alone costs ~3 µs per call
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
