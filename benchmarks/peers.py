@@ -17,9 +17,9 @@ timed once per round, rounds interleaved in a shuffled order (`host_latency._int
 load hits all alike (PyTorch's OpenMP pool is made passive, as ORT's is, so neither spins against
 the next callable; TVM's keeps its default); the ratios are *paired*: the median over rounds of
 (this row's time / the peer's time in the same round), against the best fp32 peer and the best int8
-peer (lowest median; graphopt's rows are not peers). A peer that fails to build is reported in its
-row and the run goes on. The load average is printed: on a shared machine absolute figures are
-noisy, same-run ratios less so.
+peer (lowest median; graphopt's rows are not peers), and each tuned row against its untuned one. A
+peer that fails to build is reported in its row and the run goes on. The load average is printed: on
+a shared machine absolute figures are noisy, same-run ratios less so.
 
 ``--arm`` also prints aarch64 instruction counts (a PROXY under qemu-aarch64, not a speed) of
 graphopt default vs tuned kernels for arm-a53 (cortex-a53) and arm-a55 (dotprod), tuned with
@@ -220,6 +220,9 @@ def host(name: str, args) -> dict:
         out["rows"][label].update(
             median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3,
             **{f"vs_best_{p}_peer": _paired(times, label, best[p]) if best[p] else None for p in best})
+        untuned = label.split(" tuned (")[0]
+        if untuned != label and untuned in times:  # "graphopt int8 tuned (64 trials)" vs "graphopt int8"
+            out["rows"][label]["vs_untuned"] = _paired(times, label, untuned)
     _print(out)
     return out
 
@@ -241,6 +244,13 @@ def _print(r: dict) -> None:
                           for k in ("vs_best_fp32_peer", "vs_best_int8_peer"))
         print(f"  {label:34s} {row['median_ms']:10.3f} {row['min_ms']:9.3f} {ratios} {row['rel_err_vs_eager']:8.1e} "
               f"{row['build_s']:8.1f}", flush=True)
+    untuned = _vs_untuned(r)
+    if untuned:
+        print(f"  tuned / untuned, paired: {untuned}")
+
+
+def _vs_untuned(r: dict) -> str:
+    return ", ".join(f"{label} {row['vs_untuned']:.3f}x" for label, row in r["rows"].items() if "vs_untuned" in row)
 
 
 def markdown(results: dict) -> str:
@@ -262,6 +272,8 @@ def markdown(results: dict) -> str:
             out.append(f"| {label} | {row['median_ms']:.3f} | {row['min_ms']:.3f} | {ratios} | "
                        f"{row['rel_err_vs_eager']:.1e} |")
         out.append("")
+        if _vs_untuned(r):
+            out += [f"Tuned / untuned, median of the per-round ratios: {_vs_untuned(r)}.", ""]
     return "\n".join(out)
 
 
