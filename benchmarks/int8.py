@@ -15,7 +15,8 @@ arm-a76 (i8mm); requirement int8/fp32 <= 0.35. On i8mm targets also int8 with th
 feature removed (its ``sdot`` kernel path); requirement int8 (smmla) / int8 (sdot) <= 0.85. The zoo
 models of ``--arm-models`` (default mobilenet_blocks: MobileNetV2-style inverted residuals, depthwise
 3x3, a grouped conv; depthwise_concat: torchvision-style inverted residuals, a concat of a 1x1 and a
-depthwise-separable branch, a linear head) the same way; issue 16 requires mobilenet_blocks
+depthwise-separable branch, a linear head) the same way, on ``--arm-zoo-targets`` (default also the
+runtime-free C library builds arm-a53-c and arm-a55-c, figures only); issue 16 requires mobilenet_blocks
 int8/fp32 <= 0.45 on arm-a55 and <= 0.75 on arm-a53, depthwise_concat <= 0.35 on arm-a55.
 
 Cortex-M4 (zoo models, bare metal under qemu-system-arm): per model fp32, int8 (default,
@@ -65,6 +66,7 @@ from graphopt.targets import Feature
 from graphopt.zoo import ZOO, ResNet18
 
 ARM_TARGETS = ("arm-a53", "arm-a55", "arm-a76")
+ARM_ZOO_TARGETS = (*ARM_TARGETS, "arm-a53-c", "arm-a55-c")  # the C library builds: no VM between the kernels
 # issue 16: int8 / fp32 instructions of the zoo models on aarch64
 ARM_ZOO_RATIO = {"mobilenet_blocks": {"arm-a53": 0.75, "arm-a55": 0.45}, "depthwise_concat": {"arm-a55": 0.35}}
 HOST_SPEEDUP, ARM_RATIO, M4_INSTR_RATIO, M4_ARENA_RATIO = 2.5, 0.35, 0.5, 0.3
@@ -328,7 +330,7 @@ def arm_zoo(args, results: dict) -> None:
         q = graphopt.quantize(model, inputs, [(torch.randn(shape, generator=torch.Generator().manual_seed(i)),)
                                               for i in range(args.calib)])
         print(f"  zoo {name} {shape}:", flush=True)
-        for target in ARM_TARGETS:
+        for target in args.arm_zoo_targets.split(","):
             limit = ARM_ZOO_RATIO.get(name, {}).get(target)
             try:
                 fp32, _ = _instructions(model, inputs, target)
@@ -418,6 +420,7 @@ def main() -> None:
     p.add_argument("--arm-models", default="mobilenet_blocks,depthwise_concat",
                    help=f"zoo models measured on aarch64, fp32 vs int8 (from {', '.join(ZOO)}; empty: none)")
     p.add_argument("--arm-targets", default=",".join(ARM_TARGETS), help="aarch64 targets of the ResNet-18 counts")
+    p.add_argument("--arm-zoo-targets", default=",".join(ARM_ZOO_TARGETS), help="aarch64 targets of --arm-models")
     p.add_argument("--m4", action=argparse.BooleanOptionalAction, default=True,
                    help="Cortex-M4 instructions, flash and RAM (fp32, int8, int8 size) vs CMSIS-NN")
     p.add_argument("--m4-models", default="plain_cnn,residual_cnn,mobilenet_blocks",

@@ -66,7 +66,8 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def test_targets_are_registered_with_boards():
     for name, runtime in (("cortex-m4", Runtime.C_LIBRARY_QEMU_SYSTEM), ("cortex-m7", Runtime.C_LIBRARY_QEMU_SYSTEM),
-                          ("cortex-m55", Runtime.C_LIBRARY_QEMU_SYSTEM), ("armv7", Runtime.C_LIBRARY_QEMU_USER)):
+                          ("cortex-m55", Runtime.C_LIBRARY_QEMU_SYSTEM), ("armv7", Runtime.C_LIBRARY_QEMU_USER),
+                          ("arm-a55-c", Runtime.C_LIBRARY_QEMU_USER)):
         spec = get_target(name)
         assert spec.runtime is runtime and spec.cflags and spec.is_emulated
     assert M4.qemu_machine == "mps2-an386" and M4.flash_bytes == M4.ram_bytes == 4 << 20

@@ -128,7 +128,7 @@ def test_zero_point_pads_are_read_inside_dot_kernels(quantized, target):
     assert any((1, 16, 16, 32) in shapes for shapes in inputs.values()) != fused, inputs
 
 
-@pytest.mark.parametrize("target", ["arm-a55", "arm-a53"])
+@pytest.mark.parametrize("target", ["arm-a55", "arm-a53", "arm-a55-c"])
 def test_aarch64_kernels_are_bit_exact(quantized, target):
     require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64")
     q, integer_graph = quantized

@@ -17,7 +17,7 @@ from graphopt.targets.spec import Runtime, TargetSpec
 BUILTIN: dict[Runtime, Callable[[], Backend]] = {
     Runtime.TVM_VM_NATIVE: NativeVM,  # model.so loaded in-process
     Runtime.TVM_VM_QEMU_USER: EmulatedVM,  # cross-compiled model.so + C++ runner under qemu-user
-    Runtime.C_LIBRARY_QEMU_USER: CLibraryBackend,  # runtime-free C library, Linux user mode (armv7)
+    Runtime.C_LIBRARY_QEMU_USER: CLibraryBackend,  # runtime-free C library, Linux user mode (armv7, arm-*-c)
     Runtime.C_LIBRARY_QEMU_SYSTEM: CLibraryBackend,  # runtime-free C library, bare metal (Cortex-M)
 }
 _BACKENDS: dict[Runtime, Backend | Callable[[], Backend]] = dict(BUILTIN)
