@@ -117,23 +117,11 @@ def _relax_to_planned(ep, spec: TargetSpec, phases: dict, state: dict):
 
     from graphopt.targets.lowering.share_kernels import share_kernels
 
-    # the layout phase only converts convolutions (and TVM's ConvertLayout crashes on some
-    # conv-free graphs: std::bad_alloc on the tiny transformer)
-    ir = run_phases(ep, spec, state, phases, until="schedule",
-                    skip=lambda name, ir: name == "layout" and not _calls_op(ir["main"], "relax.nn.conv2d"))
+    ir = run_phases(ep, spec, state, phases, until="schedule")
     ir, state["shared_kernels"] = run_phase("share kernels", lambda: share_kernels(ir), spec, phases)
     plan = tvm.transform.Sequential([relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
                                      relax.transform.CallTIRRewrite(), relax.transform.StaticPlanBlockMemory()])
     return run_phase("plan memory", lambda: plan(ir), spec, phases)
-
-
-def _calls_op(func, op_name: str) -> bool:
-    import tvm
-    from tvm import relax
-
-    op, found = tvm.ir.Op.get(op_name), []
-    relax.analysis.post_order_visit(func, lambda e: found.append(isinstance(e, relax.Call) and e.op.same_as(op)))
-    return any(found)
 
 
 @dataclass
