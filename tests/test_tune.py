@@ -262,6 +262,14 @@ def test_local_runner_refused_for_arm_and_bad_budget():
         graphopt.tune(model, args, "host", trials=0, progress=False)
 
 
+def test_c_library_targets_point_to_the_target_that_tunes_their_kernels():
+    model, args = _model()
+    with pytest.raises(graphopt.TuningError, match="tune for 'arm-a53' .* compile for 'arm-a53-c' with database="):
+        graphopt.tune(model, args, "arm-a53-c", trials=2, runner="emulated-icount", progress=False)
+    with pytest.raises(graphopt.TuningError, match="cortex-m4.* default schedules"):
+        graphopt.tune(model, args, "cortex-m4", trials=2, runner="emulated-icount", progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.emulation
 def test_emulated_icount_runner_tunes_arm_and_counts_per_kernel(tmp_path):
@@ -281,6 +289,9 @@ def test_emulated_icount_runner_tunes_arm_and_counts_per_kernel(tmp_path):
     assert kernels_decided(cm) == {"fused_matmul_add": "tuned" if task.uses_tuned else "default"}
     with torch.no_grad():
         np.testing.assert_allclose(cm(*args).numpy(), model(*args).numpy(), rtol=1e-5, atol=1e-5)
+    # the C library build of the same CPU applies the same records, and says so in its report
+    assert kernels_decided(graphopt.compile(model, args, "arm-a53-c", database=tmp_path / "db",
+                                            progress=False)) == kernels_decided(cm)
     spec = graphopt.get_target("arm-a53")
     counts = kernel_counts(lower(exported_for_tuning(model, args, spec), spec).ir_module, spec)
     assert counts["fused_matmul_add"]["instructions_per_call"] > 0

@@ -717,4 +717,5 @@ def emit_library(ep, spec: TargetSpec, out_dir: Path, name: str = "model") -> CL
                     stats={"phases": phases, "scheduled": state.get("scheduled", {}),
                            "unscheduled": state.get("unscheduled", []), "shared_kernels": state["shared_kernels"],
                            "arena": {"bytes": arena.arena_bytes, "lower_bound": arena.lower_bound,
-                                     "gap": arena.gap_bytes, "placement": arena.strategy}})
+                                     "gap": arena.gap_bytes, "placement": arena.strategy},
+                           **{k: state[k] for k in ("from_database", "default_kept") if k in state}})
