@@ -34,7 +34,8 @@ from graphopt.targets.backends.c_library import (
 
 M4 = get_target("cortex-m4")
 BARE = ("arm-none-eabi-gcc", "qemu-system-arm")
-TOOLS = {"cortex-m4": BARE, "cortex-m7": BARE, "cortex-m55": BARE, "armv7": ("arm-linux-gnueabihf-gcc", "qemu-arm")}
+TOOLS = {"cortex-m4": BARE, "cortex-m7": BARE, "cortex-m55": BARE, "armv7": ("arm-linux-gnueabihf-gcc", "qemu-arm"),
+         "arm-a53-c": ("aarch64-linux-gnu-gcc", "qemu-aarch64"), "arm-a55-c": ("aarch64-linux-gnu-gcc", "qemu-aarch64")}
 GLUE_FLASH_LIMIT = 2048  # bytes of flash for everything except kernels, weights and libc (issue 3)
 # models that do not fit a board, and why (refused at compile time)
 TOO_LARGE = {("hf_mobilenet_v2", "cortex-m55"): "1.6 MB of weights; the AN547's ITCM holds 512 KiB"}
@@ -143,8 +144,9 @@ def test_too_large_model_is_refused_at_compile_time(tmp_path):
 
 FAST = [("plain_cnn", "cortex-m4"), ("residual_cnn", "cortex-m4"), ("mobilenet_blocks", "cortex-m4"),
         ("tiny_transformer", "cortex-m4"), ("plain_cnn", "cortex-m7"), ("mobilenet_blocks", "cortex-m7"),
-        ("plain_cnn", "armv7"), ("tiny_transformer", "armv7"), ("mobilenet_blocks", "cortex-m55")]
-ALL = [(m, t) for t in ("cortex-m4", "cortex-m7", "cortex-m55", "armv7") for m in zoo.ZOO]
+        ("plain_cnn", "armv7"), ("tiny_transformer", "armv7"), ("mobilenet_blocks", "cortex-m55"),
+        ("depthwise_concat", "arm-a55-c"), ("tiny_transformer", "arm-a53-c")]
+ALL = [(m, t) for t in ("cortex-m4", "cortex-m7", "cortex-m55", "armv7", "arm-a53-c", "arm-a55-c") for m in zoo.ZOO]
 
 
 @pytest.mark.emulation
