@@ -277,16 +277,17 @@ target_link_libraries(app.elf PRIVATE {' '.join(m[1] for m in models)})
             assert _rel_err(got, model(*inputs)) <= 1e-4
 
 
-def test_makefile_fragment_compiles_warning_free_for_armv7(tmp_path):
-    require_tools("arm-linux-gnueabihf-gcc", "make")
-    cm, _, _ = _compile("plain_cnn", "armv7")
+@pytest.mark.parametrize("target,prefix", [("armv7", "arm-linux-gnueabihf-"), ("arm-a55-c", "aarch64-linux-gnu-")])
+def test_makefile_fragment_compiles_warning_free(tmp_path, target, prefix):
+    require_tools(f"{prefix}gcc", "make")
+    cm, _, _ = _compile("plain_cnn", target)
     lib = cm.save(tmp_path / "model")
     p, v = cm.manifest["prefix"], cm.manifest["prefix"].upper()
     (tmp_path / "Makefile").write_text(
-        f"include model/{p}.mk\nCC := arm-linux-gnueabihf-gcc\n"
+        f"include model/{p}.mk\nCC := {prefix}gcc\n"
         f"lib.a: $({v}_SRCS)\n"
         f"\t$(CC) $({v}_CFLAGS) -O2 -Wall -Wextra -Werror -c $({v}_SRCS)\n"
-        f"\tarm-linux-gnueabihf-ar rcs $@ {p}.o {p}_weights.o $({v}_OBJS)\n")
+        f"\t{prefix}ar rcs $@ {p}.o {p}_weights.o $({v}_OBJS)\n")
     proc = subprocess.run(["make", "-C", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0 and "warning" not in proc.stderr.lower(), proc.stderr
     assert (lib / "kernels.o").exists() and (tmp_path / "lib.a").exists()
