@@ -41,7 +41,7 @@ from graphopt.passes.capture import check_example_inputs, check_model
 from graphopt.passes.legalization import raise_if_unfit
 from graphopt.passes.pipeline import Pipeline
 from graphopt.progress import LOG, phase, shown
-from graphopt.targets import Runtime, TargetSpec, get_target, list_targets
+from graphopt.targets import TargetSpec, get_target, list_targets
 from graphopt.targets.tuning.database import check_folder, open_database
 from graphopt.targets.tuning.metaschedule import TaskResult, budget, check_tunable, extract, fused_module, tune_tasks
 
@@ -183,17 +183,16 @@ def _runner(runner, spec: TargetSpec):
     raise ConfigError(f"runner must be 'local', 'emulated-icount' or a graphopt.RPCRunner, got {runner!r}")
 
 
-_C_LIBRARIES = {Runtime.C_LIBRARY_QEMU_USER, Runtime.C_LIBRARY_QEMU_SYSTEM}
-
-
 def _refuse_c_library(spec: TargetSpec) -> None:
     """A runtime-free C library target has no runner to time its kernels alone; its records come from the target
     that builds the same kernels for the same CPU through the TVM VM (e.g. arm-a55 for arm-a55-c), if any."""
-    if spec.runtime not in _C_LIBRARIES:
+    if not spec.is_c_library:
         return
-    llvm = {k: v for k, v in spec.tvm_target.items() if k != "num-cores"}
-    twins = [t.name for t in list_targets() if t.runtime not in _C_LIBRARIES
-             and {k: v for k, v in t.tvm_target.items() if k != "num-cores"} == llvm]
+
+    def llvm(t: TargetSpec) -> dict:  # the LLVM target without the thread count
+        return {k: v for k, v in t.tvm_target.items() if k != "num-cores"}
+
+    twins = [t.name for t in list_targets() if not t.is_c_library and llvm(t) == llvm(spec)]
     then = (f"tune for {twins[0]!r} (the same CPU and kernels through the TVM VM) and compile for {spec.name!r} "
             "with database= that folder" if twins else "compile uses graphopt's default schedules")
     raise TuningError(f"target {spec.name!r} builds a runtime-free C library, which has no runner to time its "

@@ -9,8 +9,7 @@ runs on `max` — the only place `max` is used, because i8mm is meant there.
 Each has a ``-c`` variant (`arm-a55-c`, …): the same kernels as a self-contained C library, as for
 armv7 and the Cortex-M (`graphopt.targets.backends.c_emitter`): no TVM runtime on the device, no
 malloc, one static arena, a direct call per kernel — and one thread (the VM variants run the kernels
-on a thread pool). For single-threaded or minimal deployments: depthwise_concat int8 on arm-a55 takes
-11.9 % fewer instructions per inference than through the VM, fp32 4.4 % (docs/benchmarks.md).
+on a thread pool). For single-threaded or minimal deployments; figures in docs/benchmarks.md.
 """
 import dataclasses
 from typing import Any

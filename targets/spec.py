@@ -46,7 +46,8 @@ class Runtime(str, enum.Enum):
     C_LIBRARY_QEMU_SYSTEM = "c-library-qemu-system"  # runtime-free C library, bare metal
 
 
-_QEMU_RUNTIMES = {Runtime.TVM_VM_QEMU_USER, Runtime.C_LIBRARY_QEMU_USER, Runtime.C_LIBRARY_QEMU_SYSTEM}
+_C_LIBRARY_RUNTIMES = {Runtime.C_LIBRARY_QEMU_USER, Runtime.C_LIBRARY_QEMU_SYSTEM}
+_QEMU_RUNTIMES = {Runtime.TVM_VM_QEMU_USER, *_C_LIBRARY_RUNTIMES}
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,11 @@ class TargetSpec:
     @property
     def is_emulated(self) -> bool:
         return self.runtime in _QEMU_RUNTIMES
+
+    @property
+    def is_c_library(self) -> bool:
+        """Artifacts are runtime-free C libraries (no TVM runtime on the device)."""
+        return self.runtime in _C_LIBRARY_RUNTIMES
 
     def tvm(self):
         """The `tvm.target.Target` for this spec (imports TVM lazily)."""
