@@ -79,6 +79,16 @@ CMSIS_NN = {"plain_cnn": {"flash_bytes": 120_916, "ram_bytes": 16_256, "instruct
 SIZE_VS_CMSIS = {"flash_bytes": 1.05, "ram_bytes": 1.0, "instructions": 0.8}  # residual_cnn, optimize_for="size"
 
 
+def _zoo_calibration(inputs: tuple, n: int) -> list[tuple[torch.Tensor]]:
+    """``n`` calibration inputs like a zoo model's example `inputs` (one tensor): normal noise for float
+    inputs, token ids below the example's largest for integer ones (the tiny transformer's)."""
+    (x,) = inputs
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    if x.is_floating_point():
+        return [(torch.randn(x.shape, generator=g),) for g in gens]
+    return [(torch.randint(0, int(x.max()) + 1, x.shape, generator=g, dtype=x.dtype),) for g in gens]
+
+
 def _images(shape: tuple, n: int, seed: int) -> list[tuple[torch.Tensor]]:
     """``n`` batch-1 inputs of ``shape``: low-frequency noise plus a little pixel noise, standardized
     (closer to natural images' activation ranges than white noise)."""
@@ -327,8 +337,7 @@ def arm_zoo(args, results: dict) -> None:
     for name in filter(None, args.arm_models.split(",")):
         model, inputs = ZOO[name].factory()
         shape = tuple(inputs[0].shape)
-        q = graphopt.quantize(model, inputs, [(torch.randn(shape, generator=torch.Generator().manual_seed(i)),)
-                                              for i in range(args.calib)])
+        q = graphopt.quantize(model, inputs, _zoo_calibration(inputs, args.calib))
         print(f"  zoo {name} {shape}:", flush=True)
         for target in args.arm_zoo_targets.split(","):
             limit = ARM_ZOO_RATIO.get(name, {}).get(target)
@@ -355,8 +364,7 @@ def m4(args, results: dict) -> None:
         try:
             model, inputs = ZOO[name].factory()
             shape = tuple(inputs[0].shape)
-            q = graphopt.quantize(model, inputs, [(torch.randn(shape, generator=torch.Generator().manual_seed(i)),)
-                                                  for i in range(args.calib)])
+            q = graphopt.quantize(model, inputs, _zoo_calibration(inputs, args.calib))
             figures = {}
             for label, m, options in (("fp32", model, {}), ("int8", q, {}), ("int8 size", q, {"optimize_for": "size"})):
                 n, low = _instructions(m, inputs, "cortex-m4", **options)
