@@ -1,7 +1,8 @@
 """Small prologues and epilogue nests of int8 kernels run serially inside the kernel (`schedules.schedule_spatial`'s
 ``serial_below``, `_SERIAL_PROLOGUE_BYTES`): depthwise_concat's separable branch (a 24-channel depthwise 3×3, its
 channels padded to whole 16-channel calls, then a 24→16 1×1 conv whose reduction is padded to 32) bit-exact on an
-emulated Cortex-A55 against the integer graph and `qref`, one parallel region per kernel, and what that saves."""
+emulated Cortex-A55 against the integer graph and `qref`, at most one parallel region per kernel, and what that
+saves."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,9 +31,9 @@ def _quantized(shape):
 
 @pytest.mark.emulation
 def test_separable_branch_serial_prologues_on_a55():
-    """arm-a55 instructions per call, one parallel region per kernel: the depthwise 10,198 → 8,792 (its re-laid
-    columns and an epilogue nest of its own in parallel regions of their own), the 1×1 conv 7,598 → 7,072 (its
-    channel-padded input); in depthwise_concat 11,636 → 10,072 and 5,676 → 5,178."""
+    """arm-a55 instructions per call, at most one parallel region per kernel: the depthwise 10,198 → 8,792 (its
+    re-laid columns and an epilogue nest of its own in parallel regions of their own), the 1×1 conv 7,598 → 7,072
+    (its channel-padded input); in depthwise_concat 11,636 → 10,072 and 5,676 → 5,178."""
     require_tools("aarch64-linux-gnu-g++", "qemu-aarch64")
     from graphopt.targets.lowering.phases import lower
     from graphopt.targets.tuning.icount import kernel_counts
@@ -53,5 +54,5 @@ def test_separable_branch_serial_prologues_on_a55():
     per_call = {("depthwise" if "depthwise" in n else "pointwise"): c["instructions_per_call"]
                 for n, c in counts.items() if "conv2d_int8" in n}
     for name, f in convs.items():
-        assert f.script().count("T.parallel") == 1, name
+        assert f.script().count("T.parallel") <= 1, name  # none in a kernel `small_kernels` made serial
     assert per_call["depthwise"] < 9300 and per_call["pointwise"] < 7300, per_call
