@@ -7,7 +7,9 @@ each phase and turns TVM's exceptions into `LoweringError`. ``schedule`` schedul
 PrimFunc with graphopt's CPU rules (`graphopt.targets.lowering.schedules`) — after applying a
 MetaSchedule tuning database when one is active (`graphopt.targets.lowering.tuned.applying`; the
 kernels taken from it are listed in ``stats["from_database"]``), then makes kernels too small to share
-between cores serial (`graphopt.targets.lowering.small_kernels`, counted in ``stats["serial_kernels"]``).
+between cores serial (`graphopt.targets.lowering.small_kernels`, counted in ``stats["serial_kernels"]``)
+and, on targets with float vectors, computes float32 ``exp`` in vector registers
+(`graphopt.targets.lowering.vector_exp`, counted in ``stats["vector_exp_kernels"]``).
 Weights become constants; convolutions are converted to channel-last (`schedules.CONV_LAYOUT`) with the
 weight transposes folded at compile time. The executable's ``main`` takes the model's inputs in order and
 returns a TVM tuple of its outputs, even for a single output; callers unpack it.
@@ -40,7 +42,8 @@ T = TypeVar("T")
 class LoweringResult:
     executable: tvm.relax.VMExecutable  # built for the spec
     ir_module: tvm.IRModule  # the final scheduled module, before VM lowering
-    stats: dict  # JSON-serializable: target, phases, layout, kernels, scheduled, unscheduled, serial_kernels
+    stats: dict  # JSON-serializable: target, phases, layout, kernels, scheduled, unscheduled, serial_kernels,
+    # vector_exp_kernels
 
 
 def _import(ep, spec, state):
@@ -204,12 +207,14 @@ def _schedule(mod, spec, state):
     from graphopt.targets.lowering.schedules import schedule_module
     from graphopt.targets.lowering.small_kernels import serial_small_kernels
     from graphopt.targets.lowering.tuned import active_database, apply_database
+    from graphopt.targets.lowering.vector_exp import vectorizable_exp
 
     database = active_database()  # set by compile(database=...): tuned kernels first, rules for the rest
     if database is not None:
         mod, state["from_database"], state["default_kept"] = apply_database(mod, spec, database)
     mod, state["scheduled"], state["unscheduled"] = schedule_module(mod, spec)
     mod, state["serial_kernels"] = serial_small_kernels(mod)
+    mod, state["vector_exp_kernels"] = vectorizable_exp(mod, spec)
     state["kernels"] = sum(1 for _, f in mod.functions_items() if f.__class__.__name__ == "PrimFunc")
     state["ir_module"] = mod
     return mod
@@ -302,6 +307,7 @@ def lower(ep, spec: TargetSpec) -> LoweringResult:
         "scheduled": state["scheduled"],
         "unscheduled": state["unscheduled"],
         "serial_kernels": state["serial_kernels"],
+        "vector_exp_kernels": state["vector_exp_kernels"],
     }
     if state.get("winograd"):
         stats["winograd"] = state["winograd"]
