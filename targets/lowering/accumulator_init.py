@@ -26,6 +26,7 @@ from tvm import s_tir, tirx
 
 from graphopt.targets.lowering.dot import DOT_ATTR
 from graphopt.targets.lowering.int8 import DEPTHWISE_ATTR, GROUPED_ATTR
+from graphopt.targets.lowering.prim_funcs import map_prim_funcs
 
 _ATTRS = (DOT_ATTR, DEPTHWISE_ATTR, GROUPED_ATTR)
 _expr = tvm.ir.prim.expr
@@ -131,10 +132,5 @@ def _fold(func):
 def fold_into_init(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with the epilogue's additive terms of each int8 kernel not yet scheduled moved into its
     accumulator's initial value (module docstring)."""
-    mod = mod.clone()
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc) and not (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
-            folded = _fold(func)
-            if not folded.same_as(func):
-                mod[gv] = folded
-    return mod
+    return map_prim_funcs(mod, lambda func: func if func.attrs is not None and "tirx.is_scheduled" in func.attrs
+                          else _fold(func))[0]

@@ -22,6 +22,7 @@ import tvm_ffi
 from tvm import sym, tirx
 from tvm.target.codegen import llvm_lookup_intrinsic_id
 
+from graphopt.targets.lowering.prim_funcs import map_prim_funcs
 from graphopt.targets.spec import Feature, TargetSpec
 
 INTRINSIC = "llvm.aarch64.neon.sqrdmulh"
@@ -121,10 +122,8 @@ def _narrow_vector_loop(loop):
 def use_sqrdmulh(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with every rounding doubling high multiply written in int64 (module docstring) as aarch64's
     ``sqrdmulh``, and the vectorized loops computing one narrowed to widths it is selected for."""
-    mod = mod.clone()
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
-            rewritten = tvm_ffi.structural_map(func, (tvm.ir.prim.expr.Cast, _srdhm))
-            if not rewritten.same_as(func):
-                mod[gv] = tvm_ffi.structural_map(rewritten, (tirx.For, _narrow_vector_loop))
-    return mod
+    def rewrite(func):
+        rewritten = tvm_ffi.structural_map(func, (tvm.ir.prim.expr.Cast, _srdhm))
+        return func if rewritten.same_as(func) else tvm_ffi.structural_map(rewritten, (tirx.For, _narrow_vector_loop))
+
+    return map_prim_funcs(mod, rewrite)[0]

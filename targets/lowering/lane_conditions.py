@@ -23,6 +23,8 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, sym, tirx
 
+from graphopt.targets.lowering.prim_funcs import map_prim_funcs
+
 _expr = tvm.ir.prim.expr
 _IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
 
@@ -97,10 +99,4 @@ def _rewrite_loop(loop):
 
 def uniform_lane_conditions(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with lane-uniform comparisons in vectorized blocks written as such (module docstring)."""
-    mod = mod.clone()
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
-            rewritten = tvm_ffi.structural_map(func, (tirx.For, _rewrite_loop))
-            if not rewritten.same_as(func):
-                mod[gv] = rewritten
-    return mod
+    return map_prim_funcs(mod, lambda func: tvm_ffi.structural_map(func, (tirx.For, _rewrite_loop)))[0]

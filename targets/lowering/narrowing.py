@@ -23,6 +23,8 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from graphopt.targets.lowering.prim_funcs import map_prim_funcs
+
 _INT8 = (-128, 127)
 _INT16 = (-(2 ** 15), 2 ** 15 - 1)
 _ZERO_POINT = 2 ** 15 - 2 ** 8  # |zp| below: saturating at int16 cannot move a result across an int8 bound
@@ -116,10 +118,4 @@ def _narrow_vector_loop(loop):
 
 def narrow_through_int16(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with every stored int32 → int8 clamp-and-narrow inside a vectorized loop in the int16 form."""
-    mod = mod.clone()
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
-            rewritten = tvm_ffi.structural_map(func, (tirx.For, _narrow_vector_loop))
-            if not rewritten.same_as(func):
-                mod[gv] = rewritten
-    return mod
+    return map_prim_funcs(mod, lambda func: tvm_ffi.structural_map(func, (tirx.For, _narrow_vector_loop)))[0]

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import tvm
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import tirx
+
+from graphopt.targets.lowering.prim_funcs import map_prim_funcs
 
 # Below this many estimated iterations a kernel runs serially: on arm-a55 ~4–7k instructions (a few µs),
 # e.g. depthwise_concat's depthwise re-layouts of 8×8 feature maps, a concat, the pooled head
 SERIAL_WORK = 4096
 
-_NESTED = ("body", "then_case", "else_case", "block")  # statement fields that hold further statements
+# statement fields that hold further statements (``init``: a reduction block's initialization)
+_NESTED = ("body", "then_case", "else_case", "block", "init")
 
 
 def estimated_work(func: tirx.PrimFunc) -> int:
@@ -42,16 +45,11 @@ def estimated_work(func: tirx.PrimFunc) -> int:
         elif isinstance(stmt, tirx.SeqStmt):
             for s in stmt.seq:
                 visit(s, iterations)
-        elif isinstance(stmt, s_tir.SBlockRealize):
-            visit(stmt.block, iterations)
         else:
             for name in _NESTED:
                 nested = getattr(stmt, name, None)
                 if isinstance(nested, tirx.Stmt):
                     visit(nested, iterations)
-            init = getattr(stmt, "init", None)  # a reduction block's initialization
-            if isinstance(init, tirx.Stmt):
-                visit(init, iterations)
 
     visit(func.body, 1)
     return total
@@ -67,12 +65,5 @@ def _serial(loop: tirx.For) -> tirx.For:
 def serial_small_kernels(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """A copy of `mod` with the PrimFuncs of `estimated_work` below `SERIAL_WORK` made serial, and how
     many PrimFuncs that changed."""
-    mod = mod.clone()
-    changed = 0
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc) and estimated_work(func) < SERIAL_WORK:
-            serial = tvm_ffi.structural_map(func, (tirx.For, _serial))
-            if not serial.same_as(func):
-                mod[gv] = serial
-                changed += 1
-    return mod, changed
+    return map_prim_funcs(mod, lambda func: tvm_ffi.structural_map(func, (tirx.For, _serial))
+                          if estimated_work(func) < SERIAL_WORK else func)

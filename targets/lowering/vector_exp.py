@@ -28,6 +28,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from graphopt.targets.lowering.prim_funcs import map_prim_funcs
 from graphopt.targets.spec import Feature, TargetSpec
 
 LOG2E = 1.44269504088896341
@@ -61,17 +62,15 @@ def exp_f32(x):
 
 
 def _rewrite(call):
-    if str(call.ty) != "float32":
+    if str(call.ty) != "float32" or not any(call.op.same_as(op) for op in (_EXP, _SIGMOID, _TANH)):
         return call
-    x, one = (call.args[0] if call.args else None), _f32(1.0)
+    x, one = call.args[0], _f32(1.0)
     if call.op.same_as(_EXP):
         return exp_f32(x)
     if call.op.same_as(_SIGMOID):
         return one / (one + exp_f32(-x))
-    if call.op.same_as(_TANH):
-        down, up = exp_f32(_f32(-2.0) * x), exp_f32(_f32(2.0) * x)
-        return tirx.Select(x >= _f32(0.0), (one - down) / (one + down), (up - one) / (up + one))
-    return call
+    down, up = exp_f32(_f32(-2.0) * x), exp_f32(_f32(2.0) * x)  # tanh
+    return tirx.Select(x >= _f32(0.0), (one - down) / (one + down), (up - one) / (up + one))
 
 
 def float_vectors(spec: TargetSpec) -> bool:
@@ -85,12 +84,4 @@ def vectorizable_exp(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule,
     over `exp_f32` where `spec` has IEEE float32 vectors (`float_vectors`), and how many PrimFuncs that changed."""
     if not float_vectors(spec):
         return mod, 0
-    mod = mod.clone()
-    changed = 0
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
-            rewritten = tvm_ffi.structural_map(func, (tvm.ir.Call, _rewrite))
-            if not rewritten.same_as(func):
-                mod[gv] = rewritten
-                changed += 1
-    return mod, changed
+    return map_prim_funcs(mod, lambda func: tvm_ffi.structural_map(func, (tvm.ir.Call, _rewrite)))
