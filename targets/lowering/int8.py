@@ -15,7 +15,8 @@ is packed in numpy to ``[F/lanes, KH, KW, C/depth, lanes, depth]`` (dense: ``[N/
 lanes, depth]``; kernels with a `chunk` order each tile ``[depth/chunk, lanes, chunk]``, `even_odd`
 ones ``[lanes, 2, depth/2]``), zero-padded to whole tiles — the layout the intrinsic reads with one
 vector load; few-channel convs (e.g. a 3-channel stem) instead reduce over each kernel row's KW·C
-contiguous NHWC values, padded once to whole `depth` groups (`reduction`);
+contiguous NHWC values, padded once to whole `depth` groups (`reduction`), or on NEON over their whole
+window, which `patches` copies into one row per output pixel (a 1×1 conv over the copy);
 auto-tensorizing unpacked weights is silently wrong in TVM 0.27. Unsigned-activation kernels see
 ``x + 128`` and subtract ``128·Σw`` in the epilogue. `schedules.TensorizedDot` schedules the result.
 
@@ -44,6 +45,7 @@ import tvm
 from tvm import relax, te, tirx, topi
 
 from graphopt.config import OptimizeFor
+from graphopt.targets.lowering import patches
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 
 
@@ -222,9 +224,14 @@ def _as_data(value, k: DotKernel):
     return (value.astype("int32") + 128).astype("uint8") if k.data_dtype == "uint8" else value
 
 
-def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...], pad_value: int = 0):
+def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...], pad_value: int = 0,
+                    im2col: bool = False):
     """int8 NHWC/HWIO conv2d with a constant weight as a tensorizable packed-weight kernel, or None.
-    Its spatial padding reads `pad_value` (an activation's zero point: `fuse_input_pads`)."""
+    Its spatial padding reads `pad_value` (an activation's zero point: `fuse_input_pads`). With `im2col`
+    (`schedules.CpuParams.im2col`), a few-channel conv whose whole window padded once
+    reduces fewer values than its rows padded each (`reduction`; a 3×3 RGB stem: 32 against 48), or that no
+    row kernel takes (1 channel: the generic kernel), reads its windows from a
+    `graphopt.targets.lowering.patches` copy of its input as a 1×1 conv."""
     attrs = call.attrs
     data, weight = call.args
     if (window_sum := _legalize_window_sum(bb, call, pad_value)) is not None:
@@ -238,16 +245,51 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     kh, kw, c, f = w.shape
     strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
     padding = [int(v) for v in attrs.padding]
+    out_shape = [int(d) for d in call.ty.shape]
+    layer, macs = f"conv2d {kh}x{kw} {c}->{f}", int(np.prod(out_shape[:-1])) * kh * kw * c * f
+    if im2col and (copied := _patched_conv(bb, data, w, strides, padding, dilation, out_shape, kernels, layer,
+                                            macs)) is not None:
+        return copied
+    return _dot_conv(bb, data, w, strides, padding, dilation, out_shape, kernels, pad_value, layer, macs)
+
+
+def _window(kw: int, channels: int, dilation) -> int:
     # rows of 1-channel convs stay on the generic kernel: cortex-m4's plain_cnn stem measured 530k
     # instructions reducing 4-value rows (one zero tap) against 385k generic
-    window = kw if dilation[1] == 1 and c > 1 else 1
-    out_shape = [int(d) for d in call.ty.shape]
+    return kw if dilation[1] == 1 and channels > 1 else 1
+
+
+def _patched_conv(bb, data, w: np.ndarray, strides, padding, dilation, out_shape, kernels, layer: str, macs: int):
+    """The conv as a 1×1 conv over `patches.patches` of its input (`legalize_conv2d`), or None where that
+    would not reduce fewer values per output."""
+    kh, kw, c, f = w.shape
+    if not patches.fits(kh, kw, c, padding, dilation):
+        return None
+    rows = choose(kernels, w, c, _window(kw, c, dilation), pixels=out_shape[2])
+    taps = kh * kw * c
+    flat = w.reshape(1, 1, taps, f)
+    k = choose(kernels, flat, taps, pixels=out_shape[2])
+    if k is None or rows is not None and _ceil(taps, k.depth) >= kh * reduction(rows, c, _window(kw, c, dilation))[0]:
+        return None  # (without a row kernel, e.g. 1 channel, the conv would take the generic int8 kernel)
+    depth = _ceil(taps, k.depth)
+    n, h, wd, _ = (int(d) for d in data.ty.shape)
+    gv = bb.add_func(patches.patches((n, h, wd, c), kh, kw, (strides[0], strides[1]), depth), "conv_patches")
+    copied = bb.emit(relax.call_tir(gv, [data], relax.TensorType((*out_shape[:-1], depth), "int8")))
+    flat = np.pad(flat, [(0, 0), (0, 0), (0, depth - taps), (0, 0)])
+    return _dot_conv(bb, copied, flat, [1, 1], [0, 0, 0, 0], [1, 1], out_shape, kernels, 0, layer, macs)
+
+
+def _dot_conv(bb, data, w: np.ndarray, strides, padding, dilation, out_shape, kernels, pad_value: int, layer: str,
+              macs: int):
+    """`legalize_conv2d`'s kernel for HWIO weights `w`, or None when no kernel fits them."""
+    kh, kw, c, f = w.shape
+    window = _window(kw, c, dilation)
     k = choose(kernels, w, c, window, pixels=out_shape[2])
     if k is None:
         return None
     flat = reduction(k, c, window)[1]
     packed = _pack_conv_weight(w.reshape(kh, 1, kw * c, f) if flat else w, k)
-    _record(kernels, w, packed, k, f"conv2d {kh}x{kw} {c}->{f}", int(np.prod(out_shape[:-1])) * kh * kw * c * f)
+    _record(kernels, w, packed, k, layer, macs)
     correction = (128 * w.astype(np.int64).sum(axis=(0, 1, 2))).astype(np.int32) \
         if k.data_dtype == "uint8" else None
     if k.pixels > 1:

@@ -24,7 +24,7 @@ import tvm_ffi
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
-from graphopt.targets.lowering import intrin_depthwise
+from graphopt.targets.lowering import intrin_depthwise, patches
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
@@ -103,6 +103,13 @@ class CpuParams:
     # / 0.91x (1 thread) alone, 32→192 at 28×28 0.94x / 0.96x, its 3×3×3 stem 0.95x; ResNet-20's kernels
     # 0.96-1.00x (1 thread)
     one_vector_short_sums: bool = False
+    # NEON: few-channel int8 convs may read their windows from a `patches` copy of their input
+    # (`int8.legalize_conv2d`): mobilenet_blocks' RGB stem 71.4k → 43.1k instructions on arm-a53 (26.9k → 18.3k
+    # on arm-a55), plain_cnn's 1-channel one 120.6k → 78.8k (117.2k → 40.7k; it took the generic kernel).
+    # Not on x86, whose VNNI kernel pads rows less (36 values against 28 for an RGB 3×3): the models ran
+    # 1.008-1.018x the latency with it (300 alternating calls); nor on the Cortex-M, whose arena would hold the
+    # copy beside the input
+    im2col: bool = False
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
@@ -114,7 +121,8 @@ class CpuParams:
                    channels_outer_on_ties=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
                    grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI),
                    unroll_windows=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
-                   one_vector_short_sums=spec.has(Feature.AVX512))
+                   one_vector_short_sums=spec.has(Feature.AVX512),
+                   im2col=spec.has(Feature.NEON))
 
 
 def _int(expr) -> int | None:
@@ -184,7 +192,7 @@ def conv2d_legalizer(params: CpuParams, winograd: list[WinogradLayer] | None = N
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
 
     def legalize(bb, call):
-        packed = legalize_conv2d(bb, call, params.dots) if params.dots else None
+        packed = legalize_conv2d(bb, call, params.dots, im2col=params.im2col) if params.dots else None
         if packed is None and params.depthwise_dot:
             packed = legalize_depthwise_dot(bb, call)
         if packed is None and params.grouped_dot:
@@ -1242,8 +1250,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
     `fixed_point.use_sqrdmulh` and `narrowing.narrow_through_int16` too),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
     ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
-    kernels and ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s, scheduled when written), and the
-    names of PrimFuncs left as TVM emitted them.
+    kernels, ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s and ``"conv_patches"`` for
+    `patches.patches`' window copies, all scheduled when written), and the names of PrimFuncs left as TVM
+    emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -1259,6 +1268,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                 continue
             if func.attrs is not None and QUANTIZE_NHWC_ATTR in func.attrs:  # scheduled when written
                 counts["quantize_nhwc"] = counts.get("quantize_nhwc", 0) + 1
+                continue
+            if func.attrs is not None and patches.PATCHES_ATTR in func.attrs:  # scheduled when written
+                counts["conv_patches"] = counts.get("conv_patches", 0) + 1
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
                 counts["tuned"] = counts.get("tuned", 0) + 1
