@@ -24,7 +24,7 @@ import tvm_ffi
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
-from graphopt.targets.lowering import intrin_depthwise, patches
+from graphopt.targets.lowering import intrin_depthwise, pad_rows, patches
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
@@ -110,6 +110,8 @@ class CpuParams:
     # 1.008-1.018x the latency with it (300 alternating calls); nor on the Cortex-M, whose arena would hold the
     # copy beside the input
     im2col: bool = False
+    # NEON: int8 NHWC zero-point pads (those the conv kernels do not read inside) as row copies, `pad_rows`
+    row_pads: bool = False
 
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
@@ -122,7 +124,7 @@ class CpuParams:
                    grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI),
                    unroll_windows=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
                    one_vector_short_sums=spec.has(Feature.AVX512),
-                   im2col=spec.has(Feature.NEON))
+                   im2col=spec.has(Feature.NEON), row_pads=spec.has(Feature.NEON))
 
 
 def _int(expr) -> int | None:
@@ -168,9 +170,9 @@ def fuse_conv_input_pads(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
     `int8.legalize_grouped_dot`, included), and into the depthwise ``sdot`` kernel's re-layout
     (`int8.legalize_depthwise_dot`), which does too. Not into `GroupedInt8`'s: it reads
     the input in place, so a border test lands on every tap's load (mobilenet_blocks' depthwise convs
-    on arm-a55: +30k instructions each against 11k for a separate pad). Nor on boards with a RAM budget,
-    whose arena holds the kernel's padded copy beside its input and output (cortex-m4 residual_cnn:
-    51,264 → 67,648 B)."""
+    on arm-a55: +30k instructions each against 11k for a separate pad — 3.4k on arm-a53 since `pad_rows`).
+    Nor on boards with a RAM budget, whose arena holds the kernel's padded copy beside its input and output
+    (cortex-m4 residual_cnn: 51,264 → 67,648 B)."""
     params = CpuParams.from_spec(spec)
     if not params.dots or spec.ram_bytes is not None:
         return mod
@@ -289,8 +291,11 @@ def legalize_map(spec: TargetSpec, winograd: list[WinogradLayer] | None = None) 
     """LegalizeOps overrides whose computes (packed weights, widening products, Winograd stages) the
     rules below are written for; the convs that take Winograd are appended to `winograd`."""
     params = CpuParams.from_spec(spec)
-    return {"relax.nn.conv2d": conv2d_legalizer(params, winograd), "relax.matmul": matmul_legalizer(params),
-            "relax.multiply": widening_multiply_legalizer()}
+    overrides = {"relax.nn.conv2d": conv2d_legalizer(params, winograd), "relax.matmul": matmul_legalizer(params),
+                 "relax.multiply": widening_multiply_legalizer()}
+    if params.row_pads:
+        overrides["relax.nn.pad"] = pad_rows.legalizer()
+    return overrides
 
 
 def _stores(stmt) -> list | None:
@@ -1250,9 +1255,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
     `fixed_point.use_sqrdmulh` and `narrowing.narrow_through_int16` too),
     ``{rule name: count}`` (``"fallback"`` for `Generic`, ``"tuned"`` for PrimFuncs already marked
     ``tirx.is_scheduled``, which are left as they are, ``"depthwise_columns"`` for the depthwise re-layout
-    kernels, ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s and ``"conv_patches"`` for
-    `patches.patches`' window copies, all scheduled when written), and the names of PrimFuncs left as TVM
-    emitted them.
+    kernels, ``"quantize_nhwc"`` for `converters.quantize_channel_last`'s, ``"conv_patches"`` for
+    `patches.patches`' window copies and ``"pad_rows"`` for `pad_rows.pad_nhwc`'s pads, all scheduled when
+    written), and the names of PrimFuncs left as TVM emitted them.
     """
     params = CpuParams.from_spec(spec)
     target = spec.tvm()
@@ -1271,6 +1276,9 @@ def schedule_module(mod: tvm.IRModule, spec: TargetSpec) -> tuple[tvm.IRModule, 
                 continue
             if func.attrs is not None and patches.PATCHES_ATTR in func.attrs:  # scheduled when written
                 counts["conv_patches"] = counts.get("conv_patches", 0) + 1
+                continue
+            if func.attrs is not None and pad_rows.PAD_ATTR in func.attrs:  # scheduled when written
+                counts["pad_rows"] = counts.get("pad_rows", 0) + 1
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:  # e.g. from a tuning database
                 counts["tuned"] = counts.get("tuned", 0) + 1
