@@ -65,6 +65,8 @@ def test_kernels_are_preferred_on_neon_only_where_weights_fit():
     w = np.full((3, 3, 64, 8), 127, np.int8)
     assert int8.choose(kernels, w, 64) is intrin_neon.KERNELS[0]  # the longest reduction first
     assert int8.choose(kernels, w[:, :, :48], 48).depth == 16
+    assert int8.choose(kernels, w[:, :, :24], 24).depth == 24  # not 32, a third of it padding
+    assert int8.choose(kernels, w[:, :, :72], 72).depth == 24
     assert int8.choose(kernels, w[:, :, :8], 8).intrin == "dot_4x4_i8i8s32_neon"  # 8 channels: 4×4, no padding
     w[0, 0, 0, 0] = -128
     assert int8.choose(kernels, w, 64).intrin == "dot_4x4_i8i8s32_neon"
@@ -91,3 +93,21 @@ def test_layer_with_minus_128_weights_keeps_the_4x4_kernel_and_is_exact():
     assert len(weights) == 2 and all(int(w.min()) == -128 for w in weights)
     asm = _compile_exact(q, ig, x)
     assert "smlal2" not in asm and "smull" in asm
+
+
+@pytest.mark.emulation
+def test_24_channel_reductions_take_the_24_deep_kernel_exactly():
+    """A 1×1 conv from 24 channels (MobileNetV2's 24→144 expand) reduces 24 values, not 32: bit-exact with
+    every weight ±127 (each int16 lane's two products at the worst case)."""
+    require_tools("qemu-aarch64", "aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 40, 1))
+    with torch.no_grad():
+        model[2].weight.copy_(0.05 * torch.sign(torch.randn_like(model[2].weight)))
+    q, ig, x, weights = _quantized(model)
+    assert {int(w.min()) for w in weights[1:]} == {-127} and {int(w.max()) for w in weights[1:]} == {127}
+    cm = graphopt.compile(q, (x,), "arm-a53", progress=False, count_instructions=False)
+    kernels = [r["kernel"] for r in cm.report.lowering["weight_storage"]["layers"]]
+    assert kernels == [intrin_neon.intrin_name(16), intrin_neon.intrin_name(24)], kernels
+    for inp in _inputs():
+        assert torch.equal(cm(inp), ig(inp))
