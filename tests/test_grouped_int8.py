@@ -120,8 +120,11 @@ def test_other_arm_targets_are_bit_exact(quantized, target):
                     else ("aarch64-linux-gnu-gcc", "qemu-aarch64")))
     q, ig, x = quantized
     dotprod = get_target(target).has(Feature.DOTPROD)
+    # arm-a53: the group-width-4 conv reads its copied windows with a NEON dot kernel per group
+    # (`int8.legalize_grouped_patches`; TVM's 4×4 one where a weight is −128)
+    patched = target == "arm-a53"
     _assert_exact(graphopt.compile(q, (x,), target, progress=False, count_instructions=False), ig,
-                  5 if dotprod else 7, int(dotprod), int(dotprod))
+                  5 if dotprod else 7 - patched, int(dotprod), int(dotprod or patched))
 
 
 class _Depthwise(nn.Module):

@@ -22,28 +22,40 @@ PATCHES_ATTR = "graphopt.conv_patches"  # function attribute of `patches`' PrimF
 VECTOR = 16  # bytes of the widest window-row copy (one NEON / SSE register)
 
 
-def fits(kh: int, kw: int, channels: int, padding, dilation) -> bool:
+def fits(kh: int, kw: int, channels: int, padding, dilation, groups: int = 1) -> bool:
     """Whether a conv's windows can be copied by `patches`: unpadded input (the converters' zero-point pad
-    is in the tensor already), dilation 1, more than one kernel row, rows of at most `VECTOR` bytes."""
-    return not any(padding) and all(d == 1 for d in dilation) and kh > 1 and kw * channels <= VECTOR
+    is in the tensor already), dilation 1, more than one kernel row (grouped: more than one tap), and
+    copied pieces — window rows, or a group's channels at one tap — of at most `VECTOR` bytes."""
+    piece = kw * channels if groups == 1 else channels // groups
+    return not any(padding) and all(d == 1 for d in dilation) and (kh if groups == 1 else kh * kw) > 1 \
+        and piece <= VECTOR
 
 
-def patches(shape: tuple[int, int, int, int], kh: int, kw: int, strides: tuple[int, int], depth: int):
-    """A PrimFunc ``patches(x, p)``: ``x`` int8 NHWC `shape`, ``p`` int8 ``[n, oh, ow, depth]`` holding the
-    KH×KW windows (stride `strides`) as above; `depth` ≥ KH·KW·C. Scheduled here (parallel over output rows)
-    and opaque, so FuseOps leaves it whole."""
+def patches(shape: tuple[int, int, int, int], kh: int, kw: int, strides: tuple[int, int], depth: int,
+            groups: int = 1):
+    """A PrimFunc ``patches(x, p)``: ``x`` int8 NHWC `shape`, ``p`` int8 ``[n, oh, ow, groups · depth]``
+    holding the KH×KW windows (stride `strides`) as above, each group's channels in a `depth`-value row of
+    its own (`depth` ≥ KH·KW·C/groups). Scheduled here (parallel over output rows) and opaque, so FuseOps
+    leaves it whole."""
     n, h, w, c = shape
     sh, sw = strides
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-    row = kw * c
-    tail = depth - kh * row
-    # rows copied as one vector of the next power of two ≥ the row: all but the last, when their overrun stays
-    # inside the pixel's row of P and inside the next input row
-    vector = next(v for v in (4, 8, VECTOR) if v >= row)
-    wide = kh - 1 if (kh - 2) * row + vector <= depth and vector - row <= w * c else 0
+    # copied pieces: window rows (KW·C contiguous bytes), or in a grouped conv each tap's C/groups channels
+    pieces, piece = (kh, kw * c) if groups == 1 else (kh * kw, c // groups)
+    tail = depth - pieces * piece
+    # pieces copied as one vector of the next power of two ≥ the piece: all but the last, when their overrun
+    # stays inside the group's row of P and inside the input (the next row, or the next tap's channels)
+    vector = next(v for v in (4, 8, VECTOR) if v >= piece)
+    wide = pieces - 1 if (pieces - 2) * piece + vector <= depth \
+        and vector - piece <= (w * c if groups == 1 else c) else 0
 
-    def source(by, u, ky):
-        return ((by // oh * h + by % oh * sh + ky) * w + u * sw) * c
+    def source(by, u, t, g):
+        if groups == 1:
+            return ((by // oh * h + by % oh * sh + t) * w + u * sw) * c
+        return ((by // oh * h + by % oh * sh + t // kw) * w + u * sw + t % kw) * c + g * piece
+
+    def target(by, u, t, g):
+        return ((by * ow + u) * groups + g) * depth + t * piece
 
     def span(start, width: int):  # `width` contiguous bytes from `start` (a ramp needs 2 lanes)
         return T.ramp(start, 1, width) if width > 1 else start
@@ -53,18 +65,18 @@ def patches(shape: tuple[int, int, int, int], kh: int, kw: int, strides: tuple[i
 
     @T.prim_func(private=True, s_tir=True)
     def conv_patches(x: T.Buffer((n, h, w, c), "int8"),  # type: ignore[valid-type]  # TVMScript
-                     p: T.Buffer((n, oh, ow, depth), "int8")):  # type: ignore[valid-type]  # TVMScript
+                     p: T.Buffer((n, oh, ow, groups * depth), "int8")):  # type: ignore[valid-type]  # TVMScript
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, PATCHES_ATTR: True})
         xf = T.decl_buffer((n * h * w * c,), "int8", data=x.data)
-        pf = T.decl_buffer((n * oh * ow * depth,), "int8", data=p.data)
+        pf = T.decl_buffer((n * oh * ow * groups * depth,), "int8", data=p.data)
         with T.sblock("root"):
             for by in T.parallel(n * oh):
-                for u in T.serial(ow):
-                    for ky in T.unroll(wide):
-                        pf[span((by * ow + u) * depth + ky * row, vector)] = xf[span(source(by, u, ky), vector)]
-                    for ky in T.unroll(wide, kh):
-                        pf[span((by * ow + u) * depth + ky * row, row)] = xf[span(source(by, u, ky), row)]
-                    if tail > 0:  # after the copies: a 16-byte one may have run into it
-                        pf[span((by * ow + u) * depth + kh * row, tail)] = zeros(tail)
+                for u, g in T.grid(ow, groups):
+                    for t in T.unroll(wide):
+                        pf[span(target(by, u, t, g), vector)] = xf[span(source(by, u, t, g), vector)]
+                    for t in T.unroll(wide, pieces):
+                        pf[span(target(by, u, t, g), piece)] = xf[span(source(by, u, t, g), piece)]
+                    if tail > 0:  # after the copies: a vector one may have run into it
+                        pf[span(target(by, u, pieces, g), tail)] = zeros(tail)
 
     return conv_patches

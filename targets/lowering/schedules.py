@@ -37,6 +37,7 @@ from graphopt.targets.lowering.int8 import (
     legalize_depthwise_dot,
     legalize_grouped_conv2d,
     legalize_grouped_dot,
+    legalize_grouped_patches,
     legalize_matmul,
 )
 from graphopt.targets.lowering.kernels import by_intrin, dot_kernels
@@ -199,6 +200,8 @@ def conv2d_legalizer(params: CpuParams, winograd: list[WinogradLayer] | None = N
             packed = legalize_depthwise_dot(bb, call)
         if packed is None and params.grouped_dot:
             packed = legalize_grouped_dot(bb, call, params.dots)
+        if packed is None and params.im2col and not params.grouped_dot:
+            packed = legalize_grouped_patches(bb, call, params.dots)
         if packed is None and params.int8_pairs:
             packed = legalize_grouped_conv2d(bb, call, 4 * params.lanes)
         if packed is None and params.winograd:
