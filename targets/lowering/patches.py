@@ -11,8 +11,10 @@ so the conv becomes a 1×1 conv over P reducing K′ = KH·KW·C padded once (32
 window row is KW·C contiguous bytes: the kernel copies all but the last with one 4-, 8- or 16-byte load and
 store each (the bytes past the row land where the next row's copy or the zeroed tail overwrites them; the
 load stays inside the next input row, which exists), the last with exact-width ones: ~11 aarch64
-instructions per output pixel of a 3×3 RGB window. Refuses (`fits` is False) padded or dilated convs,
-1-row windows, and window rows wider than one 16-byte vector: those keep the row reduction.
+instructions per output pixel of a 3×3 RGB window. A grouped conv's windows are copied per group, each
+tap's C/groups channels a piece, into a row of its own: ``P[n, y, x, g·K′ + (ky·KW + kx)·C/groups + c]``
+(`int8.legalize_grouped_patches`: a grouped 1×1 conv over P). Refuses (`fits` is False) padded or dilated
+convs, 1-row windows (grouped: 1 tap), and pieces wider than one 16-byte vector: those keep their kernels.
 """
 from __future__ import annotations
 
