@@ -189,6 +189,18 @@ def _static(shape) -> list[int] | None:
     return [int(d) for d in shape]
 
 
+def _int8_conv_weight(call: relax.Call) -> np.ndarray | None:
+    """The HWIO weight of an int8 × int8 → int32 NHWC/HWIO conv2d with a constant weight and a static input
+    shape (what every legalization here takes), else None."""
+    attrs = call.attrs
+    data, weight = call.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
+            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+        return None
+    return weight.value.numpy()
+
+
 def _pack_conv_weight(w: np.ndarray, k: DotKernel) -> np.ndarray:
     """HWIO [KH, KW, C, F] → [F/lanes, KH, KW, C/depth, lanes, depth] (tiles in `DotKernel.tile_layout`),
     zero-padded to whole tiles."""
@@ -233,15 +245,12 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[Dot
     row kernel takes (1 channel: the generic kernel), reads its windows from a
     `graphopt.targets.lowering.patches` copy of its input as a 1×1 conv."""
     attrs = call.attrs
-    data, weight = call.args
+    data = call.args[0]
     if (window_sum := _legalize_window_sum(bb, call, pad_value)) is not None:
         return window_sum
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
-            or int(attrs.groups) != 1 or not isinstance(weight, tvm.ir.expr.Constant) \
-            or str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8" \
-            or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+    w = _int8_conv_weight(call)
+    if w is None or int(attrs.groups) != 1:
         return None
-    w = weight.value.numpy()
     kh, kw, c, f = w.shape
     strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
     padding = [int(v) for v in attrs.padding]
@@ -265,18 +274,25 @@ def _patched_conv(bb, data, w: np.ndarray, strides, padding, dilation, out_shape
     kh, kw, c, f = w.shape
     if not patches.fits(kh, kw, c, padding, dilation):
         return None
-    rows = choose(kernels, w, c, _window(kw, c, dilation), pixels=out_shape[2])
-    taps = kh * kw * c
-    flat = w.reshape(1, 1, taps, f)
-    k = choose(kernels, flat, taps, pixels=out_shape[2])
-    if k is None or rows is not None and _ceil(taps, k.depth) >= kh * reduction(rows, c, _window(kw, c, dilation))[0]:
+    window, taps = _window(kw, c, dilation), kh * kw * c
+    rows = choose(kernels, w, c, window, pixels=out_shape[2])
+    k = choose(kernels, w.reshape(1, 1, taps, f), taps, pixels=out_shape[2])
+    if k is None or rows is not None and _ceil(taps, k.depth) >= kh * reduction(rows, c, window)[0]:
         return None  # (without a row kernel, e.g. 1 channel, the conv would take the generic int8 kernel)
-    depth = _ceil(taps, k.depth)
-    n, h, wd, _ = (int(d) for d in data.ty.shape)
-    gv = bb.add_func(patches.patches((n, h, wd, c), kh, kw, (strides[0], strides[1]), depth), "conv_patches")
-    copied = bb.emit(relax.call_tir(gv, [data], relax.TensorType((*out_shape[:-1], depth), "int8")))
-    flat = np.pad(flat, [(0, 0), (0, 0), (0, depth - taps), (0, 0)])
+    copied, flat = _window_copy(bb, data, w, strides, _ceil(taps, k.depth), out_shape)
     return _dot_conv(bb, copied, flat, [1, 1], [0, 0, 0, 0], [1, 1], out_shape, kernels, 0, layer, macs)
+
+
+def _window_copy(bb, data, w: np.ndarray, strides, depth: int, out_shape, groups: int = 1):
+    """(`patches.patches` of `data` with `depth` values per group's window, emitted; the HWIO weight `w` as
+    the 1×1 conv over it reads it: [1, 1, depth, F], each group's KH·KW·C/groups taps then zero rows)."""
+    kh, kw, g_in, f = w.shape
+    n, h, wd, c = (int(d) for d in data.ty.shape)
+    gv = bb.add_func(patches.patches((n, h, wd, c), kh, kw, (strides[0], strides[1]), depth, groups),
+                     "conv_patches")
+    copied = bb.emit(relax.call_tir(gv, [data], relax.TensorType((*out_shape[:-1], groups * depth), "int8")))
+    taps = kh * kw * g_in
+    return copied, np.pad(w.reshape(1, 1, taps, f), [(0, 0), (0, 0), (0, depth - taps), (0, 0)])
 
 
 def _dot_conv(bb, data, w: np.ndarray, strides, padding, dilation, out_shape, kernels, pad_value: int, layer: str,
@@ -428,13 +444,11 @@ def legalize_grouped_conv2d(bb: relax.BlockBuilder, call: relax.Call, vector_byt
     per tap. Output channels beyond F read zero-padded input channels and are dropped. `vector_bytes`:
     the target's int8 vector (`grouped_channel_tile`)."""
     attrs = call.attrs
-    data, weight = call.args
+    data = call.args[0]
     groups = int(attrs.groups)
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") or groups == 1 \
-            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
-            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+    w = _int8_conv_weight(call)
+    if w is None or groups == 1:
         return None
-    w = weight.value.numpy()
     kh, kw, g_in, f = w.shape
     c = int(data.ty.shape[-1])
     taps = kh * kw * g_in
@@ -481,31 +495,25 @@ def legalize_grouped_patches(bb: relax.BlockBuilder, call: relax.Call, kernels: 
     (`legalize_grouped_conv2d`) multiplies one broadcast input channel per tap: mobilenet_blocks' 24→32
     groups=4 conv on arm-a53 55,435 instructions → 39,951 + 7,344 for the copy."""
     attrs = call.attrs
-    data, weight = call.args
+    data = call.args[0]
     groups = int(attrs.groups)
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") or groups == 1 \
-            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
-            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+    w = _int8_conv_weight(call)
+    if w is None or groups == 1:
         return None
-    w = weight.value.numpy()
     kh, kw, g_in, f = w.shape
-    n, h, wd, c = (int(d) for d in data.ty.shape)
+    c = int(data.ty.shape[-1])
     strides, dilation = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
     if g_in == 1 or c != g_in * groups or f % groups \
             or not patches.fits(kh, kw, c, [int(v) for v in attrs.padding], dilation, groups):
         return None
     taps = kh * kw * g_in
-    flat = w.reshape(1, 1, taps, f)
-    k = choose([k for k in kernels if f // groups % k.lanes == 0], flat, taps)
+    k = choose([k for k in kernels if f // groups % k.lanes == 0], w.reshape(1, 1, taps, f), taps)
     if k is None:
         return None
-    depth = _ceil(taps, k.depth)
-    gv = bb.add_func(patches.patches((n, h, wd, c), kh, kw, (strides[0], strides[1]), depth, groups), "conv_patches")
     out_shape = [int(d) for d in call.ty.shape]
-    copied = bb.emit(relax.call_tir(gv, [data], relax.TensorType((*out_shape[:-1], groups * depth), "int8")))
-    padded = relax.const(np.pad(flat, [(0, 0), (0, 0), (0, depth - taps), (0, 0)]))
-    conv = bb.normalize(relax.op.nn.conv2d(copied, padded, [1, 1], [0, 0, 0, 0], [1, 1], groups, "NHWC", "HWIO",
-                                           "NHWC", "int32"))
+    copied, flat = _window_copy(bb, data, w, strides, _ceil(taps, k.depth), out_shape, groups)
+    conv = bb.normalize(relax.op.nn.conv2d(copied, relax.const(flat), [1, 1], [0, 0, 0, 0], [1, 1], groups, "NHWC",
+                                           "HWIO", "NHWC", "int32"))
     return legalize_grouped_dot(bb, conv, kernels, layer=(f"conv2d {kh}x{kw} {c}->{f} groups={groups}",
                                                           int(np.prod(out_shape[:-1])) * taps * f))
 
@@ -525,13 +533,11 @@ def legalize_grouped_dot(bb: relax.BlockBuilder, call: relax.Call, kernels: tupl
     `legalize_grouped_conv2d`). `layer`: the (name, MACs) to record, for a conv legalized as another
     (`legalize_grouped_patches`)."""
     attrs = call.attrs
-    data, weight = call.args
+    data = call.args[0]
     groups = int(attrs.groups)
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") or groups == 1 \
-            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
-            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+    w = _int8_conv_weight(call)
+    if w is None or groups == 1:
         return None
-    w = weight.value.numpy()
     kh, kw, g_in, f = w.shape
     c = int(data.ty.shape[-1])
     if c != g_in * groups or f % groups:
@@ -598,12 +604,10 @@ def legalize_depthwise_dot(bb: relax.BlockBuilder, call: relax.Call, pad_value: 
     from graphopt.targets.lowering import intrin_depthwise as intrin
 
     attrs = call.attrs
-    data, weight = call.args
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
-            or not isinstance(weight, tvm.ir.expr.Constant) or str(data.ty.dtype) != "int8" \
-            or str(weight.ty.dtype) != "int8" or str(attrs.out_dtype) != "int32" or _static(data.ty.shape) is None:
+    data = call.args[0]
+    w = _int8_conv_weight(call)
+    if w is None:
         return None
-    w = weight.value.numpy()
     kh, kw, g_in, f = w.shape
     n, h, wd, c = (int(d) for d in data.ty.shape)
     if (kh, kw, g_in) != (intrin.ROWS, intrin.ROWS, 1) or int(attrs.groups) != c or f != c \
