@@ -13,6 +13,8 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
+from graphopt.targets.lowering.prim_funcs import span, splat
+
 PAD_ATTR = "graphopt.pad_rows"  # function attribute of `pad_nhwc`'s PrimFuncs
 VECTOR = 16  # bytes per load and store
 
@@ -25,11 +27,8 @@ def pad_nhwc(shape: tuple[int, int, int, int], pad: tuple[int, int, int, int], v
     pt, pb, pl, pr = pad
     rows, row = pt + h + pb, (pl + w + pr) * c
 
-    def span(start, width: int):  # `width` contiguous bytes from `start` (a ramp needs 2 lanes)
-        return T.ramp(start, 1, width) if width > 1 else start
-
     def fill(width: int):
-        return T.broadcast(T.int8(value), width) if width > 1 else T.int8(value)
+        return splat(value, width, dtype)
 
     def runs(width: int) -> tuple[int, int]:  # whole vectors, then the rest
         return width // VECTOR, width % VECTOR

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from graphopt.targets.lowering.prim_funcs import span, splat
+
 PATCHES_ATTR = "graphopt.conv_patches"  # function attribute of `patches`' PrimFuncs
 VECTOR = 16  # bytes of the widest window-row copy (one NEON / SSE register)
 
@@ -59,12 +61,6 @@ def patches(shape: tuple[int, int, int, int], kh: int, kw: int, strides: tuple[i
     def target(by, u, t, g):
         return ((by * ow + u) * groups + g) * depth + t * piece
 
-    def span(start, width: int):  # `width` contiguous bytes from `start` (a ramp needs 2 lanes)
-        return T.ramp(start, 1, width) if width > 1 else start
-
-    def zeros(width: int):
-        return T.broadcast(T.int8(0), width) if width > 1 else T.int8(0)
-
     @T.prim_func(private=True, s_tir=True)
     def conv_patches(x: T.Buffer((n, h, w, c), "int8"),  # type: ignore[valid-type]  # TVMScript
                      p: T.Buffer((n, oh, ow, groups * depth), "int8")):  # type: ignore[valid-type]  # TVMScript
@@ -79,6 +75,6 @@ def patches(shape: tuple[int, int, int, int], kh: int, kw: int, strides: tuple[i
                     for t in T.unroll(wide, pieces):
                         pf[span(target(by, u, t, g), piece)] = xf[span(source(by, u, t, g), piece)]
                     if tail > 0:  # after the copies: a vector one may have run into it
-                        pf[span(target(by, u, pieces, g), tail)] = zeros(tail)
+                        pf[span(target(by, u, pieces, g), tail)] = splat(0, tail)
 
     return conv_patches

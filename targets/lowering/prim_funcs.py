@@ -1,5 +1,6 @@
-"""The one loop every module-level TIR rewrite of the lowering shares: each PrimFunc of an IRModule through a
-function, replaced only where that changed it. Refuses nothing; Relax functions are left as they are."""
+"""TIR helpers the lowering shares: the one loop every module-level TIR rewrite runs (each PrimFunc of an
+IRModule through a function, replaced only where that changed it; Relax functions are left as they are), and
+the byte-run expressions of the kernels written by hand in TVMScript (`patches`, `pad_rows`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,3 +21,15 @@ def map_prim_funcs(mod: tvm.IRModule, rewrite: Callable[[tirx.PrimFunc], tirx.Pr
                 mod[gv] = rewritten
                 changed += 1
     return mod, changed
+
+
+def span(start, width: int):
+    """The index of `width` contiguous elements from `start`: a ramp, or `start` itself for one (a ramp
+    needs 2 lanes)."""
+    return tirx.Ramp(start, 1, width) if width > 1 else start
+
+
+def splat(value: int, width: int, dtype: str = "int8"):
+    """`value` in `width` lanes (a scalar for one), to store to a `span`."""
+    scalar = tirx.const(value, dtype)
+    return tirx.Broadcast(scalar, width) if width > 1 else scalar
