@@ -24,6 +24,19 @@ class Depthwise(nn.Module):
         return self.out(nn.functional.relu6(self.dw(self.pw(x))))
 
 
+class Depthwise64(nn.Module):
+    """MobileNetV2's 64-channel depthwise 3×3 at 16×16 (inside the zoo's mobilenet_blocks): 16→64 1×1, the
+    depthwise conv (padding 1), 64→16 1×1."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw, self.dw = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.project = nn.Conv2d(64, 16, 1)
+
+    def forward(self, x):
+        return self.project(nn.functional.relu6(self.dw(torch.relu(self.pw(x)))))
+
+
 class Residual(nn.Module):
     def __init__(self):
         super().__init__()

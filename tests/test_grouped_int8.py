@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_tools
+from quant_models import Depthwise64
 from torch import nn
 
 import graphopt
@@ -127,18 +128,6 @@ def test_other_arm_targets_are_bit_exact(quantized, target):
                   5 if dotprod else 7 - patched, int(dotprod), int(dotprod or patched))
 
 
-class _Depthwise(nn.Module):
-    """MobileNetV2's 64-channel depthwise 3×3 at 16×16 (inside the zoo's mobilenet_blocks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.pw, self.dw = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
-        self.project = nn.Conv2d(64, 16, 1)
-
-    def forward(self, x):
-        return self.project(nn.functional.relu6(self.dw(torch.relu(self.pw(x)))))
-
-
 @pytest.mark.emulation
 def test_depthwise_kernel_instructions_per_mac_on_a53():
     """The depthwise layer, requantize epilogue included: 0.61 instructions per MAC measured on the grouped
@@ -149,7 +138,7 @@ def test_depthwise_kernel_instructions_per_mac_on_a53():
 
     torch.manual_seed(0)
     x = torch.randn(1, 16, 16, 16)
-    q = graphopt.quantize(_Depthwise().eval(), (x,), [(torch.randn(4, 16, 16, 16),)])
+    q = graphopt.quantize(Depthwise64().eval(), (x,), [(torch.randn(4, 16, 16, 16),)])
     spec = get_target("arm-a53")
     lowered = lower(torch.export.export(to_integer(q, (x,)), (x,)).run_decompositions(), spec)
     counts = {name: c for name, c in kernel_counts(lowered.ir_module, spec).items() if "conv2d_int8_grouped" in name}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import tvm
 from conftest import require_tools, saturating_inputs
-from torch import nn
+from quant_models import Depthwise64
 from tvm import relax
 
 import graphopt
@@ -49,18 +49,6 @@ def test_other_pads_keep_tvms_legalization(dtype, widths, mode):
     assert len(funcs) == 1 and pad_rows.PAD_ATTR not in (funcs[0].attrs or {})
 
 
-class _Depthwise(nn.Module):
-    """MobileNetV2's 64-channel depthwise 3×3 at 16×16: on NEON without dotprod its conv reads a padded copy."""
-
-    def __init__(self):
-        super().__init__()
-        self.pw, self.dw = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64)
-        self.project = nn.Conv2d(64, 16, 1)
-
-    def forward(self, x):
-        return self.project(nn.functional.relu6(self.dw(torch.relu(self.pw(x)))))
-
-
 SHAPE = (1, 16, 16, 16)
 
 
@@ -68,7 +56,7 @@ SHAPE = (1, 16, 16, 16)
 def quantized():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=g)
-    q = graphopt.quantize(_Depthwise().eval(), (x,), [(torch.randn(4, *SHAPE[1:], generator=g),)])
+    q = graphopt.quantize(Depthwise64().eval(), (x,), [(torch.randn(4, *SHAPE[1:], generator=g),)])
     return q, to_integer(q, (x,)), x
 
 
