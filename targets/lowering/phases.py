@@ -43,7 +43,7 @@ class LoweringResult:
     executable: tvm.relax.VMExecutable  # built for the spec
     ir_module: tvm.IRModule  # the final scheduled module, before VM lowering
     stats: dict  # JSON-serializable: target, phases, layout, kernels, scheduled, unscheduled, serial_kernels,
-    # vector_exp_kernels
+    # vector_exp_kernels, single_call
 
 
 def _import(ep, spec, state):
@@ -225,13 +225,20 @@ def _build(mod, spec, state):
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from graphopt.targets.lowering.single_call import build_config, merge_calls
+
     target = spec.tvm()
+    mod, state["single_call"] = merge_calls(mod)  # one kernel call per inference where it pays
     # legalization and fusion are done above; only VM lowering remains
     vm_lowering = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-    # "compiled": the Relax main becomes native code calling the kernels and VM builtins, instead of
-    # bytecode the VM interprets per instruction (ResNet-20 at 32x32, ~70 calls: 0.97x per inference,
-    # fp32 and int8, 1 thread, paired; build and export times unchanged)
-    return relax.build(mod, target=target, relax_pipeline=vm_lowering, exec_mode="compiled")
+    outer = tvm.transform.PassContext.current()
+    config = {**outer.config, **build_config(state["single_call"])}
+    with tvm.transform.PassContext(opt_level=outer.opt_level, required_pass=outer.required_pass,
+                                   disabled_pass=outer.disabled_pass, instruments=outer.instruments, config=config):
+        # "compiled": the Relax main becomes native code calling the kernels and VM builtins, instead of
+        # bytecode the VM interprets per instruction (ResNet-20 at 32x32, ~70 calls: 0.97x per inference,
+        # fp32 and int8, 1 thread, paired; build and export times unchanged)
+        return relax.build(mod, target=target, relax_pipeline=vm_lowering, exec_mode="compiled")
 
 
 # The lowering pipeline: (phase name, fn(ir, spec, state) -> ir), run in order.
@@ -311,6 +318,7 @@ def lower(ep, spec: TargetSpec) -> LoweringResult:
     }
     if state.get("winograd"):
         stats["winograd"] = state["winograd"]
+    stats["single_call"] = state["single_call"]
     if "from_database" in state:
         stats["from_database"] = state["from_database"]
         stats["default_kept"] = state["default_kept"]
