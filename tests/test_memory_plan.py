@@ -1,4 +1,4 @@
-"""The C library's arena plan (`graphopt.targets.lowering.memory_plan`): blocks live at the same call never
+"""The C library's arena plan (`graphopt.targets.backends.memory_plan`): blocks live at the same call never
 overlap, the arena is never below the peak-live bound, it reaches the bound on chains and residual
 blocks (the shapes of CNNs), and on small random problems it is as small as the best placement
 order found by exhaustive search. The zoo models' arenas against their bounds are checked where
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from graphopt.targets.lowering.memory_plan import Block, _place, live_bytes, plan
+from graphopt.targets.backends.memory_plan import Block, _place, live_bytes, plan
 
 
 def _check_valid(blocks, p):

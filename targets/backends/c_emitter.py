@@ -39,8 +39,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import ConfigError, LoweringError, Unsupported
-from graphopt.targets.backends import toolchain
-from graphopt.targets.lowering import memory_plan
+from graphopt.targets.backends import memory_plan, toolchain
 from graphopt.targets.lowering.phases import run_phase, run_phases
 from graphopt.targets.spec import TargetSpec
 

@@ -2,16 +2,20 @@
 
 The Relax VM spends ~1.2k instructions per kernel call even in compiled mode (arm-a55, a chain of 8×8
 matmuls): it allocates a storage and a tensor object for every intermediate, releases them, and packs the
-call's arguments — on the zoo's small models 2–9 % of an inference, 30 % of the tiny transformer's int8.
+call's arguments — on the zoo's small models 2–6 % of an inference, a fifth of the tiny transformer's.
 `merge_calls` writes main's kernels, in order, into one PrimFunc ``graph`` that main calls once: the model's
-inputs, the constants and the outputs are its parameters, and every intermediate lives in one arena placed by
-`memory_plan` at the peak-live bound (the C library's plan; 64-byte aligned offsets). Each kernel body is
-copied unchanged with fresh variables (a kernel called twice is written twice), each of its parameters a view
-over a pointer of its own — the graph parameter's data, or the arena's plus the tensor's offset (an element
-offset would be lost where a kernel re-declares its buffer flat, as `patches` and `pad_rows` do). Schedules,
-tuning records and per-kernel instruction counts (`LoweringResult.ir_module`, the module before the merge)
-still see the separate kernels. TVM's StorageRewrite would reuse memory by the accesses it sees, which the
-views hide from it: `build_config` turns it off for a merged module (kernel instruction counts unchanged).
+inputs, the constants and the outputs are its parameters, every intermediate a buffer of its own. Each kernel
+body is copied unchanged with fresh variables (a kernel called twice is written twice), each of its parameters
+a view of the tensor it was passed, so schedules, tuning records and per-kernel instruction counts
+(`LoweringResult.ir_module`, the module before the merge) still see the separate kernels.
+
+The intermediates are not packed into one arena: TVM gives LLVM each buffer's accesses as never aliasing
+another's, which holds within a kernel but not across kernels whose tensors would share arena bytes (LLVM moved
+a load above an earlier kernel's store: BERT-tiny off by 5e-3); views of one shared pointer are correct but
+lose that knowledge inside the kernels (tiny transformer int8 arm-a55: 205k instructions against 194k). So the
+intermediates all live for the call — the VM reused storage between them; the report gives their bytes.
+TVM's StorageRewrite would reuse memory by the accesses it sees, which the views hide from it: `build_config`
+turns it off for a merged module (kernel instruction counts unchanged with it off).
 
 Refuses — returns the module unchanged with the reason, which the report shows — a main that is not one
 dataflow block of ``call_tir`` bindings returning a tuple of them, symbolic shapes or TIR arguments, strided
@@ -24,16 +28,16 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
 
-from graphopt.targets.lowering import memory_plan
 from graphopt.targets.lowering.small_kernels import estimated_work
 
 NAME = "graph"  # the merged PrimFunc
-ALIGN = 64  # bytes: TVM's kernels assume 64-byte aligned buffers; every arena offset is a multiple
+ALIGN = 64  # bytes: TVM's kernels assume 64-byte aligned buffers
 # Merged only while the kernels average at most this much work per call (`small_kernels.estimated_work`, loop
 # iterations reaching a store; ~3 instructions each on the zoo's models), where the VM's ~1.2k per call is
 # above ~1 % of an inference. LLVM compiles the merged function slower than the kernels apart (tiny
-# transformer on arm-a55: lower and build 4.2 → 4.9 s), which 1–30 % fewer instructions per inference pay
-# for; ResNet-18 at 224×224 (host, 725k iterations per call) would take 4.9 → 7.6 s for ~0.05 %.
+# transformer on arm-a55: lower and build 4.2 → 4.9 s), which 2–21 % fewer instructions per inference pay
+# for; ResNet-18 at 224×224 (host, 725k iterations per call) would take 4.9 → 7.6 s for ~0.05 %. Small
+# models also keep the intermediates' bytes small.
 MAX_WORK_PER_CALL = 1 << 15
 _NO_STORAGE_REWRITE = {"tirx.disable_storage_rewrite": True}
 
@@ -75,6 +79,11 @@ def _calls(main) -> tuple[list, list] | str:
     return calls, outputs
 
 
+def _view(param, data):
+    """A buffer shaped as kernel parameter `param` over pointer `data`."""
+    return tirx.decl_buffer(list(param.ty.shape), param.ty.dtype, param.name, data=data, data_alignment=ALIGN)
+
+
 def _bytes(ty) -> int:
     size = tvm.DataType(str(ty.dtype)).bits // 8
     for d in _static_shape(ty) or []:
@@ -82,28 +91,72 @@ def _bytes(ty) -> int:
     return size
 
 
-def _kernels(mod, calls) -> list | str:
-    """The PrimFuncs `calls` call, or why one cannot be merged."""
+def merge_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
+    """`mod` with main calling one merged PrimFunc, and ``{"calls", "intermediate_bytes"}``; or `mod`
+    unchanged and ``{"declined": reason}``."""
+    found = _calls(mod["main"])
+    if isinstance(found, str):
+        return mod, {"declined": found}
+    calls, outputs = found
     funcs = []
     for _, gv, args in calls:
         func = mod[gv]
         if not isinstance(func, tirx.PrimFunc) or len(func.params) != len(args) + 1:
-            return f"{gv.name_hint} is not a destination-passing kernel of its arguments"
+            return mod, {"declined": f"{gv.name_hint} is not a destination-passing kernel of its arguments"}
         for p in func.params:
             if len(p.ty.strides) or tvm.DataType(str(p.ty.dtype)).bits % 8 or _static_shape(p.ty) is None:
-                return f"{gv.name_hint} has a strided, sub-byte or symbolic parameter"
+                return mod, {"declined": f"{gv.name_hint} has a strided, sub-byte or symbolic parameter"}
         funcs.append(func)
-    return funcs
+    per_call = sum(estimated_work(f) for f in funcs) // len(funcs)
+    if per_call > MAX_WORK_PER_CALL:
+        return mod, {"declined": f"{per_call} loop iterations per kernel call, above {MAX_WORK_PER_CALL} "
+                                 "(compile time)"}
 
+    produced = {var for var, _, _ in calls}
+    external: list = []  # inputs and constants, in first use order
+    for _, _, args in calls:
+        for a in args:
+            if a in produced:
+                continue
+            if not isinstance(a, relax.Var | tvm.ir.Constant | tvm.ir.GenericConst) or _static_shape(a.ty) is None:
+                return mod, {"declined": f"a kernel argument of type {type(a).__name__} without a static shape"}
+            if not any(a.same_as(e) for e in external):
+                external.append(a)
+    kept = set(outputs)
+    intermediates = [var for var, _, _ in calls if var not in kept]
+    total = sum(_bytes(var.ty) for var in intermediates)
 
-def _main(main, graph: tirx.PrimFunc, external: list, outputs: list) -> tvm.IRModule:
-    """A module of `graph` and a main calling it once on `external` for `outputs`."""
+    def param(expr):
+        shape = _static_shape(expr.ty)
+        name = expr.name if isinstance(expr, relax.Var) else f"constant{len(params)}"
+        return tirx.decl_buffer([tirx.IntImm("int64", d) for d in shape], expr.ty.dtype, name, data_alignment=ALIGN)
+
+    params: dict = {}
+    for e in [*external, *outputs]:
+        params.setdefault(e, param(e))
+    buffers = {**params, **{var: param(var) for var in intermediates}}
+    stmts = []
+    for (var, _, args), func in zip(calls, funcs, strict=True):
+        func = s_tir.renew_defs(func)  # fresh variables: a kernel called twice is written twice
+        views, decls = {}, []
+        for value, p in zip([*args, var], func.params, strict=True):
+            data = tirx.buffer_data(buffers[value])
+            views[p] = _view(p, data)
+            decls.append(tirx.DeclBuffer(views[p], data=data))
+        body = tvm_ffi.structural_map(func.body, (tvm.ir.Var, lambda v, views=views: views.get(v, v)))
+        stmts.append(tirx.SeqStmt([*decls, body]))
+    root = s_tir.SBlock([], [], [], "root", tirx.SeqStmt(stmts), alloc_buffers=[buffers[v] for v in intermediates])
+    graph = tirx.PrimFunc(list(params.values()), s_tir.SBlockRealize([], True, root))
+    for key, value in (("tirx.is_scheduled", True), ("tirx.noalias", True), ("s_tir", True)):
+        graph = graph.with_attr(key, value)
+
+    main = mod["main"]
     builder = relax.BlockBuilder()
     gvar = builder.add_func(graph, NAME)
-    params = [relax.Var(p.name, p.ty) for p in main.params]
-    renamed = dict(zip(main.params, params, strict=True))
+    new_params = [relax.Var(p.name, p.ty) for p in main.params]
+    renamed = dict(zip(main.params, new_params, strict=True))
     attrs = {k: main.attrs[k] for k in main.attrs.keys()} if main.attrs is not None else None
-    with builder.function("main", params, attrs=attrs):
+    with builder.function("main", new_params, attrs=attrs):
         with builder.dataflow():
             out_ty = [o.ty for o in outputs]
             result = builder.emit(relax.call_tir(gvar, relax.Tuple([renamed.get(e, e) for e in external]),
@@ -112,70 +165,10 @@ def _main(main, graph: tirx.PrimFunc, external: list, outputs: list) -> tvm.IRMo
                 if len(outputs) > 1 else [result]
             gv = builder.emit_output(relax.Tuple(items))
         builder.emit_func_output(gv)
-    return builder.get()
-
-
-def merge_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
-    """`mod` with main calling one merged PrimFunc, and ``{"calls", "arena_bytes", "lower_bound"}``; or
-    `mod` unchanged and ``{"declined": reason}``."""
-    found = _calls(mod["main"])
-    if isinstance(found, str):
-        return mod, {"declined": found}
-    calls, outputs = found
-    funcs = _kernels(mod, calls)
-    if isinstance(funcs, str):
-        return mod, {"declined": funcs}
-    per_call = sum(estimated_work(f) for f in funcs) // len(funcs)
-    if per_call > MAX_WORK_PER_CALL:
-        return mod, {"declined": f"{per_call} loop iterations per kernel call, above {MAX_WORK_PER_CALL} "
-                                 "(compile time)"}
-    first = {var: k for k, (var, _, _) in enumerate(calls)}
-    last = dict(first)
-    external: list = []  # inputs and constants, in first use order
-    for k, (_, _, args) in enumerate(calls):
-        for a in args:
-            if a in first:
-                last[a] = k
-                continue
-            if not isinstance(a, relax.Var | tvm.ir.Constant | tvm.ir.GenericConst) or _static_shape(a.ty) is None:
-                return mod, {"declined": f"a kernel argument of type {type(a).__name__} without a static shape"}
-            if not any(a.same_as(e) for e in external):
-                external.append(a)
-    kept = set(outputs)
-    plan = memory_plan.plan([memory_plan.Block(var, k, last[var], -(-max(_bytes(var.ty), 1) // ALIGN) * ALIGN)
-                             for var, k in first.items() if var not in kept], len(calls))
-
-    params: dict = {}
-    for e in [*external, *outputs]:
-        name = e.name if isinstance(e, relax.Var) else f"constant{len(params)}"
-        params.setdefault(e, tirx.decl_buffer([tirx.IntImm("int64", d) for d in _static_shape(e.ty) or []],
-                                              e.ty.dtype, name, data_alignment=ALIGN))
-    arena = tirx.decl_buffer([tirx.IntImm("int64", max(plan.arena_bytes, 1))], "uint8", "arena",
-                             data_alignment=ALIGN)
-    base = tirx.buffer_data(arena)
-    stmts = []
-    for (var, _, args), func in zip(calls, funcs, strict=True):
-        func = s_tir.renew_defs(func)  # fresh variables: a kernel called twice is written twice
-        views, decls = {}, []
-        for value, p in zip([*args, var], func.params, strict=True):
-            if value in params:
-                data = tirx.buffer_data(params[value])
-            else:
-                data = tirx.Var(f"{p.name}_data", base.ty)
-                decls.append(tirx.Bind(data, tirx.call_intrin(base.ty, "tirx.handle_add_byte_offset", base,
-                                                              tirx.IntImm("int32", plan.offsets[value]))))
-            views[p] = tirx.decl_buffer(list(p.ty.shape), p.ty.dtype, p.name, data=data, data_alignment=ALIGN)
-            decls.append(tirx.DeclBuffer(views[p], data=data))
-        body = tvm_ffi.structural_map(func.body, (tvm.ir.Var, lambda v, views=views: views.get(v, v)))
-        stmts.append(tirx.SeqStmt([*decls, body]))
-    root = s_tir.SBlock([], [], [], "root", tirx.SeqStmt(stmts), alloc_buffers=[arena] if plan.offsets else [])
-    graph = tirx.PrimFunc(list(params.values()), s_tir.SBlockRealize([], True, root))
-    for key, value in (("tirx.is_scheduled", True), ("tirx.noalias", True), ("s_tir", True)):
-        graph = graph.with_attr(key, value)
-    merged = _main(mod["main"], graph, external, outputs)
+    merged = builder.get()
     if mod.attrs is not None:
         merged = merged.with_attrs(mod.attrs)
-    return merged, {"calls": len(calls), "arena_bytes": plan.arena_bytes, "lower_bound": plan.lower_bound}
+    return merged, {"calls": len(calls), "intermediate_bytes": total}
 
 
 def build_config(stats: dict) -> dict:

@@ -1,6 +1,5 @@
-"""Static arena plan for a sequence of kernel calls — the runtime-free C library's, and the VM's single
-call (`single_call`): every activation and every kernel workspace gets an offset in one arena, measured
-against the peak-live lower bound.
+"""Static arena plan for the runtime-free C library: every activation and every kernel workspace
+gets an offset in one arena, measured against the peak-live lower bound.
 
 A block is live over an interval of kernel calls: an activation from the call that first names
 it to the last call that reads it (to the end for a model output kept in the arena), a kernel's
