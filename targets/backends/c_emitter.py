@@ -41,6 +41,7 @@ import numpy as np
 from graphopt.errors import ConfigError, LoweringError, Unsupported
 from graphopt.targets.backends import memory_plan, toolchain
 from graphopt.targets.lowering.phases import run_phase, run_phases
+from graphopt.targets.lowering.prim_funcs import static_dims
 from graphopt.targets.spec import TargetSpec
 
 ALIGN = 64  # arena, workspace and weight alignment (TVM's kernels assume 64-byte aligned buffers)
@@ -149,14 +150,12 @@ class _Graph:
 
 
 def _static_shape(shape, what: str) -> tuple[int, ...]:
-    import tvm
-
-    dims = list(shape.values) if hasattr(shape, "values") else list(shape)
-    if not all(isinstance(d, (int, tvm.tirx.IntImm)) for d in dims):
+    dims = static_dims(shape)
+    if dims is None:
         raise LoweringError("the C library needs static shapes",
-                            [Unsupported(f"{what} has shape {dims}", "memory plan",
+                            [Unsupported(f"{what} has shape {list(getattr(shape, 'values', shape))}", "memory plan",
                                          "compile with fixed-size example inputs (no dynamic dimensions)")])
-    return tuple(int(d) for d in dims)
+    return dims
 
 
 def _walk_main(mod) -> _Graph:

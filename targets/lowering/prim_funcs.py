@@ -1,6 +1,7 @@
 """TIR helpers the lowering shares: the one loop every module-level TIR rewrite runs (each PrimFunc of an
-IRModule through a function, replaced only where that changed it; Relax functions are left as they are), and
-the byte-run expressions of the kernels written by hand in TVMScript (`patches`, `pad_rows`)."""
+IRModule through a function, replaced only where that changed it; Relax functions are left as they are), static
+shapes as ints (`single_call`, the C library's emitter), and the byte-run expressions of the kernels written by
+hand in TVMScript (`patches`, `pad_rows`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,6 +22,14 @@ def map_prim_funcs(mod: tvm.IRModule, rewrite: Callable[[tirx.PrimFunc], tirx.Pr
                 mod[gv] = rewritten
                 changed += 1
     return mod, changed
+
+
+def static_dims(shape) -> tuple[int, ...] | None:
+    """A Relax ``ShapeExpr``'s or a TIR shape's dimensions as ints, None when one is symbolic."""
+    dims = list(shape.values) if hasattr(shape, "values") else list(shape)
+    if not all(isinstance(d, int | tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
 
 
 def span(start, width: int):

@@ -28,6 +28,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
 
+from graphopt.targets.lowering.prim_funcs import static_dims
 from graphopt.targets.lowering.small_kernels import estimated_work
 
 NAME = "graph"  # the merged PrimFunc
@@ -42,13 +43,10 @@ MAX_WORK_PER_CALL = 1 << 15
 _NO_STORAGE_REWRITE = {"tirx.disable_storage_rewrite": True}
 
 
-def _static_shape(ty) -> list[int] | None:
+def _static_shape(ty) -> tuple[int, ...] | None:
     """The dimensions of a Relax tensor type or a TIR buffer type, None when one is symbolic or unknown."""
     shape = getattr(ty, "shape", None)
-    values = getattr(shape, "values", shape)  # Relax: a ShapeExpr; TIR: the dimensions
-    if values is None or not all(isinstance(d, int | tvm.ir.prim.expr.IntImm) for d in values):
-        return None
-    return [int(d) for d in values]
+    return None if shape is None else static_dims(shape)
 
 
 def _calls(main) -> tuple[list, list] | str:
@@ -86,7 +84,7 @@ def _view(param, data):
 
 def _bytes(ty) -> int:
     size = tvm.DataType(str(ty.dtype)).bits // 8
-    for d in _static_shape(ty) or []:
+    for d in _static_shape(ty) or ():
         size *= d
     return size
 
