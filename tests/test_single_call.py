@@ -50,12 +50,17 @@ def _outputs(cm, x):
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def test_merged_host_build_equals_the_unmerged_one(monkeypatch):
+@pytest.mark.parametrize("max_calls", [single_call.MAX_CALLS, 2, 3])
+def test_merged_host_build_equals_the_unmerged_one(monkeypatch, max_calls):
+    """In one merged function, and split into several (tensors crossing between them, a group's result used
+    two groups later, both outputs from different groups)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(single_call, "MAX_CALLS", max_calls)
     model, x = People().eval(), torch.randn(1, 8, 9, 7)
     merged, separate = (_compile(model, x, "host", monkeypatch, merge) for merge in (True, False))
     stats = merged.report.lowering["single_call"]
     assert stats["calls"] >= 5 and stats["intermediate_bytes"] > 0, stats
+    assert stats["functions"] == -(-stats["calls"] // max_calls), stats
     assert separate.report.lowering["single_call"] == {"declined": "off in this test"}
     for inp in [x, *(torch.randn(1, 8, 9, 7) * s for s in (0.1, 10.0))]:
         with torch.no_grad():

@@ -1,10 +1,13 @@
-"""One kernel call per inference: the Relax main's kernel calls written into a single PrimFunc.
+"""One kernel call per inference: the Relax main's kernel calls written into a single PrimFunc (a few, in
+sequence, for long models).
 
 The Relax VM spends ~1.2k instructions per kernel call even in compiled mode (arm-a55, a chain of 8×8
 matmuls): it allocates a storage and a tensor object for every intermediate, releases them, and packs the
 call's arguments — on the zoo's small models 2–6 % of an inference, a fifth of the tiny transformer's.
 `merge_calls` writes main's kernels, in order, into one PrimFunc ``graph`` that main calls once: the model's
-inputs, the constants and the outputs are its parameters, every intermediate a buffer of its own. Each kernel
+inputs, the constants and the outputs are its parameters, every intermediate a buffer of its own. Above
+`MAX_CALLS` kernel calls the kernels go into several such functions ``graph0``, ``graph1``… in sequence, each
+returning what later ones or main's outputs read. Each kernel
 body is copied unchanged with fresh variables (a kernel called twice is written twice), each of its parameters
 a view of the tensor it was passed, so schedules, tuning records and per-kernel instruction counts
 (`LoweringResult.ir_module`, the module before the merge) still see the separate kernels.
@@ -40,6 +43,11 @@ ALIGN = 64  # bytes: TVM's kernels assume 64-byte aligned buffers
 # for; ResNet-18 at 224×224 (host, 725k iterations per call) would take 4.9 → 7.6 s for ~0.05 %. Small
 # models also keep the intermediates' bytes small.
 MAX_WORK_PER_CALL = 1 << 15
+# Kernel calls per merged function: LLVM's time on one function grows faster than its size (fuzz bundles, host,
+# merged against unmerged: 34 calls 3.0 vs 3.3 s, 75 calls 8.2 vs 8.1 s, 160 calls 23 vs 17 s), so longer
+# models get several merged functions in sequence, the tensors between them allocated by the VM (160 calls in
+# 4 functions: 17 s). The zoo's CNNs stay at one (≤ 26 calls); the transformers and MobileNetV2 take two.
+MAX_CALLS = 48
 _NO_STORAGE_REWRITE = {"tirx.disable_storage_rewrite": True}
 
 
@@ -111,18 +119,63 @@ def merge_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
                                  "(compile time)"}
 
     produced = {var for var, _, _ in calls}
-    external: list = []  # inputs and constants, in first use order
     for _, _, args in calls:
         for a in args:
-            if a in produced:
-                continue
-            if not isinstance(a, relax.Var | tvm.ir.Constant | tvm.ir.GenericConst) or _static_shape(a.ty) is None:
+            if a not in produced and (not isinstance(a, relax.Var | tvm.ir.Constant | tvm.ir.GenericConst)
+                                      or _static_shape(a.ty) is None):
                 return mod, {"declined": f"a kernel argument of type {type(a).__name__} without a static shape"}
-            if not any(a.same_as(e) for e in external):
-                external.append(a)
-    kept = set(outputs)
+
+    main = mod["main"]
+    builder = relax.BlockBuilder()
+    new_params = [relax.Var(p.name, p.ty) for p in main.params]
+    values = dict(zip(main.params, new_params, strict=True))  # main's vars and the kernels' results → new main
+    attrs = {k: main.attrs[k] for k in main.attrs.keys()} if main.attrs is not None else None
+    groups = _groups(len(calls))
+    total = 0
+    with builder.function("main", new_params, attrs=attrs):
+        with builder.dataflow():
+            for i, group in enumerate(groups):
+                later = {a for _, _, args in calls[group.stop:] for a in args} | set(outputs)
+                own = {var for var, _, _ in calls[group]}
+                external = _unique(a for _, _, args in calls[group] for a in args if a not in own)
+                results = [var for var, _, _ in calls[group] if var in later] or [calls[group][-1][0]]
+                graph, size = _merged(calls[group], funcs[group], external, results)
+                total += size
+                gvar = builder.add_func(graph, NAME if len(groups) == 1 else f"{NAME}{i}")
+                out_ty = [r.ty for r in results]
+                result = builder.emit(relax.call_tir(gvar, relax.Tuple([values.get(e, e) for e in external]),
+                                                     out_ty if len(results) > 1 else out_ty[0]))
+                for j, r in enumerate(results):
+                    values[r] = builder.emit(relax.TupleGetItem(result, j)) if len(results) > 1 else result
+            gv = builder.emit_output(relax.Tuple([values[o] for o in outputs]))
+        builder.emit_func_output(gv)
+    merged = builder.get()
+    if mod.attrs is not None:
+        merged = merged.with_attrs(mod.attrs)
+    return merged, {"calls": len(calls), "functions": len(groups), "intermediate_bytes": total}
+
+
+def _groups(n: int) -> list[slice]:
+    """`n` calls in consecutive groups of at most `MAX_CALLS`, as even as can be."""
+    count = -(-n // MAX_CALLS)
+    size = -(-n // count)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _unique(exprs) -> list:
+    """`exprs` without repeats (by identity: constants are not hashable by value), in first-seen order."""
+    seen: list = []
+    for e in exprs:
+        if not any(e.same_as(s) for s in seen):
+            seen.append(e)
+    return seen
+
+
+def _merged(calls: list, funcs: list, external: list, results: list) -> tuple[tirx.PrimFunc, int]:
+    """One PrimFunc running `calls` (kernels `funcs`) in order: `external` and `results` its parameters, the
+    other results buffers of its own; and those buffers' bytes."""
+    kept = set(results)
     intermediates = [var for var, _, _ in calls if var not in kept]
-    total = sum(_bytes(var.ty) for var in intermediates)
 
     def param(expr):
         shape = _static_shape(expr.ty)
@@ -130,7 +183,7 @@ def merge_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
         return tirx.decl_buffer([tirx.IntImm("int64", d) for d in shape], expr.ty.dtype, name, data_alignment=ALIGN)
 
     params: dict = {}
-    for e in [*external, *outputs]:
+    for e in [*external, *results]:
         params.setdefault(e, param(e))
     buffers = {**params, **{var: param(var) for var in intermediates}}
     stmts = []
@@ -147,26 +200,7 @@ def merge_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
     graph = tirx.PrimFunc(list(params.values()), s_tir.SBlockRealize([], True, root))
     for key, value in (("tirx.is_scheduled", True), ("tirx.noalias", True), ("s_tir", True)):
         graph = graph.with_attr(key, value)
-
-    main = mod["main"]
-    builder = relax.BlockBuilder()
-    gvar = builder.add_func(graph, NAME)
-    new_params = [relax.Var(p.name, p.ty) for p in main.params]
-    renamed = dict(zip(main.params, new_params, strict=True))
-    attrs = {k: main.attrs[k] for k in main.attrs.keys()} if main.attrs is not None else None
-    with builder.function("main", new_params, attrs=attrs):
-        with builder.dataflow():
-            out_ty = [o.ty for o in outputs]
-            result = builder.emit(relax.call_tir(gvar, relax.Tuple([renamed.get(e, e) for e in external]),
-                                                 out_ty if len(outputs) > 1 else out_ty[0]))
-            items = [builder.emit(relax.TupleGetItem(result, i)) for i in range(len(outputs))] \
-                if len(outputs) > 1 else [result]
-            gv = builder.emit_output(relax.Tuple(items))
-        builder.emit_func_output(gv)
-    merged = builder.get()
-    if mod.attrs is not None:
-        merged = merged.with_attrs(mod.attrs)
-    return merged, {"calls": len(calls), "intermediate_bytes": total}
+    return graph, sum(_bytes(var.ty) for var in intermediates)
 
 
 def build_config(stats: dict) -> dict:
