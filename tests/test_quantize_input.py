@@ -72,7 +72,7 @@ def test_arm_a55_is_bit_exact():
 
 @pytest.mark.slow
 def test_armv7_is_bit_exact():
-    """ARMv7 NEON has no round-to-integral instruction: the parity formula of `converters.quantized`."""
+    """ARMv7 NEON has no round-to-integral instruction: `converters.quantized` clamps and adds ±1.5·2^23."""
     require_tools("arm-linux-gnueabihf-gcc", "qemu-arm")
     _assert_exact("armv7")
 

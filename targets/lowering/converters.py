@@ -414,6 +414,10 @@ def _scalar_or_tensor(imp, v, dtype: str):
 
 
 _CLIP = 2.0 ** 30  # |x/scale| clipped here before rounding (int32 conversion), far outside 8/16-bit ranges
+# ±1.5·2^23 as IEEE bits: for |a| ≤ 2^22, a + 1.5·2^23 lies in [2^23, 2^24], where float32's spacing is 1, so
+# the sum is a rounded to an integer in the FPU's rounding mode (ties to even, the default) and subtracting
+# 1.5·2^23 again is exact
+_MAGIC_BITS = (0x4B400000, 0xCB400000)
 
 
 QUANTIZE_ATTR = "graphopt.quantize"  # PrimFunc attribute of `_quantize`'s kernels: [qmin, qmax, rint]
@@ -433,6 +437,16 @@ def _f32(value: float, lanes: int = 1):
 
     c = tirx.const(value, "float32")
     return c if lanes == 1 else tirx.Broadcast(c, lanes)
+
+
+def _magic_round(a, lanes: int = 1):
+    """round_half_even(a) for |a| ≤ 2^22 in two additions (`_MAGIC_BITS`); the constants are reinterpreted
+    bits because TVM's simplifier folds (a + c) − c back to a."""
+    from tvm import tirx
+
+    plus, minus = (tirx.reinterpret("float32", tirx.const(b - (1 << 32) * (b >> 31), "int32")) for b in _MAGIC_BITS)
+    return (a + (plus if lanes == 1 else tirx.Broadcast(plus, lanes))) \
+        + (minus if lanes == 1 else tirx.Broadcast(minus, lanes))
 
 
 def _round_half_even(a, rint: bool, lanes: int = 1):
@@ -455,13 +469,20 @@ def quantized(v, z, qmin: int, qmax: int, dtype: str, rint: bool, lanes: int = 1
     With `rint` and an 8- or 16-bit range the ±2^30 clip is left out: ``nearbyint`` needs no integer
     conversion, every value the clip would change (beyond ±2^30, ±inf) clamps to the same bound without
     it, and NaN meets the same max/min either way. Saves 2 of ~9 vector instructions per 4 values on
-    arm-a55 (a 3×32×32 input in `quantize_channel_last`'s kernel: 10,028 → 8,156)."""
+    arm-a55 (a 3×32×32 input in `quantize_channel_last`'s kernel: 10,028 → 8,156). Without `rint`, an 8- or
+    16-bit range is clamped first and rounded by `_magic_round` (two additions instead of a truncation,
+    a convert back and parity selects: Cortex-M4, mobilenet_blocks' 3×32×32 input 166k → 59k instructions)."""
     from tvm import tirx
 
-    if not (rint and max(abs(qmin), abs(qmax)) < 2 ** 16):
+    out = dtype if lanes == 1 else f"{dtype}x{lanes}"
+    narrow = max(abs(qmin), abs(qmax)) < 2 ** 16
+    if narrow and not rint:  # clamp(rne(v) + z) = rne(clamp(v, qmin − z, qmax − z)) + z: z and the bounds are
+        # integers and rne is monotone; the clamped v is within `_magic_round`'s ±2^22
+        v = tirx.min(tirx.max(v, _f32(float(qmin), lanes) - z), _f32(float(qmax), lanes) - z)
+        return tirx.Cast(out, _magic_round(v, lanes) + z)
+    if not narrow:
         v = tirx.min(tirx.max(v, _f32(-_CLIP, lanes)), _f32(_CLIP, lanes))
     r = _round_half_even(v, rint, lanes)
-    out = dtype if lanes == 1 else f"{dtype}x{lanes}"
     return tirx.Cast(out, tirx.min(tirx.max(r + z, _f32(float(qmin), lanes)), _f32(float(qmax), lanes)))
 
 
@@ -472,9 +493,9 @@ def _quantize(imp, x, inv_scale, zp, qmin, qmax, dtype):
     (`quantize_channel_last` writes that transpose in one vectorized kernel instead).
     Ties to even (torch.round; TVM's round goes away from zero): `nearbyint` (the default rounding
     mode) on targets with round-to-integral instructions (`Feature.FP_ROUND`); elsewhere (FPv4
-    Cortex-M, ARMv7 NEON, target-neutral) the parity f − 2·⌊f/2⌋ of f = ⌊v⌋, with ⌊⌋ by truncation —
-    no libm call. Int32 outputs (|q| ≥ 2^30) are not exact here: quantize_per_tensor to int32 is
-    not a graphopt pattern."""
+    Cortex-M, ARMv7 NEON, target-neutral) by adding and subtracting 1.5·2^23 (`_magic_round`), or for
+    ranges wider than 16 bits the parity f − 2·⌊f/2⌋ of f = ⌊v⌋, with ⌊⌋ by truncation — no libm call.
+    Int32 outputs (|q| ≥ 2^30) are not exact here: quantize_per_tensor to int32 is not a graphopt pattern."""
     from tvm import te, topi
 
     from graphopt.targets.spec import Feature
