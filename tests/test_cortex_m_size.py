@@ -106,6 +106,40 @@ def test_every_storage_mode_is_bit_exact(mode):
     assert [r["weight_storage"] for r in rows] == _storages(cm) and all(r["storage_reason"] for r in rows)
 
 
+class _Fp32Blocks(nn.Module):
+    """fp32 convs as people write them: in-place ReLU, a nested block, ``out += x``, odd channel counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(inplace=True))
+        self.block = nn.Sequential(nn.Conv2d(12, 20, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(20, 12, 1))
+
+    def forward(self, x):
+        out = self.stem(x)
+        out += self.block(out)
+        return out
+
+
+@pytest.mark.emulation
+def test_fp32_tiles_use_the_fpu_registers_except_when_optimizing_for_size():
+    """fp32 accumulators of the generic conv kernel live in the FPU's 32 single registers (`CpuParams.float_regs`):
+    the default build runs fewer instructions; a size build keeps the smaller tiles and less code. Outputs are
+    bit-identical (tiling pixels does not reorder any sum) and match eager."""
+    require_tools(*BARE)
+    torch.manual_seed(0)
+    model, x = _Fp32Blocks().eval(), torch.randn(1, 3, 16, 16)
+    fast, small = (graphopt.compile(model, (x,), M4, optimize_for=mode, progress=False, count_instructions=True,
+                                    cache=False) for mode in ("balanced", "size"))
+    for inp in (x, torch.randn(1, 3, 16, 16) * 10):
+        with torch.no_grad():
+            want = model(inp.clone())
+        assert torch.equal(fast(inp), small(inp))
+        torch.testing.assert_close(fast(inp), want, rtol=1e-4, atol=1e-4)
+    # instruction counts on bare metal are exact (a proxy, not a time)
+    assert fast.report.instructions_per_inference < 0.95 * small.report.instructions_per_inference
+    assert fast.report.lowering["flash"]["kernels"] > small.report.lowering["flash"]["kernels"]
+
+
 @pytest.mark.emulation
 def test_layers_keep_int8_weights_where_the_board_flash_is_short():
     require_tools(*BARE)

@@ -24,6 +24,7 @@ import tvm_ffi
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
+from graphopt.config import OptimizeFor
 from graphopt.targets.lowering import intrin_depthwise, pad_rows, patches
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
@@ -32,6 +33,7 @@ from graphopt.targets.lowering.int8 import (
     DEPTHWISE_ATTR,
     GROUPED_ATTR,
     QUANTIZE_NHWC_ATTR,
+    active_storage,
     fuse_input_pads,
     legalize_conv2d,
     legalize_depthwise_dot,
@@ -76,6 +78,14 @@ class CpuParams:
     lanes: int  # fp32 lanes of one vector register
     vector_regs: int  # architectural vector registers (bounds the accumulator tile)
     cores: int  # threads parallel loops are sized for
+    # scalar targets with an FPU (Cortex-M4/M7): the single-precision registers that hold fp32 accumulators
+    # (FPv4/FPv5: 32), where the 16 assumed otherwise cut the tile for the integer registers' sake. fp32 on
+    # cortex-m4 mobilenet_blocks / plain_cnn / residual_cnn 6.52 / 4.09 / 43.4M → 6.00 / 3.57 / 39.2M
+    # instructions, cortex-m7 4.34 / 2.90 / 30.7M → 3.83 / 2.40 / 26.4M; int32 accumulators keep 16 (8, 24 and
+    # 36 all counted more on M4 mobilenet_blocks int8's generic depthwise kernels). The larger tiles unroll into
+    # more code (M4 fp32 kernels 14.5 / 6.4 / 14.2 KB → 19.1 / 9.3 / 18.5 KB), so `optimize_for="size"` builds
+    # keep 16. 0: `vector_regs` for all
+    float_regs: int = 0
     dots: tuple[DotKernel, ...] = ()  # int8 dot-product instructions of the target, preferred first
     # NEON: grouped int8 convs take `GroupedInt8` (int16 pair products: smull/smlal). Not on x86, which has no
     # int8×int8→int16 widening multiply: mobilenet_blocks int8 ran 0.185 ms there vs 0.152 on the generic kernel
@@ -118,6 +128,7 @@ class CpuParams:
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
+                   float_regs=32 if spec.vector_bits == 0 and spec.has(Feature.FPU_SP) else 0,
                    dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
                    l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
                    winograd=spec.winograd, l2_bytes=spec.l2_bytes,
@@ -574,6 +585,7 @@ class ChannelLastReduction(dlight.ScheduleRule):
         if n_s == 0 or kinds[n_s:] != "R" * (len(kinds) - n_s):
             return None
         write = sch.get(main.block_rv).writes[0].region
+        write_dtype = str(sch.get(main.block_rv).writes[0].source.dtype)
         if not write[-1].min.same_as(main.iters[n_s - 1].var) or _int(main.iters[n_s - 1].dom) is None:
             return None
 
@@ -597,8 +609,10 @@ class ChannelLastReduction(dlight.ScheduleRule):
             # by a memset and spilled (AVX-512's 28 px × 16 channels, 1,792 B: MobileNetV2's depthwise 3×3 over
             # 144 channels at 56×56 334 → 100 µs alone, 2 threads; its 1×1 expand 24→144 0.78×); so did
             # 8 px × 32 channels, exactly 1 KiB (its 16→96 expand at 112×112 0.79×, the stem 0.77×)
+            regs = p.float_regs if p.float_regs and write_dtype == "float32" \
+                and active_storage().optimize_for is not OptimizeFor.SIZE else p.vector_regs
             w_tile = _largest_divisor(_int(main.iters[n_s - 2].dom),
-                                      max(1, min((p.vector_regs - 4) // vecs, (_STACK_BYTES - 1) // (4 * f_tile))))
+                                      max(1, min((regs - 4) // vecs, (_STACK_BYTES - 1) // (4 * f_tile))))
             wo, wi = sch.split(spatial[-2], [None, w_tile])
             outer = spatial[:-2] + [wo]
         # few accumulators (e.g. a batch-1 dense): add output-channel tiles to the register block
