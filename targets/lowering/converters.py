@@ -417,7 +417,7 @@ _CLIP = 2.0 ** 30  # |x/scale| clipped here before rounding (int32 conversion), 
 # ±1.5·2^23 as IEEE bits: for |a| ≤ 2^22, a + 1.5·2^23 lies in [2^23, 2^24], where float32's spacing is 1, so
 # the sum is a rounded to an integer in the FPU's rounding mode (ties to even, the default) and subtracting
 # 1.5·2^23 again is exact
-_MAGIC_BITS = (0x4B400000, 0xCB400000)
+_MAGIC_BITS = (0x4B400000, -0x34C00000)  # +1.5·2^23 and −1.5·2^23 as int32 bit patterns
 
 
 QUANTIZE_ATTR = "graphopt.quantize"  # PrimFunc attribute of `_quantize`'s kernels: [qmin, qmax, rint]
@@ -435,7 +435,13 @@ def _floor(a, lanes: int = 1):
 def _f32(value: float, lanes: int = 1):
     from tvm import tirx
 
-    c = tirx.const(value, "float32")
+    return _lanes(tirx.const(value, "float32"), lanes)
+
+
+def _lanes(c, lanes: int):
+    """Scalar `c`, broadcast to `lanes` when more than one."""
+    from tvm import tirx
+
     return c if lanes == 1 else tirx.Broadcast(c, lanes)
 
 
@@ -444,9 +450,8 @@ def _magic_round(a, lanes: int = 1):
     bits because TVM's simplifier folds (a + c) − c back to a."""
     from tvm import tirx
 
-    plus, minus = (tirx.reinterpret("float32", tirx.const(b - (1 << 32) * (b >> 31), "int32")) for b in _MAGIC_BITS)
-    return (a + (plus if lanes == 1 else tirx.Broadcast(plus, lanes))) \
-        + (minus if lanes == 1 else tirx.Broadcast(minus, lanes))
+    plus, minus = (_lanes(tirx.reinterpret("float32", tirx.const(b, "int32")), lanes) for b in _MAGIC_BITS)
+    return (a + plus) + minus
 
 
 def _round_half_even(a, rint: bool, lanes: int = 1):

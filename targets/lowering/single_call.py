@@ -98,8 +98,8 @@ def _bytes(ty) -> int:
 
 
 def merge_calls(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
-    """`mod` with main calling one merged PrimFunc, and ``{"calls", "intermediate_bytes"}``; or `mod`
-    unchanged and ``{"declined": reason}``."""
+    """`mod` with main calling the merged PrimFuncs (one, or `_groups` of them in sequence), and ``{"calls",
+    "functions", "intermediate_bytes"}``; or `mod` unchanged and ``{"declined": reason}``."""
     found = _calls(mod["main"])
     if isinstance(found, str):
         return mod, {"declined": found}
