@@ -2,9 +2,9 @@
 its accumulator's initial value.
 
 An integer conv/dense of graphopt's own kernels (the blocks annotated `dot.DOT_ATTR`, `int8.DEPTHWISE_ATTR`,
-`int8.GROUPED_ATTR`) starts its int32 accumulators at 0, and the fused epilogue then adds the per-channel
-offset (`converters._add_offset`: bias − zx·Σw) to each: one vector add per 4 outputs. Started at the
-offset instead, the kernel initialises each accumulator with a copy of a per-channel vector in place of a
+`int8.DEPTHWISE_DSP_ATTR`, `int8.GROUPED_ATTR`) starts its int32 accumulators at 0, and the fused epilogue then
+adds the per-channel offset (`converters._add_offset`: bias − zx·Σw) to each: one vector add per 4 outputs.
+Started at the offset instead, the kernel initialises each accumulator with a copy of a per-channel vector in place of a
 zeroed register and the add is gone (~0.25 instructions per output on aarch64). Bit-exact: int32 sums
 wrap the same in any order.
 
@@ -25,10 +25,10 @@ import tvm_ffi
 from tvm import s_tir, tirx
 
 from graphopt.targets.lowering.dot import DOT_ATTR
-from graphopt.targets.lowering.int8 import DEPTHWISE_ATTR, GROUPED_ATTR
+from graphopt.targets.lowering.int8 import DEPTHWISE_ATTR, DEPTHWISE_DSP_ATTR, GROUPED_ATTR
 from graphopt.targets.lowering.prim_funcs import map_prim_funcs
 
-_ATTRS = (DOT_ATTR, DEPTHWISE_ATTR, GROUPED_ATTR)
+_ATTRS = (DOT_ATTR, DEPTHWISE_ATTR, DEPTHWISE_DSP_ATTR, GROUPED_ATTR)
 _expr = tvm.ir.prim.expr
 
 

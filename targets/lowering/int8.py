@@ -31,7 +31,9 @@ weightless window sum instead; grouped convs whose groups' output channels are w
 and depthwise convs with few taps × channels per group take `legalize_grouped_conv2d` (int16 pair products
 vectorized over output channels, scheduled by `schedules.GroupedInt8`) on NEON targets — except depthwise 3×3
 convs on aarch64 with dotprod, which take `legalize_depthwise_dot` (4 vertical taps per 32-bit lane of a plain
-``sdot``, `intrin_depthwise`, scheduled by `schedules.DepthwiseDot`).
+``sdot``, `intrin_depthwise`, scheduled by `schedules.DepthwiseDot`). On scalar Cortex-M DSP targets depthwise
+convs take `legalize_depthwise_dsp` (4 channels per tap: ``SXTB16`` and ``SMLABB``/``SMLATT``,
+`intrin_dsp_depthwise`, scheduled by `schedules.DepthwiseDsp`) and grouped ones `legalize_grouped_dot`.
 """
 from __future__ import annotations
 
@@ -485,6 +487,51 @@ def legalize_grouped_conv2d(bb: relax.BlockBuilder, call: relax.Call, vector_byt
         return _finish(acc, f, ())
 
     return bb.call_te(compute, data, relax.const(packed, "int8"), primfunc_name_hint="conv2d_int8_grouped")
+
+
+DEPTHWISE_DSP_ATTR = "graphopt.depthwise_dsp"  # block annotation: the `intrin_dsp_depthwise` intrinsic
+
+
+def legalize_depthwise_dsp(bb: relax.BlockBuilder, call: relax.Call, kernels, pad_value: int = 0):
+    """int8 NHWC/HWIO depthwise conv2d (channel multiplier 1, any window, stride and dilation, constant
+    weights) for the Cortex-M DSP intrinsics of `intrin_dsp_depthwise` (`kernels`, preferred first: the
+    first whose weight storage the active `WeightStorage` allows), or None. Channels are zero-padded to
+    whole 4-channel calls (input and weights; the padding outputs are dropped); the weights are packed
+    ``[KH, KW, C/4, …]`` in the kernel's layout; spatial padding reads `pad_value`. The block is annotated
+    `DEPTHWISE_DSP_ATTR` for `schedules.DepthwiseDsp`. Declines channel multipliers > 1 (each call's 4
+    outputs must read 4 neighbouring input channels) and 1×1 windows (a per-channel scale: no reduction)."""
+    attrs = call.attrs
+    data = call.args[0]
+    w = _int8_conv_weight(call)
+    if w is None:
+        return None
+    kh, kw, g_in, f = w.shape
+    n, h, wd, c = (int(d) for d in data.ty.shape)
+    if g_in != 1 or int(attrs.groups) != c or f != c or kh * kw == 1:
+        return None
+    policy = active_storage()
+    k = next((k for k in kernels if int(w.min(initial=0)) >= k.min_weight and _allowed(k, w, policy)), None)
+    if k is None:
+        return None
+    lanes = k.lanes
+    cp = _ceil(c, lanes)
+    packed = k.pack(np.pad(w[:, :, 0, :], [(0, 0), (0, 0), (0, cp - c)]))
+    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+    oh, ow = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    _record(kernels, w, packed, k, f"depthwise conv2d {kh}x{kw} {c}", n * oh * ow * c * kh * kw)
+
+    def compute(x, wp):
+        if pt or pl or pb or pr or cp != c:
+            x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, cp - c], pad_value=pad_value, name="pad_temp")
+        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+        acc = te.compute((n, oh, ow, cp), lambda b, y, xx, ch: te.sum(
+            x[b, y * sh + ry * dh, xx * sw + rx * dw, ch].astype("int32")
+            * k.weight(wp, (ry, rx, ch // lanes), ch % lanes).astype("int32"), axis=[ry, rx]),
+            name="conv2d_int8_depthwise", attrs={DEPTHWISE_DSP_ATTR: k.intrin})
+        return _finish(acc, f, ())
+
+    return bb.call_te(compute, data, relax.const(packed, str(packed.dtype)), primfunc_name_hint="conv2d_int8_depthwise")
 
 
 def legalize_grouped_patches(bb: relax.BlockBuilder, call: relax.Call, kernels: tuple[DotKernel, ...]):

@@ -52,7 +52,7 @@ MAX_WEIGHTS_16 = 32768
 ACCUMULATORS_16 = 1
 
 
-def _sxtb16(word, rotate: bool):
+def sxtb16(word, rotate: bool):
     """Sign-extend bytes 0 and 2 (1 and 3 if `rotate`) of an int32 into two int16 halves (SXTB16)."""
     if rotate:  # LLVM folds the rotation into SXTB16's ROR #8 operand
         bits = T.reinterpret(word, dtype="uint32")
@@ -68,8 +68,8 @@ def _smlad(a, b, acc):
 
 def _dot4(a_word, b_word, acc):
     """acc + the 4-way int8 dot product of two words: two SMLADs over the even and odd bytes."""
-    return _smlad(_sxtb16(a_word, True), _sxtb16(b_word, True),
-                  _smlad(_sxtb16(a_word, False), _sxtb16(b_word, False), acc))
+    return _smlad(sxtb16(a_word, True), sxtb16(b_word, True),
+                  _smlad(sxtb16(a_word, False), sxtb16(b_word, False), acc))
 
 
 def _functions(lanes: int, weight_dtype: str):
@@ -96,8 +96,8 @@ def _functions(lanes: int, weight_dtype: str):
             T.writes(C[0:lanes])
             a_word = T.meta_var(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"))
             for i in T.unroll(lanes):  # (x0, x2)·(w0, w2) + (x1, x3)·(w1, w3)
-                C[i] = _smlad(_sxtb16(a_word, True), T.reinterpret(B.vload([i, 1, 0], "int16x2"), dtype="int32"),
-                              _smlad(_sxtb16(a_word, False), T.reinterpret(B.vload([i, 0, 0], "int16x2"),
+                C[i] = _smlad(sxtb16(a_word, True), T.reinterpret(B.vload([i, 1, 0], "int16x2"), dtype="int32"),
+                              _smlad(sxtb16(a_word, False), T.reinterpret(B.vload([i, 0, 0], "int16x2"),
                                                                            dtype="int32"), C[i]))
 
     if weight_dtype == "int16":

@@ -20,23 +20,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm.sym
 import tvm_ffi
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight
 
 from graphopt.config import OptimizeFor
-from graphopt.targets.lowering import intrin_depthwise, pad_rows, patches
+from graphopt.targets.lowering import intrin_depthwise, intrin_dsp_depthwise, pad_rows, patches
 from graphopt.targets.lowering.dot import DOT_ATTR, DotKernel
 from graphopt.targets.lowering.fixed_point import has_sqrdmulh, is_srdhm, use_sqrdmulh
 from graphopt.targets.lowering.int8 import (
     COLUMNS_NAME,
     DEPTHWISE_ATTR,
+    DEPTHWISE_DSP_ATTR,
     GROUPED_ATTR,
     QUANTIZE_NHWC_ATTR,
     active_storage,
     fuse_input_pads,
     legalize_conv2d,
     legalize_depthwise_dot,
+    legalize_depthwise_dsp,
     legalize_grouped_conv2d,
     legalize_grouped_dot,
     legalize_grouped_patches,
@@ -93,6 +96,10 @@ class CpuParams:
     sqrdmulh: bool = False  # aarch64: requantize epilogues staged for `fixed_point.use_sqrdmulh` (`_tile_epilogue`)
     l1d_bytes: int | None = None  # one core's L1 data cache (`TensorizedDot`'s tile model), None if unknown
     depthwise_dot: bool = False  # aarch64 with dotprod: depthwise 3×3 int8 convs take `DepthwiseDot` (lane-wise sdot)
+    # scalar Cortex-M DSP targets: depthwise int8 convs take `DepthwiseDsp` (4 channels per SXTB16 pair and
+    # SMLAxy): cortex-m4 mobilenet_blocks' three 550.5k / 132.2k / 190.3k → 426.2k / 120.2k / 161.4k, the model
+    # 3.53M → 3.37M. Not with MVE (cortex-m55), whose vectorized generic kernel counted less: 3.87M against 4.35M
+    depthwise_dsp: bool = False
     winograd: bool = False  # fp32 3×3 stride-1 convs may take `winograd.legalize_winograd` (`TargetSpec.winograd`)
     l2_bytes: int | None = None  # one core's L2 cache (`winograd.choose_tile`), None if unknown
     # x86: a `TensorizedDot` whose pixel-tiles-outer and channel-tiles-outer orders re-stream alike (one
@@ -103,7 +110,9 @@ class CpuParams:
     # grouped int8 convs may take `int8.legalize_grouped_dot` (a dense dot kernel per group): with an int8 dot
     # instruction (aarch64 dotprod, x86 VNNI). Measured: arm-a55 mobilenet_blocks' 24→32 groups=4 conv 59.0k
     # instructions (grouped kernel + its pad) → 28.2k; host VNNI 32→64 groups=4 at 16×16 392 → 17 µs (the generic
-    # kernel); arm-a53's NEON 4×4 kernel lost to the grouped kernel (24→32 groups=4: 158k against 61k)
+    # kernel); arm-a53's NEON 4×4 kernel lost to the grouped kernel (24→32 groups=4: 158k against 61k). Scalar
+    # Cortex-M DSP targets too (the SMLAD kernels): cortex-m4 mobilenet_blocks' 24→32 groups=4 conv 292.2k → 202.7k
+    # (the generic kernel: LDRSB and SMLABB per MAC), arena unchanged
     grouped_dot: bool = False
     # x86: every tap of a window reduction of at most `_UNROLLED_WINDOW` (depthwise 3×3) unrolled, not only the
     # innermost: MobileNetV2's fp32 depthwise convs 0.86-0.98x alone (1 and 2 threads). Not measured on ARM
@@ -127,13 +136,15 @@ class CpuParams:
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
+        scalar_dsp = spec.has(Feature.DSP) and not spec.has(Feature.MVE)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
                    float_regs=32 if spec.vector_bits == 0 and spec.has(Feature.FPU_SP) else 0,
                    dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
                    l1d_bytes=spec.l1d_bytes, depthwise_dot=spec.has(Feature.A64) and spec.has(Feature.DOTPROD),
+                   depthwise_dsp=scalar_dsp,
                    winograd=spec.winograd, l2_bytes=spec.l2_bytes,
                    channels_outer_on_ties=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
-                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI),
+                   grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI) or scalar_dsp,
                    unroll_windows=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
                    one_vector_short_sums=spec.has(Feature.AVX512),
                    im2col=spec.has(Feature.NEON), row_pads=spec.has(Feature.NEON))
@@ -209,6 +220,8 @@ def conv2d_legalizer(params: CpuParams, winograd: list[WinogradLayer] | None = N
         packed = legalize_conv2d(bb, call, params.dots, im2col=params.im2col) if params.dots else None
         if packed is None and params.depthwise_dot:
             packed = legalize_depthwise_dot(bb, call)
+        if packed is None and params.depthwise_dsp:
+            packed = legalize_depthwise_dsp(bb, call, intrin_dsp_depthwise.KERNELS)
         if packed is None and params.grouped_dot:
             packed = legalize_grouped_dot(bb, call, params.dots)
         if packed is None and params.im2col and not params.grouped_dot:
@@ -848,6 +861,69 @@ class DepthwiseDot(dlight.ScheduleRule):
         return sch
 
 
+# pixels of one row a `DepthwiseDsp` tile accumulates at stride 1 (4 int32 sums each, in general registers;
+# their windows share columns); strided convs take 1. Measured on cortex-m4 mobilenet_blocks' depthwise convs
+# (64 ch 16×16, 64 ch stride 2, 96 ch 8×8), channel tiles outside the pixel tiles: 1 pixel 465.5k / 120.2k /
+# 181.0k, 2 pixels 426.2k / 135.0k / 161.4k, 4 pixels 481.2k / 143.4k / 187.7k (spills); the pixel tiles
+# outside the channel tiles 1–11 % more at 1 and 2 pixels, except stride 2 with 2 pixels (122.6k)
+_DSP_DEPTHWISE_PIXELS = 2
+
+
+def _column_stride(block: tirx.SBlock, var) -> int | None:
+    """The stride of the (4-D NHWC) input column `block` reads per step of its output column `var`."""
+    for read in block.reads:
+        if len(read.region) == 4 and str(read.source.dtype) == "int8":
+            coeffs = tvm.sym.detect_linear_equation(read.region[2].min, [var])
+            return _int(coeffs[0]) if len(coeffs) == 2 else None
+    return None
+
+
+class DepthwiseDsp(dlight.ScheduleRule):
+    """Schedules a PrimFunc built around the `DEPTHWISE_DSP_ATTR` compute of `int8.legalize_depthwise_dsp`
+    (with fused prologue and epilogue):
+
+        [n ·] rows · 4-channel calls · pixel tiles · unrolled(ky · kx · pixels) · DSP intrinsic (4 channels × 1 tap)
+
+    The whole window is unrolled, so each tap's activation word and weights are loaded once per tile (the
+    tile's pixels share the weights and, at stride 1, the columns their windows overlap on) and the
+    accumulators stay in registers; the epilogue (bias, requantize, activation) is applied per tile while
+    it is hot. A prologue (spatial or channel padding) keeps a loop nest of its own."""
+
+    def __init__(self, params: CpuParams):
+        self.params = params
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        annotated = _annotated_reduction(sch, DEPTHWISE_DSP_ATTR)
+        if annotated is None:
+            return None
+        infos, idx = annotated
+        main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
+        kernel = next(k for k in intrin_dsp_depthwise.KERNELS
+                      if k.intrin == str(sch.get(main).annotations[DEPTHWISE_DSP_ATTR]))
+        kinds = infos[idx].dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        loops = sch.get_loops(main)  # ([n,] [y,] [x,] channels, [ky,] [kx]): normalization drops unit loops
+        *outer, ch = loops[:n_s]
+        reduce, tile = loops[n_s:], []
+        if _int(sch.get(main).writes[0].source.shape[2]) > 1:  # a pixel tile along the output row
+            stride = _column_stride(sch.get(main), infos[idx].iters[n_s - 2].var)
+            pixels = _DSP_DEPTHWISE_PIXELS if stride == 1 else 1
+            xo, xi = sch.split(outer[-1], [None, _largest_divisor(_loop_extent(sch, outer[-1]), pixels)])
+            outer, tile = outer[:-1] + [xo], [xi]
+        co, ci = sch.split(ch, [None, kernel.lanes])
+        sch.reorder(*outer[:-1], co, *outer[-1:], *reduce, *tile, ci)
+        _tile_epilogue(sch, main, [c.block_rv for c in consumers], (outer or [co])[-1], self.params.lanes)
+        sch.decompose_reduction(main, reduce[0])
+        for lp in [*reduce, *tile]:
+            sch.unroll(lp)
+        kernel.ensure_registered()
+        sch.tensorize(ci, kernel.intrin)
+        for b in producers:  # the padded input: its own loop nest (the intrinsic loads words of it)
+            schedule_spatial(sch, b.block_rv, self.params.lanes)
+        return sch
+
+
 @dataclass(frozen=True)
 class DotTile:
     """One schedule of a tensorized dot kernel: its accumulator tile — `pixels` (pixel pairs for a
@@ -1232,6 +1308,7 @@ def default_rules(params: CpuParams) -> list[tuple[str, dlight.ScheduleRule]]:
     tensorized = [("tensorized_dot", _tensorized_dot(params))] if params.dots else []
     grouped = [("grouped_int8", GroupedInt8(params))] if params.int8_pairs else []
     depthwise = [("depthwise_dot", DepthwiseDot(params))] if params.depthwise_dot else []
+    depthwise += [("depthwise_dsp", DepthwiseDsp(params))] if params.depthwise_dsp else []
     winograd = [("winograd_transform", WinogradTransform(params))] if params.winograd else []
     return tensorized + depthwise + grouped + winograd + [
         ("channel_last_reduction", ChannelLastReduction(params)),  # conv/depthwise/pool/dense/mean
