@@ -870,11 +870,13 @@ _DSP_DEPTHWISE_PIXELS = 2
 
 
 def _column_stride(block: tirx.SBlock, var) -> int | None:
-    """The stride of the (4-D NHWC) input column `block` reads per step of its output column `var`."""
+    """The stride of the NHWC input column `block` reads per step of its output column `var` (the first
+    4-D read whose third index moves with `var`; the packed weights' do not), None if none does."""
     for read in block.reads:
-        if len(read.region) == 4 and str(read.source.dtype) == "int8":
+        if len(read.region) == 4:
             coeffs = tvm.sym.detect_linear_equation(read.region[2].min, [var])
-            return _int(coeffs[0]) if len(coeffs) == 2 else None
+            if len(coeffs) == 2 and _int(coeffs[0]) != 0:
+                return _int(coeffs[0])
     return None
 
 
