@@ -136,7 +136,7 @@ class CpuParams:
     @classmethod
     def from_spec(cls, spec: TargetSpec) -> CpuParams:
         regs = next((n for feat, n in _VECTOR_REGISTERS if spec.has(feat)), 16)
-        scalar_dsp = spec.has(Feature.DSP) and not spec.has(Feature.MVE)
+        scalar_dsp = spec.has(Feature.DSP) and spec.vector_bits == 0  # no vector unit (M55: MVE)
         return cls(lanes=max(1, spec.vector_bits // 32), vector_regs=regs, cores=spec.num_cores,
                    float_regs=32 if spec.vector_bits == 0 and spec.has(Feature.FPU_SP) else 0,
                    dots=dot_kernels(spec), int8_pairs=spec.has(Feature.NEON), sqrdmulh=has_sqrdmulh(spec),
