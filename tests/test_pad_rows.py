@@ -1,6 +1,7 @@
 """int8 NHWC zero-point pads as row copies (`targets/lowering/pad_rows.py`): the kernel against numpy, the
-legalization's refusals, and a depthwise block that reads a padded copy on NEON without dotprod bit-exact
-on emulated arm-a53 and armv7, with the pad's instructions on arm-a53."""
+legalization's refusals, and a depthwise block that reads a padded copy bit-exact on emulated arm-a53 and
+armv7 (NEON without dotprod) and cortex-m4 (scalar: row copies except with ``optimize_for="size"``), with the
+pad's instructions on arm-a53."""
 from __future__ import annotations
 
 import numpy as np
@@ -60,14 +61,19 @@ def quantized():
     return q, to_integer(q, (x,)), x
 
 
+_TOOLS = {"armv7": ("arm-linux-gnueabihf-gcc", "qemu-arm"), "cortex-m4": ("arm-none-eabi-gcc", "qemu-system-arm")}
+
+
 @pytest.mark.emulation
-@pytest.mark.parametrize("target", ["arm-a53", "armv7"])
-def test_padded_depthwise_is_bit_exact(quantized, target):
-    require_tools(*(("arm-linux-gnueabihf-gcc", "qemu-arm") if target == "armv7"
-                    else ("aarch64-linux-gnu-gcc", "qemu-aarch64")))
+@pytest.mark.parametrize(("target", "optimize_for", "row_pads"), [
+    ("arm-a53", "balanced", 1), ("armv7", "balanced", 1), ("cortex-m4", "balanced", 1),
+    ("cortex-m4", "size", 0),  # a scalar target's size build keeps TVM's pad: less code
+])
+def test_padded_depthwise_is_bit_exact(quantized, target, optimize_for, row_pads):
+    require_tools(*_TOOLS.get(target, ("aarch64-linux-gnu-gcc", "qemu-aarch64")))
     q, integer_graph, x = quantized
-    cm = graphopt.compile(q, (x,), target, progress=False, count_instructions=False)
-    assert cm.report.lowering["scheduled"].get("pad_rows", 0) == 1, cm.report.lowering["scheduled"]
+    cm = graphopt.compile(q, (x,), target, progress=False, count_instructions=False, optimize_for=optimize_for)
+    assert cm.report.lowering["scheduled"].get("pad_rows", 0) == row_pads, cm.report.lowering["scheduled"]
     for inp in saturating_inputs(SHAPE):
         assert torch.equal(cm(inp), integer_graph(inp))
 

@@ -130,7 +130,11 @@ class CpuParams:
     # 1.008-1.018x the latency with it (300 alternating calls); nor on the Cortex-M, whose arena would hold the
     # copy beside the input
     im2col: bool = False
-    # NEON: int8 NHWC zero-point pads (those the conv kernels do not read inside) as row copies, `pad_rows`
+    # NEON and scalar targets: int8 NHWC zero-point pads (those the conv kernels do not read inside) as row
+    # copies, `pad_rows`. On scalar targets (cortex-m4: 16-byte runs as 4 LDR/STR pairs) not with
+    # optimize_for="size", whose flash the unrolled runs grow: M4 mobilenet_blocks' 18×18×64 pads 26.5k → 12.3k
+    # instructions each, the model 3,278,553 → 3,247,211, flash +388 B; residual_cnn 16,652,062 → 16,610,324,
+    # +832 B. Not on the Cortex-M55, whose MVE pads gained nothing there (mobilenet_blocks +1.5k, residual_cnn −33k)
     row_pads: bool = False
 
     @classmethod
@@ -147,7 +151,7 @@ class CpuParams:
                    grouped_dot=spec.has(Feature.DOTPROD) or spec.has(Feature.AVX512_VNNI) or scalar_dsp,
                    unroll_windows=spec.has(Feature.AVX2) or spec.has(Feature.AVX512),
                    one_vector_short_sums=spec.has(Feature.AVX512),
-                   im2col=spec.has(Feature.NEON), row_pads=spec.has(Feature.NEON))
+                   im2col=spec.has(Feature.NEON), row_pads=spec.has(Feature.NEON) or spec.vector_bits == 0)
 
 
 def _int(expr) -> int | None:
@@ -320,7 +324,7 @@ def legalize_map(spec: TargetSpec, winograd: list[WinogradLayer] | None = None) 
     params = CpuParams.from_spec(spec)
     overrides = {"relax.nn.conv2d": conv2d_legalizer(params, winograd), "relax.matmul": matmul_legalizer(params),
                  "relax.multiply": widening_multiply_legalizer()}
-    if params.row_pads:
+    if params.row_pads and (params.lanes > 1 or active_storage().optimize_for is not OptimizeFor.SIZE):
         overrides["relax.nn.pad"] = pad_rows.legalizer()
     return overrides
 
