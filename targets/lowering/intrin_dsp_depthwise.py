@@ -19,13 +19,14 @@ each channel's accumulator:
 
 `KERNELS` lists both, int16 first; they carry `weight_dtype` / `max_weights` / `min_weight` as the dot
 kernels do, so `int8` applies the same weight-storage policy (`optimize_for`, the board's flash) to them.
-`register` registers a kernel's intrinsic with TVM when a layer first uses it.
+`DepthwiseKernel.ensure_registered` registers a kernel's intrinsic with TVM when a layer first uses it.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 from tvm import s_tir
 from tvm.script import tirx as T
 
@@ -48,8 +49,6 @@ class DepthwiseKernel:
     def pack(self, taps):
         """[..., channels] int8 weights (channels a multiple of `LANES`) → the intrinsic's layout,
         ``[..., channels/4, 2, 2]`` (int16) or ``[..., channels/4, 4]`` (int8)."""
-        import numpy as np
-
         tiles = taps.reshape(*taps.shape[:-1], -1, LANES)
         if self.weight_dtype == "int8":
             return np.ascontiguousarray(tiles)
@@ -60,6 +59,7 @@ class DepthwiseKernel:
         return wp[(*outer, lane)] if self.weight_dtype == "int8" else wp[(*outer, lane % 2, lane // 2)]
 
     def ensure_registered(self) -> None:
+        """Register the kernel's TVM intrinsic unless this process has (before tensorizing with it)."""
         with _REGISTERING:
             if s_tir.TensorIntrin.get(self.intrin, allow_missing=True) is None:
                 s_tir.TensorIntrin.register(self.intrin, *_functions(self))
