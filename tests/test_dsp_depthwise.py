@@ -131,12 +131,10 @@ def quantized(request):
     return q, ig, x
 
 
-@pytest.mark.emulation
-@pytest.mark.parametrize("optimize_for", ["balanced", "size"])
-def test_cortex_m4_is_bit_exact(quantized, optimize_for):
+def _assert_exact(quantized, target: str, optimize_for: str) -> None:
     require_tools(*BARE)
     q, ig, x = quantized
-    cm = graphopt.compile(q, (x,), "cortex-m4", progress=False, count_instructions=False, optimize_for=optimize_for)
+    cm = graphopt.compile(q, (x,), target, progress=False, count_instructions=False, optimize_for=optimize_for)
     assert cm.report.lowering["scheduled"].get("depthwise_dsp", 0) == 4
     layers = [(d["layer"], d["storage"]) for d in cm.report.lowering["weight_storage"]["layers"]]
     dtype = "int8" if optimize_for == "size" else "int16"
@@ -149,6 +147,18 @@ def test_cortex_m4_is_bit_exact(quantized, optimize_for):
         got = cm(inp)
         assert torch.equal(got, want), f"max difference {(got.float() - want.float()).abs().max()}"
         assert np.array_equal(want.numpy(), qref.run(ig, [inp])[0])
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("optimize_for", ["balanced", "size"])
+def test_cortex_m4_is_bit_exact(quantized, optimize_for):
+    _assert_exact(quantized, "cortex-m4", optimize_for)
+
+
+@pytest.mark.slow
+def test_cortex_m7_is_bit_exact(quantized):
+    """The M7 (same DSP instructions, scheduled for its dual-issue pipeline by LLVM)."""
+    _assert_exact(quantized, "cortex-m7", "balanced")
 
 
 @pytest.mark.emulation
