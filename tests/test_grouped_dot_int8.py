@@ -134,9 +134,13 @@ def test_declines():
 
 
 def test_only_targets_with_a_dot_instruction():
-    """arm-a53's NEON 4×4 kernel fits the groups but lost to the grouped kernel: `CpuParams.grouped_dot` is off."""
+    """arm-a53's NEON 4×4 kernel fits the groups but lost to the grouped kernel: `CpuParams.grouped_dot` is off.
+    The scalar Cortex-M DSP targets' SMLAD kernels beat their generic kernel (`tests/test_dsp_depthwise.py`);
+    the Cortex-M55 keeps its MVE-vectorized generic kernel."""
     from graphopt.targets.lowering.schedules import CpuParams
 
     assert CpuParams.from_spec(get_target("arm-a55")).grouped_dot
     assert not CpuParams.from_spec(get_target("arm-a53")).grouped_dot
-    assert not CpuParams.from_spec(get_target("cortex-m4")).grouped_dot
+    assert CpuParams.from_spec(get_target("cortex-m4")).grouped_dot
+    assert CpuParams.from_spec(get_target("cortex-m7")).grouped_dot
+    assert not CpuParams.from_spec(get_target("cortex-m55")).grouped_dot
