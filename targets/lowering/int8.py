@@ -105,6 +105,9 @@ def _wide(k: DotKernel) -> bool:
 
 
 def _allowed(k: DotKernel, weights: np.ndarray, policy: WeightStorage) -> bool:
+    """Whether `k` may take a layer of these weights: their range fits it and `policy` allows its storage."""
+    if int(weights.min(initial=0)) < k.min_weight:
+        return False
     if not _wide(k):
         return True
     if policy.optimize_for is OptimizeFor.SIZE or layer_key(weights) in policy.narrow:
@@ -157,8 +160,7 @@ def choose(kernels, weights: np.ndarray, channels: int, window: int = 1, pixels:
     `weights` is HWIO or [K, N]: each output reduces ``weights.size / N`` values (`DotKernel.min_reduction`)."""
     policy = active_storage()
     per_output = weights.size // max(1, weights.shape[-1])
-    fit = [k for k in kernels if int(weights.min(initial=0)) >= k.min_weight and _allowed(k, weights, policy)
-           and k.pixels <= pixels and per_output >= k.min_reduction]
+    fit = [k for k in kernels if _allowed(k, weights, policy) and k.pixels <= pixels and per_output >= k.min_reduction]
     best = min(fit, key=lambda k: reduction(k, channels, window)[0], default=None)
     if best is None:
         return None
@@ -510,7 +512,7 @@ def legalize_depthwise_dsp(bb: relax.BlockBuilder, call: relax.Call, kernels, pa
     if g_in != 1 or int(attrs.groups) != c or f != c or kh * kw == 1:
         return None
     policy = active_storage()
-    k = next((k for k in kernels if int(w.min(initial=0)) >= k.min_weight and _allowed(k, w, policy)), None)
+    k = next((k for k in kernels if _allowed(k, w, policy)), None)
     if k is None:
         return None
     lanes = k.lanes

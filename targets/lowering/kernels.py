@@ -14,9 +14,20 @@ intrinsic a stored tuning record names, for the database that reads it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
+
 from graphopt.targets.lowering import intrin_cortex_m, intrin_dotprod, intrin_i8mm, intrin_neon, intrin_tvm
 from graphopt.targets.lowering.dot import DotKernel
 from graphopt.targets.spec import Feature, TargetSpec
+
+
+class _Named(Protocol):
+    @property
+    def intrin(self) -> str: ...
+
+
+K = TypeVar("K", bound=_Named)
 
 
 def prepare_tvm(spec: TargetSpec) -> None:
@@ -82,5 +93,6 @@ def dot_kernel(spec: TargetSpec) -> DotKernel | None:
     return next(iter(dot_kernels(spec)), None)
 
 
-def by_intrin(kernels, name: str) -> DotKernel | None:
+def by_intrin(kernels: Iterable[K], name: str) -> K | None:
+    """The kernel of `kernels` (dot kernels, or others naming an ``intrin``) whose intrinsic is `name`."""
     return next((k for k in kernels if k.intrin == name), None)

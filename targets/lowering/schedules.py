@@ -905,8 +905,9 @@ class DepthwiseDsp(dlight.ScheduleRule):
             return None
         infos, idx = annotated
         main, producers, consumers = infos[idx].block_rv, infos[:idx], infos[idx + 1:]
-        kernel = next(k for k in intrin_dsp_depthwise.KERNELS
-                      if k.intrin == str(sch.get(main).annotations[DEPTHWISE_DSP_ATTR]))
+        kernel = by_intrin(intrin_dsp_depthwise.KERNELS, str(sch.get(main).annotations[DEPTHWISE_DSP_ATTR]))
+        if kernel is None:
+            return None
         kinds = infos[idx].dom_kind()
         n_s = len(kinds) - len(kinds.lstrip("S"))
         loops = sch.get_loops(main)  # ([n,] [y,] [x,] channels, [ky,] [kx]): normalization drops unit loops
